@@ -1,0 +1,1 @@
+"""Command-line entry points (Hydra apps and small argparse tools)."""

@@ -1,0 +1,285 @@
+"""Typed configuration schema and its validation.
+
+The dataclasses below are registered in Hydra's ConfigStore as the schema of `conf/config.yaml`, so a
+misspelt key or a value of the wrong type fails when the config is composed. Semantic checks
+(ranges, names, combinations) live in :func:`validate_config` and run before any data is read;
+the checks that need the data (sizes of hospitals) live in :func:`validate_against_data` and run
+before any training, so no privacy budget is spent on a config that cannot work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from fedpriv.errors import ConfigError
+from fedpriv.privacy.accounting import ACCOUNTANTS
+
+MODEL_NAMES = ("cnn", "resnet18")
+PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
+STRATEGY_MODES = ("parallel", "sequential")
+MEDMNIST_SIZES = (28, 64, 128, 224)
+NON_MEDMNIST_DATASETS = ("imagefolder", "synthetic")
+
+
+@dataclass
+class DatasetConfig:
+    """Which images to load and from where."""
+
+    name: str = "pneumoniamnist"  # a MedMNIST 2D flag, "imagefolder" or "synthetic"
+    root: Optional[str] = None  # MedMNIST npz folder; None: $FEDPRIV_DATA_DIR, else the user cache
+    size: int = 28  # image side in pixels (MedMNIST: 28/64/128/224)
+    download: bool = False  # let medmnist download a missing npz (needs internet)
+    path: Optional[str] = None  # image folder: one subfolder per class
+    attributes_csv: Optional[str] = None  # image folder: per-image attributes (column "path")
+    val_fraction: float = 0.1  # image folder / synthetic: share held out for validation
+    test_fraction: float = 0.2  # image folder / synthetic: share held out for testing
+    num_samples: int = 1200  # synthetic: number of images in all splits
+
+
+@dataclass
+class ModelConfig:
+    """Which network to train; every option is Opacus-compatible (GroupNorm, no BatchNorm)."""
+
+    name: str = "cnn"
+    width: int = 16  # channels of the CNN's first block (doubles per block)
+
+
+@dataclass
+class PrivacyConfig:
+    """DP-SGD settings and each hospital's default budget."""
+
+    enabled: bool = True  # false only through the explicit `privacy=none` option: epsilon = inf
+    epsilon: float = 3.0  # budget per hospital, cumulative over every use of its data
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # per-sample clipping bound C
+    noise_multiplier: Any = "auto"  # "auto": calibrated to spend the budget; or a fixed sigma >= 0
+    accountant: str = "prv"  # "prv" (tight, default) or "rdp"
+    max_physical_batch_size: int = 128  # memory cap; logical (Poisson) batches are split to fit
+
+
+@dataclass
+class TrainConfig:
+    """Local optimisation at each hospital."""
+
+    batch_size: int = 64  # expected (Poisson) batch size: sample rate = batch_size / records
+    local_epochs: int = 1
+    lr: float = 0.1
+    momentum: float = 0.9
+
+
+@dataclass
+class StrategyConfig:
+    """How the federation schedules hospitals."""
+
+    mode: str = "parallel"  # "parallel" (FedAvg) or "sequential" (cyclic weight transfer)
+    num_rounds: int = 5
+    shuffle_order: bool = False  # sequential: shuffle the hospital order each round (by seed)
+
+
+@dataclass
+class HospitalConfig:
+    """One simulated hospital; unset fields fall back to the federation/privacy defaults."""
+
+    name: str = "hospital"
+    epsilon: Optional[float] = None
+    delta: Optional[float] = None
+    share: Optional[float] = None  # fraction of the training split (quantity partition)
+
+
+@dataclass
+class FederationConfig:
+    """Who takes part and how the training split is divided among them."""
+
+    num_hospitals: int = 3
+    partition: str = "dirichlet"  # "iid", "dirichlet" (label skew) or "quantity" (size skew)
+    alpha: float = 0.5  # Dirichlet concentration: smaller is more skewed
+    hospitals: list[HospitalConfig] = field(default_factory=list)
+    ledger_dir: Optional[str] = None  # None: under the run directory
+
+
+@dataclass
+class FedprivConfig:
+    """The whole experiment."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    seed: int = 0
+    device: str = "cpu"
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can extend it (`defaults: [fedpriv_schema, ...]`)."""
+    store = ConfigStore.instance()
+    store.store(name="fedpriv_schema", node=FedprivConfig)
+
+
+def to_config(cfg: DictConfig | FedprivConfig) -> FedprivConfig:
+    """A typed :class:`FedprivConfig` from a composed DictConfig (or the object itself)."""
+    if isinstance(cfg, FedprivConfig):
+        return cfg
+    typed = OmegaConf.merge(OmegaConf.structured(FedprivConfig), cfg)
+    return OmegaConf.to_object(typed)  # type: ignore[return-value]
+
+
+def medmnist_2d_flags() -> tuple[str, ...]:
+    from medmnist import INFO
+
+    return tuple(flag for flag in INFO if not flag.endswith("3d"))
+
+
+def _positive(key: str, value: float, fix: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(key, value, "must be a positive number", fix)
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(key, value, f"unknown name; known: {', '.join(options)}", f"set {key} to one of them")
+
+
+def resolve_noise_multiplier(value: Any) -> float | None:
+    """The configured sigma: None for "auto", else a float >= 0. Raises ConfigError otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        sigma = float(value)
+    except (TypeError, ValueError):
+        sigma = math.nan
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ConfigError(
+            "privacy.noise_multiplier", value, "must be 'auto' or a number >= 0",
+            "use privacy.noise_multiplier=auto to calibrate sigma to the budget, or e.g. 1.1",
+        )
+    return sigma
+
+
+def validate_config(cfg: FedprivConfig) -> None:
+    """Check every value that can be checked without data. Raises :class:`ConfigError`."""
+    data = cfg.dataset
+    known = (*medmnist_2d_flags(), *NON_MEDMNIST_DATASETS)
+    if data.name not in known:
+        raise ConfigError("dataset.name", data.name, f"unknown dataset; known: {', '.join(known)}",
+                          "pick one of them, e.g. dataset=pneumoniamnist")
+    if data.name == "chestmnist":
+        raise ConfigError("dataset.name", data.name, "multi-label tasks are not supported",
+                          "use a single-label MedMNIST flag such as pneumoniamnist")
+    if data.name not in NON_MEDMNIST_DATASETS and data.size not in MEDMNIST_SIZES:
+        raise ConfigError("dataset.size", data.size, "MedMNIST ships sizes 28, 64, 128 and 224 only",
+                          "set dataset.size to one of them")
+    if data.size < 8:
+        raise ConfigError("dataset.size", data.size, "images must be at least 8 pixels wide", "use e.g. 28")
+    if data.name == "imagefolder" and not data.path:
+        raise ConfigError("dataset.path", data.path, "the image folder needs a location",
+                          "set dataset.path=/path/to/folder with one subfolder per class")
+    for key in ("val_fraction", "test_fraction"):
+        value = getattr(data, key)
+        if not 0 < value < 1:
+            raise ConfigError(f"dataset.{key}", value, "must be between 0 and 1", f"use e.g. dataset.{key}=0.1")
+    if data.val_fraction + data.test_fraction >= 0.9:
+        raise ConfigError("dataset.val_fraction", data.val_fraction,
+                          "validation and test together leave under 10% for training",
+                          "lower dataset.val_fraction or dataset.test_fraction")
+    if data.name == "synthetic" and data.num_samples < 20:
+        raise ConfigError("dataset.num_samples", data.num_samples, "too few images to split",
+                          "use at least 20, e.g. dataset.num_samples=600")
+
+    _choice("model.name", cfg.model.name, MODEL_NAMES)
+    if cfg.model.width < 4:
+        raise ConfigError("model.width", cfg.model.width, "must be at least 4", "use e.g. model.width=16")
+
+    privacy = cfg.privacy
+    if privacy.enabled:
+        _positive("privacy.epsilon", privacy.epsilon, "set a budget such as privacy.epsilon=3")
+        if not 0 < privacy.delta < 1:
+            raise ConfigError("privacy.delta", privacy.delta, "must be between 0 and 1 (exclusive)",
+                              "use a delta well below 1/records, e.g. privacy.delta=1e-5")
+        _positive("privacy.max_grad_norm", privacy.max_grad_norm, "use e.g. privacy.max_grad_norm=1.0")
+        resolve_noise_multiplier(privacy.noise_multiplier)
+        _choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
+    if privacy.max_physical_batch_size < 1:
+        raise ConfigError("privacy.max_physical_batch_size", privacy.max_physical_batch_size,
+                          "must be at least 1", "use e.g. 128")
+
+    train = cfg.train
+    if train.batch_size < 1:
+        raise ConfigError("train.batch_size", train.batch_size, "must be at least 1", "use e.g. train.batch_size=64")
+    if train.local_epochs < 1:
+        raise ConfigError("train.local_epochs", train.local_epochs, "must be at least 1", "use e.g. 1")
+    _positive("train.lr", train.lr, "use e.g. train.lr=0.1")
+    if not 0 <= train.momentum < 1:
+        raise ConfigError("train.momentum", train.momentum, "must be in [0, 1)", "use e.g. train.momentum=0.9")
+
+    _choice("strategy.mode", cfg.strategy.mode, STRATEGY_MODES)
+    if cfg.strategy.num_rounds < 1:
+        raise ConfigError("strategy.num_rounds", cfg.strategy.num_rounds, "must be at least 1", "use e.g. 5")
+
+    fed = cfg.federation
+    if fed.num_hospitals < 1:
+        raise ConfigError("federation.num_hospitals", fed.num_hospitals, "a federation needs at least 1 hospital",
+                          "set federation.num_hospitals=3 (or more)")
+    _choice("federation.partition", fed.partition, PARTITION_SCHEMES)
+    if fed.partition != "iid":
+        _positive("federation.alpha", fed.alpha, "use e.g. federation.alpha=0.5 (smaller is more skewed)")
+    _validate_hospitals(cfg)
+
+
+def _validate_hospitals(cfg: FedprivConfig) -> None:
+    hospitals = cfg.federation.hospitals
+    if not hospitals:
+        return
+    if len(hospitals) != cfg.federation.num_hospitals:
+        raise ConfigError("federation.hospitals", f"{len(hospitals)} entries",
+                          f"federation.num_hospitals is {cfg.federation.num_hospitals}",
+                          "list one entry per hospital, or leave the list empty")
+    names = [h.name for h in hospitals]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError("federation.hospitals.name", duplicates[0], "hospital names must be unique",
+                          "give every hospital its own name")
+    for i, hospital in enumerate(hospitals):
+        if hospital.epsilon is not None:
+            _positive(f"federation.hospitals[{i}].epsilon", hospital.epsilon, "give a positive budget, e.g. 3")
+        if hospital.delta is not None and not 0 < hospital.delta < 1:
+            raise ConfigError(f"federation.hospitals[{i}].delta", hospital.delta, "must be between 0 and 1",
+                              "use e.g. 1e-5")
+    shares = [h.share for h in hospitals]
+    if any(s is not None for s in shares):
+        if any(s is None or not s > 0 for s in shares):
+            raise ConfigError("federation.hospitals.share", shares, "every hospital needs a positive share",
+                              "give each hospital a share, e.g. 0.5, 0.3, 0.2")
+
+
+def validate_against_data(cfg: FedprivConfig, hospital_sizes: list[int], train_size: int) -> None:
+    """Checks that need the partition: batch size, delta and emptiness against each hospital's records.
+
+    Runs after the data is split and before any training, so nothing is spent on an impossible plan.
+    """
+    if cfg.federation.num_hospitals > train_size:
+        raise ConfigError("federation.num_hospitals", cfg.federation.num_hospitals,
+                          f"the training split has only {train_size} records",
+                          "use fewer hospitals or a larger dataset")
+    for index, size in enumerate(hospital_sizes):
+        if size == 0:
+            raise ConfigError("federation.partition", cfg.federation.partition,
+                              f"hospital {index} received no records",
+                              "raise federation.alpha, use fewer hospitals, or federation.partition=iid")
+    smallest = min(hospital_sizes)
+    if cfg.train.batch_size > smallest:
+        raise ConfigError("train.batch_size", cfg.train.batch_size,
+                          f"larger than the smallest hospital's data ({smallest} records)",
+                          f"use train.batch_size<={smallest}")
+    if cfg.privacy.enabled:
+        for delta in {cfg.privacy.delta, *(h.delta for h in cfg.federation.hospitals if h.delta is not None)}:
+            if delta >= 1 / smallest:
+                raise ConfigError("privacy.delta", delta,
+                                  f"must be below 1/records of the smallest hospital (1/{smallest})",
+                                  f"use privacy.delta<={0.1 / smallest:.1e}")

@@ -1,0 +1,132 @@
+"""Privacy accounting as data: epsilon is a pure function of a history of DP-SGD events.
+
+An event is one stretch of DP-SGD with a fixed noise multiplier and Poisson sample rate. Opacus's
+accountants (PRV by default, RDP selectable) turn a whole history into (epsilon, delta); fedpriv
+never adds epsilons by hand, so composition over rounds, runs and restarts is always exact for the
+chosen accountant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedpriv.errors import PrivacyError
+
+ACCOUNTANTS = ("prv", "rdp")
+
+# PRV needs a non-trivial noise multiplier to build its discretisation domain; below this
+# sigma the bound is astronomically large anyway, so report infinity instead of failing.
+_MIN_ACCOUNTABLE_SIGMA = 0.3
+
+
+@dataclass(frozen=True)
+class PrivacyEvent:
+    """`steps` DP-SGD steps with Gaussian noise `noise_multiplier` and Poisson rate `sample_rate`."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise PrivacyError(f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise PrivacyError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.steps < 0:
+            raise PrivacyError(f"steps must be >= 0, got {self.steps}")
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def check_accountant(name: str) -> str:
+    if name not in ACCOUNTANTS:
+        raise PrivacyError(f"unknown accountant {name!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    return name
+
+
+def merge_events(events: Iterable[PrivacyEvent]) -> list[PrivacyEvent]:
+    """Merge consecutive events with the same (sigma, q); composition does not depend on order."""
+    merged: dict[tuple[float, float], int] = {}
+    for event in events:
+        if event.steps:
+            key = (event.noise_multiplier, event.sample_rate)
+            merged[key] = merged.get(key, 0) + event.steps
+    return [PrivacyEvent(sigma, q, steps) for (sigma, q), steps in merged.items()]
+
+
+def epsilon(events: Sequence[PrivacyEvent], delta: float, accountant: str = "prv") -> float:
+    """Epsilon of the composition of all `events` at `delta`, computed by an Opacus accountant.
+
+    No events means nothing was spent: 0. A zero or tiny noise multiplier means infinity.
+    """
+    check_accountant(accountant)
+    if not 0 < delta < 1:
+        raise PrivacyError(f"delta must be in (0, 1), got {delta}")
+    history = merge_events(events)
+    if not history:
+        return 0.0
+    if any(event.noise_multiplier < _MIN_ACCOUNTABLE_SIGMA for event in history):
+        return math.inf
+    engine = create_accountant(mechanism=accountant)
+    engine.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history]
+    return float(engine.get_epsilon(delta=delta))
+
+
+def noise_multiplier_for(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    prior_events: Sequence[PrivacyEvent] = (),
+    tolerance: float = 0.01,
+) -> float:
+    """The smallest noise multiplier whose `steps` new steps keep the total within `target_epsilon`.
+
+    `prior_events` are what the data already spent: the new steps must fit in what remains.
+    """
+    check_accountant(accountant)
+    if steps <= 0:
+        raise PrivacyError(f"a privacy plan needs at least one step, got {steps}")
+    if not prior_events:
+        try:
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=tolerance,
+                )
+            )
+        except ValueError as exc:  # Opacus: "The privacy budget is too low."
+            raise PrivacyError(f"epsilon {target_epsilon} is too small to train {steps} steps") from exc
+
+    already = epsilon(prior_events, delta, accountant)
+    if already >= target_epsilon:
+        raise PrivacyError(f"the data already spent epsilon {already:.3f} of {target_epsilon}")
+
+    def total(sigma: float) -> float:
+        return epsilon([*prior_events, PrivacyEvent(sigma, sample_rate, steps)], delta, accountant)
+
+    # Bisection on sigma over the composed history: epsilon falls monotonically as sigma grows.
+    low, high = 0.0, 1.0
+    while total(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise PrivacyError(f"epsilon {target_epsilon} is too small to train {steps} more steps")
+    while high - low > 1e-3 and target_epsilon - total(high) > tolerance:
+        middle = (low + high) / 2
+        if total(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
