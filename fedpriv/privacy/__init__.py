@@ -7,5 +7,7 @@ from fedpriv.privacy.accounting import (
     merge_events,
     noise_multiplier_for,
 )
+from fedpriv.privacy.plan import PrivacyPlan, plan_local_training, steps_per_epoch
 
-__all__ = ["ACCOUNTANTS", "PrivacyEvent", "epsilon", "merge_events", "noise_multiplier_for"]
+__all__ = ["ACCOUNTANTS", "PrivacyEvent", "epsilon", "merge_events", "noise_multiplier_for",
+           "PrivacyPlan", "plan_local_training", "steps_per_epoch"]

@@ -1,0 +1,79 @@
+"""Opacus-compatible image classifiers.
+
+DP-SGD needs per-sample gradients, which BatchNorm breaks (it mixes samples in a batch), so every
+model here normalises with GroupNorm. :func:`build_model` checks the result with Opacus's
+ModuleValidator and turns its findings into a :class:`ModelNotPrivateError` with Opacus's own words.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models import resnet18
+
+from fedpriv.errors import ConfigError, ModelNotPrivateError
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks (GroupNorm, ReLU) and a linear head: ~25k parameters at width 16."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 16) -> None:
+        super().__init__()
+        channels = [in_channels, width, width * 2, width * 4]
+        blocks: list[nn.Module] = []
+        for index, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(_groups(c_out), c_out), nn.ReLU()]
+            # Pool after the first two blocks; the last block is pooled globally so any size works.
+            blocks.append(nn.MaxPool2d(2) if index < 2 else nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, images):
+        return self.head(self.features(images).flatten(1))
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: up to 8 channels a group keeps statistics stable for small widths."""
+    for groups in (32, 16, 8, 4, 2):
+        if channels % groups == 0 and channels // groups >= 2:
+            return groups
+    return 1
+
+
+def resnet18_greyscale(in_channels: int = 1, num_classes: int = 2, image_size: int = 28) -> nn.Module:
+    """torchvision's ResNet-18 with GroupNorm, a `in_channels` stem, and no pretrained weights.
+
+    For small images (< 64 px) the stem is a 3x3 stride-1 convolution without max-pooling, so
+    28x28 inputs keep enough spatial resolution (as in MedMNIST's own ResNet baselines).
+    """
+    model = resnet18(weights=None, num_classes=num_classes, norm_layer=lambda c: nn.GroupNorm(_groups(c), c))
+    if image_size < 64:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    else:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def check_private_trainable(model: nn.Module) -> None:
+    """Raise :class:`ModelNotPrivateError` with Opacus's explanation if DP-SGD cannot train `model`."""
+    from opacus.validators import ModuleValidator
+
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        reasons = "; ".join(sorted({str(p) for p in problems}))
+        raise ModelNotPrivateError(
+            f"{type(model).__name__} cannot be trained with DP-SGD: {reasons}. "
+            "Fix: replace those layers (e.g. BatchNorm by GroupNorm), or use ModuleValidator.fix(model)"
+        )
+
+
+def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int, width: int = 16) -> nn.Module:
+    """The model called `name` ("cnn" or "resnet18"), checked to be trainable with DP-SGD."""
+    if name == "cnn":
+        model = SmallCNN(in_channels, num_classes, width)
+    elif name == "resnet18":
+        model = resnet18_greyscale(in_channels, num_classes, image_size)
+    else:
+        raise ConfigError("model.name", name, "unknown model; known: cnn, resnet18", "set model=cnn or model=resnet18")
+    check_private_trainable(model)
+    return model

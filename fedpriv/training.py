@@ -1,0 +1,221 @@
+"""One hospital's local training step (DP-SGD with Opacus) and model evaluation. No Flower here.
+
+:func:`train_local` is pure: it copies the model, trains the copy according to a
+:class:`~fedpriv.privacy.plan.PrivacyPlan`, and returns plain (unwrapped) weights together with the
+privacy events Opacus's own accountant hook recorded, so what is charged is what was run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from opacus.accountants import create_accountant
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from sklearn.metrics import confusion_matrix, roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from fedpriv.models import check_private_trainable
+from fedpriv.privacy.accounting import PrivacyEvent, epsilon
+from fedpriv.privacy.plan import PrivacyPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalTrainResult:
+    """What a local training call produced: weights to share, and what it cost in privacy."""
+
+    state_dict: dict[str, torch.Tensor]  # plain module keys (no Opacus `_module.` prefix)
+    events: list[PrivacyEvent]  # empty for a non-private run
+    steps: int
+    num_examples: int
+    mean_loss: float
+    private: bool
+
+    def epsilon(self, delta: float, accountant: str = "prv") -> float:
+        """Epsilon of THIS call alone (infinity when non-private). A hospital's total is its ledger's."""
+        return epsilon(self.events, delta, accountant) if self.private else math.inf
+
+
+def train_local(
+    model: nn.Module,
+    data: Dataset,
+    plan: PrivacyPlan,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> LocalTrainResult:
+    """Train a copy of `model` on `data` for `plan.steps` optimizer steps; `model` is not modified.
+
+    Private plans use Poisson sampling, per-sample clipping to `plan.max_grad_norm` and Gaussian
+    noise of std `noise_multiplier * max_grad_norm`; logical batches are split into physical
+    batches of at most `plan.max_physical_batch_size` by Opacus's BatchMemoryManager.
+    """
+    num_records = len(data)
+    if num_records == 0:
+        raise ValueError("cannot train on an empty dataset")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    local_model = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.SGD(local_model.parameters(), lr=lr, momentum=momentum)
+    if plan.private:
+        check_private_trainable(local_model)
+        return _train_private(local_model, optimizer, data, plan, generator, device)
+    return _train_plain(local_model, optimizer, data, plan, generator, device)
+
+
+def _train_private(model, optimizer, data, plan, generator, device) -> LocalTrainResult:
+    from opacus.grad_sample.utils import wrap_model
+
+    grad_sample_model = wrap_model(model, plan.grad_sample_mode, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=plan.expected_batch_size(len(data)),
+        loss_reduction="mean",
+        generator=generator,
+    )
+    # Opacus's accountant hook counts exactly the optimizer steps that added noise.
+    accountant = create_accountant(plan.accountant)
+    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(plan.sample_rate))
+    loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)
+    losses = _run_steps(grad_sample_model, dp_optimizer, loader, plan, device, private=True)
+    grad_sample_model._close()  # removes Opacus hooks; the plain module stays usable
+    events = [PrivacyEvent(sigma, q, steps) for sigma, q, steps in accountant.history]
+    return LocalTrainResult(_plain_state(model), events, sum(e.steps for e in events), len(data),
+                            float(np.mean(losses)) if losses else math.nan, True)
+
+
+def _train_plain(model, optimizer, data, plan, generator, device) -> LocalTrainResult:
+    batch_size = plan.expected_batch_size(len(data))
+    sampler = RandomSampler(data, generator=generator)
+    loader = DataLoader(data, batch_size=batch_size, sampler=sampler)
+    losses = _run_steps(model, optimizer, loader, plan, device, private=False)
+    return LocalTrainResult(_plain_state(model), [], plan.steps, len(data),
+                            float(np.mean(losses)) if losses else math.nan, False)
+
+
+def _run_steps(model, optimizer, loader, plan: PrivacyPlan, device, *, private: bool) -> list[float]:
+    """Loop over the loader (restarting it as needed) until `plan.steps` real optimizer steps ran."""
+    criterion = nn.CrossEntropyLoss()
+    losses: list[float] = []
+    steps_done = 0
+    while steps_done < plan.steps:
+        if private:
+            context = BatchMemoryManager(data_loader=loader, max_physical_batch_size=plan.max_physical_batch_size,
+                                         optimizer=optimizer)
+        else:
+            context = _nullcontext(loader)
+        with context as batches:
+            for images, labels in batches:
+                optimizer.zero_grad(set_to_none=True)
+                images, labels = images.to(device), labels.to(device)
+                if len(labels):
+                    loss = criterion(model(images), labels)
+                    loss.backward()
+                    losses.append(loss.item())
+                elif private:
+                    # Poisson sampling can draw an empty batch; DP-SGD still adds noise for it.
+                    model(images).sum().backward()
+                optimizer.step()
+                if private and optimizer._is_last_step_skipped:
+                    continue  # only part of a logical batch; no real step yet
+                steps_done += 1
+                if steps_done == plan.steps:
+                    break
+    return losses
+
+
+class _nullcontext:
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+
+
+@dataclass
+class EvalResult:
+    """Metrics of a model on one labelled split, with its predicted probabilities."""
+
+    loss: float
+    auc: float
+    accuracy: float
+    sensitivity: float
+    specificity: float
+    num_examples: int
+    probabilities: np.ndarray = field(repr=False)  # (N, num_classes)
+    labels: np.ndarray = field(repr=False)  # (N,)
+
+    def metrics(self) -> dict[str, float]:
+        """The scalar metrics, as a flat dict (for logs, JSON and Flower MetricRecords)."""
+        return {"loss": self.loss, "auc": self.auc, "accuracy": self.accuracy,
+                "sensitivity": self.sensitivity, "specificity": self.specificity,
+                "num-examples": self.num_examples}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 512, device: str = "cpu") -> EvalResult:
+    """Loss, ROC-AUC, accuracy, sensitivity and specificity of `model` on `data`.
+
+    Binary tasks: sensitivity is the recall of class 1 (e.g. pneumonia), specificity that of class 0.
+    Multi-class tasks: one-vs-rest macro AUC, and macro-averaged sensitivity/specificity.
+    AUC is NaN when the split holds a single class.
+    """
+    model = model.to(device).eval()
+    logits, labels = [], []
+    for images, batch_labels in DataLoader(data, batch_size=batch_size):
+        logits.append(model(images.to(device)).cpu())
+        labels.append(batch_labels)
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    loss = nn.functional.cross_entropy(all_logits, all_labels).item()
+    probabilities = torch.softmax(all_logits, dim=1).numpy()
+    y = all_labels.numpy()
+    predictions = probabilities.argmax(axis=1)
+    num_classes = probabilities.shape[1]
+    sensitivity, specificity = _sensitivity_specificity(y, predictions, num_classes)
+    return EvalResult(loss, _auc(y, probabilities), float((predictions == y).mean()), sensitivity,
+                      specificity, len(y), probabilities, y)
+
+
+def _auc(y: np.ndarray, probabilities: np.ndarray) -> float:
+    if len(np.unique(y)) < 2:
+        return math.nan
+    if probabilities.shape[1] == 2:
+        return float(roc_auc_score(y, probabilities[:, 1]))
+    present = np.unique(y)
+    if len(present) < probabilities.shape[1]:
+        return math.nan  # one-vs-rest AUC is undefined for a class absent from the split
+    return float(roc_auc_score(y, probabilities, multi_class="ovr", average="macro"))
+
+
+def _sensitivity_specificity(y: np.ndarray, predictions: np.ndarray, num_classes: int) -> tuple[float, float]:
+    matrix = confusion_matrix(y, predictions, labels=list(range(num_classes)))
+    true_pos = np.diag(matrix).astype(float)
+    false_neg = matrix.sum(axis=1) - true_pos
+    false_pos = matrix.sum(axis=0) - true_pos
+    true_neg = matrix.sum() - true_pos - false_neg - false_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = true_pos / (true_pos + false_neg)
+        true_neg_rate = true_neg / (true_neg + false_pos)
+    if num_classes == 2:
+        return float(recall[1]), float(recall[0])
+    return float(np.nanmean(recall)), float(np.nanmean(true_neg_rate))

@@ -1,0 +1,155 @@
+"""Private local training: DP-SGD behaves as DP-SGD (clipping, noise scale, equivalence to SGD)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fedpriv.errors import ModelNotPrivateError
+from fedpriv.models import build_model
+from fedpriv.privacy import PrivacyPlan, plan_local_training
+from fedpriv.training import evaluate, train_local
+
+
+def _linear_model(features: int = 16, classes: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+
+
+def _toy_data(n: int = 32, features: int = 16, scale: float = 1.0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 1, 1, features, generator=generator) * scale
+    y = (x.flatten(1).sum(1) > 0).long()
+    return TensorDataset(x, y)
+
+
+def _weights_change(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    before = torch.cat([p.detach().flatten() for p in model.state_dict().values()])
+    after = torch.cat([state[k].flatten() for k in model.state_dict()])
+    return after - before
+
+
+def test_zero_noise_and_huge_clip_equals_plain_sgd():
+    model, data = _linear_model(), _toy_data()
+    # q = 1 makes Poisson sampling take every record each step, so both runs see the same batches.
+    dp_plan = PrivacyPlan(steps=5, sample_rate=1.0, noise_multiplier=0.0, max_grad_norm=1e6)
+    plain_plan = PrivacyPlan.non_private(steps=5, sample_rate=1.0)
+    dp = train_local(model, data, dp_plan, lr=0.5)
+    plain = train_local(model, data, plain_plan, lr=0.5)
+    for key in plain.state_dict:
+        torch.testing.assert_close(dp.state_dict[key], plain.state_dict[key], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(plain.state_dict["1.weight"], model.state_dict()["1.weight"])  # it did train
+
+
+@pytest.mark.parametrize("clip", [0.1, 1.0])
+def test_per_sample_gradient_is_clipped_to_max_grad_norm(clip):
+    model = _linear_model()
+    for index in range(4):
+        # One misclassified, large record alone: the update is exactly its clipped gradient (lr = 1).
+        image = _toy_data(4, scale=100.0)[index][0][None]
+        wrong_label = 1 - model(image).argmax(dim=1)
+        data = TensorDataset(image, wrong_label)
+        plan = PrivacyPlan(steps=1, sample_rate=1.0, noise_multiplier=0.0, max_grad_norm=clip)
+        result = train_local(model, data, plan, lr=1.0)
+        norm = _weights_change(model, result.state_dict).norm().item()
+        assert norm <= clip * (1 + 1e-4)
+        assert norm == pytest.approx(clip, rel=1e-3)  # the raw gradient was far larger: clipping acted
+
+
+def test_clipping_bounds_the_batch_update():
+    model, data = _linear_model(), _toy_data(64, scale=50.0)
+    plan = PrivacyPlan(steps=1, sample_rate=1.0, noise_multiplier=0.0, max_grad_norm=0.5)
+    result = train_local(model, data, plan, lr=1.0)
+    assert _weights_change(model, result.state_dict).norm().item() <= 0.5 * (1 + 1e-4)
+
+
+def test_noise_has_the_expected_scale():
+    # All-zero inputs give the weight matrix a zero gradient, so its update is pure noise:
+    # std = lr * sigma * C / expected_batch_size.
+    features, records, sigma, clip = 4096, 10, 2.0, 0.5
+    model = _linear_model(features)
+    data = TensorDataset(torch.zeros(records, 1, 1, features), torch.zeros(records, dtype=torch.long))
+    plan = PrivacyPlan(steps=1, sample_rate=1.0, noise_multiplier=sigma, max_grad_norm=clip)
+    result = train_local(model, data, plan, lr=1.0)
+    noise = result.state_dict["1.weight"] - model.state_dict()["1.weight"]
+    expected = sigma * clip / records
+    assert noise.mean().item() == pytest.approx(0.0, abs=4 * expected / math.sqrt(noise.numel()))
+    assert noise.std().item() == pytest.approx(expected, rel=0.05)
+
+
+def test_private_training_reports_the_events_it_consumed():
+    model, data = _linear_model(), _toy_data(100)
+    plan = plan_local_training(num_records=100, batch_size=10, local_epochs=2, private=True,
+                               target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, max_physical_batch_size=4)
+    result = train_local(model, data, plan, lr=0.1)
+    assert result.private and result.steps == plan.steps == 20
+    assert [(e.noise_multiplier, e.sample_rate, e.steps) for e in result.events] == [
+        (plan.noise_multiplier, 0.1, 20)]
+    assert 2.5 < result.epsilon(1e-5) <= 3.0 + 0.05
+    assert set(result.state_dict) == set(model.state_dict())  # plain keys, no "_module." prefix
+
+
+def test_non_private_training_is_labelled_epsilon_infinity():
+    model, data = _linear_model(), _toy_data()
+    plan = plan_local_training(num_records=32, batch_size=8, local_epochs=1, private=False)
+    result = train_local(model, data, plan, lr=0.1)
+    assert not result.private and result.events == []
+    assert result.epsilon(1e-5) == math.inf
+
+
+def test_training_does_not_modify_the_callers_model():
+    model, data = _linear_model(), _toy_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_local(model, data, PrivacyPlan(steps=3, sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=1.0), lr=1.0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert not hasattr(model, "_module")
+
+
+def test_private_cnn_learns_a_simple_signal():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(400, 1, 16, 16, generator=generator)
+    labels = torch.arange(400) % 2
+    images[labels == 1, :, 4:12, 4:12] += 1.5
+    data = TensorDataset(images, labels)
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=16, width=8)
+    plan = plan_local_training(num_records=400, batch_size=50, local_epochs=5, private=True,
+                               target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0)
+    result = train_local(model, data, plan, lr=0.5, momentum=0.5)
+    model.load_state_dict(result.state_dict)
+    assert evaluate(model, data).auc > 0.9
+
+
+def test_a_model_opacus_rejects_fails_with_opacus_explanation():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    plan = PrivacyPlan(steps=1, sample_rate=1.0, noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ModelNotPrivateError, match="BatchNorm.*GroupNorm"):
+        train_local(model, TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), plan, lr=0.1)
+
+
+def test_evaluate_metrics_match_hand_computed_values():
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return torch.stack([torch.zeros(len(x)), x.flatten(1)[:, 0]], dim=1)
+
+    # Scores for class 1: labels 0 -> [-2, 1], labels 1 -> [3, -1]: predictions by score > 0.
+    scores = torch.tensor([-2.0, 1.0, 3.0, -1.0])
+    labels = torch.tensor([0, 0, 1, 1])
+    result = evaluate(Fixed(), TensorDataset(scores[:, None], labels))
+    assert result.accuracy == pytest.approx(0.5)
+    assert result.sensitivity == pytest.approx(0.5)  # one of two positives found
+    assert result.specificity == pytest.approx(0.5)  # one of two negatives rejected
+    assert result.auc == pytest.approx(0.75)  # 3 of 4 positive/negative pairs ranked right
+    assert result.probabilities.shape == (4, 2)
+    assert result.probabilities.sum(axis=1) == pytest.approx([1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_models_pass_opacus_validation_and_accept_greyscale(name):
+    model = build_model(name, in_channels=1, num_classes=2, image_size=28)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 2)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
