@@ -1,0 +1,96 @@
+"""Turn a validated config into an experiment: the data, the hospitals and their shares of it.
+
+Shared by the CLI, the Flower apps and the benchmarks, so every entry point checks the same things
+in the same order: config values first (no data touched), then the data and its partition, then
+the checks that need the partition (batch size, delta) — all before any training or budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedpriv.config import FedprivConfig, validate_against_data, validate_config
+from fedpriv.data import (
+    LabeledImages,
+    MedicalImageDataset,
+    format_partition_table,
+    load_dataset,
+    partition_indices,
+    partition_summary,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hospital:
+    """One simulated hospital: its name, its own budget and how many training records it holds."""
+
+    index: int
+    name: str
+    epsilon: float
+    delta: float
+    records: int
+
+
+@dataclass
+class Experiment:
+    """A prepared experiment: the dataset, each hospital's indices into its training split."""
+
+    config: FedprivConfig
+    dataset: MedicalImageDataset
+    partitions: list[np.ndarray]
+    hospitals: list[Hospital]
+    partition_rows: list[dict]
+
+    def hospital_data(self, index: int) -> LabeledImages:
+        """The training records held by hospital `index`."""
+        return self.dataset.train.subset(self.partitions[index])
+
+    def partition_table(self) -> str:
+        return format_partition_table(self.partition_rows)
+
+    def save_partition(self, run_dir: str | Path) -> None:
+        """Write the partition summary next to the run's other outputs (Markdown and JSON)."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        header = f"# Partition\n\n{self.dataset.describe()}\n\n"
+        (run_dir / "partition.md").write_text(header + self.partition_table() + "\n")
+        (run_dir / "partition.json").write_text(json.dumps(self.partition_rows, indent=2, default=float))
+
+
+def hospital_names(cfg: FedprivConfig) -> list[str]:
+    if cfg.federation.hospitals:
+        return [h.name for h in cfg.federation.hospitals]
+    return [f"hospital-{i + 1}" for i in range(cfg.federation.num_hospitals)]
+
+
+def prepare_experiment(cfg: FedprivConfig) -> Experiment:
+    """Validate `cfg`, load its dataset and split the training records among its hospitals."""
+    validate_config(cfg)
+    dataset = load_dataset(cfg.dataset, cfg.seed)
+    fed = cfg.federation
+    shares = [h.share for h in fed.hospitals] if fed.hospitals and fed.hospitals[0].share is not None else None
+    labels = dataset.train.labels.numpy()
+    partitions = partition_indices(labels, fed.num_hospitals, fed.partition, alpha=fed.alpha,
+                                   seed=cfg.seed, shares=shares)
+    validate_against_data(cfg, [len(p) for p in partitions], len(labels))
+    names = hospital_names(cfg)
+    overrides = fed.hospitals or [None] * fed.num_hospitals
+    hospitals = [
+        Hospital(
+            index=i,
+            name=names[i],
+            epsilon=(o.epsilon if o is not None and o.epsilon is not None else cfg.privacy.epsilon),
+            delta=(o.delta if o is not None and o.delta is not None else cfg.privacy.delta),
+            records=len(partitions[i]),
+        )
+        for i, o in enumerate(overrides)
+    ]
+    rows = partition_summary(labels, partitions, dataset.class_names, names)
+    return Experiment(cfg, dataset, partitions, hospitals, rows)
