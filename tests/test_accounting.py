@@ -1,0 +1,98 @@
+"""Epsilon from event histories: golden values, composition, monotonicity, calibration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy.special import comb, logsumexp
+
+from fedpriv.errors import PrivacyError
+from fedpriv.privacy import PrivacyEvent, epsilon, noise_multiplier_for
+
+
+def independent_rdp_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Sampled-Gaussian RDP at integer orders (Mironov, Talwar & Zhang 2019, eq. for integer alpha),
+    converted to (epsilon, delta) with Balle et al. 2020's bound. Written here from the papers,
+    independently of Opacus, as the reference for the golden value."""
+    best = math.inf
+    for alpha in range(2, 257):
+        terms = [
+            math.log(comb(alpha, k, exact=True)) + (alpha - k) * math.log1p(-q) + k * math.log(q)
+            + (k * k - k) / (2 * sigma**2)
+            for k in range(alpha + 1)
+        ]
+        rdp = steps * logsumexp(terms) / (alpha - 1)
+        eps = rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
+        best = min(best, eps)
+    return best
+
+
+# (sigma, q, steps, delta) -> epsilon, computed once with independent_rdp_epsilon above.
+GOLDEN = {(1.1, 256 / 60000, 14063, 1e-5): 2.5971}
+
+
+@pytest.mark.parametrize(("case", "golden"), GOLDEN.items())
+def test_rdp_epsilon_matches_independent_golden_value(case, golden):
+    sigma, q, steps, delta = case
+    assert independent_rdp_epsilon(sigma, q, steps, delta) == pytest.approx(golden, rel=1e-3)
+    # Opacus also searches fractional orders, so it may be (slightly) tighter, never looser.
+    opacus = epsilon([PrivacyEvent(sigma, q, steps)], delta, "rdp")
+    assert golden * 0.97 <= opacus <= golden * 1.001
+
+
+def test_prv_is_tighter_than_rdp_but_close():
+    events = [PrivacyEvent(1.1, 256 / 60000, 14063)]
+    prv, rdp = epsilon(events, 1e-5, "prv"), epsilon(events, 1e-5, "rdp")
+    assert 0.7 * rdp < prv <= rdp
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_epsilon_grows_with_steps_and_falls_with_noise(accountant):
+    by_steps = [epsilon([PrivacyEvent(1.0, 0.02, s)], 1e-5, accountant) for s in (10, 100, 1000)]
+    by_noise = [epsilon([PrivacyEvent(s, 0.02, 500)], 1e-5, accountant) for s in (0.8, 1.5, 3.0)]
+    assert by_steps == sorted(by_steps) and len(set(by_steps)) == 3
+    assert by_noise == sorted(by_noise, reverse=True) and len(set(by_noise)) == 3
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_composition_is_over_the_whole_history(accountant):
+    split = [PrivacyEvent(1.0, 0.02, 300), PrivacyEvent(1.0, 0.02, 200)]
+    whole = [PrivacyEvent(1.0, 0.02, 500)]
+    assert epsilon(split, 1e-5, accountant) == pytest.approx(epsilon(whole, 1e-5, accountant), rel=1e-6)
+    # Composition is sub-additive: never the sum of per-round epsilons.
+    parts = sum(epsilon([e], 1e-5, accountant) for e in split)
+    assert epsilon(split, 1e-5, accountant) < parts
+
+
+def test_nothing_spent_is_zero_and_no_noise_is_infinite():
+    assert epsilon([], 1e-5) == 0.0
+    assert epsilon([PrivacyEvent(0.0, 0.1, 10)], 1e-5) == math.inf
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_calibrated_sigma_spends_the_target(accountant):
+    sigma = noise_multiplier_for(target_epsilon=3.0, delta=1e-5, sample_rate=0.05, steps=200,
+                                 accountant=accountant)
+    spent = epsilon([PrivacyEvent(sigma, 0.05, 200)], 1e-5, accountant)
+    assert 2.95 <= spent <= 3.0
+
+
+def test_calibration_on_top_of_a_history_spends_only_what_remains():
+    prior = [PrivacyEvent(2.0, 0.05, 100)]
+    sigma = noise_multiplier_for(target_epsilon=3.0, delta=1e-5, sample_rate=0.05, steps=100,
+                                 accountant="rdp", prior_events=prior)
+    total = epsilon([*prior, PrivacyEvent(sigma, 0.05, 100)], 1e-5, "rdp")
+    assert 2.95 <= total <= 3.0
+    with pytest.raises(PrivacyError, match="already spent"):
+        noise_multiplier_for(target_epsilon=0.1, delta=1e-5, sample_rate=0.05, steps=10,
+                             accountant="rdp", prior_events=prior)
+
+
+def test_bad_accounting_inputs_are_rejected():
+    with pytest.raises(PrivacyError, match="accountant"):
+        epsilon([PrivacyEvent(1.0, 0.1, 1)], 1e-5, "gdpx")
+    with pytest.raises(PrivacyError, match="delta"):
+        epsilon([PrivacyEvent(1.0, 0.1, 1)], 1.5)
+    with pytest.raises(PrivacyError, match="sample_rate"):
+        PrivacyEvent(1.0, 0.0, 1)
