@@ -1,0 +1,196 @@
+"""Loading a hospital's own images from a folder with one subfolder per class.
+
+PNG/JPEG files are read with Pillow and DICOM files with pydicom; every image becomes a greyscale
+``size x size`` picture. DICOM values are first mapped to modality units (RescaleSlope/Intercept),
+MONOCHROME1 images are inverted so bright means dense everywhere, and each image is min-max scaled
+to 0..255 on its own, because raw DICOM ranges differ between scanners and vendors. Optional
+per-image attributes (e.g. sex, age band, scanner) come from a CSV and stay aligned with the images
+through every split.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fedpriv.data.base import LabeledImages, MedicalImageDataset, normalise
+from fedpriv.data.splits import check_fractions, stratified_split
+from fedpriv.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+PILLOW_EXTENSIONS = (".png", ".jpg", ".jpeg")
+DICOM_EXTENSIONS = (".dcm",)
+EXTENSIONS = PILLOW_EXTENSIONS + DICOM_EXTENSIONS
+# Pillow modes holding more than 8 bits per pixel: converting them to "L" would clip, not scale.
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def load_image_folder(
+    path: str,
+    size: int,
+    *,
+    attributes_csv: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> MedicalImageDataset:
+    """Load ``path/<class>/**/<image>`` as a dataset split stratified by class (deterministic by seed).
+
+    Class names are the sorted subfolder names. Raises :class:`DataError` for a missing folder, no
+    images, a single class, an unreadable image, a bad attributes CSV, or too few images to split.
+    """
+    check_fractions(val_fraction, test_fraction)
+    root = Path(path).expanduser()
+    class_names, files, labels = _scan(root)
+    images = np.stack([read_image(file, size) for file in files])
+    relative = [file.relative_to(root).as_posix() for file in files]
+    attributes = _attributes_for(root, attributes_csv, relative) if attributes_csv else None
+    everything = LabeledImages(normalise(torch.from_numpy(images).unsqueeze(1)),
+                               torch.from_numpy(labels), attributes)
+    train, val, test = stratified_split(labels, val_fraction, test_fraction, seed, where=f"image folder {root}")
+    dataset = MedicalImageDataset(
+        name="imagefolder", train=everything.subset(train), val=everything.subset(val),
+        test=everything.subset(test), class_names=class_names, synthetic=False, source=str(root),
+    )
+    logger.info("Loaded %s", dataset.describe())
+    return dataset
+
+
+def _scan(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """Class names, image files (sorted, so the order is reproducible) and their labels."""
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root} (set dataset.path to a folder with one "
+                        f"subfolder per class)")
+    readable = ", ".join(EXTENSIONS)
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root} has no class subfolders; expected one subfolder per class holding "
+                        f"{readable} files")
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        found = _image_files(class_dir)
+        if not found:
+            raise DataError(f"class folder {class_dir} holds no images (read: {readable}); add images "
+                            f"or remove the folder")
+        files += found
+        labels += [label] * len(found)
+    if len(class_dirs) < 2:
+        raise DataError(f"{root} has a single class folder ({class_dirs[0].name}); a classifier needs "
+                        f"at least two classes, one subfolder each")
+    return [d.name for d in class_dirs], files, np.asarray(labels, dtype=np.int64)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    # Nested folders (e.g. one per patient) are allowed; hidden files such as .DS_Store are not images.
+    return sorted(
+        f for f in folder.rglob("*")
+        if f.is_file() and f.suffix.lower() in EXTENSIONS
+        and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+    )
+
+
+def read_image(file: Path, size: int) -> np.ndarray:
+    """One image file as a ``(size, size)`` uint8 greyscale array; :class:`DataError` if unreadable."""
+    try:
+        if file.suffix.lower() in DICOM_EXTENSIONS:
+            picture = Image.fromarray(_dicom_to_uint8(file))
+        else:
+            picture = _pillow_greyscale(file)
+        picture = picture.resize((size, size), Image.Resampling.BILINEAR)
+    except DataError:
+        raise
+    except Exception as exc:  # any decoder failure means this file cannot be used; say which one
+        raise DataError(f"cannot read image {file}: {type(exc).__name__}: {exc}. Fix or remove the file") from exc
+    return np.asarray(picture, dtype=np.uint8)
+
+
+def _pillow_greyscale(file: Path) -> Image.Image:
+    with Image.open(file) as opened:
+        opened.load()
+        if opened.mode in _WIDE_MODES:
+            return Image.fromarray(_min_max_uint8(np.asarray(opened, dtype=np.float64)))
+        return opened.convert("L")
+
+
+def _dicom_to_uint8(file: Path) -> np.ndarray:
+    import pydicom  # deferred: only needed when a folder holds DICOM files
+
+    ds = pydicom.dcmread(file)
+    pixels = np.asarray(ds.pixel_array, dtype=np.float64)
+    if pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 3:
+        pixels = pixels @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as Pillow's "L"
+    if pixels.ndim != 2:
+        raise DataError(f"cannot read image {file}: {pixels.ndim}-dimensional pixel data (multi-frame "
+                        f"DICOM?); export one frame per file")
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None or intercept is not None:
+        pixels = pixels * float(slope if slope is not None else 1) + float(intercept or 0)
+    scaled = _min_max_uint8(pixels)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        scaled = 255 - scaled  # MONOCHROME1 shows low values bright; flip to the usual convention
+    return scaled
+
+
+def _min_max_uint8(pixels: np.ndarray) -> np.ndarray:
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:  # a flat image carries no contrast; map it to black rather than divide by zero
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - low) / (high - low) * 255).astype(np.uint8)
+
+
+def _attributes_for(root: Path, attributes_csv: str, relative: list[str]) -> list[dict[str, str]]:
+    """Attributes per image (same order as ``relative``); images absent from the CSV get ``{}``."""
+    table = _read_attributes(_locate_csv(root, attributes_csv))
+    attributes = [dict(table.get(path, {})) for path in relative]
+    unmatched = len(table.keys() - set(relative))
+    if unmatched:
+        logger.warning("%d rows of %s name no image in %s", unmatched, attributes_csv, root)
+    missing = sum(1 for path in relative if path not in table)
+    if missing:
+        logger.warning("%d of %d images in %s have no row in %s", missing, len(relative), root, attributes_csv)
+    return attributes
+
+
+def _locate_csv(root: Path, attributes_csv: str) -> Path:
+    csv_path = Path(attributes_csv).expanduser()
+    # A relative name that does not exist from the working directory is tried inside the folder,
+    # so a CSV shipped with the images can be named by its file name alone.
+    if not csv_path.is_file() and not csv_path.is_absolute() and (root / csv_path).is_file():
+        csv_path = root / csv_path
+    if not csv_path.is_file():
+        raise DataError(f"attributes CSV not found: {csv_path} (set dataset.attributes_csv to an existing file)")
+    return csv_path
+
+
+def _read_attributes(csv_path: Path) -> dict[str, dict[str, str]]:
+    try:
+        # utf-8-sig: spreadsheets often prepend a byte-order mark, which would rename the first column.
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise DataError(f"attributes CSV {csv_path} has no 'path' column (columns: "
+                                f"{', '.join(reader.fieldnames or [])}); add one with image paths "
+                                f"relative to the image folder, e.g. normal/img1.png")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read attributes CSV {csv_path}: {exc}") from exc
+    table: dict[str, dict[str, str]] = {}
+    for row in rows:
+        key = _normalise_relative(row.pop("path") or "")
+        if key in table:
+            raise DataError(f"attributes CSV {csv_path} lists {key} twice; keep one row per image")
+        row.pop(None, None)  # cells beyond the header row: DictReader files them under the key None
+        table[key] = {name: value or "" for name, value in row.items()}
+    return table
+
+
+def _normalise_relative(path: str) -> str:
+    # Accept Windows separators and a leading "./" so hand-written CSVs still match.
+    return PurePosixPath(path.strip().replace("\\", "/")).as_posix().removeprefix("./")

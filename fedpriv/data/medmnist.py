@@ -1,0 +1,147 @@
+"""Loading MedMNIST 2D datasets from their official npz files, with their official splits.
+
+The file is read with ``numpy.load(allow_pickle=False)`` and checked key by key before use, so a
+truncated, replaced or mislabelled file fails with a one-line :class:`DataError` instead of a
+shape error deep inside training. Nothing is downloaded unless ``download`` is true, and then
+only when the file is absent (medmnist re-checks the MD5 of an existing file on every download
+call, which would reject legitimately re-ordered copies).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpriv.data.base import DATA_DIR_ENV, LabeledImages, MedicalImageDataset, default_data_dir, normalise
+from fedpriv.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SIZES = (28, 64, 128, 224)
+_FIX = "re-download or replace the file"
+
+
+def npz_filename(flag: str, size: int) -> str:
+    """MedMNIST's file name: ``{flag}.npz`` at 28 pixels, ``{flag}_{size}.npz`` otherwise."""
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def load_medmnist(flag: str, size: int, root: str | None, download: bool) -> MedicalImageDataset:
+    """Load the MedMNIST 2D dataset ``flag`` at ``size`` pixels from ``root`` (or the default folder).
+
+    Raises :class:`DataError` when the file is missing (and ``download`` is false), unreadable or
+    malformed, or when the flag is unknown, 3D or multi-label.
+    """
+    info = _flag_info(flag, size)
+    folder = Path(root).expanduser() if root else default_data_dir()
+    file = folder / npz_filename(flag, size)
+    if not file.is_file():
+        if not download:
+            raise DataError(_missing_message(file))
+        _download(flag, size, folder, info)
+    splits = _read_npz(file, info, size)
+    class_names = [info["label"][key] for key in sorted(info["label"], key=int)]
+    dataset = MedicalImageDataset(
+        name=flag, train=splits["train"], val=splits["val"], test=splits["test"],
+        class_names=class_names, synthetic=False, source=str(file),
+    )
+    logger.info("Loaded %s", dataset.describe())
+    return dataset
+
+
+def _flag_info(flag: str, size: int) -> dict[str, Any]:
+    from medmnist import INFO  # deferred: importing medmnist pulls in sklearn and torchvision
+
+    if flag not in INFO or flag.endswith("3d"):
+        known = ", ".join(f for f in INFO if not f.endswith("3d"))
+        raise DataError(f"unknown MedMNIST 2D dataset {flag!r}; known: {known}")
+    info = INFO[flag]
+    if "multi-label" in info["task"]:
+        raise DataError(f"{flag} is a multi-label task, which fedpriv does not support; "
+                        "use a single-label flag such as pneumoniamnist")
+    if size not in SIZES:
+        raise DataError(f"MedMNIST ships {flag} at sizes {', '.join(map(str, SIZES))} only, not {size}")
+    return info
+
+
+def _missing_message(file: Path) -> str:
+    return (
+        f"MedMNIST file not found: {file}. Set dataset.root (or the {DATA_DIR_ENV} environment "
+        f"variable) to a folder holding {file.name}, or set dataset.download=true to let medmnist "
+        f"fetch it (needs internet)"
+    )
+
+
+def _download(flag: str, size: int, folder: Path, info: dict[str, Any]) -> None:
+    import medmnist
+
+    logger.info("Downloading %s (size %d) into %s", flag, size, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset_class = getattr(medmnist, info["python_class"])
+    try:
+        dataset_class(split="train", root=str(folder), size=size, download=True)
+    except Exception as exc:  # medmnist wraps every failure in a bare RuntimeError; keep its cause
+        first_line = next((line.strip() for line in str(exc).splitlines() if line.strip()), repr(exc))
+        raise DataError(
+            f"could not download {npz_filename(flag, size)} into {folder}: {first_line}. Without "
+            f"internet, copy the file there yourself and set dataset.root or {DATA_DIR_ENV}"
+        ) from exc
+
+
+def _read_npz(file: Path, info: dict[str, Any], size: int) -> dict[str, LabeledImages]:
+    try:
+        archive = np.load(file, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+            raise DataError(f"{file} is not a valid npz archive (it holds a single array); {_FIX}")
+        with archive:  # members are read lazily, so corruption inside the zip surfaces here too
+            return {split: _read_split(file, archive, split, info, size) for split in SPLITS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError) as exc:
+        raise DataError(f"{file} is not a valid npz archive ({type(exc).__name__}: {exc}); {_FIX}") from exc
+
+
+def _read_split(file: Path, archive: Any, split: str, info: dict[str, Any], size: int) -> LabeledImages:
+    for key in (f"{split}_images", f"{split}_labels"):
+        if key not in archive.files:
+            raise DataError(f"{file} lacks the key {key!r} (has: {', '.join(archive.files)}); {_FIX}")
+    images = archive[f"{split}_images"]
+    labels = archive[f"{split}_labels"]
+    _check_images(file, split, images, int(info["n_channels"]), size)
+    labels = _check_labels(file, split, labels, len(images), {int(k) for k in info["label"]})
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    # MedMNIST stores greyscale as (N, H, W) and RGB as (N, H, W, 3); models want (N, C, H, W).
+    tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+    return LabeledImages(normalise(tensor).contiguous(), torch.from_numpy(labels))
+
+
+def _check_images(file: Path, split: str, images: np.ndarray, channels: int, size: int) -> None:
+    expected = (size, size) if channels == 1 else (size, size, 3)
+    if images.dtype != np.uint8 or images.ndim != 1 + len(expected) or images.shape[1:] != expected:
+        raise DataError(
+            f"{file}: {split}_images has shape {images.shape} and dtype {images.dtype}, expected "
+            f"(N, {', '.join(map(str, expected))}) uint8; {_FIX}"
+        )
+    if len(images) == 0:
+        raise DataError(f"{file}: {split}_images is empty; {_FIX}")
+
+
+def _check_labels(file: Path, split: str, labels: np.ndarray, count: int, allowed: set[int]) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{file}: {split}_labels has shape {labels.shape} and dtype {labels.dtype}, "
+                        f"expected (N, 1) or (N,) integers; {_FIX}")
+    if len(labels) != count:
+        raise DataError(f"{file}: {split}_labels has {len(labels)} entries for {count} images; {_FIX}")
+    unknown = sorted(set(np.unique(labels).tolist()) - allowed)
+    if unknown:
+        raise DataError(f"{file}: {split}_labels contains {unknown[:5]}, outside the dataset's labels "
+                        f"{sorted(allowed)}; {_FIX}")
+    return labels.astype(np.int64)
