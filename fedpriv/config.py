@@ -79,6 +79,9 @@ class StrategyConfig:
     mode: str = "parallel"  # "parallel" (FedAvg) or "sequential" (cyclic weight transfer)
     num_rounds: int = 5
     shuffle_order: bool = False  # sequential: shuffle the hospital order each round (by seed)
+    round_timeout: float = 1800.0  # seconds to wait for hospitals' replies before skipping them
+    client_evaluate: bool = True  # also ask hospitals to evaluate on their private validation split
+    spend_remaining: bool = False  # hospitals train the steps that still fit, then lock
 
 
 @dataclass
@@ -100,6 +103,7 @@ class FederationConfig:
     alpha: float = 0.5  # Dirichlet concentration: smaller is more skewed
     hospitals: list[HospitalConfig] = field(default_factory=list)
     ledger_dir: Optional[str] = None  # None: under the run directory
+    client_cpus: int = 1  # CPU cores per simulated hospital (Ray resources and torch threads)
 
 
 @dataclass
@@ -114,6 +118,7 @@ class FedprivConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     seed: int = 0
     device: str = "cpu"
+    resume: Optional[str] = None  # a previous run directory: continue from its last checkpoint
 
 
 def register_configs() -> None:
@@ -221,6 +226,9 @@ def validate_config(cfg: FedprivConfig) -> None:
     _choice("strategy.mode", cfg.strategy.mode, STRATEGY_MODES)
     if cfg.strategy.num_rounds < 1:
         raise ConfigError("strategy.num_rounds", cfg.strategy.num_rounds, "must be at least 1", "use e.g. 5")
+    _positive("strategy.round_timeout", cfg.strategy.round_timeout, "use e.g. strategy.round_timeout=600")
+    if cfg.federation.client_cpus < 1:
+        raise ConfigError("federation.client_cpus", cfg.federation.client_cpus, "must be at least 1", "use 1")
 
     fed = cfg.federation
     if fed.num_hospitals < 1:

@@ -47,10 +47,15 @@ class Experiment:
     partitions: list[np.ndarray]
     hospitals: list[Hospital]
     partition_rows: list[dict]
+    val_partitions: list[np.ndarray]
 
     def hospital_data(self, index: int) -> LabeledImages:
         """The training records held by hospital `index`."""
         return self.dataset.train.subset(self.partitions[index])
+
+    def hospital_validation(self, index: int) -> LabeledImages:
+        """Hospital `index`'s private validation records (its share of the validation split)."""
+        return self.dataset.val.subset(self.val_partitions[index])
 
     def partition_table(self) -> str:
         return format_partition_table(self.partition_rows)
@@ -93,4 +98,7 @@ def prepare_experiment(cfg: FedprivConfig) -> Experiment:
         for i, o in enumerate(overrides)
     ]
     rows = partition_summary(labels, partitions, dataset.class_names, names)
-    return Experiment(cfg, dataset, partitions, hospitals, rows)
+    # Validation records are dealt out uniformly: every hospital gets a share, even under label skew.
+    order = np.random.default_rng(cfg.seed).permutation(len(dataset.val))
+    val_partitions = [np.sort(part) for part in np.array_split(order, fed.num_hospitals)]
+    return Experiment(cfg, dataset, partitions, hospitals, rows, val_partitions)

@@ -33,15 +33,35 @@ def config_dir() -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
-    """Run the configured experiment, writing its outputs into `run_dir`."""
+    """Validate, prepare the data, then run the federated simulation; outputs go to `run_dir`."""
+    from fedpriv.app_config import config_to_json
     from fedpriv.experiment import prepare_experiment
+    from fedpriv.simulation import run_simulation
 
-    config = to_config(cfg)
-    experiment = prepare_experiment(config)
+    config = absolute_paths(to_config(cfg))
+    experiment = prepare_experiment(config)  # every check runs here, before any budget is spent
     log.info("%s", experiment.dataset.describe())
     log.info("Partition (%s, seed %d):\n%s", config.federation.partition, config.seed,
              experiment.partition_table())
     experiment.save_partition(run_dir)
+    run_simulation(config_to_json(config), run_dir, num_hospitals=config.federation.num_hospitals,
+                   client_cpus=config.federation.client_cpus)
+    log.info("Run finished; outputs in %s\n%s", run_dir, (run_dir / "summary.md").read_text())
+
+
+def absolute_paths(config):
+    """Make every path absolute: the Flower apps run in other processes and folders."""
+    from fedpriv.data import default_data_dir
+
+    data = config.dataset
+    if data.name not in ("synthetic", "imagefolder"):
+        data.root = str(Path(data.root).resolve()) if data.root else str(default_data_dir().resolve())
+    for section, key in ((data, "path"), (data, "attributes_csv"), (config.federation, "ledger_dir"),
+                         (config, "resume")):
+        value = getattr(section, key)
+        if value:
+            setattr(section, key, str(Path(value).resolve()))
+    return config
 
 
 def _fail(error: FedprivError) -> None:

@@ -1,0 +1,160 @@
+"""Flower ClientApp: one hospital. Message handlers only; the work is in fedpriv.hospital.
+
+- train: private local training under the hospital's own ledger, or a clear locked/refused status.
+- evaluate: metrics on the hospital's private validation split (NOT covered by the DP guarantee).
+- query: the hospital's name and budget state, so the server can map node ids to hospitals.
+
+In simulation the hospital's settings come from the experiment config (`federation` section) and
+its partition id; its ledger lives in `federation.ledger_dir` (default: the run directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpriv.app_config import RUN_DIR_KEY, config_from_run_config, config_to_json
+from fedpriv.config import FedprivConfig
+from fedpriv.data import LabeledImages, dataset_fingerprint
+from fedpriv.errors import FedprivError
+from fedpriv.experiment import Experiment, prepare_experiment
+from fedpriv.hospital import HospitalSettings, RoundRequest, budget_state, train_round
+from fedpriv.models import build_model
+from fedpriv.training import evaluate
+
+app = ClientApp()
+
+NOT_COVERED = "computed on the hospital's private validation data: NOT covered by the DP guarantee"
+
+
+@dataclass
+class HospitalSite:
+    """Everything one hospital's handlers need: its settings, data and model factory."""
+
+    settings: HospitalSettings
+    train: LabeledImages
+    validation: LabeledImages
+    fingerprint: str
+    config: FedprivConfig
+    in_channels: int
+    num_classes: int
+    image_size: int
+
+    def new_model(self) -> torch.nn.Module:
+        return build_model(self.config.model.name, in_channels=self.in_channels, num_classes=self.num_classes,
+                           image_size=self.image_size, width=self.config.model.width)
+
+
+# Ray actors serve many messages: keep each prepared experiment (data + partition) per process.
+_EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def _experiment(cfg: FedprivConfig) -> Experiment:
+    key = config_to_json(cfg)
+    if key not in _EXPERIMENTS:
+        _EXPERIMENTS.clear()
+        _EXPERIMENTS[key] = prepare_experiment(cfg)
+    return _EXPERIMENTS[key]
+
+
+def ledger_directory(cfg: FedprivConfig, run_config) -> Path:
+    if cfg.federation.ledger_dir:
+        return Path(cfg.federation.ledger_dir)
+    run_dir = str(run_config.get(RUN_DIR_KEY, "") or "outputs/flwr")
+    return Path(run_dir) / "ledgers"
+
+
+def simulated_site(context: Context) -> HospitalSite:
+    """The hospital this simulated node plays: the partition-id-th hospital of the experiment."""
+    cfg = config_from_run_config(context.run_config)
+    torch.set_num_threads(cfg.federation.client_cpus)
+    experiment = _experiment(cfg)
+    index = int(context.node_config["partition-id"])
+    hospital = experiment.hospitals[index]
+    train = experiment.hospital_data(index)
+    fingerprint = dataset_fingerprint(train)
+    private = cfg.privacy.enabled
+    settings = HospitalSettings(
+        name=hospital.name,
+        budget_epsilon=hospital.epsilon if private else None,
+        delta=hospital.delta,
+        # Keyed by the data's fingerprint: a renamed hospital or a fresh config gets no fresh budget.
+        ledger_path=ledger_directory(cfg, context.run_config) / f"ledger-{fingerprint[:16]}.db" if private else None,
+        accountant=cfg.privacy.accountant,
+        allow_non_private=not private,
+    )
+    dataset = experiment.dataset
+    return HospitalSite(settings, train, experiment.hospital_validation(index), fingerprint, cfg,
+                        dataset.in_channels, dataset.num_classes, dataset.image_size)
+
+
+def _site(context: Context) -> HospitalSite:
+    return simulated_site(context)
+
+
+def _status_record(name: str, status: str, message: str) -> ConfigRecord:
+    return ConfigRecord({"hospital": name, "status": status, "message": message})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train one round under the hospital's budget; a spent budget is a status, not an error."""
+    site = _site(context)
+    request = RoundRequest.from_record(dict(msg.content["config"]))
+    model = site.new_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    try:
+        outcome = train_round(model, site.train.as_dataset(), site.settings, request, fingerprint=site.fingerprint)
+    except FedprivError as error:  # e.g. a corrupt ledger: refuse (fail closed) and say why
+        logging.getLogger("fedpriv").error("hospital %s: %s", site.settings.name, error)
+        outcome = budget_failure(site, str(error))
+    content = RecordDict({"metrics": MetricRecord(outcome.metrics()),
+                          "status": _status_record(site.settings.name, outcome.status, outcome.message)})
+    if outcome.state_dict is not None:
+        content["arrays"] = ArrayRecord(outcome.state_dict)
+    return Message(content=content, reply_to=msg)
+
+
+def budget_failure(site: HospitalSite, message: str):
+    from fedpriv.hospital import REFUSED, RoundOutcome
+
+    return RoundOutcome(site.settings.name, REFUSED, message, delta=site.settings.delta,
+                        budget_epsilon=site.settings.budget_epsilon or math.inf)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on the hospital's private validation split."""
+    site = _site(context)
+    model = site.new_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    metrics = {"num-examples": 0}
+    if len(site.validation):
+        metrics = evaluate(model, site.validation.as_dataset()).metrics()
+    metrics = {key: float(value) for key, value in metrics.items() if not math.isnan(value)}
+    metrics["dp-covered"] = 0.0
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics),
+                                       "status": _status_record(site.settings.name, "evaluated", NOT_COVERED)}),
+                   reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report the hospital's name and current budget state (reads the ledger, spends nothing)."""
+    site = _site(context)
+    try:
+        state = budget_state(site.settings, site.fingerprint)
+        status, message = ("locked" if state.locked else "open"), ""
+    except FedprivError as error:
+        state, status, message = budget_failure(site, str(error)), "refused", str(error)
+    metrics = state.metrics()
+    metrics["num-examples"] = len(site.train)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics),
+                                       "status": _status_record(site.settings.name, status, message)}),
+                   reply_to=msg)

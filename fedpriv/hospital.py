@@ -1,0 +1,215 @@
+"""One hospital's side of a round, without Flower: its own settings, its ledger, its training.
+
+The hospital is sovereign. Its budget, delta, ledger and data come from its own settings
+(:class:`HospitalSettings`); the server's request (:class:`RoundRequest`) says how to train and may
+ask the hospital to spend *less*, never more. Every private round is charged to the ledger before
+the first step and confirmed afterwards; a round the budget cannot afford is refused without
+touching the data, and the dataset is locked.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedpriv.errors import BudgetExhausted, PrivacyError
+from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, noise_multiplier_for
+from fedpriv.privacy.ledger import BudgetStatus, PrivacyLedger
+from fedpriv.privacy.plan import PrivacyPlan, steps_per_epoch
+from fedpriv.training import train_local
+
+log = logging.getLogger(__name__)
+
+TRAINED, LOCKED, REFUSED = "trained", "locked", "refused"
+
+
+@dataclass(frozen=True)
+class HospitalSettings:
+    """A hospital's own settings. In deployment they come from its node config, never the server."""
+
+    name: str
+    budget_epsilon: float | None  # None: no DP budget at all (explicitly non-private simulations)
+    delta: float
+    ledger_path: Path | None
+    accountant: str = "prv"
+    allow_non_private: bool = False  # a hospital with a budget refuses non-private rounds unless set
+
+    def __post_init__(self) -> None:
+        check_accountant(self.accountant)
+        if self.budget_epsilon is not None and self.ledger_path is None:
+            raise PrivacyError(f"hospital {self.name}: a privacy budget needs a ledger path")
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """How the server asks a hospital to train one round (carried in the message's ConfigRecord)."""
+
+    run_id: str
+    server_round: int
+    num_rounds: int  # planned rounds of this run: "auto" sigma spreads the budget over them
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.0
+    private: bool = True
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None  # None: "auto", calibrated by the hospital
+    max_epsilon: float | None = None  # a server-side cap; it can only lower the hospital's budget
+    spend_remaining: bool = False  # train only the steps that still fit, then lock
+    max_physical_batch_size: int = 128
+    seed: int = 0
+
+    def to_record(self) -> dict[str, Any]:
+        """Flat scalars for a Flower ConfigRecord (None is encoded as -1)."""
+        return {key: (-1 if value is None else value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RoundRequest:
+        """Parse a ConfigRecord; unknown keys are ignored, -1 means unset for optional numbers."""
+        values = {key: record[key] for key in cls.__dataclass_fields__ if key in record}
+        for key in ("noise_multiplier", "max_epsilon"):
+            if key in values and values[key] is not None and float(values[key]) < 0:
+                values[key] = None
+        return cls(**values)
+
+
+@dataclass
+class RoundOutcome:
+    """What a hospital reports after a round: weights (if it trained) and its privacy state."""
+
+    hospital: str
+    status: str  # TRAINED, LOCKED (budget spent) or REFUSED (e.g. non-private request)
+    message: str
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    num_examples: int = 0
+    train_loss: float = math.nan
+    steps: int = 0
+    noise_multiplier: float = math.nan
+    epsilon: float = 0.0
+    delta: float = 0.0
+    budget_epsilon: float = math.inf
+    locked: bool = False
+    ledger_seconds: float = 0.0  # time spent on the budget check and ledger writes
+
+    def metrics(self) -> dict[str, float | int]:
+        """Scalar metrics for the reply's MetricRecord (epsilon = inf when not private)."""
+        return {
+            "num-examples": self.num_examples, "train-loss": self.train_loss, "steps": self.steps,
+            "noise-multiplier": self.noise_multiplier, "epsilon": self.epsilon, "delta": self.delta,
+            "budget-epsilon": self.budget_epsilon,
+            "remaining-epsilon": max(0.0, self.budget_epsilon - self.epsilon),
+            "locked": int(self.locked), "trained": int(self.status == TRAINED),
+            "ledger-seconds": self.ledger_seconds,
+        }
+
+    def with_status(self, status: BudgetStatus) -> RoundOutcome:
+        self.epsilon, self.delta = status.epsilon_spent, status.delta
+        self.budget_epsilon, self.locked = status.budget_epsilon, status.locked
+        return self
+
+
+def open_ledger(settings: HospitalSettings, fingerprint: str) -> PrivacyLedger:
+    assert settings.ledger_path is not None and settings.budget_epsilon is not None
+    return PrivacyLedger.open(settings.ledger_path, fingerprint=fingerprint,
+                              budget_epsilon=settings.budget_epsilon, delta=settings.delta,
+                              accountant=settings.accountant)
+
+
+def budget_state(settings: HospitalSettings, fingerprint: str) -> RoundOutcome:
+    """The hospital's current privacy state, without training (for queries and evaluation)."""
+    outcome = RoundOutcome(settings.name, "idle", "")
+    if settings.budget_epsilon is None:
+        outcome.epsilon, outcome.delta = (math.inf if settings.allow_non_private else 0.0), settings.delta
+        return outcome
+    with open_ledger(settings, fingerprint) as ledger:
+        return outcome.with_status(ledger.status())
+
+
+def train_round(
+    model: nn.Module, data: Dataset, settings: HospitalSettings, request: RoundRequest, *, fingerprint: str
+) -> RoundOutcome:
+    """Run one round of local training under the hospital's budget, or refuse it."""
+    if not request.private:
+        return _train_non_private(model, data, settings, request)
+    if settings.budget_epsilon is None:
+        return RoundOutcome(settings.name, REFUSED, "private training needs a budget and a ledger")
+    started = time.perf_counter()
+    with open_ledger(settings, fingerprint) as ledger:
+        if ledger.locked:
+            return _refused(ledger, settings, LOCKED, "dataset locked: privacy budget exhausted", started)
+        sample_rate = request.batch_size / len(data)
+        steps = request.local_epochs * steps_per_epoch(sample_rate)
+        try:
+            sigma = _noise_multiplier(ledger, request, sample_rate, steps)
+            if request.spend_remaining:
+                steps = min(steps, ledger.max_affordable_steps(sigma, sample_rate, max_epsilon=request.max_epsilon))
+                if steps == 0:
+                    ledger.lock("no further step fits in the budget")
+                    return _refused(ledger, settings, LOCKED, "privacy budget exhausted", started)
+            entry = ledger.charge(PrivacyEvent(sigma, sample_rate, steps), run_id=request.run_id,
+                                  round=request.server_round, max_epsilon=request.max_epsilon)
+        except BudgetExhausted as refusal:
+            return _refused(ledger, settings, LOCKED if ledger.locked else REFUSED, str(refusal), started)
+        ledger_seconds = time.perf_counter() - started
+        plan = PrivacyPlan(steps, sample_rate, sigma, request.max_grad_norm, settings.accountant,
+                           request.max_physical_batch_size)
+        # The charge is committed: if training crashes now, the ledger keeps it (fail closed).
+        result = train_local(model, data, plan, lr=request.lr, momentum=request.momentum,
+                             seed=request.seed + request.server_round)
+        started = time.perf_counter()
+        ledger.confirm(entry, steps_done=result.steps)
+        if request.spend_remaining and ledger.max_affordable_steps(sigma, sample_rate) == 0:
+            ledger.lock("budget spent (spend_remaining)")
+        outcome = RoundOutcome(settings.name, TRAINED, "trained with DP-SGD", result.state_dict, result.num_examples,
+                               result.mean_loss, result.steps, sigma).with_status(ledger.status())
+        outcome.ledger_seconds = ledger_seconds + time.perf_counter() - started
+        return outcome
+
+
+def _noise_multiplier(ledger: PrivacyLedger, request: RoundRequest, sample_rate: float, steps: int) -> float:
+    """The fixed sigma, or for "auto" the sigma fixed at this hospital's first round of the run."""
+    if request.noise_multiplier is not None:
+        return float(request.noise_multiplier)
+    for entry in ledger.entries():
+        if entry.run_id == request.run_id:
+            return entry.noise_multiplier
+    cap = ledger.budget_epsilon if request.max_epsilon is None else min(ledger.budget_epsilon, request.max_epsilon)
+    remaining_rounds = max(1, request.num_rounds - request.server_round + 1)
+    try:
+        return noise_multiplier_for(target_epsilon=cap, delta=ledger.delta, sample_rate=sample_rate,
+                                    steps=steps * remaining_rounds, accountant=ledger.accountant,
+                                    prior_events=ledger.events())
+    except PrivacyError as error:
+        if ledger.status().epsilon_spent >= ledger.budget_epsilon:
+            ledger.lock(f"budget spent before run {request.run_id}")
+        raise BudgetExhausted(f"privacy budget exhausted: {error}") from error
+
+
+def _refused(ledger: PrivacyLedger, settings: HospitalSettings, status: str, message: str, started: float) -> RoundOutcome:
+    log.warning("hospital %s refused to train: %s", settings.name, message)
+    outcome = RoundOutcome(settings.name, status, message).with_status(ledger.status())
+    outcome.ledger_seconds = time.perf_counter() - started
+    return outcome
+
+
+def _train_non_private(model, data, settings: HospitalSettings, request: RoundRequest) -> RoundOutcome:
+    if settings.budget_epsilon is not None and not settings.allow_non_private:
+        return RoundOutcome(settings.name, REFUSED,
+                            f"non-private training refused: hospital {settings.name} requires DP-SGD",
+                            budget_epsilon=settings.budget_epsilon, delta=settings.delta)
+    sample_rate = request.batch_size / len(data)
+    plan = PrivacyPlan.non_private(steps=request.local_epochs * steps_per_epoch(sample_rate),
+                                   sample_rate=sample_rate, max_physical_batch_size=request.max_physical_batch_size)
+    result = train_local(model, data, plan, lr=request.lr, momentum=request.momentum,
+                         seed=request.seed + request.server_round)
+    return RoundOutcome(settings.name, TRAINED, "trained WITHOUT differential privacy (epsilon = inf)",
+                        result.state_dict, result.num_examples, result.mean_loss, result.steps,
+                        epsilon=math.inf, delta=settings.delta, budget_epsilon=math.inf)

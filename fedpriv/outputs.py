@@ -1,0 +1,117 @@
+"""A run's files: resolved config, per-round metrics and privacy, checkpoints, final model, summary.
+
+Everything is written as the run goes (after every round), so a stopped run leaves a consistent
+directory that `fedpriv resume=RUN_DIR` can continue from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedpriv.config import FedprivConfig
+from fedpriv.strategy import HospitalState, RoundRecord
+
+CHECKPOINTS = "checkpoints"
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: write it as the string "inf" (epsilon of a non-private run)."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+class RunRecorder:
+    """Writes a federated run's outputs into `run_dir` as rounds finish."""
+
+    def __init__(self, run_dir: str | Path, config: FedprivConfig, run_id: str, dataset_description: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.run_id = run_id
+        self.dataset_description = dataset_description
+        self.rounds: list[dict] = []
+        (self.run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        from omegaconf import OmegaConf
+
+        OmegaConf.save(OmegaConf.structured(config), self.run_dir / "config.yaml")
+
+    def round_end(self, record: RoundRecord, arrays: ArrayRecord, hospitals: list[HospitalState]) -> None:
+        """Save this round's checkpoint and append its metrics and privacy table."""
+        state = arrays.to_torch_state_dict()
+        torch.save({"round": record.round, "run_id": self.run_id, "state_dict": state,
+                    "hospitals": [asdict(h) for h in hospitals]},
+                   self.run_dir / CHECKPOINTS / f"round-{record.round:03d}.pt")
+        self.rounds.append({
+            "round": record.round, "seconds": record.seconds, "order": record.order,
+            "server": record.server_metrics, "hospitals": record.hospitals,
+            "client_evaluation": record.client_evaluation,
+            "privacy": [{"hospital": h.name, "epsilon": h.epsilon, "delta": h.delta,
+                         "budget_epsilon": h.budget_epsilon, "locked": h.locked} for h in hospitals],
+        })
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        (self.run_dir / "metrics.json").write_text(json.dumps(
+            {"run_id": self.run_id, "dataset": self.dataset_description, "rounds": _finite(self.rounds)}, indent=2))
+        with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["round", "hospital", "status", "epsilon", "budget_epsilon", "locked", "train_loss",
+                             "test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_loss"])
+            for row in self.rounds:
+                server = row["server"]
+                for privacy in row["privacy"]:
+                    detail = row["hospitals"].get(privacy["hospital"], {})
+                    writer.writerow([row["round"], privacy["hospital"], detail.get("status", "not asked"),
+                                     privacy["epsilon"], privacy["budget_epsilon"], privacy["locked"],
+                                     detail.get("train-loss", ""), server.get("auc", ""), server.get("accuracy", ""),
+                                     server.get("sensitivity", ""), server.get("specificity", ""),
+                                     server.get("loss", "")])
+
+    def finish(self, final_arrays: ArrayRecord, hospitals: list[HospitalState], stop_reason: str) -> str:
+        """Save the final model and write summary.md; returns the summary text."""
+        torch.save(final_arrays.to_torch_state_dict(), self.run_dir / "model.pt")
+        summary = self.summary(hospitals, stop_reason)
+        (self.run_dir / "summary.md").write_text(summary)
+        return summary
+
+    def summary(self, hospitals: list[HospitalState], stop_reason: str) -> str:
+        cfg = self.config
+        last = self.rounds[-1]["server"] if self.rounds else {}
+        private = cfg.privacy.enabled
+        lines = [
+            "# fedpriv run summary", "",
+            f"- data: {self.dataset_description}",
+            f"- mode: {cfg.strategy.mode}, rounds run: {len(self.rounds)} of {cfg.strategy.num_rounds}",
+            f"- stopped because: {stop_reason}",
+            f"- privacy: {'DP-SGD at every hospital, accountant ' + cfg.privacy.accountant if private else 'NONE: not private, epsilon = infinity'}",
+            f"- final test AUC: {last.get('auc', math.nan):.4f}, accuracy: {last.get('accuracy', math.nan):.4f}, "
+            f"sensitivity: {last.get('sensitivity', math.nan):.4f}, specificity: {last.get('specificity', math.nan):.4f}",
+            "", "| hospital | records | epsilon spent | delta | budget | locked |", "|---|---:|---:|---:|---:|---|",
+        ]
+        for h in hospitals:
+            spent = "inf" if math.isinf(h.epsilon) else f"{h.epsilon:.3f}"
+            budget = "none" if math.isinf(h.budget_epsilon) else f"{h.budget_epsilon:g}"
+            lines.append(f"| {h.name} | {h.num_examples} | {spent} | {h.delta:g} | {budget} | {'yes' if h.locked else 'no'} |")
+        lines += ["", "Epsilon is cumulative over every use of each hospital's data (its ledger), at its delta.",
+                  "Hospital validation metrics are computed on private data and are not covered by the DP guarantee.",
+                  ""]
+        return "\n".join(lines)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    checkpoints = sorted((Path(run_dir) / CHECKPOINTS).glob("round-*.pt"))
+    return checkpoints[-1] if checkpoints else None

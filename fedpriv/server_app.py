@@ -1,0 +1,96 @@
+"""Flower ServerApp: builds the budget-aware strategy, evaluates the global model, writes the run.
+
+The server holds the held-out test split (for PneumoniaMNIST, its official test split) and
+evaluates the global model on it after every round. It never sees a hospital's budget settings,
+only what hospitals report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedpriv.app_config import RUN_DIR_KEY, config_from_run_config
+from fedpriv.config import FedprivConfig, resolve_noise_multiplier, validate_config
+from fedpriv.data import load_dataset
+from fedpriv.errors import ConfigError
+from fedpriv.hospital import RoundRequest
+from fedpriv.models import build_model
+from fedpriv.outputs import RunRecorder, latest_checkpoint
+from fedpriv.strategy import BudgetAwareStrategy
+from fedpriv.training import evaluate
+
+app = ServerApp()
+log = logging.getLogger("fedpriv")
+
+
+def _ensure_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s fedpriv: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point of the ServerApp (run by Flower, in simulation or deployment)."""
+    _ensure_logging()
+    cfg = config_from_run_config(context.run_config)
+    run_dir = Path(str(context.run_config.get(RUN_DIR_KEY, "") or f"outputs/flwr/{time.strftime('%Y%m%d-%H%M%S')}"))
+    run_federation(grid, cfg, run_dir, run_id=str(context.run_id))
+
+
+def round_request(cfg: FedprivConfig, run_id: str) -> RoundRequest:
+    """The training plan the server sends: how to train, never how much budget to spend."""
+    return RoundRequest(
+        run_id=run_id, server_round=0, num_rounds=cfg.strategy.num_rounds, local_epochs=cfg.train.local_epochs,
+        batch_size=cfg.train.batch_size, lr=cfg.train.lr, momentum=cfg.train.momentum, private=cfg.privacy.enabled,
+        max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=resolve_noise_multiplier(cfg.privacy.noise_multiplier)
+        if cfg.privacy.enabled else None, spend_remaining=cfg.strategy.spend_remaining,
+        max_physical_batch_size=cfg.privacy.max_physical_batch_size, seed=cfg.seed,
+    )
+
+
+def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str) -> BudgetAwareStrategy:
+    """Run the configured federation on `grid`, writing outputs into `run_dir`."""
+    validate_config(cfg)
+    dataset = load_dataset(cfg.dataset, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, in_channels=dataset.in_channels, num_classes=dataset.num_classes,
+                        image_size=dataset.image_size, width=cfg.model.width)
+    state, first_round = model.state_dict(), 1
+    if cfg.resume:
+        checkpoint_path = latest_checkpoint(cfg.resume)
+        if checkpoint_path is None:
+            raise ConfigError("resume", cfg.resume, "no checkpoint found in that run directory",
+                              "point resume= at a previous run directory holding checkpoints/round-*.pt")
+        checkpoint = torch.load(checkpoint_path, weights_only=True)
+        state, first_round, run_id = checkpoint["state_dict"], checkpoint["round"] + 1, checkpoint["run_id"]
+        log.info("resuming run %s from %s (round %d)", run_id, checkpoint_path, first_round)
+    recorder = RunRecorder(run_dir, cfg, run_id, dataset.describe())
+    test = dataset.test.as_dataset()
+
+    def evaluate_on_test(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate(model, test).metrics()
+        return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+    strategy = BudgetAwareStrategy(
+        mode=cfg.strategy.mode, expected_hospitals=cfg.federation.num_hospitals,
+        shuffle_order=cfg.strategy.shuffle_order, seed=cfg.seed, client_evaluate=cfg.strategy.client_evaluate,
+        on_round_end=recorder.round_end,
+    )
+    result = strategy.start(
+        grid, ArrayRecord(state), num_rounds=cfg.strategy.num_rounds, timeout=cfg.strategy.round_timeout,
+        train_config=ConfigRecord(round_request(cfg, run_id).to_record()), evaluate_fn=evaluate_on_test,
+        first_round=first_round,
+    )
+    summary = recorder.finish(result.arrays, strategy.hospitals, strategy.stop_reason)
+    log.info("run finished: %s\n%s", strategy.stop_reason, summary)
+    return strategy

@@ -1,0 +1,207 @@
+"""Run a federation in Flower's Simulation Engine, and stop everything that was started.
+
+`fedpriv` starts its own SuperLink in simulation mode (in a new process group, with a private
+FLWR_HOME), submits the run with `flwr run ... --stream`, and on the way out (success, failure or
+Ctrl-C) terminates that process group: the SuperLink, the ServerApp and the Ray workers it spawned.
+Processes are ended by the process-group id of the SuperLink this module started, never by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import tomli_w
+
+from fedpriv.app_config import CONFIG_KEY, OVERRIDES_KEY, RUN_DIR_KEY
+from fedpriv.errors import FedprivError
+
+log = logging.getLogger("fedpriv")
+
+CONNECTION = "fedpriv-local"
+
+
+class SimulationError(FedprivError):
+    """Raised when the simulation could not be started or did not finish its run."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _executable(name: str) -> str:
+    """A console script of this environment (next to the running Python), else from PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise SimulationError(f"`{name}` was not found; reinstall fedpriv (pip install -e .) in this environment")
+    return found
+
+
+def _write_app(app_dir: Path) -> None:
+    """A minimal Flower app whose components are fedpriv's, imported from this environment."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps({
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedpriv-run", "version": "1.0.0", "description": "fedpriv simulation",
+                    "license": "Apache-2.0", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedpriv",
+            "components": {"serverapp": "fedpriv.server_app:app", "clientapp": "fedpriv.client_app:app"},
+            "config": {CONFIG_KEY: "", OVERRIDES_KEY: "", RUN_DIR_KEY: ""},
+        }}},
+    }))
+
+
+class LocalSuperLink:
+    """A SuperLink in simulation mode, owned by this process: started on enter, stopped on exit."""
+
+    def __init__(self, home: Path, *, startup_timeout: float = 60.0) -> None:
+        self.home = home
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        self.port = _free_port()
+        self.control_port = _free_port()
+        self.log_path = home / "superlink.log"
+        # The SuperLink starts `flower-superexec` and friends by name: put this environment first.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+    def __enter__(self) -> LocalSuperLink:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(tomli_w.dumps({"superlink": {
+            "default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{self.port}", "insecure": True}}}))
+        command = [_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                   "--host", "127.0.0.1", "--port", str(self.port),
+                   "--control-api-address", f"127.0.0.1:{self.control_port}",
+                   "--disable-runtime-dependency-installation"]
+        with open(self.log_path, "wb") as log_file:
+            # Its own session keeps Ctrl-C in the terminal from reaching it half-way; we stop it.
+            self.process = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                                            start_new_session=True, cwd=self.home)
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SimulationError(f"flower-superlink exited with code {self.process.returncode}; "
+                                      f"see {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise SimulationError(f"flower-superlink did not become ready within {self.startup_timeout:.0f}s; "
+                              f"see {self.log_path}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the SuperLink and every process it spawned (SIGTERM, then SIGKILL after `grace`)."""
+        if self.process is None:
+            return
+        terminate_tree(self.process.pid, grace=grace)
+        self.process.wait(timeout=5)
+        self.process = None
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) for every process, read from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(root: int) -> list[int]:
+    """All live descendants of `root` (Flower starts some in new sessions, so groups are not enough)."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, frontier = [], [root]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    state = _process_table().get(pid)
+    return state is not None and state[1] != "Z"
+
+
+def terminate_tree(root: int, *, grace: float = 10.0) -> None:
+    """SIGTERM `root` and all its descendants by PID; SIGKILL whatever is left after `grace` s."""
+    known = {root, *descendants(root)}
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in sorted(known):
+            if _alive(pid):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            # Children started while shutting down are caught as long as their parent still lives.
+            known |= {child for pid in list(known) if _alive(pid) for child in descendants(pid)}
+            if not any(_alive(pid) for pid in known):
+                return
+            time.sleep(0.2)
+
+
+def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, client_cpus: int,
+                   startup_timeout: float = 60.0) -> None:
+    """Run one federated simulation of `config_json`; outputs land in `run_dir`."""
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
+    try:
+        _write_app(home / "app")
+        run_config = home / "run-config.toml"
+        run_config.write_text(tomli_w.dumps({CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)}))
+        with LocalSuperLink(home, startup_timeout=startup_timeout) as link:
+            command = [_executable("flwr"), "run", str(home / "app"), CONNECTION, "--run-config", str(run_config),
+                       "--federation-config", f"num-supernodes={num_hospitals} client-resources-num-cpus={client_cpus}",
+                       "--stream"]
+            completed = subprocess.run(command, env=link.env, cwd=home)
+            if completed.returncode != 0 or not (run_dir / "summary.md").is_file():
+                shutil.copy(link.log_path, run_dir / "superlink.log")
+                raise SimulationError(f"the federated run did not finish (flwr run exited {completed.returncode}); "
+                                      f"see {run_dir / 'superlink.log'}")
+            shutil.copy(link.log_path, run_dir / "superlink.log")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,321 @@
+"""A budget-aware Flower strategy: parallel (FedAvg) or sequential (cyclic weight transfer) rounds.
+
+The strategy learns which node is which hospital by asking (QUERY), never asks a locked hospital
+again, and ends the run early, saying why, when no hospital can train. Privacy figures are reported
+per hospital and as a maximum: a weighted average of epsilons would mean nothing. A hospital that
+fails or times out is logged and skipped; the round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+log = logging.getLogger("fedpriv")
+
+PARALLEL, SEQUENTIAL = "parallel", "sequential"
+
+
+@dataclass
+class HospitalState:
+    """What the server knows about one hospital (from its replies; the hospital is the authority)."""
+
+    node_id: int
+    name: str
+    num_examples: int = 0
+    epsilon: float = 0.0
+    delta: float = 0.0
+    budget_epsilon: float = math.inf
+    locked: bool = False
+    failures: int = 0
+
+
+@dataclass
+class RoundRecord:
+    """Everything that happened in one round, for logs, metrics files and checkpoints."""
+
+    round: int
+    hospitals: dict[str, dict] = field(default_factory=dict)  # name -> status, message, metrics
+    order: list[str] = field(default_factory=list)  # who was asked to train, in order
+    server_metrics: dict[str, float] = field(default_factory=dict)
+    client_evaluation: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def trained(self) -> list[str]:
+        return [name for name, h in self.hospitals.items() if h.get("status") == "trained"]
+
+
+RoundCallback = Callable[[RoundRecord, ArrayRecord, list[HospitalState]], None]
+
+
+class BudgetAwareStrategy(Strategy):
+    """Parallel or sequential training over hospitals that enforce their own privacy budgets."""
+
+    def __init__(
+        self,
+        *,
+        mode: str = PARALLEL,
+        expected_hospitals: int,
+        shuffle_order: bool = False,
+        seed: int = 0,
+        client_evaluate: bool = True,
+        discovery_timeout: float = 300.0,
+        on_round_end: RoundCallback | None = None,
+    ) -> None:
+        if mode not in (PARALLEL, SEQUENTIAL):
+            raise ValueError(f"mode must be {PARALLEL!r} or {SEQUENTIAL!r}, got {mode!r}")
+        self.mode = mode
+        self.expected_hospitals = expected_hospitals
+        self.shuffle_order = shuffle_order
+        self.seed = seed
+        self.client_evaluate = client_evaluate
+        self.discovery_timeout = discovery_timeout
+        self.on_round_end = on_round_end
+        self.hospitals: list[HospitalState] = []
+        self.history: list[RoundRecord] = []
+        self.stop_reason = ""
+        self.timeout: float | None = None
+
+    # ------------------------------------------------------------------ discovery
+
+    def discover(self, grid: Grid) -> list[HospitalState]:
+        """Wait for the expected hospitals to connect, then ask each who it is and its budget state."""
+        deadline = time.monotonic() + self.discovery_timeout
+        node_ids = sorted(grid.get_node_ids())
+        while len(node_ids) < self.expected_hospitals and time.monotonic() < deadline:
+            time.sleep(0.5)
+            node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) < self.expected_hospitals:
+            log.warning("only %d of %d hospitals connected within %.0fs; continuing with them",
+                        len(node_ids), self.expected_hospitals, self.discovery_timeout)
+        queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
+                   for node in node_ids]
+        hospitals = []
+        for reply in grid.send_and_receive(queries, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %s did not answer the hospital query: %s", node, reply.error.reason)
+                continue
+            state = HospitalState(node, str(reply.content["status"]["hospital"]))
+            _update_state(state, reply.content["metrics"], str(reply.content["status"]["status"]))
+            hospitals.append(state)
+        self.hospitals = sorted(hospitals, key=lambda h: h.name)
+        log.info("hospitals: %s", ", ".join(f"{h.name} ({'LOCKED' if h.locked else 'open'}, "
+                                            f"epsilon {h.epsilon:.3g}/{h.budget_epsilon:g})" for h in self.hospitals))
+        return self.hospitals
+
+    def active(self) -> list[HospitalState]:
+        return [h for h in self.hospitals if not h.locked]
+
+    def training_order(self, server_round: int) -> list[HospitalState]:
+        order = self.active()
+        if self.mode == SEQUENTIAL and self.shuffle_order:
+            random.Random(self.seed * 100_003 + server_round).shuffle(order)
+        return order
+
+    # ------------------------------------------------------ Flower's strategy interface
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """One training message per active (non-locked) hospital."""
+        return [self._train_message(h, server_round, arrays, config) for h in self.training_order(server_round)]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted mean (by num-examples) of the replies of hospitals that trained."""
+        trained = [r for r in replies if not r.has_error() and "arrays" in r.content
+                   and r.content["metrics"]["trained"] == 1]
+        if not trained:
+            return None, None
+        weights = [float(r.content["metrics"]["num-examples"]) for r in trained]
+        states = [r.content["arrays"].to_torch_state_dict() for r in trained]
+        return ArrayRecord(weighted_average(states, weights)), self._train_metrics()
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if not self.client_evaluate:
+            return []
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({**dict(config), "server_round": server_round})})
+        return [Message(content, dst_node_id=h.node_id, message_type=MessageType.EVALUATE) for h in self.hospitals]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted mean of the hospitals' validation metrics (private data: not DP-covered)."""
+        rows = [dict(r.content["metrics"]) for r in replies if not r.has_error()]
+        rows = [row for row in rows if row.get("num-examples", 0) > 0]
+        if not rows:
+            return None
+        total = sum(row["num-examples"] for row in rows)
+        keys = set.intersection(*(set(row) for row in rows)) - {"num-examples", "dp-covered"}
+        merged = {key: sum(row[key] * row["num-examples"] for row in rows) / total for key in keys}
+        return MetricRecord({**merged, "num-examples": total, "dp-covered": 0.0})
+
+    def summary(self) -> None:
+        log.info("BudgetAwareStrategy: mode=%s, expected hospitals=%d, shuffle_order=%s",
+                 self.mode, self.expected_hospitals, self.shuffle_order)
+
+    # ------------------------------------------------------------------- the run
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        first_round: int = 1,
+    ) -> Result:
+        """Run rounds `first_round..num_rounds`, ending early when no hospital can train."""
+        self.timeout = timeout
+        self.summary()
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        result = Result(arrays=initial_arrays)
+        if not self.hospitals:
+            self.discover(grid)
+        arrays = initial_arrays
+        for server_round in range(first_round, num_rounds + 1):
+            if not self.active():
+                self.stop_reason = (f"stopped before round {server_round}: no hospital can train "
+                                    "(every privacy budget is spent; all hospitals are locked)")
+                log.warning(self.stop_reason)
+                break
+            started = time.perf_counter()
+            record = RoundRecord(server_round)
+            if self.mode == PARALLEL:
+                arrays = self._parallel_round(grid, server_round, arrays, train_config, record)
+            else:
+                arrays = self._sequential_round(grid, server_round, arrays, train_config, record)
+            result.arrays = arrays
+            if record.trained:
+                result.train_metrics_clientapp[server_round] = self._train_metrics()
+            if self.client_evaluate:
+                replies = list(grid.send_and_receive(
+                    self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout))
+                record.client_evaluation = {self._name(r): dict(r.content["metrics"]) for r in replies
+                                            if not r.has_error()}
+                aggregated = self.aggregate_evaluate(server_round, replies)
+                if aggregated is not None:
+                    result.evaluate_metrics_clientapp[server_round] = aggregated
+            if evaluate_fn is not None:
+                server_metrics = evaluate_fn(server_round, arrays)
+                if server_metrics is not None:
+                    result.evaluate_metrics_serverapp[server_round] = server_metrics
+                    record.server_metrics = dict(server_metrics)
+            record.seconds = time.perf_counter() - started
+            self.history.append(record)
+            self._log_round(record, num_rounds)
+            if self.on_round_end is not None:
+                self.on_round_end(record, arrays, self.hospitals)
+        else:
+            self.stop_reason = f"completed all {num_rounds} rounds"
+        if self.stop_reason.startswith("completed") and not self.active():
+            self.stop_reason += "; every hospital is now locked (budgets spent)"
+        return result
+
+    def _parallel_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
+        messages = list(self.configure_train(server_round, arrays, config, grid))
+        record.order = [self._by_node(m.metadata.dst_node_id).name for m in messages]
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        self._note_replies(record, messages, replies)
+        new_arrays, _ = self.aggregate_train(server_round, replies)
+        return arrays if new_arrays is None else new_arrays
+
+    def _sequential_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
+        for hospital in self.training_order(server_round):
+            record.order.append(hospital.name)
+            message = self._train_message(hospital, server_round, arrays, config)
+            replies = list(grid.send_and_receive([message], timeout=self.timeout))
+            self._note_replies(record, [message], replies)
+            reply = replies[0] if replies else None
+            if reply is not None and not reply.has_error() and "arrays" in reply.content:
+                arrays = reply.content["arrays"]  # the next hospital starts from these weights
+        return arrays
+
+    def _train_message(self, hospital: HospitalState, server_round: int, arrays: ArrayRecord,
+                       config: ConfigRecord) -> Message:
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({**dict(config), "server_round": server_round})})
+        return Message(content, dst_node_id=hospital.node_id, message_type=MessageType.TRAIN)
+
+    def _note_replies(self, record: RoundRecord, messages: list[Message], replies: list[Message]) -> None:
+        answered = set()
+        for reply in replies:
+            hospital = self._by_node(reply.metadata.src_node_id)
+            answered.add(hospital.node_id)
+            if reply.has_error():
+                hospital.failures += 1
+                record.hospitals[hospital.name] = {"status": "failed", "message": reply.error.reason}
+                log.warning("round %d: hospital %s failed: %s (the round goes on without it)",
+                            record.round, hospital.name, reply.error.reason)
+                continue
+            status = reply.content["status"]
+            metrics = dict(reply.content["metrics"])
+            _update_state(hospital, reply.content["metrics"], str(status["status"]))
+            record.hospitals[hospital.name] = {"status": str(status["status"]), "message": str(status["message"]),
+                                               **metrics}
+            if status["status"] != "trained":
+                log.warning("round %d: hospital %s did not train (%s): %s", record.round, hospital.name,
+                            status["status"], status["message"])
+        for message in messages:
+            if message.metadata.dst_node_id not in answered:
+                hospital = self._by_node(message.metadata.dst_node_id)
+                hospital.failures += 1
+                record.hospitals[hospital.name] = {"status": "timeout",
+                                                   "message": f"no reply within {self.timeout}s"}
+                log.warning("round %d: hospital %s did not reply within %ss; skipped", record.round,
+                            hospital.name, self.timeout)
+
+    def _train_metrics(self) -> MetricRecord:
+        """Privacy-correct aggregation: the max and each hospital's epsilon, never an average."""
+        metrics: dict[str, float] = {
+            "epsilon-max": max((h.epsilon for h in self.hospitals), default=0.0),
+            "hospitals-locked": float(sum(h.locked for h in self.hospitals)),
+        }
+        for hospital in self.hospitals:
+            metrics[f"epsilon/{hospital.name}"] = hospital.epsilon
+        return MetricRecord(metrics)
+
+    def _by_node(self, node_id: int) -> HospitalState:
+        return next(h for h in self.hospitals if h.node_id == node_id)
+
+    def _name(self, reply: Message) -> str:
+        return self._by_node(reply.metadata.src_node_id).name
+
+    def _log_round(self, record: RoundRecord, num_rounds: int) -> None:
+        auc = record.server_metrics.get("auc", math.nan)
+        spent = ", ".join(f"{h.name} {h.epsilon:.2f}/{h.budget_epsilon:g}{' LOCKED' if h.locked else ''}"
+                          for h in self.hospitals)
+        log.info("round %d/%d: %d/%d hospitals trained, test AUC %.3f, epsilon %s (%.1fs)", record.round,
+                 num_rounds, len(record.trained), len(record.order), auc, spent, record.seconds)
+
+
+def _update_state(state: HospitalState, metrics: MetricRecord, status: str) -> None:
+    state.epsilon = float(metrics["epsilon"])
+    state.delta = float(metrics["delta"])
+    state.budget_epsilon = float(metrics["budget-epsilon"])
+    state.locked = bool(metrics["locked"]) or status == "locked"
+    if "num-examples" in metrics and metrics["num-examples"]:
+        state.num_examples = int(metrics["num-examples"])
+
+
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """FedAvg: the per-tensor mean of `states` weighted by `weights` (e.g. records per hospital)."""
+    total = sum(weights)
+    averaged = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            averaged[key] = sum(w * s[key] for w, s in zip(weights, states)) / total
+        else:
+            averaged[key] = first.clone()  # integer buffers (counters) are not averaged
+    return averaged
