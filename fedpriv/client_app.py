@@ -95,7 +95,12 @@ def simulated_site(context: Context) -> HospitalSite:
 
 
 def _site(context: Context) -> HospitalSite:
-    return simulated_site(context)
+    """Simulation nodes carry a partition id; a deployed hospital's node config names its own data."""
+    if "partition-id" in context.node_config:
+        return simulated_site(context)
+    from fedpriv.deployment.node import deployed_site
+
+    return deployed_site(context)
 
 
 def _status_record(name: str, status: str, message: str) -> ConfigRecord:
