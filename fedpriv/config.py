@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from fedpriv.attacks.settings import AuditConfig
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import ACCOUNTANTS
 
@@ -119,6 +120,7 @@ class FedprivConfig:
     seed: int = 0
     device: str = "cpu"
     resume: Optional[str] = None  # a previous run directory: continue from its last checkpoint
+    audit: AuditConfig = field(default_factory=AuditConfig)  # used by fedpriv-audit only
 
 
 def register_configs() -> None:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 TRAINED, LOCKED, REFUSED = "trained", "locked", "refused"
 
+# With "auto" sigma, a budget with less than this fraction left counts as spent (see _noise_multiplier).
+SPENT_FRACTION = 0.01
+
 
 @dataclass(frozen=True)
 class HospitalSettings:
@@ -184,12 +187,17 @@ def _noise_multiplier(ledger: PrivacyLedger, request: RoundRequest, sample_rate:
     cap = ledger.budget_epsilon if request.max_epsilon is None else min(ledger.budget_epsilon, request.max_epsilon)
     remaining_rounds = max(1, request.num_rounds - request.server_round + 1)
     try:
+        spent = ledger.status().epsilon_spent
+        if cap - spent < SPENT_FRACTION * cap:
+            # What is left is within the calibration's own tolerance: spending it would need absurd
+            # noise (sigma in the tens) for no useful training, so the budget counts as spent.
+            raise PrivacyError(f"epsilon {spent:.4g} of {cap:g} is already spent")
         return noise_multiplier_for(target_epsilon=cap, delta=ledger.delta, sample_rate=sample_rate,
                                     steps=steps * remaining_rounds, accountant=ledger.accountant,
                                     prior_events=ledger.events())
     except PrivacyError as error:
-        if ledger.status().epsilon_spent >= ledger.budget_epsilon:
-            ledger.lock(f"budget spent before run {request.run_id}")
+        if cap == ledger.budget_epsilon:  # the hospital's own budget is what ran out: lock for good
+            ledger.lock(f"run {request.run_id} round {request.server_round}: {error}")
         raise BudgetExhausted(f"privacy budget exhausted: {error}") from error
 
 

@@ -20,6 +20,12 @@ from fedpriv.errors import PrivacyError
 
 ACCOUNTANTS = ("prv", "rdp")
 
+# PRV is tight but slow when epsilon is huge (seconds to a minute past ~100), and such values are far
+# past any budget: above this RDP bound (a valid, looser upper bound) is reported instead.
+_PRV_SHORTCUT_EPSILON = 64.0
+
+_MAX_USEFUL_SIGMA = 128.0
+
 # PRV needs a non-trivial noise multiplier to build its discretisation domain; below this
 # sigma the bound is astronomically large anyway, so report infinity instead of failing.
 _MIN_ACCOUNTABLE_SIGMA = 0.3
@@ -74,6 +80,14 @@ def epsilon(events: Sequence[PrivacyEvent], delta: float, accountant: str = "prv
         return 0.0
     if any(event.noise_multiplier < _MIN_ACCOUNTABLE_SIGMA for event in history):
         return math.inf
+    if accountant == "prv":
+        upper = _opacus_epsilon(history, delta, "rdp")
+        if upper > _PRV_SHORTCUT_EPSILON:
+            return upper
+    return _opacus_epsilon(history, delta, accountant)
+
+
+def _opacus_epsilon(history: Sequence[PrivacyEvent], delta: float, accountant: str) -> float:
     engine = create_accountant(mechanism=accountant)
     engine.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history]
     with warnings.catch_warnings():
@@ -123,11 +137,12 @@ def noise_multiplier_for(
         return epsilon([*prior_events, PrivacyEvent(sigma, sample_rate, steps)], delta, accountant)
 
     # Bisection on sigma over the composed history: epsilon falls monotonically as sigma grows.
+    # Past sigma ~100 a step's noise drowns any clipped gradient, so stop searching there.
     low, high = 0.0, 1.0
     while total(high) > target_epsilon:
         low, high = high, high * 2
-        if high > 1e6:
-            raise PrivacyError(f"epsilon {target_epsilon} is too small to train {steps} more steps")
+        if high > _MAX_USEFUL_SIGMA:
+            raise PrivacyError(f"the {target_epsilon - already:.3g} epsilon left cannot pay for {steps} more steps")
     while high - low > 1e-3 and target_epsilon - total(high) > tolerance:
         middle = (low + high) / 2
         if total(middle) > target_epsilon:

@@ -1,0 +1,217 @@
+"""`fedpriv-deploy`: run fedpriv on Flower's deployment engine (SuperLink + hospital SuperNodes).
+
+Subcommands:
+
+* ``credentials``: a CA, the SuperLink's TLS certificate and one SuperNode key pair per hospital;
+* ``superlink``: start the coordinator's SuperLink with TLS and SuperNode authentication on;
+* ``node``: start one hospital's SuperNode with its own data, budget, delta and ledger;
+* ``app``: write the Flower app folder (and a run-config template) that `flwr run` uploads;
+* ``local``: a one-machine rehearsal: TLS SuperLink, registered SuperNodes, a real run, clean stop.
+
+`superlink` and `node` print the raw Flower command they run (use ``--print-command`` to print it
+without running it), so every step can also be done with Flower's own tools (docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+from fedpriv.errors import FedprivError
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _credentials(args: argparse.Namespace) -> int:
+    from fedpriv.deployment.credentials import make_credentials, placement
+
+    hospitals = [name for name in args.hospitals.split(",") if name.strip()]
+    hosts = [host for host in args.hosts.split(",") if host.strip()]
+    try:
+        credentials = make_credentials(args.out, hospitals, hosts, days=args.days, overwrite=args.force)
+    except FileExistsError as error:
+        raise FedprivError(str(error)) from None
+    print(placement(credentials))
+    return 0
+
+
+def _exec(command: list[str], print_only: bool) -> int:
+    """Print `command`; unless `print_only`, replace this process with it (same PID, same signals)."""
+    print(shlex.join(command), flush=True)
+    if print_only:
+        return 0
+    from fedpriv.deployment.processes import flower_env
+
+    env = flower_env(Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")))
+    os.execve(command[0], command, env)
+    return EXIT_FAILED  # not reached
+
+
+def _superlink(args: argparse.Namespace) -> int:
+    from fedpriv.deployment.processes import superlink_command
+
+    for path in (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile):
+        if not Path(path).is_file():
+            raise FedprivError(f"TLS file not found: {path} (see `fedpriv-deploy credentials`)")
+    command = superlink_command(ca_certificate=Path(args.ssl_ca_certfile).resolve(),
+                                certificate=Path(args.ssl_certfile).resolve(), key=Path(args.ssl_keyfile).resolve(),
+                                host=args.host, port=args.port,
+                                database=Path(args.database).resolve() if args.database else None)
+    return _exec(command, args.print_command)
+
+
+def node_config_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The hospital's node config from the `node` subcommand's flags (paths made absolute)."""
+    return {"name": args.name, "data": str(Path(args.data).expanduser().resolve()), "dataset": args.dataset,
+            "budget-epsilon": args.budget_epsilon, "delta": args.delta,
+            "ledger": str(Path(args.ledger).expanduser().resolve()), "accountant": args.accountant,
+            "allow-non-private": args.allow_non_private, "threads": args.threads}
+
+
+def _node(args: argparse.Namespace) -> int:
+    from fedpriv.deployment.node import parse_node_config
+    from fedpriv.deployment.processes import supernode_command
+
+    node_config = node_config_from_args(args)
+    parse_node_config(node_config)  # fail here, with the key named, rather than at the first round
+    for path in (args.root_certificates, args.auth_key):
+        if not Path(path).is_file():
+            raise FedprivError(f"credential file not found: {path} (see `fedpriv-deploy credentials`)")
+    command = supernode_command(superlink=args.superlink, node_config=node_config,
+                                root_certificates=Path(args.root_certificates).resolve(),
+                                auth_key=Path(args.auth_key).resolve(), port=args.port,
+                                max_retries=args.max_retries)
+    return _exec(command, args.print_command)
+
+
+def _app(args: argparse.Namespace) -> int:
+    from fedpriv.deployment.processes import write_app, write_run_config
+
+    app = write_app(Path(args.out).resolve())
+    run_config = write_run_config(app.parent / "run-config.toml", run_dir=Path(args.run_dir).resolve(),
+                                  overrides=shlex.join(args.overrides))
+    print(f"Flower app written to {app}; run config template: {run_config}")
+    print(f"Launch a run with:\n  flwr run {shlex.quote(str(app))} <connection> --run-config "
+          f"{shlex.quote(str(run_config))} --stream")
+    return 0
+
+
+def _local(args: argparse.Namespace) -> int:
+    from fedpriv.app_config import compose_config
+    from fedpriv.cli.main import absolute_paths
+    from fedpriv.deployment.rehearsal import LocalFederation
+    from fedpriv.experiment import prepare_experiment
+
+    overrides = list(args.overrides) + [f"federation.num_hospitals={args.hospitals}",
+                                        f"strategy.num_rounds={args.rounds}"]
+    if args.mode:
+        overrides.append(f"strategy.mode={args.mode}")
+    cfg = absolute_paths(compose_config(overrides))
+    experiment = prepare_experiment(cfg)  # every config and data check before anything starts
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else None
+    out = Path(args.out or f"outputs/deploy/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    print(f"Rehearsal in {out}: {experiment.dataset.describe()}", flush=True)
+    with LocalFederation(experiment, out, budgets=budgets) as federation:
+        for hospital in federation.hospitals:
+            print(f"  hospital {hospital.name}: node {hospital.node_id}, port {hospital.port}, "
+                  f"budget {hospital.budget_epsilon:g} (delta {hospital.delta:g}), ledger {hospital.ledger}",
+                  flush=True)
+        print(f"  SuperLink (TLS, SuperNode authentication) at {federation.address}", flush=True)
+        outcome = federation.run(cfg, timeout=args.timeout)
+    print((outcome.run_dir / "summary.md").read_text())
+    print(f"Server artifacts in {outcome.run_dir}; every process started was stopped.")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpriv-deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is started and stopped")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    creds = commands.add_parser("credentials", help="make a CA, the SuperLink certificate and hospital keys")
+    creds.add_argument("--hospitals", required=True, help="comma-separated hospital names, e.g. A,B,C")
+    creds.add_argument("--out", required=True, help="folder to write the credentials into")
+    creds.add_argument("--hosts", default="127.0.0.1,localhost",
+                       help="comma-separated host names/IPs hospitals use to reach the SuperLink "
+                            "(the certificate's SANs; keep 127.0.0.1 for the coordinator's own ServerApp)")
+    creds.add_argument("--days", type=int, default=365, help="certificate validity in days")
+    creds.add_argument("--force", action="store_true", help="overwrite existing credential files")
+    creds.set_defaults(handler=_credentials)
+
+    link = commands.add_parser("superlink", help="start the SuperLink with TLS and SuperNode authentication")
+    link.add_argument("--ssl-ca-certfile", required=True, help="coordinator/ca.crt")
+    link.add_argument("--ssl-certfile", required=True, help="coordinator/server.pem")
+    link.add_argument("--ssl-keyfile", required=True, help="coordinator/server.key")
+    link.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    link.add_argument("--port", type=int, default=8000, help="the SuperLink's one HTTPS port")
+    link.add_argument("--database", help="keep SuperLink state (registered nodes, runs) in this file")
+    link.add_argument("--print-command", action="store_true", help="print the flower-superlink command only")
+    link.set_defaults(handler=_superlink)
+
+    node = commands.add_parser("node", help="start a hospital's SuperNode with its own settings")
+    node.add_argument("--name", required=True, help="the hospital's display name")
+    node.add_argument("--data", required=True, help="image folder, MedMNIST npz, or folder holding <dataset>.npz")
+    node.add_argument("--dataset", default="pneumoniamnist", help="MedMNIST flag of an npz (default pneumoniamnist)")
+    node.add_argument("--budget-epsilon", type=float, required=True, help="the hospital's privacy budget")
+    node.add_argument("--delta", type=float, required=True, help="the hospital's delta, e.g. 1e-5")
+    node.add_argument("--ledger", required=True, help="the hospital's ledger file (its folder must exist)")
+    node.add_argument("--accountant", default="prv", choices=("prv", "rdp"))
+    node.add_argument("--allow-non-private", action="store_true", help="accept non-private rounds (epsilon = inf)")
+    node.add_argument("--threads", type=int, help="torch CPU threads for training")
+    node.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
+    node.add_argument("--root-certificates", required=True, help="the federation's CA certificate (ca.crt)")
+    node.add_argument("--auth-key", required=True, help="the hospital's private key (NAME.key)")
+    node.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (distinct per node)")
+    node.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
+    node.add_argument("--print-command", action="store_true", help="print the flower-supernode command only")
+    node.set_defaults(handler=_node)
+
+    app = commands.add_parser("app", help="write the Flower app folder that `flwr run` uploads")
+    app.add_argument("--out", required=True, help="folder for the app (a pyproject.toml is written there)")
+    app.add_argument("--run-dir", required=True, help="where the ServerApp writes artifacts on the coordinator")
+    app.add_argument("overrides", nargs="*", help="Hydra overrides for the run, e.g. strategy=sequential")
+    app.set_defaults(handler=_app)
+
+    local = commands.add_parser("local", help="rehearse a TLS, authenticated deployment on this machine")
+    local.add_argument("--hospitals", type=int, default=3, help="number of hospitals (SuperNodes)")
+    local.add_argument("--rounds", type=int, default=2, help="federated rounds")
+    local.add_argument("--mode", choices=("parallel", "sequential"), help="strategy mode (default: the config's)")
+    local.add_argument("--out", help="rehearsal folder (default outputs/deploy/<time>)")
+    local.add_argument("--budgets", help="comma-separated epsilon per hospital (default: the config's)")
+    local.add_argument("--timeout", type=float, help="give up on the run after this many seconds")
+    local.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset.root=/data privacy.epsilon=3")
+    local.set_defaults(handler=_local)
+    return parser
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM becomes KeyboardInterrupt, so every `finally` (stopping processes) runs."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point (`fedpriv-deploy`)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("fedpriv-deploy: interrupted; every process it started was stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FedprivError as error:
+        from fedpriv.deployment.processes import DeploymentError
+
+        print(f"fedpriv-deploy: error: {error}", file=sys.stderr)
+        return EXIT_FAILED if isinstance(error, DeploymentError) else EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Credentials for a real deployment: a CA, the SuperLink's TLS certificate, one key pair per hospital.
+
+Everything is made with `cryptography` (no hand-rolled crypto):
+
+* a private certificate authority (ECDSA P-384, self-signed) that hospitals trust as their root;
+* the SuperLink's TLS certificate, signed by that CA, with a subjectAltName for every host name or
+  IP address hospitals (and the coordinator's own ServerApp) use to reach it;
+* one SuperNode authentication key pair per hospital (ECDSA P-384): the private key in OpenSSH
+  format (what `flower-supernode --auth-supernode-private-key` reads) and the public key as an
+  OpenSSH line (what `flwr supernode register` reads).
+
+Private keys are written with mode 0600. Existing files are never overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedpriv.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CURVE = ec.SECP384R1
+
+
+@dataclass(frozen=True)
+class HospitalCredentials:
+    """One hospital's files: its private key stays at the hospital, the public key goes to the coordinator."""
+
+    name: str
+    private_key: Path  # OpenSSH private key, at the hospital only
+    public_key: Path  # OpenSSH public key line, at the hospital (for reference)
+    registered_key: Path  # copy of the public key, at the coordinator (for `flwr supernode register`)
+    ca_certificate: Path  # copy of the CA certificate, at the hospital (--root-certificates)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where every credential file was written (see :func:`placement` for who gets what)."""
+
+    root: Path
+    ca_key: Path  # keep offline: only needed to issue new certificates
+    ca_certificate: Path  # coordinator: --ssl-ca-certfile and the flwr connection's root-certificates
+    server_certificate: Path  # coordinator: --ssl-certfile
+    server_key: Path  # coordinator: --ssl-keyfile
+    hosts: tuple[str, ...]
+    hospitals: dict[str, HospitalCredentials] = field(default_factory=dict)
+
+
+def check_hospital_name(name: str, key: str = "hospitals") -> str:
+    """A hospital name usable as a file and folder name (letters, digits, '.', '_', '-')."""
+    if not _NAME.match(name):
+        raise ConfigError(key, name, "hospital names must be 1-64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit", "use e.g. A,B,C or st-marys")
+    return name
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(CURVE())
+
+
+def _subject(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedpriv federation"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _alt_names(hosts: tuple[str, ...]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(
+        now + datetime.timedelta(days=days))
+
+
+def make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA allowed to sign end-entity certificates only (path length 0)."""
+    key = _new_key()
+    name = _subject("fedpriv federation CA")
+    builder = _validity(x509.CertificateBuilder(), days).subject_name(name).issuer_name(name)
+    certificate = (
+        builder.public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, certificate
+
+
+def make_server_certificate(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, hosts: tuple[str, ...],
+                            days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's TLS certificate: serverAuth, with a SAN for every entry of `hosts`."""
+    key = _new_key()
+    builder = _validity(x509.CertificateBuilder(), days).subject_name(_subject(hosts[0])).issuer_name(ca.subject)
+    certificate = (
+        builder.public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(_alt_names(hosts), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, certificate
+
+
+def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> Path:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; refusing to overwrite credentials (use --force to replace them)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    # Private keys are created 0600 from the start, never world-readable even for a moment.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem_certificate(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def make_supernode_keys(name: str) -> tuple[bytes, bytes]:
+    """(OpenSSH private key, OpenSSH public key line) of a fresh ECDSA P-384 key pair."""
+    key = _new_key()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + f" fedpriv-{name}\n".encode()
+
+
+def write_hospital_keys(out: Path, name: str, ca_certificate: Path, *, overwrite: bool = False) -> HospitalCredentials:
+    """One hospital's key pair under OUT/hospitals/NAME, its public key also under OUT/coordinator."""
+    check_hospital_name(name)
+    private, public = make_supernode_keys(name)
+    folder = out / "hospitals" / name
+    registered = _write(out / "coordinator" / "supernode-keys" / f"{name}.pub", public, private=False,
+                        overwrite=overwrite)
+    ca_copy = folder / "ca.crt"
+    if overwrite or not ca_copy.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ca_certificate, ca_copy)
+    return HospitalCredentials(
+        name=name,
+        private_key=_write(folder / f"{name}.key", private, private=True, overwrite=overwrite),
+        public_key=_write(folder / f"{name}.pub", public, private=False, overwrite=overwrite),
+        registered_key=registered,
+        ca_certificate=ca_copy,
+    )
+
+
+def make_credentials(out: str | Path, hospitals: list[str], hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS, *,
+                     days: int = 365, overwrite: bool = False) -> Credentials:
+    """Write a CA, the SuperLink certificate for `hosts` and a key pair per hospital under `out`."""
+    names = [check_hospital_name(name.strip()) for name in hospitals]
+    if not names:
+        raise ConfigError("hospitals", hospitals, "at least one hospital is needed", "use e.g. --hospitals A,B,C")
+    if len(set(names)) != len(names):
+        raise ConfigError("hospitals", ",".join(names), "hospital names must be unique", "give each its own name")
+    hosts = tuple(host.strip() for host in hosts if host.strip())
+    if not hosts:
+        raise ConfigError("hosts", hosts, "the certificate needs at least one host name or IP address",
+                          "use e.g. --hosts 127.0.0.1,localhost,link.example.org")
+    if days < 1:
+        raise ConfigError("days", days, "certificates must be valid for at least one day", "use e.g. --days 365")
+    root = Path(out).expanduser().resolve()
+    if not overwrite:
+        _refuse_existing(root, names)
+    ca_key, ca = make_ca(days)
+    server_key, server = make_server_certificate(ca_key, ca, hosts, days)
+    coordinator = root / "coordinator"
+    credentials = Credentials(
+        root=root,
+        ca_key=_write(root / "ca" / "ca.key", _pem_key(ca_key), private=True, overwrite=overwrite),
+        ca_certificate=_write(coordinator / "ca.crt", _pem_certificate(ca), private=False, overwrite=overwrite),
+        server_certificate=_write(coordinator / "server.pem", _pem_certificate(server), private=False,
+                                  overwrite=overwrite),
+        server_key=_write(coordinator / "server.key", _pem_key(server_key), private=True, overwrite=overwrite),
+        hosts=hosts,
+    )
+    for name in names:
+        credentials.hospitals[name] = write_hospital_keys(root, name, credentials.ca_certificate, overwrite=overwrite)
+    log.info("credentials for %d hospitals written under %s", len(names), root)
+    return credentials
+
+
+def _refuse_existing(root: Path, names: list[str]) -> None:
+    """Check every target before writing any, so a refusal leaves no half-replaced set behind."""
+    targets = [root / "ca" / "ca.key", *(root / "coordinator" / f for f in ("ca.crt", "server.pem", "server.key"))]
+    for name in names:
+        targets += [root / "coordinator" / "supernode-keys" / f"{name}.pub",
+                    root / "hospitals" / name / f"{name}.key", root / "hospitals" / name / f"{name}.pub"]
+    existing = [path for path in targets if path.exists()]
+    if existing:
+        raise FileExistsError(f"{existing[0]} exists; refusing to overwrite credentials (use --force to replace them)")
+
+
+def placement(credentials: Credentials) -> str:
+    """Human-readable instructions: which file goes to which machine, and which stays secret."""
+    lines = [
+        f"Credentials written under {credentials.root}",
+        "",
+        "CA (keep OFFLINE; only needed to issue new certificates):",
+        f"  {credentials.ca_key}  (secret)",
+        "",
+        f"Coordinator (SuperLink machine; certificate valid for: {', '.join(credentials.hosts)}):",
+        f"  {credentials.ca_certificate}  -> flower-superlink --ssl-ca-certfile, flwr connection root-certificates",
+        f"  {credentials.server_certificate}  -> flower-superlink --ssl-certfile",
+        f"  {credentials.server_key}  -> flower-superlink --ssl-keyfile  (secret)",
+    ]
+    for hospital in credentials.hospitals.values():
+        lines.append(f"  {hospital.registered_key}  -> flwr supernode register ... --name {hospital.name}")
+    for hospital in credentials.hospitals.values():
+        lines += [
+            "",
+            f"Hospital {hospital.name} (its SuperNode machine only):",
+            f"  {hospital.ca_certificate}  -> flower-supernode --root-certificates",
+            f"  {hospital.private_key}  -> flower-supernode --auth-supernode-private-key  (secret, never copy elsewhere)",
+            f"  {hospital.public_key}  (public; the coordinator registers its copy)",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,245 @@
+"""A deployed hospital: its settings come from its own SuperNode's `--node-config`, never the server.
+
+In deployment each hospital runs `flower-supernode --node-config '...'` on its own machine. The node
+config names everything that must stay under the hospital's control:
+
+=====================  ======================================================================
+key                    meaning
+=====================  ======================================================================
+``name``               the hospital's display name (required)
+``data``               its data (required): an image folder (one subfolder per class), or a
+                       MedMNIST npz file (``<dataset>.npz`` / ``<dataset>_<size>.npz``), or a
+                       folder holding one
+``dataset``            the MedMNIST flag of an npz (default ``pneumoniamnist``)
+``budget-epsilon``     its privacy budget over every use of the data (required, > 0)
+``delta``              its delta (required, 0 < delta < 1)
+``ledger``             path of its SQLite privacy ledger (required; the folder must exist)
+``accountant``         ``prv`` (default) or ``rdp``
+``allow-non-private``  accept non-private rounds (epsilon = inf); default ``false``
+``threads``            torch CPU threads for training (default: torch's choice)
+=====================  ======================================================================
+
+From the run config (the server's side) only the model architecture and the image size are taken;
+budget, delta, data and ledger path never are. For an npz the hospital trains on its ``train`` split
+and evaluates on its ``val`` split; for an image folder on ``load_image_folder``'s train and val
+splits (the folder's test split stays unused).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedpriv.errors import ConfigError, PrivacyError
+
+if TYPE_CHECKING:  # the ClientApp module imports this one lazily; avoid a cycle at import time
+    from flwr.app import Context
+
+    from fedpriv.client_app import HospitalSite
+    from fedpriv.data import LabeledImages
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATASET = "pneumoniamnist"
+KNOWN_KEYS = ("name", "data", "dataset", "budget-epsilon", "delta", "ledger", "accountant",
+              "allow-non-private", "threads")
+REQUIRED_KEYS = ("name", "data", "budget-epsilon", "delta", "ledger")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """A hospital's own settings, parsed and checked from its SuperNode's node config."""
+
+    name: str
+    data: Path
+    dataset: str
+    budget_epsilon: float
+    delta: float
+    ledger: Path
+    accountant: str = "prv"
+    allow_non_private: bool = False
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class HospitalData:
+    """A hospital's loaded records: what it trains on and what it validates on."""
+
+    train: LabeledImages
+    validation: LabeledImages
+    fingerprint: str
+    in_channels: int
+    num_classes: int
+    image_size: int
+    source: str
+
+
+def _fix(key: str, example: str) -> str:
+    return f"start the SuperNode with --node-config '{key}={example} ...'"
+
+
+def _required(config: Mapping[str, Any], key: str, example: str) -> Any:
+    if key not in config or config[key] is None or str(config[key]).strip() == "":
+        raise ConfigError(key, config.get(key), "missing from the SuperNode's node config", _fix(key, example))
+    return config[key]
+
+
+def _text(config: Mapping[str, Any], key: str, example: str) -> str:
+    value = _required(config, key, example)
+    if not isinstance(value, str):
+        raise ConfigError(key, value, "must be a string", _fix(key, example))
+    return value.strip()
+
+
+def _number(config: Mapping[str, Any], key: str, example: str) -> float:
+    value = _required(config, key, example)
+    if isinstance(value, bool):
+        raise ConfigError(key, value, "must be a number", _fix(key, example))
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, value, "must be a number", _fix(key, example)) from None
+    if not math.isfinite(number):
+        raise ConfigError(key, value, "must be a finite number", _fix(key, example))
+    return number
+
+
+def _flag(config: Mapping[str, Any], key: str) -> bool:
+    value = config.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(key, value, "must be true or false", _fix(key, "false"))
+
+
+def _threads(config: Mapping[str, Any]) -> int | None:
+    value = config.get("threads")
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
+            or int(value) < 1:
+        raise ConfigError("threads", value, "must be a whole number >= 1", _fix("threads", "1"))
+    return int(value)
+
+
+def _dataset_flag(config: Mapping[str, Any]) -> str:
+    from fedpriv.config import medmnist_2d_flags
+
+    flag = config.get("dataset", DEFAULT_DATASET)
+    if not isinstance(flag, str) or flag not in medmnist_2d_flags() or flag == "chestmnist":
+        raise ConfigError("dataset", flag, "must be a single-label MedMNIST 2D flag (it names the npz layout)",
+                          _fix("dataset", '"pneumoniamnist"'))
+    return flag
+
+
+def parse_node_config(config: Mapping[str, Any]) -> NodeSettings:
+    """Check a SuperNode's node config; a bad or missing key raises ConfigError naming it."""
+    unknown = sorted(set(config) - set(KNOWN_KEYS))
+    if unknown:
+        log.warning("ignoring unknown node-config keys: %s (known: %s)", ", ".join(unknown), ", ".join(KNOWN_KEYS))
+    name = _text(config, "name", '"St-Marys"')
+    data = Path(_text(config, "data", '"/srv/xrays"')).expanduser()
+    if not data.exists():
+        raise ConfigError("data", str(data), "no such file or folder on this machine",
+                          "point data= at the hospital's image folder or MedMNIST npz")
+    budget = _number(config, "budget-epsilon", "3")
+    if budget <= 0:
+        raise ConfigError("budget-epsilon", budget, "must be positive", _fix("budget-epsilon", "3"))
+    delta = _number(config, "delta", "1e-5")
+    if not 0 < delta < 1:
+        raise ConfigError("delta", delta, "must be between 0 and 1 (exclusive)", _fix("delta", "1e-5"))
+    ledger = Path(_text(config, "ledger", '"/var/lib/fedpriv/ledger.db"')).expanduser()
+    if ledger.is_dir():
+        raise ConfigError("ledger", str(ledger), "is a folder; it must name the ledger file",
+                          _fix("ledger", f'"{ledger / "ledger.db"}"'))
+    if not ledger.parent.is_dir():
+        # Never create it: a missing folder may be an unmounted disk, and a fresh ledger would
+        # silently forget the budget already spent.
+        raise ConfigError("ledger", str(ledger), f"its folder {ledger.parent} does not exist",
+                          "create the folder (on persistent storage) or fix the path")
+    accountant = str(config.get("accountant", "prv"))
+    try:
+        from fedpriv.privacy.accounting import check_accountant
+
+        check_accountant(accountant)
+    except PrivacyError as error:
+        raise ConfigError("accountant", accountant, str(error), _fix("accountant", '"prv"')) from None
+    return NodeSettings(name=name, data=data.resolve(), dataset=_dataset_flag(config), budget_epsilon=budget,
+                        delta=delta, ledger=ledger.resolve(), accountant=accountant,
+                        allow_non_private=_flag(config, "allow-non-private"), threads=_threads(config))
+
+
+def _npz_size(file: Path, flag: str) -> int:
+    """The image size a MedMNIST npz file name stands for: `flag.npz` is 28, `flag_64.npz` is 64."""
+    if file.name == f"{flag}.npz":
+        return 28
+    match = re.fullmatch(rf"{re.escape(flag)}_(\d+)\.npz", file.name)
+    if not match:
+        raise ConfigError("data", str(file), f"an npz must be named {flag}.npz or {flag}_<size>.npz "
+                          "(MedMNIST layout)", "rename the file, or set dataset= to its MedMNIST flag")
+    return int(match.group(1))
+
+
+def load_hospital_data(settings: NodeSettings, image_size: int) -> HospitalData:
+    """Load the hospital's records from `settings.data` (npz file, npz folder or image folder)."""
+    from fedpriv.data import dataset_fingerprint
+    from fedpriv.data.imagefolder import load_image_folder
+    from fedpriv.data.medmnist import load_medmnist, npz_filename
+
+    data = settings.data
+    if data.is_file():
+        dataset = load_medmnist(settings.dataset, _npz_size(data, settings.dataset), str(data.parent), False)
+        train, validation = dataset.train, dataset.val
+    elif (data / npz_filename(settings.dataset, image_size)).is_file():
+        dataset = load_medmnist(settings.dataset, image_size, str(data), False)
+        train, validation = dataset.train, dataset.val
+    else:
+        dataset = load_image_folder(str(data), image_size)
+        train, validation = dataset.train, dataset.val
+    return HospitalData(train, validation, dataset_fingerprint(train), dataset.in_channels,
+                        dataset.num_classes, dataset.image_size, dataset.source)
+
+
+# Flower may serve many messages from one process (`--isolation process`): load the data once.
+_DATA: dict[str, HospitalData] = {}
+
+
+def cached_hospital_data(settings: NodeSettings, image_size: int, node_config: Mapping[str, Any]) -> HospitalData:
+    """`load_hospital_data`, cached per process by the node config (and the requested image size)."""
+    key = json.dumps({"node-config": {k: str(v) for k, v in sorted(node_config.items())}, "size": image_size})
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = load_hospital_data(settings, image_size)
+    return _DATA[key]
+
+
+def hospital_settings(settings: NodeSettings):
+    """The :class:`~fedpriv.hospital.HospitalSettings` of a deployed hospital (always with a budget)."""
+    from fedpriv.hospital import HospitalSettings
+
+    return HospitalSettings(name=settings.name, budget_epsilon=settings.budget_epsilon, delta=settings.delta,
+                            ledger_path=settings.ledger, accountant=settings.accountant,
+                            allow_non_private=settings.allow_non_private)
+
+
+def deployed_site(context: Context) -> HospitalSite:
+    """The hospital this SuperNode serves, from its node config; the run config gives the model only."""
+    import torch
+
+    from fedpriv.app_config import config_from_run_config
+    from fedpriv.client_app import HospitalSite
+
+    settings = parse_node_config(context.node_config)
+    cfg = config_from_run_config(context.run_config)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    data = cached_hospital_data(settings, cfg.dataset.size, context.node_config)
+    return HospitalSite(hospital_settings(settings), data.train, data.validation, data.fingerprint, cfg,
+                        data.in_channels, data.num_classes, data.image_size)

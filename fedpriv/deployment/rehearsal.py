@@ -1,0 +1,274 @@
+"""A one-machine rehearsal of a real deployment: TLS SuperLink, authenticated SuperNodes, real runs.
+
+:class:`LocalFederation` prepares credentials, gives every hospital its own folder (its data share
+as a MedMNIST-layout npz, its ledger, its budget in its own node config), starts a TLS SuperLink with
+SuperNode authentication on loopback, registers each hospital's public key by name, starts one
+SuperNode per hospital on its own port, and runs federations with `flwr run ... --stream`. Leaving
+the context (normally, on error or on Ctrl-C) stops every process it started, by PID.
+
+Layout under OUT::
+
+    credentials/            CA, SuperLink certificate, hospital key pairs (see credentials.py)
+    coordinator/            flwr-home/, app/, run-config-*.toml, superlink.log
+    coordinator/runs/NAME/  the server's artifacts of each run (metrics.json, summary.md, model.pt, ...)
+    <hospital>/data/        the hospital's share: <flag>.npz (train = its partition, val = its val
+                            share, test = the test split)
+    <hospital>/ledger/      its privacy ledger (ledger.db)
+    <hospital>/supernode.log
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedpriv.app_config import config_to_json
+from fedpriv.config import FedprivConfig
+from fedpriv.data import NORMALISATION_MEAN, NORMALISATION_STD, LabeledImages
+from fedpriv.deployment.credentials import Credentials, make_credentials
+from fedpriv.deployment.processes import (
+    DeploymentError,
+    ManagedProcess,
+    ProcessSet,
+    flower_env,
+    online_nodes,
+    register_supernode,
+    run_command,
+    superlink_command,
+    supernode_command,
+    wait_for_superlink,
+    write_app,
+    write_flwr_config,
+    write_run_config,
+)
+from fedpriv.errors import ConfigError
+from fedpriv.experiment import Experiment
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+# A synthetic or image-folder dataset with one channel and two classes fits PneumoniaMNIST's layout.
+FALLBACK_FLAG = "pneumoniamnist"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _uint8_images(images: LabeledImages) -> np.ndarray:
+    """Undo the fixed normalisation: MedMNIST's (N, H, W) or (N, H, W, 3) uint8 layout."""
+    pixels = images.images.numpy() * NORMALISATION_STD + NORMALISATION_MEAN
+    pixels = np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)
+    return pixels[:, 0] if pixels.shape[1] == 1 else pixels.transpose(0, 2, 3, 1)
+
+
+def npz_flag(cfg: FedprivConfig, experiment: Experiment) -> str:
+    """The MedMNIST flag whose npz layout carries this experiment's data."""
+    from fedpriv.data.medmnist import SIZES
+
+    if cfg.dataset.size not in SIZES:
+        raise ConfigError("dataset.size", cfg.dataset.size, "hospital shares are written as MedMNIST npz files, "
+                          f"which come in sizes {', '.join(map(str, SIZES))}", "use dataset.size=28")
+    if cfg.dataset.name not in ("synthetic", "imagefolder"):
+        return cfg.dataset.name
+    dataset = experiment.dataset
+    if dataset.in_channels != 1 or dataset.num_classes != 2:
+        raise ConfigError("dataset.name", cfg.dataset.name, "the rehearsal writes shares in a MedMNIST layout, "
+                          "which for this dataset needs greyscale images of two classes",
+                          "rehearse with a MedMNIST dataset or two-class greyscale images")
+    return FALLBACK_FLAG
+
+
+def write_share(folder: Path, flag: str, size: int, train: LabeledImages, val: LabeledImages,
+                test: LabeledImages) -> Path:
+    """One hospital's data as a MedMNIST-layout npz under `folder`; the file's path."""
+    from fedpriv.data.medmnist import npz_filename
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / npz_filename(flag, size)
+    arrays = {}
+    for split, images in (("train", train), ("val", val), ("test", test)):
+        arrays[f"{split}_images"] = _uint8_images(images)
+        arrays[f"{split}_labels"] = images.labels.numpy().astype(np.uint8)[:, None]
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@dataclass
+class RehearsalHospital:
+    """One rehearsed hospital: everything its own machine would hold."""
+
+    name: str
+    folder: Path
+    data: Path
+    dataset: str
+    ledger: Path
+    budget_epsilon: float
+    delta: float
+    port: int
+    private_key: Path
+    public_key: Path
+    ca_certificate: Path
+    node_id: int = 0
+    process: ManagedProcess | None = None
+    threads: int | None = 1
+
+    def node_config(self) -> dict[str, object]:
+        """What this hospital's SuperNode gets as `--node-config`: its own settings only."""
+        return {"name": self.name, "data": str(self.data), "dataset": self.dataset,
+                "budget-epsilon": float(self.budget_epsilon), "delta": float(self.delta),
+                "ledger": str(self.ledger), "threads": self.threads}
+
+
+@dataclass
+class RunOutcome:
+    """A finished run: where the server wrote its artifacts, and the `flwr run` log."""
+
+    run_dir: Path
+    log_path: Path
+    seconds: float
+
+
+@dataclass
+class LocalFederation:
+    """A TLS, authenticated SuperLink plus one SuperNode per hospital on loopback (a context manager)."""
+
+    experiment: Experiment
+    out: Path
+    budgets: list[float] | None = None
+    startup_timeout: float = 120.0
+    threads: int | None = 1
+    hospitals: list[RehearsalHospital] = field(default_factory=list)
+    processes: ProcessSet | None = None
+    link: ManagedProcess | None = None
+    address: str = ""
+    credentials: Credentials | None = None
+    _runs: int = 0
+
+    @property
+    def coordinator(self) -> Path:
+        return self.out / "coordinator"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return flower_env(self.coordinator / "flwr-home")
+
+    # ---------------------------------------------------------------- preparation
+
+    def prepare(self) -> None:
+        """Credentials, every hospital's folder (data share, ledger folder), the app and flwr's config."""
+        self.out = self.out.resolve()
+        names = [hospital.name for hospital in self.experiment.hospitals]
+        budgets = self.budgets or [hospital.epsilon for hospital in self.experiment.hospitals]
+        if len(budgets) != len(names):
+            raise ConfigError("budgets", budgets, f"one budget per hospital is needed ({len(names)} hospitals)",
+                              "give a comma-separated list with one epsilon per hospital")
+        self.credentials = make_credentials(self.out / "credentials", names, LOOPBACK_HOSTS, overwrite=True)
+        cfg = self.experiment.config
+        flag = npz_flag(cfg, self.experiment)
+        test = self.experiment.dataset.test
+        self.hospitals = []
+        for index, (hospital, budget) in enumerate(zip(self.experiment.hospitals, budgets)):
+            folder = self.out / hospital.name
+            data = folder / "data"
+            write_share(data, flag, cfg.dataset.size, self.experiment.hospital_data(index),
+                        self.experiment.hospital_validation(index), test)
+            (folder / "ledger").mkdir(parents=True, exist_ok=True)
+            keys = self.credentials.hospitals[hospital.name]
+            self.hospitals.append(RehearsalHospital(
+                name=hospital.name, folder=folder, data=data, dataset=flag, ledger=folder / "ledger" / "ledger.db",
+                budget_epsilon=float(budget), delta=hospital.delta, port=free_port(), private_key=keys.private_key,
+                public_key=keys.registered_key, ca_certificate=keys.ca_certificate, threads=self.threads))
+        write_app(self.coordinator / "app")
+
+    # ---------------------------------------------------------------- processes
+
+    def start(self) -> None:
+        """Start the SuperLink, register every hospital, start their SuperNodes; wait until all are online."""
+        assert self.credentials is not None
+        credentials = self.credentials
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        write_flwr_config(self.coordinator / "flwr-home", self.address, credentials.ca_certificate)
+        self.processes = ProcessSet(self.env)
+        self.link = self.processes.start("superlink", superlink_command(
+            ca_certificate=credentials.ca_certificate, certificate=credentials.server_certificate,
+            key=credentials.server_key, host="127.0.0.1", port=port), self.coordinator / "superlink.log",
+            cwd=self.coordinator)
+        wait_for_superlink(self.link, self.address, credentials.ca_certificate, self.startup_timeout)
+        for hospital in self.hospitals:
+            hospital.node_id = register_supernode(hospital.public_key, hospital.name, self.env)
+            log.info("registered hospital %s as node %d", hospital.name, hospital.node_id)
+        for hospital in self.hospitals:
+            hospital.process = self.start_supernode(hospital)
+        self.wait_until_online()
+
+    def start_supernode(self, hospital: RehearsalHospital) -> ManagedProcess:
+        """Start one hospital's SuperNode (its own FLWR_HOME, port, key and node config)."""
+        assert self.processes is not None
+        command = supernode_command(superlink=self.address, node_config=hospital.node_config(),
+                                    root_certificates=hospital.ca_certificate, auth_key=hospital.private_key,
+                                    port=hospital.port)
+        return self.processes.start(f"supernode {hospital.name}", command, hospital.folder / "supernode.log",
+                                    cwd=hospital.folder, env=flower_env(hospital.folder / "flwr-home"))
+
+    def wait_until_online(self) -> None:
+        expected = {hospital.node_id for hospital in self.hospitals}
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            for hospital in self.hospitals:
+                if hospital.process is not None and not hospital.process.running():
+                    raise DeploymentError(f"the SuperNode of hospital {hospital.name} exited with code "
+                                          f"{hospital.process.process.returncode}; see {hospital.process.log_path}:"
+                                          f"\n{hospital.process.log_tail()}")
+            if expected <= online_nodes(self.env):
+                return
+            time.sleep(0.5)
+        raise DeploymentError(f"not every SuperNode came online within {self.startup_timeout:.0f}s")
+
+    def run(self, cfg: FedprivConfig, name: str | None = None, *, timeout: float | None = None) -> RunOutcome:
+        """One federated run of `cfg` (its JSON travels in the run config); artifacts land in coordinator/runs/."""
+        assert self.processes is not None, "start the federation first"
+        self._runs += 1
+        name = name or f"run-{self._runs}-{cfg.strategy.mode}"
+        run_dir = self.coordinator / "runs" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_config = write_run_config(self.coordinator / f"run-config-{name}.toml", run_dir=run_dir,
+                                      config_json=config_to_json(cfg))
+        started = time.monotonic()
+        runner = self.processes.start(f"flwr run {name}", run_command(self.coordinator / "app", run_config),
+                                      run_dir / "flwr-run.log", cwd=self.coordinator)
+        try:
+            code = runner.wait(timeout=timeout or 1e9)
+        finally:
+            self.processes.note_descendants()
+            self.processes.stop(runner)
+        if code != 0 or not (run_dir / "summary.md").is_file():
+            raise DeploymentError(f"the federated run {name} did not finish (flwr run exited {code}); see "
+                                  f"{runner.log_path} and {self.coordinator / 'superlink.log'}:\n{runner.log_tail()}")
+        return RunOutcome(run_dir, runner.log_path, time.monotonic() - started)
+
+    def stop(self) -> None:
+        """Stop every process this federation started (SuperNodes, runs, the SuperLink), by PID."""
+        if self.processes is not None:
+            self.processes.stop_all()
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.prepare()
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

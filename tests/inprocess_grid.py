@@ -1,0 +1,59 @@
+"""An in-process stand-in for Flower's Grid: real ClientApp handlers, no SuperLink, no Ray.
+
+It lets the strategy and the ClientApp be tested together in milliseconds. Every message and
+reply is recorded, and a node can be told to fail in a given round.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedpriv.client_app import app as client_app
+
+
+class InProcessGrid:
+    """Delivers each message to the ClientApp of its destination node, in this process."""
+
+    def __init__(self, num_nodes: int, run_config: dict, *, run_id: int = 7) -> None:
+        self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.contexts = {
+            node: Context(run_id=run_id, node_id=node, node_config={"partition-id": i, "num-partitions": num_nodes},
+                          state=RecordDict(), run_config=dict(run_config))
+            for i, node in enumerate(self.node_ids)
+        }
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.fail: set[tuple[int, int]] = set()  # (node id, server round) pairs that raise in train
+        self.silent: set[tuple[int, int]] = set()  # (node id, server round) pairs that never reply
+        self._ids = itertools.count(1)
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            server_round = int(message.content["config"].get("server_round", 0)) if "config" in message.content else 0
+            if (node, server_round) in self.silent and message.metadata.message_type == "train":
+                continue
+            if (node, server_round) in self.fail and message.metadata.message_type == "train":
+                reply = Message(Error(code=1, reason=f"injected failure at node {node}"), reply_to=message)
+            else:
+                reply = client_app(message, self.contexts[node])
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        self.replies.extend(replies)
+        return replies
+
+    def train_exchanges(self) -> list[tuple[Message, Message | None]]:
+        """(train message, its reply or None) in sending order."""
+        by_request = {r.metadata.reply_to_message_id: r for r in self.replies}
+        return [(m, by_request.get(m.metadata.message_id)) for m in self.sent if m.metadata.message_type == "train"]

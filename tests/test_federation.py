@@ -1,0 +1,147 @@
+"""The budget-aware strategy with the real ClientApp, in process (no SuperLink): modes, locks, faults."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, compose_config, config_to_json
+from fedpriv.privacy.ledger import read_ledger
+from fedpriv.server_app import run_federation
+from fedpriv.strategy import weighted_average
+from inprocess_grid import InProcessGrid
+
+TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16",
+        "strategy.num_rounds=2", "model.width=4", "strategy.client_evaluate=false"]
+
+
+def federate(tmp_path, *overrides, run="run", grid_hook=None, ledger_dir=None):
+    extra = [f"federation.ledger_dir={ledger_dir}"] if ledger_dir else []
+    cfg = compose_config([*TINY, *overrides, *extra])
+    run_dir = tmp_path / run
+    grid = InProcessGrid(cfg.federation.num_hospitals, {CONFIG_KEY: config_to_json(cfg), RUN_DIR_KEY: str(run_dir)})
+    if grid_hook:
+        grid_hook(grid)
+    strategy = run_federation(grid, cfg, run_dir, run_id=run)
+    return strategy, grid, run_dir
+
+
+def _state(message):
+    return message.content["arrays"].to_torch_state_dict()
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_parallel_round_aggregates_the_weighted_mean(tmp_path):
+    strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1", "federation=quantity",
+                                       "federation.hospitals=[{name: a, share: 0.5}, {name: b, share: 0.3}, "
+                                       "{name: c, share: 0.2}]")
+    exchanges = grid.train_exchanges()
+    assert len(exchanges) == 3 and all(reply is not None for _, reply in exchanges)
+    states = [_state(reply) for _, reply in exchanges]
+    weights = [reply.content["metrics"]["num-examples"] for _, reply in exchanges]
+    assert len(set(weights)) > 1  # unequal hospitals, so the weighting matters
+    expected = weighted_average(states, weights)
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key])
+    # Every hospital started from the same global model.
+    _assert_same(_state(exchanges[0][0]), _state(exchanges[1][0]))
+
+
+def test_sequential_round_passes_the_model_from_hospital_to_hospital(tmp_path):
+    strategy, grid, run_dir = federate(tmp_path, "strategy=sequential", "strategy.num_rounds=2",
+                                       "model.width=4", "train.batch_size=16")
+    exchanges = grid.train_exchanges()
+    assert len(exchanges) == 6  # 3 hospitals x 2 rounds, one at a time
+    for (_, previous_reply), (next_message, _) in zip(exchanges, exchanges[1:]):
+        _assert_same(_state(next_message), _state(previous_reply))  # k starts from k-1's weights
+    _assert_same(torch.load(run_dir / "model.pt", weights_only=True), _state(exchanges[-1][1]))
+    assert [r.order for r in strategy.history] == [["hospital-1", "hospital-2", "hospital-3"]] * 2
+
+
+def test_privacy_figures_are_per_hospital_and_max_never_averaged(tmp_path):
+    strategy, grid, run_dir = federate(tmp_path, "federation.hospitals=[{name: a, epsilon: 1.0}, "
+                                       "{name: b, epsilon: 2.0}, {name: c, epsilon: 4.0}]")
+    spent = {h.name: h.epsilon for h in strategy.hospitals}
+    assert spent["a"] < spent["b"] < spent["c"] <= 4.0 + 1e-6
+    for hospital in strategy.hospitals:  # auto sigma spends each budget over the planned rounds
+        assert hospital.epsilon == pytest.approx(hospital.budget_epsilon, rel=0.02)
+        ledger_epsilon = read_ledger(next(p for p in (run_dir / "ledgers").glob("*.db")
+                                          if read_ledger(p).budget_epsilon == hospital.budget_epsilon)).status()
+        assert ledger_epsilon.epsilon_spent == pytest.approx(hospital.epsilon, rel=1e-6)
+    summary = (run_dir / "summary.md").read_text()
+    assert "| a |" in summary and "completed all 2 rounds" in summary
+
+
+def test_a_budget_spent_in_round_one_locks_the_hospital_and_ends_the_run(tmp_path):
+    # A fixed sigma whose first round (4 steps) reaches epsilon 1.55 and whose second would reach 2.09.
+    strategy, grid, run_dir = federate(tmp_path, "privacy.noise_multiplier=2.0", "privacy.epsilon=2.0",
+                                       "strategy.num_rounds=4")
+    round_two = strategy.history[1]
+    assert all(h["status"] == "locked" for h in round_two.hospitals.values())
+    assert all("budget exhausted" in h["message"] for h in round_two.hospitals.values())
+    assert len(strategy.history) == 2 and "no hospital can train" in strategy.stop_reason
+    assert all(h.locked and h.epsilon <= 2.0 for h in strategy.hospitals)
+    assert "no hospital can train" in (run_dir / "summary.md").read_text()
+
+
+def test_a_second_run_on_the_same_ledgers_is_refused(tmp_path):
+    ledgers = tmp_path / "shared-ledgers"
+    first, _, _ = federate(tmp_path, run="first", ledger_dir=ledgers)
+    assert all(h.epsilon == pytest.approx(3.0, rel=0.02) for h in first.hospitals)
+    second, grid, _ = federate(tmp_path, run="second", ledger_dir=ledgers)
+    assert all(h.locked for h in second.hospitals)
+    assert all(h.epsilon <= 3.0 + 1e-9 for h in second.hospitals)
+    trained = [r for _, r in grid.train_exchanges() if r is not None and r.content["metrics"]["trained"] == 1]
+    assert trained == []
+    assert "no hospital can train" in second.stop_reason
+
+
+def test_a_hospital_that_fails_does_not_stop_the_run(tmp_path):
+    def break_second_hospital(grid):
+        grid.fail.add((grid.node_ids[1], 1))
+
+    strategy, grid, _ = federate(tmp_path, grid_hook=break_second_hospital)
+    first, second = strategy.history
+    assert first.hospitals["hospital-2"]["status"] == "failed"
+    assert sorted(first.trained) == ["hospital-1", "hospital-3"]
+    assert sorted(second.trained) == ["hospital-1", "hospital-2", "hospital-3"]
+
+
+def test_sequential_skips_a_silent_hospital_and_continues_from_the_last_good_weights(tmp_path):
+    def silence_first_hospital(grid):
+        grid.silent.add((grid.node_ids[0], 1))
+
+    strategy, grid, _ = federate(tmp_path, "strategy=sequential", "strategy.num_rounds=1",
+                                 grid_hook=silence_first_hospital)
+    exchanges = grid.train_exchanges()
+    assert strategy.history[0].hospitals["hospital-1"]["status"] == "timeout"
+    (silent_message, none_reply), (second_message, _) = exchanges[0], exchanges[1]
+    assert none_reply is None
+    _assert_same(_state(second_message), _state(silent_message))  # still the global model
+
+
+def test_non_private_runs_report_epsilon_infinity(tmp_path):
+    strategy, _, run_dir = federate(tmp_path, "privacy=none", "strategy.num_rounds=1")
+    assert all(math.isinf(h.epsilon) for h in strategy.hospitals)
+    assert not (run_dir / "ledgers").exists()
+    assert "NONE: not private, epsilon = infinity" in (run_dir / "summary.md").read_text()
+
+
+def test_outputs_hold_metrics_checkpoints_and_a_resumable_state(tmp_path):
+    strategy, _, run_dir = federate(tmp_path)
+    for name in ("config.yaml", "metrics.json", "metrics.csv", "model.pt", "summary.md",
+                 "checkpoints/round-001.pt", "checkpoints/round-002.pt"):
+        assert (run_dir / name).is_file(), name
+    checkpoint = torch.load(run_dir / "checkpoints/round-002.pt", weights_only=True)
+    assert checkpoint["round"] == 2 and checkpoint["run_id"] == "run"
+    resumed, grid, _ = federate(tmp_path, "strategy.num_rounds=3", f"resume={run_dir}", run="resumed")
+    assert [r.round for r in resumed.history] == [3]
+    _assert_same(_state(grid.train_exchanges()[0][0]), checkpoint["state_dict"])
