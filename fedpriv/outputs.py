@@ -84,6 +84,17 @@ class RunRecorder:
     def finish(self, final_arrays: ArrayRecord, hospitals: list[HospitalState], stop_reason: str) -> str:
         """Save the final model and write summary.md; returns the summary text."""
         torch.save(final_arrays.to_torch_state_dict(), self.run_dir / "model.pt")
+        cfg = self.config
+        result = {
+            "run_id": self.run_id, "mode": cfg.strategy.mode, "private": cfg.privacy.enabled,
+            "epsilon_budget": cfg.privacy.epsilon if cfg.privacy.enabled else math.inf,
+            "rounds_planned": cfg.strategy.num_rounds, "rounds_run": len(self.rounds), "stop_reason": stop_reason,
+            "test": self.rounds[-1]["server"] if self.rounds else {},
+            "hospitals": [{"hospital": h.name, "records": h.num_examples, "epsilon": h.epsilon, "delta": h.delta,
+                           "budget_epsilon": h.budget_epsilon, "locked": h.locked} for h in hospitals],
+            "dataset": self.dataset_description, "seed": cfg.seed,
+        }
+        (self.run_dir / "result.json").write_text(json.dumps(_finite(result), indent=2))
         summary = self.summary(hospitals, stop_reason)
         (self.run_dir / "summary.md").write_text(summary)
         return summary

@@ -132,8 +132,8 @@ class LocalSuperLink:
         self.stop()
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) for every process, read from /proc."""
+def _process_table() -> dict[int, tuple[int, str, int, int]]:
+    """pid -> (parent pid, state, process group, session) for every process, read from /proc."""
     table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -141,7 +141,7 @@ def _process_table() -> dict[int, tuple[int, str]]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            table[int(entry.name)] = (int(fields[1]), fields[0])
+            table[int(entry.name)] = (int(fields[1]), fields[0], int(fields[2]), int(fields[3]))
     return table
 
 
@@ -149,7 +149,7 @@ def descendants(root: int) -> list[int]:
     """All live descendants of `root` (Flower starts some in new sessions, so groups are not enough)."""
     table = _process_table()
     children: dict[int, list[int]] = {}
-    for pid, (parent, _) in table.items():
+    for pid, (parent, *_) in table.items():
         children.setdefault(parent, []).append(pid)
     found, frontier = [], [root]
     while frontier:
@@ -176,11 +176,20 @@ def terminate_tree(root: int, *, grace: float = 10.0) -> None:
                     pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            # Children started while shutting down are caught as long as their parent still lives.
-            known |= {child for pid in list(known) if _alive(pid) for child in descendants(pid)}
+            known |= _related(known)
             if not any(_alive(pid) for pid in known):
                 return
             time.sleep(0.2)
+
+
+def _related(known: set[int]) -> set[int]:
+    """Processes spawned by `known` while shutting down: their descendants, and orphans left in a
+    process group or session that one of `known` leads (an orphan's parent link is gone)."""
+    table = _process_table()
+    related = {child for pid in known if pid in table for child in descendants(pid)}
+    related |= {pid for pid, (_, state, group, session) in table.items()
+                if state != "Z" and (group in known or session in known)}
+    return related
 
 
 def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, client_cpus: int,

@@ -75,6 +75,10 @@ def _hydra_main(cfg: DictConfig) -> None:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except FedprivError as error:
         _fail(error)
+    except KeyboardInterrupt:
+        # The simulation's context managers have already stopped every process they started.
+        print("fedpriv: interrupted; every process fedpriv started has been stopped", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def main() -> None:

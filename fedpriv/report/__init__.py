@@ -1,0 +1,1 @@
+"""Reports built from finished runs: sweep tables and privacy-utility plots."""

@@ -1,0 +1,113 @@
+"""Sweep report: one table and a privacy-utility plot over the runs of a Hydra multirun.
+
+Each run directory holds `result.json` (written by the ServerApp when the run ends). The report
+reads them all, so it can be regenerated at any time with `fedpriv-sweep-report DIR`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedpriv")
+
+
+def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every finished run below `sweep_dir`, sorted by mode and epsilon budget."""
+    rows = []
+    for path in sorted(Path(sweep_dir).rglob("result.json")):
+        result = json.loads(path.read_text())
+        spent = [_number(h["epsilon"]) for h in result["hospitals"]]
+        rows.append({
+            "run": str(path.parent.relative_to(sweep_dir)) or ".",
+            "mode": result["mode"],
+            "epsilon_budget": _number(result["epsilon_budget"]),
+            "auc": _number(result["test"].get("auc")),
+            "accuracy": _number(result["test"].get("accuracy")),
+            "epsilon_spent_max": max(spent, default=math.nan),
+            "epsilon_spent": spent,
+            "rounds_run": result["rounds_run"],
+            "stop_reason": result["stop_reason"],
+            "seed": result.get("seed", 0),
+        })
+    return sorted(rows, key=lambda r: (r["mode"], r["epsilon_budget"], r["seed"]))
+
+
+def _number(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return float(value)  # "inf" strings become infinity
+
+
+def _fmt(value: float) -> str:
+    return "inf (not private)" if math.isinf(value) else f"{value:.3g}"
+
+
+def write_sweep_report(sweep_dir: str | Path) -> Path:
+    """Write sweep.md, sweep.csv and privacy_utility.png into `sweep_dir`; returns the Markdown path."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect_results(sweep_dir)
+    if not rows:
+        raise FileNotFoundError(f"no finished runs (result.json) under {sweep_dir}")
+    with open(sweep_dir / "sweep.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run", "mode", "epsilon_budget", "test_auc", "test_accuracy", "epsilon_spent_max",
+                         "epsilon_spent_per_hospital", "rounds_run", "seed"])
+        for r in rows:
+            writer.writerow([r["run"], r["mode"], r["epsilon_budget"], r["auc"], r["accuracy"],
+                             r["epsilon_spent_max"], " ".join(f"{e:.4g}" for e in r["epsilon_spent"]),
+                             r["rounds_run"], r["seed"]])
+    lines = ["# Sweep: privacy against utility", "",
+             "| epsilon budget | mode | test AUC | test accuracy | epsilon spent per hospital | rounds | run |",
+             "|---:|---|---:|---:|---|---:|---|"]
+    for r in rows:
+        spent = ", ".join(_fmt(e) for e in r["epsilon_spent"])
+        lines.append(f"| {_fmt(r['epsilon_budget'])} | {r['mode']} | {r['auc']:.4f} | {r['accuracy']:.4f} | "
+                     f"{spent} | {r['rounds_run']} | {r['run']} |")
+    lines += ["", "Epsilon spent is each hospital's cumulative epsilon from its own ledger.",
+              "![privacy-utility](privacy_utility.png)", ""]
+    plot_privacy_utility(rows, sweep_dir / "privacy_utility.png")
+    report = sweep_dir / "sweep.md"
+    report.write_text("\n".join(lines))
+    log.info("sweep report written to %s", report)
+    return report
+
+
+def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:
+    """Test AUC against the epsilon actually spent (max over hospitals), one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for mode in sorted({r["mode"] for r in rows}):
+        private = sorted((r["epsilon_spent_max"], r["auc"]) for r in rows
+                         if r["mode"] == mode and math.isfinite(r["epsilon_spent_max"]))
+        if private:
+            axis.plot([p[0] for p in private], [p[1] for p in private], marker="o", label=f"{mode}, DP")
+        for r in rows:
+            if r["mode"] == mode and not math.isfinite(r["epsilon_spent_max"]):
+                axis.axhline(r["auc"], linestyle="--", linewidth=1, label=f"{mode}, not private")
+    axis.set_xlabel("epsilon spent (max over hospitals)")
+    axis.set_ylabel("test ROC-AUC")
+    axis.set_title("Privacy-utility trade-off")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+class SweepReportCallback:
+    """Hydra callback: write the sweep report when a multirun ends."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        try:
+            write_sweep_report(config.hydra.sweep.dir)
+        except FileNotFoundError as error:
+            log.warning("no sweep report: %s", error)
