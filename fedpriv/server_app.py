@@ -35,6 +35,7 @@ def _ensure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s fedpriv: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        log.propagate = False  # Flower's and Ray's root handlers would print every line twice
 
 
 @app.main()
