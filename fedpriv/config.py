@@ -105,6 +105,7 @@ class FederationConfig:
     hospitals: list[HospitalConfig] = field(default_factory=list)
     ledger_dir: Optional[str] = None  # None: under the run directory
     client_cpus: int = 1  # CPU cores per simulated hospital (Ray resources and torch threads)
+    local_val_fraction: float = 0.1  # share of each hospital's records it keeps for private validation
 
 
 @dataclass
@@ -237,6 +238,9 @@ def validate_config(cfg: FedprivConfig) -> None:
         raise ConfigError("federation.num_hospitals", fed.num_hospitals, "a federation needs at least 1 hospital",
                           "set federation.num_hospitals=3 (or more)")
     _choice("federation.partition", fed.partition, PARTITION_SCHEMES)
+    if not 0 <= fed.local_val_fraction < 0.5:
+        raise ConfigError("federation.local_val_fraction", fed.local_val_fraction, "must be in [0, 0.5)",
+                          "use e.g. federation.local_val_fraction=0.1 (0 disables hospital-side validation)")
     if fed.partition != "iid":
         _positive("federation.alpha", fed.alpha, "use e.g. federation.alpha=0.5 (smaller is more skewed)")
     _validate_hospitals(cfg)

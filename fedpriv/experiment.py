@@ -44,18 +44,19 @@ class Experiment:
 
     config: FedprivConfig
     dataset: MedicalImageDataset
-    partitions: list[np.ndarray]
+    partitions: list[np.ndarray]  # each hospital's records (indices into the training split)
     hospitals: list[Hospital]
     partition_rows: list[dict]
-    val_partitions: list[np.ndarray]
+    local_training: list[np.ndarray]  # the part of each partition the hospital trains on
+    local_validation: list[np.ndarray]  # the part it keeps for its own (private) validation
 
     def hospital_data(self, index: int) -> LabeledImages:
-        """The training records held by hospital `index`."""
-        return self.dataset.train.subset(self.partitions[index])
+        """The records hospital `index` trains on (what its DP guarantee and ledger protect)."""
+        return self.dataset.train.subset(self.local_training[index])
 
     def hospital_validation(self, index: int) -> LabeledImages:
-        """Hospital `index`'s private validation records (its share of the validation split)."""
-        return self.dataset.val.subset(self.val_partitions[index])
+        """Hospital `index`'s private validation records, held out from its training."""
+        return self.dataset.train.subset(self.local_validation[index])
 
     def partition_table(self) -> str:
         return format_partition_table(self.partition_rows)
@@ -84,7 +85,8 @@ def prepare_experiment(cfg: FedprivConfig) -> Experiment:
     labels = dataset.train.labels.numpy()
     partitions = partition_indices(labels, fed.num_hospitals, fed.partition, alpha=fed.alpha,
                                    seed=cfg.seed, shares=shares)
-    validate_against_data(cfg, [len(p) for p in partitions], len(labels))
+    local_training, local_validation = split_local_validation(partitions, fed.local_val_fraction, cfg.seed)
+    validate_against_data(cfg, [len(p) for p in local_training], len(labels))
     names = hospital_names(cfg)
     overrides = fed.hospitals or [None] * fed.num_hospitals
     hospitals = [
@@ -93,12 +95,27 @@ def prepare_experiment(cfg: FedprivConfig) -> Experiment:
             name=names[i],
             epsilon=(o.epsilon if o is not None and o.epsilon is not None else cfg.privacy.epsilon),
             delta=(o.delta if o is not None and o.delta is not None else cfg.privacy.delta),
-            records=len(partitions[i]),
+            records=len(local_training[i]),
         )
         for i, o in enumerate(overrides)
     ]
     rows = partition_summary(labels, partitions, dataset.class_names, names)
-    # Validation records are dealt out uniformly: every hospital gets a share, even under label skew.
-    order = np.random.default_rng(cfg.seed).permutation(len(dataset.val))
-    val_partitions = [np.sort(part) for part in np.array_split(order, fed.num_hospitals)]
-    return Experiment(cfg, dataset, partitions, hospitals, rows, val_partitions)
+    for row, training, validation in zip(rows, local_training, local_validation):
+        row["training"], row["validation"] = len(training), len(validation)
+    return Experiment(cfg, dataset, partitions, hospitals, rows, local_training, local_validation)
+
+
+def split_local_validation(partitions: list[np.ndarray], fraction: float,
+                           seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each hospital holds out `fraction` of its own records for validation, as a real site would.
+
+    The official validation split stays with the server (a public calibration set), so nothing a
+    hospital validates on is shared with anyone.
+    """
+    training, validation = [], []
+    for index, part in enumerate(partitions):
+        shuffled = np.random.default_rng([seed, index]).permutation(part)
+        held_out = min(int(fraction * len(part)), max(len(part) - 1, 0))
+        validation.append(np.sort(shuffled[:held_out]))
+        training.append(np.sort(shuffled[held_out:]))
+    return training, validation
