@@ -83,6 +83,7 @@ class StrategyConfig:
     round_timeout: float = 1800.0  # seconds to wait for hospitals' replies before skipping them
     client_evaluate: bool = True  # also ask hospitals to evaluate on their private validation split
     spend_remaining: bool = False  # hospitals train the steps that still fit, then lock
+    max_update_norm_ratio: float = 10.0  # reject updates whose norm exceeds this many times the median
 
 
 @dataclass
@@ -230,6 +231,9 @@ def validate_config(cfg: FedprivConfig) -> None:
     if cfg.strategy.num_rounds < 1:
         raise ConfigError("strategy.num_rounds", cfg.strategy.num_rounds, "must be at least 1", "use e.g. 5")
     _positive("strategy.round_timeout", cfg.strategy.round_timeout, "use e.g. strategy.round_timeout=600")
+    if not cfg.strategy.max_update_norm_ratio > 1:
+        raise ConfigError("strategy.max_update_norm_ratio", cfg.strategy.max_update_norm_ratio, "must be above 1",
+                          "use e.g. strategy.max_update_norm_ratio=10")
     if cfg.federation.client_cpus < 1:
         raise ConfigError("federation.client_cpus", cfg.federation.client_cpus, "must be at least 1", "use 1")
 

@@ -20,6 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedpriv.update_checks import metrics_problem, norm_outliers, update_norm, weights_problem
+
 log = logging.getLogger("fedpriv")
 
 PARALLEL, SEQUENTIAL = "parallel", "sequential"
@@ -70,6 +72,7 @@ class BudgetAwareStrategy(Strategy):
         seed: int = 0,
         client_evaluate: bool = True,
         discovery_timeout: float = 300.0,
+        max_update_norm_ratio: float = 10.0,
         on_round_end: RoundCallback | None = None,
     ) -> None:
         if mode not in (PARALLEL, SEQUENTIAL):
@@ -81,6 +84,8 @@ class BudgetAwareStrategy(Strategy):
         self.client_evaluate = client_evaluate
         self.discovery_timeout = discovery_timeout
         self.on_round_end = on_round_end
+        self.max_update_norm_ratio = max_update_norm_ratio
+        self.accepted_norms: list[float] = []  # norms of accepted updates so far (outlier reference)
         self.hospitals: list[HospitalState] = []
         self.history: list[RoundRecord] = []
         self.stop_reason = ""
@@ -228,8 +233,8 @@ class BudgetAwareStrategy(Strategy):
         messages = list(self.configure_train(server_round, arrays, config, grid))
         record.order = [self._by_node(m.metadata.dst_node_id).name for m in messages]
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        self._note_replies(record, messages, replies)
-        new_arrays, _ = self.aggregate_train(server_round, replies)
+        accepted = self._note_replies(record, messages, replies, arrays.to_torch_state_dict())
+        new_arrays, _ = self.aggregate_train(server_round, accepted)
         return arrays if new_arrays is None else new_arrays
 
     def _sequential_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
@@ -237,10 +242,9 @@ class BudgetAwareStrategy(Strategy):
             record.order.append(hospital.name)
             message = self._train_message(hospital, server_round, arrays, config)
             replies = list(grid.send_and_receive([message], timeout=self.timeout))
-            self._note_replies(record, [message], replies)
-            reply = replies[0] if replies else None
-            if reply is not None and not reply.has_error() and "arrays" in reply.content:
-                arrays = reply.content["arrays"]  # the next hospital starts from these weights
+            accepted = self._note_replies(record, [message], replies, arrays.to_torch_state_dict())
+            if accepted:
+                arrays = accepted[0].content["arrays"]  # the next hospital starts from these weights
         return arrays
 
     def _train_message(self, hospital: HospitalState, server_round: int, arrays: ArrayRecord,
@@ -248,33 +252,63 @@ class BudgetAwareStrategy(Strategy):
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({**dict(config), "server_round": server_round})})
         return Message(content, dst_node_id=hospital.node_id, message_type=MessageType.TRAIN)
 
-    def _note_replies(self, record: RoundRecord, messages: list[Message], replies: list[Message]) -> None:
-        answered = set()
+    def _note_replies(self, record: RoundRecord, messages: list[Message], replies: list[Message],
+                      reference: dict[str, torch.Tensor]) -> list[Message]:
+        """Record every reply (or its absence) and return the trained replies that pass the checks."""
+        answered, candidates = set(), {}
         for reply in replies:
             hospital = self._by_node(reply.metadata.src_node_id)
             answered.add(hospital.node_id)
             if reply.has_error():
-                hospital.failures += 1
-                record.hospitals[hospital.name] = {"status": "failed", "message": reply.error.reason}
-                log.warning("round %d: hospital %s failed: %s (the round goes on without it)",
-                            record.round, hospital.name, reply.error.reason)
+                self._reject(record, hospital, "failed", reply.error.reason)
+                continue
+            problem = self._reply_problem(reply, hospital, reference)
+            if problem:
+                self._reject(record, hospital, "rejected", problem)
                 continue
             status = reply.content["status"]
-            metrics = dict(reply.content["metrics"])
             _update_state(hospital, reply.content["metrics"], str(status["status"]))
             record.hospitals[hospital.name] = {"status": str(status["status"]), "message": str(status["message"]),
-                                               **metrics}
-            if status["status"] != "trained":
+                                               **dict(reply.content["metrics"])}
+            if status["status"] == "trained":
+                candidates[hospital.name] = reply
+            else:
                 log.warning("round %d: hospital %s did not train (%s): %s", record.round, hospital.name,
                             status["status"], status["message"])
         for message in messages:
             if message.metadata.dst_node_id not in answered:
-                hospital = self._by_node(message.metadata.dst_node_id)
-                hospital.failures += 1
-                record.hospitals[hospital.name] = {"status": "timeout",
-                                                   "message": f"no reply within {self.timeout}s"}
-                log.warning("round %d: hospital %s did not reply within %ss; skipped", record.round,
-                            hospital.name, self.timeout)
+                self._reject(record, self._by_node(message.metadata.dst_node_id), "timeout",
+                             f"no reply within {self.timeout}s; skipped")
+        return self._drop_norm_outliers(record, candidates, reference)
+
+    def _reply_problem(self, reply: Message, hospital: HospitalState, reference: dict[str, torch.Tensor]) -> str | None:
+        content = reply.content
+        if "metrics" not in content or "status" not in content:
+            return "reply lacks its metrics or status"
+        metrics = dict(content["metrics"])
+        problem = metrics_problem(metrics, declared_examples=hospital.num_examples, last_epsilon=hospital.epsilon,
+                                  last_budget=hospital.budget_epsilon, last_delta=hospital.delta)
+        if problem or content["status"]["status"] != "trained":
+            return problem
+        if "arrays" not in content:
+            return "a trained reply without weights"
+        return weights_problem(reference, content["arrays"].to_torch_state_dict())
+
+    def _drop_norm_outliers(self, record: RoundRecord, candidates: dict[str, Message],
+                            reference: dict[str, torch.Tensor]) -> list[Message]:
+        norms = {name: update_norm(reference, reply.content["arrays"].to_torch_state_dict())
+                 for name, reply in candidates.items()}
+        outliers = norm_outliers(norms, self.accepted_norms, self.max_update_norm_ratio)
+        for name, reason in outliers.items():
+            self._reject(record, next(h for h in self.hospitals if h.name == name), "rejected", reason)
+        self.accepted_norms += [norm for name, norm in norms.items() if name not in outliers]
+        return [reply for name, reply in candidates.items() if name not in outliers]
+
+    def _reject(self, record: RoundRecord, hospital: HospitalState, status: str, reason: str) -> None:
+        hospital.failures += 1
+        record.hospitals[hospital.name] = {"status": status, "message": reason}
+        log.warning("round %d: hospital %s %s: %s (the round goes on without it)", record.round, hospital.name,
+                    status, reason)
 
     def _train_metrics(self) -> MetricRecord:
         """Privacy-correct aggregation: the max and each hospital's epsilon, never an average."""

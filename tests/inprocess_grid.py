@@ -7,7 +7,7 @@ reply is recorded, and a node can be told to fail in a given round.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -29,6 +29,7 @@ class InProcessGrid:
         self.replies: list[Message] = []
         self.fail: set[tuple[int, int]] = set()  # (node id, server round) pairs that raise in train
         self.silent: set[tuple[int, int]] = set()  # (node id, server round) pairs that never reply
+        self.tamper: dict[tuple[int, int], Callable[[Message], Message]] = {}  # rewrite a train reply
         self._ids = itertools.count(1)
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0
 
@@ -48,6 +49,8 @@ class InProcessGrid:
                 reply = Message(Error(code=1, reason=f"injected failure at node {node}"), reply_to=message)
             else:
                 reply = client_app(message, self.contexts[node])
+                if (node, server_round) in self.tamper and message.metadata.message_type == "train":
+                    reply = self.tamper[(node, server_round)](reply)
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         self.replies.extend(replies)

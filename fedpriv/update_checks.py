@@ -1,0 +1,81 @@
+"""Checks on a hospital's training reply before it may touch the global model.
+
+A buggy or hostile hospital must not corrupt the federation: weights with NaN/Inf, the wrong keys,
+shapes or dtypes, an absurd update norm, a bad `num-examples`, or privacy figures that contradict
+what the hospital reported before are all rejected, with the reason, and the round goes on without
+them. Pure functions over state dicts and metric mappings, so they are tested without Flower.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+
+import torch
+
+# Reported epsilons are recomputed by an accountant with a small numeric error; allow for it.
+_EPSILON_TOLERANCE = 1e-6
+
+
+def weights_problem(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> str | None:
+    """Why `update` cannot replace `reference` (keys, shapes, dtypes, non-finite values), or None."""
+    missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+    if missing or extra:
+        return f"weights have missing keys {missing[:3]} / unexpected keys {extra[:3]}"
+    for key, expected in reference.items():
+        got = update[key]
+        if tuple(got.shape) != tuple(expected.shape):
+            return f"weights {key!r} have shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+        if got.dtype != expected.dtype:
+            return f"weights {key!r} have dtype {got.dtype}, expected {expected.dtype}"
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            return f"weights {key!r} contain NaN or Inf"
+    return None
+
+
+def update_norm(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of the change `update - reference` over all floating-point tensors."""
+    squares = [((update[k].double() - reference[k].double()) ** 2).sum() for k in reference
+               if reference[k].is_floating_point()]
+    return math.sqrt(float(sum(squares))) if squares else 0.0
+
+
+def norm_outliers(norms: Mapping[str, float], history: list[float], max_ratio: float) -> dict[str, str]:
+    """Updates whose norm exceeds `max_ratio` times the median of this round's and earlier norms.
+
+    A median needs company: with fewer than three norms to compare with, nothing is flagged.
+    """
+    pool = [*history, *norms.values()]
+    if len(pool) < 3:
+        return {}
+    median = statistics.median(pool)
+    return {name: f"update norm {norm:.3g} is over {max_ratio:g}x the median {median:.3g}"
+            for name, norm in norms.items() if median > 0 and norm > max_ratio * median}
+
+
+def metrics_problem(metrics: Mapping[str, object], *, declared_examples: int, last_epsilon: float,
+                    last_budget: float, last_delta: float) -> str | None:
+    """Why a training reply's metrics are not believable, or None.
+
+    `declared_examples` is what the hospital said it holds (its query reply); the privacy figures
+    may not go backwards: cumulative epsilon never falls, a budget never rises, delta never changes.
+    """
+    examples = metrics.get("num-examples")
+    if not isinstance(examples, (int, float)) or isinstance(examples, bool) or not math.isfinite(examples):
+        return f"num-examples is missing or not a number ({examples!r})"
+    if examples < 0 or examples != int(examples):
+        return f"num-examples {examples} is not a non-negative integer"
+    if declared_examples and examples > declared_examples:
+        return f"num-examples {int(examples)} exceeds the {declared_examples} records the hospital declared"
+    try:
+        epsilon, budget, delta = (float(metrics[k]) for k in ("epsilon", "budget-epsilon", "delta"))
+    except (KeyError, TypeError, ValueError):
+        return "privacy figures (epsilon, budget-epsilon, delta) are missing"
+    if math.isnan(epsilon) or epsilon < last_epsilon - _EPSILON_TOLERANCE:
+        return f"cumulative epsilon went from {last_epsilon:.6g} down to {epsilon:.6g}"
+    if budget > last_budget + _EPSILON_TOLERANCE:
+        return f"budget went up from {last_budget:g} to {budget:g}"
+    if last_delta and delta != last_delta:
+        return f"delta changed from {last_delta:g} to {delta:g}"
+    return None

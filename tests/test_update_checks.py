@@ -1,0 +1,97 @@
+"""Hostile or broken updates are rejected before aggregation, and the round goes on without them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedpriv.update_checks import metrics_problem, norm_outliers, update_norm, weights_problem
+from test_federation import federate
+
+REFERENCE = {"w": torch.zeros(3, 2), "b": torch.zeros(2), "steps": torch.tensor(0)}
+GOOD_METRICS = {"num-examples": 50, "epsilon": 1.0, "budget-epsilon": 3.0, "delta": 1e-5}
+
+
+@pytest.mark.parametrize(("update", "reason"), [
+    ({"w": torch.full((3, 2), math.nan), "b": torch.zeros(2), "steps": torch.tensor(0)}, "NaN or Inf"),
+    ({"w": torch.full((3, 2), math.inf), "b": torch.zeros(2), "steps": torch.tensor(0)}, "NaN or Inf"),
+    ({"w": torch.zeros(2, 3), "b": torch.zeros(2), "steps": torch.tensor(0)}, "shape"),
+    ({"w": torch.zeros(3, 2, dtype=torch.float64), "b": torch.zeros(2), "steps": torch.tensor(0)}, "dtype"),
+    ({"w": torch.zeros(3, 2), "steps": torch.tensor(0)}, "missing keys"),
+    ({**REFERENCE, "extra": torch.zeros(1)}, "unexpected keys"),
+])
+def test_broken_weights_are_named(update, reason):
+    assert reason in weights_problem(REFERENCE, update)
+
+
+def test_good_weights_pass():
+    assert weights_problem(REFERENCE, {k: v + 1 if v.is_floating_point() else v for k, v in REFERENCE.items()}) is None
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"num-examples": None}, "missing"),
+    ({"num-examples": -1}, "non-negative"),
+    ({"num-examples": 51}, "declared"),
+    ({"epsilon": 0.5}, "down"),
+    ({"budget-epsilon": 9.0}, "budget went up"),
+    ({"delta": 1e-3}, "delta changed"),
+])
+def test_unbelievable_metrics_are_named(change, reason):
+    metrics = {**GOOD_METRICS, **change}
+    problem = metrics_problem(metrics, declared_examples=50, last_epsilon=0.8, last_budget=3.0, last_delta=1e-5)
+    assert reason in problem
+    assert metrics_problem(GOOD_METRICS, declared_examples=50, last_epsilon=0.8, last_budget=3.0,
+                           last_delta=1e-5) is None
+
+
+def test_norm_outliers_need_company_and_use_the_median():
+    assert norm_outliers({"a": 1.0, "b": 100.0}, [], 10) == {}
+    flagged = norm_outliers({"a": 1.0, "b": 1.2, "c": 50.0}, [], 10)
+    assert list(flagged) == ["c"] and "median" in flagged["c"]
+    assert norm_outliers({"a": 1.0, "b": 9.0}, [1.0, 1.1], 10) == {}
+    assert update_norm(REFERENCE, {**REFERENCE, "w": torch.full((3, 2), 2.0)}) == pytest.approx(math.sqrt(24))
+
+
+def _poison_weights(value):
+    def tamper(reply):
+        state = reply.content["arrays"].to_torch_state_dict()
+        first = next(iter(state))
+        state[first] = torch.full_like(state[first], value)
+        reply.content["arrays"] = ArrayRecord(state)
+        return reply
+    return tamper
+
+
+def _inflate_examples(reply):
+    metrics = dict(reply.content["metrics"])
+    metrics["num-examples"] = 10_000
+    reply.content["metrics"] = MetricRecord(metrics)
+    return reply
+
+
+@pytest.mark.parametrize(("tamper", "reason"), [
+    (_poison_weights(math.nan), "NaN or Inf"),
+    (_poison_weights(1e6), "median"),
+    (_inflate_examples, "declared"),
+])
+def test_a_hostile_hospital_is_rejected_and_named_and_the_round_goes_on(tmp_path, tamper, reason):
+    strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1",
+                                       grid_hook=lambda g: g.tamper.update({(g.node_ids[2], 1): tamper}))
+    record = strategy.history[0]
+    assert record.hospitals["hospital-3"]["status"] == "rejected"
+    assert reason in record.hospitals["hospital-3"]["message"]
+    assert sorted(record.trained) == ["hospital-1", "hospital-2"]
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in final.values() if t.is_floating_point())
+
+
+def test_sequential_continues_from_the_last_good_weights_after_a_rejection(tmp_path):
+    strategy, grid, _ = federate(tmp_path, "strategy=sequential", "strategy.num_rounds=1",
+                                 grid_hook=lambda g: g.tamper.update({(g.node_ids[1], 1): _poison_weights(math.inf)}))
+    (_, first_reply), _, (third_message, _) = grid.train_exchanges()
+    first, third = first_reply.content["arrays"].to_torch_state_dict(), third_message.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(first[k], third[k]) for k in first)
+    assert strategy.history[0].hospitals["hospital-2"]["status"] == "rejected"
