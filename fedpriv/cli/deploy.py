@@ -191,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM becomes KeyboardInterrupt, so every `finally` (stopping processes) runs."""
+    """Ctrl-C, SIGTERM and SIGHUP become KeyboardInterrupt, so every `finally` (stopping processes) runs."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Explicitly: a shell starting this in the background leaves SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

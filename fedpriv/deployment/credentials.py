@@ -32,7 +32,9 @@ from fedpriv.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Always in the certificate: the coordinator's own ServerApp reaches a SuperLink listening on
+# 0.0.0.0 through 127.0.0.1 (Flower rewrites bind-all addresses to loopback).
+DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CURVE = ec.SECP384R1
 
@@ -184,16 +186,17 @@ def write_hospital_keys(out: Path, name: str, ca_certificate: Path, *, overwrite
 
 def make_credentials(out: str | Path, hospitals: list[str], hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS, *,
                      days: int = 365, overwrite: bool = False) -> Credentials:
-    """Write a CA, the SuperLink certificate for `hosts` and a key pair per hospital under `out`."""
+    """Write a CA, the SuperLink certificate for `hosts` and a key pair per hospital under `out`.
+
+    127.0.0.1 and localhost are always added to `hosts`. Existing files raise FileExistsError
+    (before anything is written) unless `overwrite`.
+    """
     names = [check_hospital_name(name.strip()) for name in hospitals]
     if not names:
         raise ConfigError("hospitals", hospitals, "at least one hospital is needed", "use e.g. --hospitals A,B,C")
     if len(set(names)) != len(names):
         raise ConfigError("hospitals", ",".join(names), "hospital names must be unique", "give each its own name")
-    hosts = tuple(host.strip() for host in hosts if host.strip())
-    if not hosts:
-        raise ConfigError("hosts", hosts, "the certificate needs at least one host name or IP address",
-                          "use e.g. --hosts 127.0.0.1,localhost,link.example.org")
+    hosts = tuple(dict.fromkeys([*(host.strip() for host in hosts if host.strip()), *DEFAULT_HOSTS]))
     if days < 1:
         raise ConfigError("days", days, "certificates must be valid for at least one day", "use e.g. --days 365")
     root = Path(out).expanduser().resolve()

@@ -20,7 +20,8 @@ key                    meaning
 =====================  ======================================================================
 
 From the run config (the server's side) only the model architecture and the image size are taken;
-budget, delta, data and ledger path never are. For an npz the hospital trains on its ``train`` split
+budget, delta, data and ledger path never are. Records whose channels, classes or size the run's
+model cannot take are refused with a ConfigError naming ``data``. For an npz the hospital trains on its ``train`` split
 and evaluates on its ``val`` split; for an image folder on ``load_image_folder``'s train and val
 splits (the folder's test split stays unused).
 """
@@ -42,7 +43,9 @@ if TYPE_CHECKING:  # the ClientApp module imports this one lazily; avoid a cycle
     from flwr.app import Context
 
     from fedpriv.client_app import HospitalSite
+    from fedpriv.config import FedprivConfig
     from fedpriv.data import LabeledImages
+    from fedpriv.hospital import HospitalSettings
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +126,8 @@ def _threads(config: Mapping[str, Any]) -> int | None:
     value = config.get("threads")
     if value is None or value == "":
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
-            or int(value) < 1:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not (whole or (isinstance(value, str) and value.strip().isdigit())) or int(value) < 1:
         raise ConfigError("threads", value, "must be a whole number >= 1", _fix("threads", "1"))
     return int(value)
 
@@ -220,7 +223,31 @@ def cached_hospital_data(settings: NodeSettings, image_size: int, node_config: M
     return _DATA[key]
 
 
-def hospital_settings(settings: NodeSettings):
+def expected_shape(dataset_name: str) -> tuple[int, int] | None:
+    """(channels, classes) the run's model is built for, when the run's dataset name tells; else None."""
+    if dataset_name == "synthetic":
+        return 1, 2
+    if dataset_name == "imagefolder":
+        return None
+    from medmnist import INFO
+
+    info = INFO.get(dataset_name)
+    return (int(info["n_channels"]), len(info["label"])) if info else None
+
+
+def check_compatible(cfg: FedprivConfig, data: HospitalData) -> None:
+    """Refuse, naming `data`, hospital records the run's model cannot take (instead of a shape error)."""
+    shape = expected_shape(cfg.dataset.name)
+    if shape is not None and shape != (data.in_channels, data.num_classes):
+        raise ConfigError("data", data.source, f"holds {data.in_channels}-channel images of {data.num_classes} "
+                          f"classes, but the run's model ({cfg.dataset.name}) takes {shape[0]}-channel images of "
+                          f"{shape[1]} classes", "point data= at records of the federation's task")
+    if data.image_size != cfg.dataset.size:
+        raise ConfigError("data", data.source, f"holds {data.image_size}-pixel images, but the run uses "
+                          f"dataset.size={cfg.dataset.size}", "provide the npz of that size")
+
+
+def hospital_settings(settings: NodeSettings) -> HospitalSettings:
     """The :class:`~fedpriv.hospital.HospitalSettings` of a deployed hospital (always with a budget)."""
     from fedpriv.hospital import HospitalSettings
 
@@ -241,5 +268,6 @@ def deployed_site(context: Context) -> HospitalSite:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     data = cached_hospital_data(settings, cfg.dataset.size, context.node_config)
+    check_compatible(cfg, data)
     return HospitalSite(hospital_settings(settings), data.train, data.validation, data.fingerprint, cfg,
                         data.in_channels, data.num_classes, data.image_size)

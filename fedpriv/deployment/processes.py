@@ -113,7 +113,13 @@ def _toml_value(key: str, value: Any) -> str:
         if not math.isfinite(value):
             raise ValueError(f"node-config {key}: {value} is not a finite number")
         return repr(value)
-    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are valid TOML
+    text = str(value)
+    if '"' not in text:
+        return json.dumps(text)  # a TOML basic string: JSON's escapes are valid TOML
+    # Flower splits the node config with a regex that ends a "..." value at the next double quote.
+    if "'" in text or "\n" in text:
+        raise ValueError(f"node-config {key}: {text!r} holds both kinds of quotes (or a line break)")
+    return f"'{text}'"  # a TOML literal string: taken as is
 
 
 def node_config_string(values: Mapping[str, Any]) -> str:
@@ -250,12 +256,14 @@ class ProcessSet:
         return sorted(pid for pid, started in self.seen() if start_time(pid) == started)
 
     def note_descendants(self) -> None:
+        """Remember the current descendants of every running process (call it while they work)."""
         for managed in self.processes:
             if managed.running():
                 managed.note_descendants()
 
     def stop(self, managed: ManagedProcess) -> None:
         """Stop one process and everything it spawned (SIGTERM, then SIGKILL after the grace period)."""
+        started = time.monotonic()
         if managed.running():
             managed.note_descendants()
             terminate_tree(managed.pid, grace=self.grace)
@@ -268,6 +276,7 @@ class ProcessSet:
             managed.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             log.warning("%s (pid %d) is still running after SIGKILL", managed.name, managed.pid)
+        log.info("stopped %s (pid %d) in %.1fs", managed.name, managed.pid, time.monotonic() - started)
 
     def stop_all(self) -> None:
         """Stop every process, the most recently started first."""

@@ -11,8 +11,9 @@ Layout under OUT::
     credentials/            CA, SuperLink certificate, hospital key pairs (see credentials.py)
     coordinator/            flwr-home/, app/, run-config-*.toml, superlink.log
     coordinator/runs/NAME/  the server's artifacts of each run (metrics.json, summary.md, model.pt, ...)
-    <hospital>/data/        the hospital's share: <flag>.npz (train = its partition, val = its val
-                            share, test = the test split)
+    <hospital>/data/        the hospital's share: <flag>.npz (train = the records it trains on,
+                            val = the records it holds out for its own validation, test = the
+                            test split)
     <hospital>/ledger/      its privacy ledger (ledger.db)
     <hospital>/supernode.log
 """
@@ -20,6 +21,7 @@ Layout under OUT::
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass, field
@@ -179,8 +181,12 @@ class LocalFederation:
         for index, (hospital, budget) in enumerate(zip(self.experiment.hospitals, budgets)):
             folder = self.out / hospital.name
             data = folder / "data"
-            write_share(data, flag, cfg.dataset.size, self.experiment.hospital_data(index),
-                        self.experiment.hospital_validation(index), test)
+            validation = self.experiment.hospital_validation(index)
+            if not len(validation):
+                raise ConfigError("federation.local_val_fraction", cfg.federation.local_val_fraction,
+                                  f"hospital {hospital.name} holds out no validation records, and a MedMNIST npz "
+                                  "needs a non-empty val split", "use e.g. federation.local_val_fraction=0.1")
+            write_share(data, flag, cfg.dataset.size, self.experiment.hospital_data(index), validation, test)
             (folder / "ledger").mkdir(parents=True, exist_ok=True)
             keys = self.credentials.hospitals[hospital.name]
             self.hospitals.append(RehearsalHospital(
@@ -247,14 +253,24 @@ class LocalFederation:
         runner = self.processes.start(f"flwr run {name}", run_command(self.coordinator / "app", run_config),
                                       run_dir / "flwr-run.log", cwd=self.coordinator)
         try:
-            code = runner.wait(timeout=timeout or 1e9)
+            code = self._follow(runner, timeout)
         finally:
-            self.processes.note_descendants()
             self.processes.stop(runner)
         if code != 0 or not (run_dir / "summary.md").is_file():
             raise DeploymentError(f"the federated run {name} did not finish (flwr run exited {code}); see "
                                   f"{runner.log_path} and {self.coordinator / 'superlink.log'}:\n{runner.log_tail()}")
         return RunOutcome(run_dir, runner.log_path, time.monotonic() - started)
+
+    def _follow(self, runner: ManagedProcess, timeout: float | None) -> int:
+        """Wait for `flwr run` to end, noting every process the federation spawns meanwhile (by PID)."""
+        deadline = time.monotonic() + (timeout or math.inf)
+        while runner.running():
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the run did not finish within {timeout:.0f}s; see {runner.log_path}")
+            assert self.processes is not None
+            self.processes.note_descendants()
+            time.sleep(0.5)
+        return runner.process.returncode
 
     def stop(self) -> None:
         """Stop every process this federation started (SuperNodes, runs, the SuperLink), by PID."""

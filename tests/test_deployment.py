@@ -1,0 +1,347 @@
+"""Deployment without processes: credentials, hospital node configs, deployed sites and their replies.
+
+The hospital's own settings (data, budget, delta, ledger) come from its SuperNode's node config; these
+tests check that bad node configs are refused naming the key, that neither the run config nor the
+server's messages can change them, and that a reply carries weights, scalar metrics and a status only.
+The real processes (SuperLink, SuperNodes, TLS, authentication) are tested in
+test_deployment_federation.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.config import parse_config_args
+from flwr.supercore.task_identity import TaskIdentity
+from PIL import Image
+
+from fedpriv.app_config import CONFIG_KEY, compose_config, config_to_json
+from fedpriv.client_app import app as client_app
+from fedpriv.data.synthetic import make_synthetic
+from fedpriv.deployment import node as node_module
+from fedpriv.deployment.credentials import make_credentials, placement
+from fedpriv.deployment.node import deployed_site, parse_node_config
+from fedpriv.deployment.processes import node_config_string, supernode_command
+from fedpriv.deployment.rehearsal import write_share
+from fedpriv.errors import ConfigError
+from fedpriv.models import build_model
+from fedpriv.privacy.ledger import read_ledger
+from fedpriv.server_app import round_request
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_OVERRIDES = ["dataset=synthetic", "dataset.num_samples=120", "train.batch_size=8", "model.width=4",
+                 "train.momentum=0.0"]
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def run_cfg():
+    return compose_config(RUN_OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def share(tmp_path_factory) -> Path:
+    """A hospital's data folder holding pneumoniamnist.npz (MedMNIST layout) of tiny synthetic images."""
+    data = make_synthetic(num_samples=120, size=28, seed=3, val_fraction=0.2, test_fraction=0.2)
+    folder = tmp_path_factory.mktemp("share") / "data"
+    write_share(folder, "pneumoniamnist", 28, data.train, data.val, data.test)
+    return folder
+
+
+@pytest.fixture
+def node_config(share, tmp_path) -> dict:
+    (tmp_path / "ledger").mkdir()
+    return {"name": "St-Elsewhere", "data": str(share), "budget-epsilon": 2.5, "delta": 1e-5,
+            "ledger": str(tmp_path / "ledger" / "ledger.db"), "threads": 1}
+
+
+@pytest.fixture
+def task_identity():
+    """Messages are built as inside a run: Flower needs its task identity set (restored afterwards)."""
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 11, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def _context(node_config: dict, run_config: dict) -> Context:
+    return Context(run_id=11, node_id=5, node_config=dict(node_config), state=RecordDict(),
+                   run_config=dict(run_config))
+
+
+def _run_config(cfg) -> dict:
+    return {CONFIG_KEY: config_to_json(cfg), "overrides": "", "run-dir": ""}
+
+
+def _deliver(message: Message, context: Context) -> Message:
+    """Hand a message to the real ClientApp in this process, as a SuperNode would."""
+    message.metadata.__dict__["_message_id"] = f"m{id(message)}"
+    return client_app(message, context)
+
+
+def _train_message(cfg, **extra) -> Message:
+    model = build_model(cfg.model.name, in_channels=1, num_classes=2, image_size=28, width=cfg.model.width)
+    config = {**round_request(cfg, "run-a").to_record(), "server_round": 1, **extra}
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(config)}),
+                   dst_node_id=5, message_type=MessageType.TRAIN)
+
+
+# --------------------------------------------------------------------------------- credentials
+
+
+def test_credentials_are_a_ca_a_server_certificate_and_openssh_p384_keys(tmp_path):
+    credentials = make_credentials(tmp_path / "creds", ["A", "B"], ["link.example.org", "10.1.2.3"], days=30)
+
+    ca = x509.load_pem_x509_certificate(credentials.ca_certificate.read_bytes())
+    server = x509.load_pem_x509_certificate(credentials.server_certificate.read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(names.get_values_for_type(x509.DNSName)) == {"link.example.org", "localhost"}
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"10.1.2.3", "127.0.0.1"}
+    server_key = serialization.load_pem_private_key(credentials.server_key.read_bytes(), None)
+    assert server_key.public_key().public_numbers() == server.public_key().public_numbers()
+
+    for name, hospital in credentials.hospitals.items():
+        private = serialization.load_ssh_private_key(hospital.private_key.read_bytes(), None)  # as flower-supernode
+        public = serialization.load_ssh_public_key(hospital.registered_key.read_bytes())  # as flwr supernode register
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert hospital.registered_key.read_bytes() == hospital.public_key.read_bytes()
+        assert hospital.ca_certificate.read_bytes() == credentials.ca_certificate.read_bytes()
+        assert hospital.private_key.parent.name == name
+    for secret in (credentials.ca_key, credentials.server_key,
+                   *(h.private_key for h in credentials.hospitals.values())):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    text = placement(credentials)
+    assert "--ssl-certfile" in text and "--auth-supernode-private-key" in text and "--name B" in text
+
+
+def test_credentials_keys_are_accepted_by_flowers_own_loaders(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+
+    credentials = make_credentials(tmp_path, ["A"])
+    assert try_load_public_key(credentials.hospitals["A"].registered_key)
+
+
+def test_credentials_refuse_to_overwrite_and_leave_files_untouched(tmp_path):
+    first = make_credentials(tmp_path, ["A"])
+    before = first.ca_certificate.read_bytes()
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        make_credentials(tmp_path, ["A", "B"])
+    assert first.ca_certificate.read_bytes() == before
+    assert not (tmp_path / "hospitals" / "B").exists()
+    assert make_credentials(tmp_path, ["A"], overwrite=True).ca_certificate.read_bytes() != before
+
+
+@pytest.mark.parametrize("hospitals", [["A", "A"], ["bad name"], [], ["../etc"]])
+def test_credentials_reject_bad_hospital_lists(tmp_path, hospitals):
+    with pytest.raises(ConfigError) as error:
+        make_credentials(tmp_path, hospitals)
+    assert error.value.key == "hospitals"
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------- node configuration
+
+
+def test_node_config_string_round_trips_through_flowers_parser(tmp_path):
+    values = {"name": 'Saint "Q" Hospital', "data": str(tmp_path / "a folder" / "x.npz"), "budget-epsilon": 3.0,
+              "delta": 1e-5, "allow-non-private": False, "threads": 2, "skipped": None}
+    parsed = parse_config_args([node_config_string(values)])
+    assert parsed == {key: value for key, value in values.items() if value is not None}
+
+
+def test_supernode_command_has_tls_and_authentication(tmp_path):
+    command = supernode_command(superlink="link:8000", node_config={"name": "A"}, root_certificates=tmp_path / "ca",
+                                auth_key=tmp_path / "A.key", port=9100)
+    flags = dict(zip(command[1::2], command[2::2]))
+    assert flags["--root-certificates"].endswith("ca") and flags["--auth-supernode-private-key"].endswith("A.key")
+    assert flags["--port"] == "9100" and "--insecure" not in command
+
+
+@pytest.mark.parametrize("key", ["name", "data", "budget-epsilon", "delta", "ledger"])
+def test_a_missing_node_config_key_is_named(node_config, key):
+    del node_config[key]
+    with pytest.raises(ConfigError) as error:
+        parse_node_config(node_config)
+    assert error.value.key == key
+    assert "node config" in str(error.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("budget-epsilon", -1.0), ("budget-epsilon", "lots"), ("budget-epsilon", math.inf), ("budget-epsilon", True),
+    ("delta", 1.5), ("delta", 0), ("dataset", "notamedmnistflag"), ("accountant", "gdp"),
+    ("allow-non-private", "maybe"), ("threads", 0), ("data", "/no/such/folder"), ("ledger", "/no/such/dir/l.db"),
+    ("name", ""),
+])
+def test_an_invalid_node_config_value_is_named(node_config, key, value):
+    node_config[key] = value
+    with pytest.raises(ConfigError) as error:
+        parse_node_config(node_config)
+    assert error.value.key == key
+
+
+def test_a_ledger_path_that_is_a_folder_is_refused(node_config, tmp_path):
+    node_config["ledger"] = str(tmp_path / "ledger")
+    with pytest.raises(ConfigError) as error:
+        parse_node_config(node_config)
+    assert error.value.key == "ledger"
+
+
+def test_deployed_site_takes_budget_data_and_ledger_from_the_node_only(node_config, run_cfg, tmp_path):
+    greedy = compose_config([*RUN_OVERRIDES, "privacy.epsilon=1000000", "privacy.delta=0.5",
+                             f"federation.ledger_dir={tmp_path / 'server-chosen'}", "model.width=8"])
+    site = deployed_site(_context(node_config, _run_config(greedy)))
+    assert site.settings.budget_epsilon == 2.5
+    assert site.settings.delta == 1e-5
+    assert site.settings.ledger_path == Path(node_config["ledger"])
+    assert site.settings.name == "St-Elsewhere"
+    assert not site.settings.allow_non_private
+    assert site.config.model.width == 8  # the architecture does come from the run config
+    assert (site.in_channels, site.num_classes, site.image_size) == (1, 2, 28)
+    assert len(site.train) == 72 and len(site.validation) == 24  # the npz's train and val splits
+
+    # The Hydra-overrides route of the run config changes nothing either.
+    overrides = {CONFIG_KEY: "", "overrides": " ".join([*RUN_OVERRIDES, "privacy.epsilon=1000000"])}
+    assert deployed_site(_context(node_config, overrides)).settings.budget_epsilon == 2.5
+
+
+def test_deployed_site_caches_the_data_per_node_config(node_config, run_cfg):
+    first = deployed_site(_context(node_config, _run_config(run_cfg)))
+    again = deployed_site(_context(node_config, _run_config(run_cfg)))
+    assert again.train is first.train
+    other = deployed_site(_context({**node_config, "name": "Other"}, _run_config(run_cfg)))
+    assert other.settings.name == "Other"
+    assert node_module._DATA and len(node_module._DATA) == 1
+
+
+def test_deployed_site_reads_an_npz_file_and_an_image_folder(node_config, share, run_cfg, tmp_path):
+    node_config["data"] = str(share / "pneumoniamnist.npz")
+    assert len(deployed_site(_context(node_config, _run_config(run_cfg))).train) == 72
+
+    renamed = tmp_path / "mine.npz"
+    renamed.write_bytes((share / "pneumoniamnist.npz").read_bytes())
+    with pytest.raises(ConfigError) as error:
+        deployed_site(_context({**node_config, "data": str(renamed)}, _run_config(run_cfg)))
+    assert error.value.key == "data"
+
+    rng = np.random.default_rng(0)
+    for label in ("normal", "opacity"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
+    site = deployed_site(_context({**node_config, "data": str(tmp_path / "images")}, _run_config(run_cfg)))
+    assert (site.num_classes, site.image_size) == (2, 28)
+    assert len(site.train) + len(site.validation) < 20  # the folder's own test split stays unused
+
+
+def test_deployed_site_refuses_records_the_runs_model_cannot_take(node_config, share):
+    four_classes = compose_config([*RUN_OVERRIDES, "dataset.name=octmnist"])
+    with pytest.raises(ConfigError, match="4 classes") as error:
+        deployed_site(_context(node_config, _run_config(four_classes)))
+    assert error.value.key == "data"
+    node_config["data"] = str(share / "pneumoniamnist.npz")  # 28-pixel images
+    bigger = compose_config([*RUN_OVERRIDES, "dataset.size=64"])
+    with pytest.raises(ConfigError, match="dataset.size=64") as error:
+        deployed_site(_context(node_config, _run_config(bigger)))
+    assert error.value.key == "data"
+
+
+# --------------------------------------------------------------------- what leaves a hospital
+
+
+def _assert_only_scalars_leave(reply: Message, allowed: set[str]) -> None:
+    assert not reply.has_error(), reply.error if reply.has_error() else ""
+    assert set(reply.content.keys()) <= allowed
+    assert {type(value) for value in dict(reply.content["metrics"]).values()} <= {int, float}
+    assert {type(value) for value in dict(reply.content["status"]).values()} <= {str}
+    assert set(dict(reply.content["status"])) == {"hospital", "status", "message"}
+
+
+def test_a_train_reply_carries_weights_scalar_metrics_and_status_only(node_config, run_cfg, task_identity):
+    context = _context(node_config, _run_config(run_cfg))
+    # The server tries to hand out budget, delta, ledger and data: none of it is a training setting.
+    message = _train_message(run_cfg, budget_epsilon=1e9, delta=0.9, ledger="/tmp/evil.db", data="/tmp/evil",
+                             max_epsilon=1e9)
+    reply = _deliver(message, context)
+    _assert_only_scalars_leave(reply, {"arrays", "metrics", "status"})
+    assert set(reply.content.keys()) == {"arrays", "metrics", "status"}
+    metrics = dict(reply.content["metrics"])
+    assert reply.content["status"]["status"] == "trained"
+    assert metrics["budget-epsilon"] == 2.5 and metrics["delta"] == 1e-5
+    status = read_ledger(node_config["ledger"]).status()
+    assert status.budget_epsilon == 2.5
+    assert metrics["epsilon"] == pytest.approx(status.epsilon_spent)
+    assert not Path("/tmp/evil.db").exists()
+    assert node_config["data"] not in str(dict(reply.content["status"]))
+
+
+def test_evaluate_and_query_replies_carry_scalar_metrics_and_status_only(node_config, run_cfg, task_identity):
+    context = _context(node_config, _run_config(run_cfg))
+    train = _train_message(run_cfg)
+    arrays = train.content["arrays"]
+    evaluate = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server_round": 1})}), dst_node_id=5,
+                       message_type=MessageType.EVALUATE)
+    _assert_only_scalars_leave(_deliver(evaluate, context), {"metrics", "status"})
+    query = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=5, message_type=MessageType.QUERY)
+    reply = _deliver(query, context)
+    _assert_only_scalars_leave(reply, {"metrics", "status"})
+    assert reply.content["status"]["hospital"] == "St-Elsewhere"
+    assert reply.content["metrics"]["budget-epsilon"] == 2.5
+
+
+def test_a_non_private_request_is_refused_unless_the_hospital_allows_it(node_config, run_cfg, task_identity):
+    non_private = compose_config([*RUN_OVERRIDES, "privacy=none"])
+    reply = _deliver(_train_message(non_private), _context(node_config, _run_config(non_private)))
+    assert reply.content["status"]["status"] == "refused"
+    assert "arrays" not in reply.content
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "fedpriv.cli.deploy", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+
+
+def test_cli_credentials_and_node_print_command(tmp_path, share):
+    made = _cli("credentials", "--hospitals", "A,B", "--out", str(tmp_path / "creds"), "--hosts", "link.example.org")
+    assert made.returncode == 0, made.stderr
+    assert "Hospital B" in made.stdout and (tmp_path / "creds" / "hospitals" / "B" / "B.key").is_file()
+    assert _cli("credentials", "--hospitals", "A", "--out", str(tmp_path / "creds")).returncode == 2
+
+    (tmp_path / "ledgers").mkdir()
+    node = ["node", "--name", "A", "--data", str(share), "--budget-epsilon", "3", "--delta", "1e-5",
+            "--ledger", str(tmp_path / "ledgers" / "A.db"), "--superlink", "link.example.org:8000",
+            "--root-certificates", str(tmp_path / "creds" / "hospitals" / "A" / "ca.crt"),
+            "--auth-key", str(tmp_path / "creds" / "hospitals" / "A" / "A.key"), "--port", "9101"]
+    printed = _cli(*node, "--print-command")
+    assert printed.returncode == 0, printed.stderr
+    assert "flower-supernode --superlink link.example.org:8000" in printed.stdout
+    assert "--auth-supernode-private-key" in printed.stdout and "budget-epsilon=3.0" in printed.stdout
+
+    bad = _cli(*[arg if arg != "1e-5" else "2" for arg in node], "--print-command")
+    assert bad.returncode == 2 and "delta=2.0" in bad.stderr
+
+
+def test_cli_local_checks_the_config_before_starting_anything(tmp_path):
+    result = _cli("local", "--hospitals", "0", "--out", str(tmp_path / "out"), "dataset=synthetic")
+    assert result.returncode == 2
+    assert "federation.num_hospitals" in result.stderr
+    assert not (tmp_path / "out").exists()
