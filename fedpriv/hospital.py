@@ -202,8 +202,13 @@ def _noise_multiplier(ledger: PrivacyLedger, request: RoundRequest, sample_rate:
 
 
 def _refused(ledger: PrivacyLedger, settings: HospitalSettings, status: str, message: str, started: float) -> RoundOutcome:
+    # The full reason (ledger path, data fingerprint) stays in the hospital's own log; the server
+    # is told only the figures it is entitled to.
     log.warning("hospital %s refused to train: %s", settings.name, message)
-    outcome = RoundOutcome(settings.name, status, message).with_status(ledger.status())
+    budget = ledger.status()
+    told = (f"privacy budget exhausted: epsilon {budget.epsilon_spent:.4g} of budget {budget.budget_epsilon:g} "
+            f"spent (delta {budget.delta:g})" + ("; dataset locked" if budget.locked else "; this request refused"))
+    outcome = RoundOutcome(settings.name, status, told).with_status(budget)
     outcome.ledger_seconds = time.perf_counter() - started
     return outcome
 
