@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,8 +141,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     model = site.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     metrics = {"num-examples": 0}
+    started = time.perf_counter()
     if len(site.validation):
         metrics = evaluate(model, site.validation.as_dataset()).metrics()
+    metrics["eval-seconds"] = time.perf_counter() - started
     metrics = {key: float(value) for key, value in metrics.items() if not math.isnan(value)}
     metrics["dp-covered"] = 0.0
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),

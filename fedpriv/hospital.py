@@ -101,6 +101,7 @@ class RoundOutcome:
     budget_epsilon: float = math.inf
     locked: bool = False
     ledger_seconds: float = 0.0  # time spent on the budget check and ledger writes
+    train_seconds: float = 0.0  # time spent in local training itself
 
     def metrics(self) -> dict[str, float | int]:
         """Scalar metrics for the reply's MetricRecord (epsilon = inf when not private)."""
@@ -110,7 +111,7 @@ class RoundOutcome:
             "budget-epsilon": self.budget_epsilon,
             "remaining-epsilon": max(0.0, self.budget_epsilon - self.epsilon),
             "locked": int(self.locked), "trained": int(self.status == TRAINED),
-            "ledger-seconds": self.ledger_seconds,
+            "ledger-seconds": self.ledger_seconds, "train-seconds": self.train_seconds,
         }
 
     def with_status(self, status: BudgetStatus) -> RoundOutcome:
@@ -165,8 +166,10 @@ def train_round(
         plan = PrivacyPlan(steps, sample_rate, sigma, request.max_grad_norm, settings.accountant,
                            request.max_physical_batch_size)
         # The charge is committed: if training crashes now, the ledger keeps it (fail closed).
+        training_started = time.perf_counter()
         result = train_local(model, data, plan, lr=request.lr, momentum=request.momentum,
                              seed=request.seed + request.server_round)
+        train_seconds = time.perf_counter() - training_started
         started = time.perf_counter()
         ledger.confirm(entry, steps_done=result.steps)
         if request.spend_remaining and ledger.max_affordable_steps(sigma, sample_rate) == 0:
@@ -174,6 +177,7 @@ def train_round(
         outcome = RoundOutcome(settings.name, TRAINED, "trained with DP-SGD", result.state_dict, result.num_examples,
                                result.mean_loss, result.steps, sigma).with_status(ledger.status())
         outcome.ledger_seconds = ledger_seconds + time.perf_counter() - started
+        outcome.train_seconds = train_seconds
         return outcome
 
 
@@ -221,8 +225,10 @@ def _train_non_private(model, data, settings: HospitalSettings, request: RoundRe
     sample_rate = request.batch_size / len(data)
     plan = PrivacyPlan.non_private(steps=request.local_epochs * steps_per_epoch(sample_rate),
                                    sample_rate=sample_rate, max_physical_batch_size=request.max_physical_batch_size)
+    started = time.perf_counter()
     result = train_local(model, data, plan, lr=request.lr, momentum=request.momentum,
                          seed=request.seed + request.server_round)
     return RoundOutcome(settings.name, TRAINED, "trained WITHOUT differential privacy (epsilon = inf)",
                         result.state_dict, result.num_examples, result.mean_loss, result.steps,
-                        epsilon=math.inf, delta=settings.delta, budget_epsilon=math.inf)
+                        epsilon=math.inf, delta=settings.delta, budget_epsilon=math.inf,
+                        train_seconds=time.perf_counter() - started)

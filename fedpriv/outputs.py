@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class RunRecorder:
         self.run_id = run_id
         self.dataset_description = dataset_description
         self.rounds: list[dict] = []
+        self.started = time.perf_counter()
         (self.run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         from omegaconf import OmegaConf
 
@@ -93,6 +95,7 @@ class RunRecorder:
             "hospitals": [{"hospital": h.name, "records": h.num_examples, "epsilon": h.epsilon, "delta": h.delta,
                            "budget_epsilon": h.budget_epsilon, "locked": h.locked} for h in hospitals],
             "dataset": self.dataset_description, "seed": cfg.seed,
+            "server_seconds": time.perf_counter() - self.started,
         }
         (self.run_dir / "result.json").write_text(json.dumps(_finite(result), indent=2))
         summary = self.summary(hospitals, stop_reason)

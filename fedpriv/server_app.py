@@ -78,8 +78,10 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
     test = dataset.test.as_dataset()
 
     def evaluate_on_test(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        started = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(model, test).metrics()
+        metrics["eval-seconds"] = time.perf_counter() - started
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     strategy = BudgetAwareStrategy(
