@@ -22,6 +22,7 @@ from fedpriv.errors import ConfigError
 from fedpriv.hospital import RoundRequest
 from fedpriv.models import build_model
 from fedpriv.outputs import RunRecorder, latest_checkpoint
+from fedpriv.report.run_report import write_run_report
 from fedpriv.strategy import BudgetAwareStrategy
 from fedpriv.training import evaluate
 
@@ -95,5 +96,6 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
         first_round=first_round,
     )
     summary = recorder.finish(result.arrays, strategy.hospitals, strategy.stop_reason)
+    write_run_report(run_dir, dataset=dataset)  # calibration on the public splits, fairness, report.html
     log.info("run finished: %s\n%s", strategy.stop_reason, summary)
     return strategy

@@ -1,1 +1,1 @@
-"""Reports built from finished runs: sweep tables and privacy-utility plots."""
+"""Reports built from finished runs: calibration, fairness, the run report, sweep tables and plots."""

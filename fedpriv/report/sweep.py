@@ -107,7 +107,13 @@ class SweepReportCallback:
     """Hydra callback: write the sweep report when a multirun ends."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        from fedpriv.report.run_report import write_run_report
+
         try:
             write_sweep_report(config.hydra.sweep.dir)
         except FileNotFoundError as error:
             log.warning("no sweep report: %s", error)
+            return
+        # Each run's report was written before the sweep plot existed: refresh them to embed it.
+        for result in Path(config.hydra.sweep.dir).rglob("result.json"):
+            write_run_report(result.parent)
