@@ -95,18 +95,3 @@ def test_missing_hospital_metrics_are_explained():
     silent = hospital_fairness(_metrics({}), client_evaluate=True)
     assert "no hospital returned" in silent.missing_reason
     assert "no round finished" in hospital_fairness({"rounds": []}).missing_reason
-
-
-def test_agrees_with_fairlearn_when_it_is_installed():
-    metrics = pytest.importorskip("fairlearn.metrics")
-    rng = np.random.default_rng(0)
-    p = rng.uniform(size=400)
-    labels = (rng.uniform(size=400) < p).astype(int)
-    groups = rng.choice(["a", "b", "c"], size=400)
-    probs = np.stack([1 - p, p], axis=1)
-    attribute = subgroup_fairness(probs, labels, [{"g": g} for g in groups], ["n", "p"]).attributes[0]
-    predictions = probs.argmax(axis=1)
-    assert attribute.equal_opportunity_difference == pytest.approx(
-        metrics.equal_opportunity_difference(labels, predictions, sensitive_features=groups))
-    assert attribute.demographic_parity_difference == pytest.approx(
-        metrics.demographic_parity_difference(labels, predictions, sensitive_features=groups))
