@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 log = logging.getLogger("fedpriv")
 
 
@@ -103,7 +105,7 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-class SweepReportCallback:
+class SweepReportCallback(Callback):
     """Hydra callback: write the sweep report when a multirun ends."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
