@@ -8,6 +8,7 @@ chosen accountant.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,7 @@ ACCOUNTANTS = ("prv", "rdp")
 _PRV_SHORTCUT_EPSILON = 64.0
 
 _MAX_USEFUL_SIGMA = 128.0
+_QUICK_RDP_ORDERS = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 
 # PRV needs a non-trivial noise multiplier to build its discretisation domain; below this
 # sigma the bound is astronomically large anyway, so report infinity instead of failing.
@@ -75,25 +77,36 @@ def epsilon(events: Sequence[PrivacyEvent], delta: float, accountant: str = "prv
     check_accountant(accountant)
     if not 0 < delta < 1:
         raise PrivacyError(f"delta must be in (0, 1), got {delta}")
-    history = merge_events(events)
+    history = tuple(sorted((e.noise_multiplier, e.sample_rate, e.steps) for e in merge_events(events)))
+    return _epsilon_of_history(history, float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_of_history(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """Memoised: a round asks for the same history's epsilon several times (charge, confirm, report).
+
+    Pure in its arguments, so caching cannot change a result; `_epsilon_of_history.cache_clear()` resets it.
+    """
     if not history:
         return 0.0
-    if any(event.noise_multiplier < _MIN_ACCOUNTABLE_SIGMA for event in history):
+    if any(sigma < _MIN_ACCOUNTABLE_SIGMA for sigma, _, _ in history):
         return math.inf
     if accountant == "prv":
-        upper = _opacus_epsilon(history, delta, "rdp")
+        # A cheap RDP bound over a few integer orders (valid, looser) spots the huge-epsilon histories
+        # on which PRV would take seconds to minutes.
+        upper = _opacus_epsilon(history, delta, "rdp", alphas=_QUICK_RDP_ORDERS)
         if upper > _PRV_SHORTCUT_EPSILON:
             return upper
     return _opacus_epsilon(history, delta, accountant)
 
 
-def _opacus_epsilon(history: Sequence[PrivacyEvent], delta: float, accountant: str) -> float:
+def _opacus_epsilon(history, delta: float, accountant: str, **kwargs) -> float:
     engine = create_accountant(mechanism=accountant)
-    engine.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history]
+    engine.history = list(history)
     with warnings.catch_warnings():
         # RDP's "optimal order is the largest alpha" only means the bound could be tighter.
         warnings.simplefilter("ignore", UserWarning)
-        return float(engine.get_epsilon(delta=delta))
+        return float(engine.get_epsilon(delta=delta, **kwargs))
 
 
 def noise_multiplier_for(
