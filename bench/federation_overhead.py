@@ -34,8 +34,12 @@ def compute_seconds(run_dir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="2 rounds on small synthetic data (smoke)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds = 2
+        args.overrides = ["experiment=smoke", *args.overrides]
     run_dir = Path(tempfile.mkdtemp(prefix="fedpriv-overhead-"))
     command = [sys.executable, "-m", "fedpriv.cli.main", f"strategy.num_rounds={args.rounds}",
                f"hydra.run.dir={run_dir}", *args.overrides]

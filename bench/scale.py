@@ -65,7 +65,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[3, 10, 30, 100])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="3 and 10 hospitals, 1 round (smoke)")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.rounds = [3, 10], 1
     rows = []
     for size in args.sizes:
         rows.append(run_size(size, args.rounds))
