@@ -12,8 +12,10 @@ import json
 import shlex
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+import tomli_w
 from omegaconf import OmegaConf
 
 from fedpriv.config import FedprivConfig, register_configs, to_config
@@ -45,3 +47,24 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedprivConfig:
     if payload:
         return to_config(OmegaConf.create(json.loads(payload)))
     return compose_config(shlex.split(str(run_config.get(OVERRIDES_KEY, "") or "")))
+
+
+def write_app(app_dir: Path) -> Path:
+    """A minimal Flower app (what `flwr run APP` uploads) whose components are fedpriv's.
+
+    The components are imported from the environment each machine runs, so fedpriv must be
+    installed on the coordinator and at every hospital. The run-config keys it declares are the
+    ones `--run-config` may set: `fedpriv-config` (JSON), `overrides` (Hydra) and `run-dir`.
+    """
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps({
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedpriv-app", "version": "1.0.0", "description": "fedpriv Flower app",
+                    "license": "Apache-2.0", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedpriv",
+            "components": {"serverapp": "fedpriv.server_app:app", "clientapp": "fedpriv.client_app:app"},
+            "config": {CONFIG_KEY: "", OVERRIDES_KEY: "", RUN_DIR_KEY: ""},
+        }}},
+    }))
+    return app_dir

@@ -21,7 +21,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedpriv.errors import BudgetExhausted, PrivacyError
-from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, noise_multiplier_for
+from fedpriv.privacy.accounting import (
+    PrivacyEvent,
+    check_accountant,
+    noise_multiplier_for,
+)
 from fedpriv.privacy.ledger import BudgetStatus, PrivacyLedger
 from fedpriv.privacy.plan import PrivacyPlan, steps_per_epoch
 from fedpriv.training import train_local

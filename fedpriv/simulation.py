@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedpriv.app_config import CONFIG_KEY, OVERRIDES_KEY, RUN_DIR_KEY
+from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, write_app
 from fedpriv.errors import FedprivError
 
 log = logging.getLogger("fedpriv")
@@ -47,21 +47,6 @@ def _executable(name: str) -> str:
     if not found:
         raise SimulationError(f"`{name}` was not found; reinstall fedpriv (pip install -e .) in this environment")
     return found
-
-
-def _write_app(app_dir: Path) -> None:
-    """A minimal Flower app whose components are fedpriv's, imported from this environment."""
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(tomli_w.dumps({
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "fedpriv-run", "version": "1.0.0", "description": "fedpriv simulation",
-                    "license": "Apache-2.0", "dependencies": []},
-        "tool": {"flwr": {"app": {
-            "publisher": "fedpriv",
-            "components": {"serverapp": "fedpriv.server_app:app", "clientapp": "fedpriv.client_app:app"},
-            "config": {CONFIG_KEY: "", OVERRIDES_KEY: "", RUN_DIR_KEY: ""},
-        }}},
-    }))
 
 
 class LocalSuperLink:
@@ -199,7 +184,7 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
     run_dir.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
     try:
-        _write_app(home / "app")
+        write_app(home / "app")
         run_config = home / "run-config.toml"
         run_config.write_text(tomli_w.dumps({CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)}))
         with LocalSuperLink(home, startup_timeout=startup_timeout) as link:

@@ -16,11 +16,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedpriv.update_checks import metrics_problem, norm_outliers, update_norm, weights_problem
+from fedpriv.update_checks import (
+    metrics_problem,
+    norm_outliers,
+    update_norm,
+    weights_problem,
+)
 
 log = logging.getLogger("fedpriv")
 

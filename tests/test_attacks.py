@@ -22,7 +22,12 @@ from fedpriv.attacks.bounds import (
     dp_tpr_ceiling,
     epsilon_lower_bound,
 )
-from fedpriv.attacks.inversion import InversionNet, client_update, invert_gradients, score_reconstructions
+from fedpriv.attacks.inversion import (
+    InversionNet,
+    client_update,
+    invert_gradients,
+    score_reconstructions,
+)
 from fedpriv.attacks.membership import (
     evaluate_attack,
     lira_offline_scores,

@@ -217,7 +217,11 @@ def test_multi_label_and_unknown_flags_are_refused(tmp_path: Path) -> None:
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
                 slope: float | None = None, intercept: float | None = None) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
 
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from inprocess_grid import InProcessGrid
 
 from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, compose_config, config_to_json
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.server_app import run_federation
 from fedpriv.strategy import weighted_average
-from inprocess_grid import InProcessGrid
 
 # RDP calibrates sigma in milliseconds where PRV takes seconds; PRV is exercised where it matters.
 TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16",

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedpriv.hospital import LOCKED, REFUSED, TRAINED, HospitalSettings, RoundRequest, budget_state, train_round
+from fedpriv.hospital import (
+    LOCKED,
+    REFUSED,
+    TRAINED,
+    HospitalSettings,
+    RoundRequest,
+    budget_state,
+    train_round,
+)
 from fedpriv.privacy.ledger import read_ledger
 
 

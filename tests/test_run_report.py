@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from inprocess_grid import InProcessGrid
 from PIL import Image
 
 from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, compose_config, config_to_json
@@ -20,7 +21,6 @@ from fedpriv.data import load_dataset
 from fedpriv.errors import DataError
 from fedpriv.report.run_report import write_run_report
 from fedpriv.server_app import run_federation
-from inprocess_grid import InProcessGrid
 
 TINY = ["federation=iid", "train.batch_size=16", "model.width=4"]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -7,9 +7,14 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord
-
-from fedpriv.update_checks import metrics_problem, norm_outliers, update_norm, weights_problem
 from test_federation import federate
+
+from fedpriv.update_checks import (
+    metrics_problem,
+    norm_outliers,
+    update_norm,
+    weights_problem,
+)
 
 REFERENCE = {"w": torch.zeros(3, 2), "b": torch.zeros(2), "steps": torch.tensor(0)}
 GOOD_METRICS = {"num-examples": 50, "epsilon": 1.0, "budget-epsilon": 3.0, "delta": 1e-5}

@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpriv.attacks.bounds import CeilingCheck, PrivacyCeiling, check_attack, per_bound_confidence
+from fedpriv.attacks.bounds import (
+    CeilingCheck,
+    PrivacyCeiling,
+    check_attack,
+    per_bound_confidence,
+)
 from fedpriv.attacks.figures import RocPanel, save_image_grid, save_roc_plot
 from fedpriv.attacks.inversion import (
     ImageScore,

@@ -91,7 +91,8 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _app(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.processes import write_app, write_run_config
+    from fedpriv.app_config import write_app
+    from fedpriv.deployment.processes import write_run_config
 
     app = write_app(Path(args.out).resolve())
     run_config = write_run_config(app.parent / "run-config.toml", run_dir=Path(args.run_dir).resolve(),

@@ -15,7 +15,11 @@ from fedpriv.data.base import (
     default_data_dir,
 )
 from fedpriv.data.loading import load_dataset
-from fedpriv.data.partition import format_partition_table, partition_indices, partition_summary
+from fedpriv.data.partition import (
+    format_partition_table,
+    partition_indices,
+    partition_summary,
+)
 
 __all__ = [
     "NORMALISATION_MEAN",

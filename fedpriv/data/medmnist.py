@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpriv.data.base import DATA_DIR_ENV, LabeledImages, MedicalImageDataset, default_data_dir, normalise
+from fedpriv.data.base import (
+    DATA_DIR_ENV,
+    LabeledImages,
+    MedicalImageDataset,
+    default_data_dir,
+    normalise,
+)
 from fedpriv.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -58,7 +64,9 @@ def load_medmnist(flag: str, size: int, root: str | None, download: bool) -> Med
 
 
 def _flag_info(flag: str, size: int) -> dict[str, Any]:
-    from medmnist import INFO  # deferred: importing medmnist pulls in sklearn and torchvision
+    from medmnist import (
+        INFO,  # deferred: importing medmnist pulls in sklearn and torchvision
+    )
 
     if flag not in INFO or flag.endswith("3d"):
         known = ", ".join(f for f in INFO if not f.endswith("3d"))

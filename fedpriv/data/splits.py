@@ -28,7 +28,9 @@ def stratified_split(
     Each split is sorted and non-empty; ``where`` names the data in the error raised when there
     are too few images per class to give every split a share.
     """
-    from sklearn.model_selection import train_test_split  # deferred: sklearn is slow to import
+    from sklearn.model_selection import (
+        train_test_split,  # deferred: sklearn is slow to import
+    )
 
     check_fractions(val_fraction, test_fraction)
     labels = np.asarray(labels)

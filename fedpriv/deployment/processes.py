@@ -71,27 +71,6 @@ def write_flwr_config(home: Path, address: str, root_certificates: Path, connect
     return path
 
 
-def write_app(app_dir: Path) -> Path:
-    """A minimal Flower app (what `flwr run APP` uploads) whose components are fedpriv's.
-
-    The components are imported from the environment each machine runs, so fedpriv must be
-    installed on the coordinator and at every hospital. The run-config keys it declares are the
-    ones `--run-config` may set: `fedpriv-config` (JSON), `overrides` (Hydra) and `run-dir`.
-    """
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(tomli_w.dumps({
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "fedpriv-deployment", "version": "1.0.0", "description": "fedpriv deployment",
-                    "license": "Apache-2.0", "dependencies": []},
-        "tool": {"flwr": {"app": {
-            "publisher": "fedpriv",
-            "components": {"serverapp": "fedpriv.server_app:app", "clientapp": "fedpriv.client_app:app"},
-            "config": {CONFIG_KEY: "", OVERRIDES_KEY: "", RUN_DIR_KEY: ""},
-        }}},
-    }))
-    return app_dir
-
-
 def write_run_config(path: Path, *, run_dir: Path, config_json: str = "", overrides: str = "") -> Path:
     """A TOML run-config file for `flwr run --run-config FILE` (JSON config or Hydra overrides)."""
     values = {RUN_DIR_KEY: str(run_dir)}

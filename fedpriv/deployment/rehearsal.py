@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpriv.app_config import config_to_json
+from fedpriv.app_config import config_to_json, write_app
 from fedpriv.config import FedprivConfig
 from fedpriv.data import NORMALISATION_MEAN, NORMALISATION_STD, LabeledImages
 from fedpriv.deployment.credentials import Credentials, make_credentials
@@ -44,7 +44,6 @@ from fedpriv.deployment.processes import (
     superlink_command,
     supernode_command,
     wait_for_superlink,
-    write_app,
     write_flwr_config,
     write_run_config,
 )

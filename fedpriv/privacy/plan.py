@@ -13,7 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedpriv.errors import PrivacyError
-from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, noise_multiplier_for
+from fedpriv.privacy.accounting import (
+    PrivacyEvent,
+    check_accountant,
+    noise_multiplier_for,
+)
 
 
 @dataclass(frozen=True)
