@@ -27,9 +27,9 @@ def measure(mode: str, steps: int, batch: int, physical: int, threads: int) -> d
     import torch
 
     from fedpriv.config import DatasetConfig
-    from fedpriv.errors import FedprivError
     from fedpriv.data import load_dataset
     from fedpriv.data.synthetic import make_synthetic
+    from fedpriv.errors import FedprivError
     from fedpriv.models import build_model
     from fedpriv.privacy import PrivacyPlan
     from fedpriv.training import train_local
