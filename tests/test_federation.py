@@ -18,14 +18,14 @@ TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train
         "strategy.num_rounds=2", "model.width=4", "strategy.client_evaluate=false", "privacy.accountant=rdp"]
 
 
-def federate(tmp_path, *overrides, run="run", grid_hook=None, ledger_dir=None):
+def federate(tmp_path, *overrides, run="run", grid_hook=None, ledger_dir=None, run_id=None):
     extra = [f"federation.ledger_dir={ledger_dir}"] if ledger_dir else []
     cfg = compose_config([*TINY, *overrides, *extra])
     run_dir = tmp_path / run
     grid = InProcessGrid(cfg.federation.num_hospitals, {CONFIG_KEY: config_to_json(cfg), RUN_DIR_KEY: str(run_dir)})
     if grid_hook:
         grid_hook(grid)
-    strategy = run_federation(grid, cfg, run_dir, run_id=run)
+    strategy = run_federation(grid, cfg, run_dir, run_id=run_id or run)
     return strategy, grid, run_dir
 
 
@@ -146,3 +146,17 @@ def test_outputs_hold_metrics_checkpoints_and_a_resumable_state(tmp_path):
     resumed, grid, _ = federate(tmp_path, "strategy.num_rounds=3", f"resume={run_dir}", run="resumed")
     assert [r.round for r in resumed.history] == [3]
     _assert_same(_state(grid.train_exchanges()[0][0]), checkpoint["state_dict"])
+
+
+def test_a_resumed_run_ends_with_the_same_model_as_an_uninterrupted_one(tmp_path):
+    # Same seeds, same run id; separate ledgers so that both runs may spend their budgets.
+    _, _, whole = federate(tmp_path, "strategy.num_rounds=3", run="whole", ledger_dir=tmp_path / "ledgers-whole")
+    # The same run, its coordinator lost after round 2: round 3 never reaches a hospital (so
+    # nothing is charged for it) and its checkpoint is gone; the plan still says 3 rounds.
+    _, _, cut = federate(tmp_path, "strategy.num_rounds=3", run="cut", run_id="whole",
+                         ledger_dir=tmp_path / "ledgers-cut",
+                         grid_hook=lambda grid: grid.silent.update((node, 3) for node in grid.node_ids))
+    (cut / "checkpoints" / "round-003.pt").unlink()
+    _, _, resumed = federate(tmp_path, "strategy.num_rounds=3", f"resume={cut}", run="resumed",
+                             ledger_dir=tmp_path / "ledgers-cut")
+    _assert_same(torch.load(whole / "model.pt", weights_only=True), torch.load(resumed / "model.pt", weights_only=True))
