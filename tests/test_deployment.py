@@ -47,7 +47,7 @@ from fedpriv.privacy.ledger import read_ledger
 from fedpriv.server_app import round_request
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_OVERRIDES = ["dataset=synthetic", "dataset.num_samples=120", "train.batch_size=8", "model.width=4",
+RUN_OVERRIDES = ["dataset=synthetic", "dataset.num_samples=120", "train.batch_size=8", "train.local_epochs=1", "model.width=4",
                  "train.momentum=0.0"]
 
 

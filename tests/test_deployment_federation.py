@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 BUDGETS = [40.0, 40.0, 0.05]  # the third hospital cannot afford one round: it must lock
 RUN_OVERRIDES = [
     "dataset=synthetic", "dataset.num_samples=300", "federation=iid", "strategy.num_rounds=2",
-    "train.batch_size=16", "train.momentum=0.0", "model.width=4",
+    "train.batch_size=16", "train.local_epochs=1", "train.momentum=0.0", "model.width=4",
     "privacy.noise_multiplier=1.0",  # a fixed sigma: one round costs far more than 0.05
     "strategy.client_evaluate=false",  # keeps the test short: every message starts a ClientApp process
     "strategy.round_timeout=240",
@@ -206,7 +206,7 @@ def test_ctrl_c_during_a_rehearsal_stops_every_process(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "rehearsal"
     command = [sys.executable, "-m", "fedpriv.cli.deploy", "local", "--hospitals", "1", "--rounds", "1",
-               "--out", str(out), "dataset=synthetic", "dataset.num_samples=60", "train.batch_size=8"]
+               "--out", str(out), "dataset=synthetic", "dataset.num_samples=60", "train.batch_size=8", "train.local_epochs=1"]
     cli = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env={**os.environ, "PYTHONPATH": str(root)}, start_new_session=True)
     try:

@@ -14,7 +14,7 @@ from fedpriv.server_app import run_federation
 from fedpriv.strategy import weighted_average
 
 # RDP calibrates sigma in milliseconds where PRV takes seconds; PRV is exercised where it matters.
-TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16",
+TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "train.local_epochs=1",
         "strategy.num_rounds=2", "model.width=4", "strategy.client_evaluate=false", "privacy.accountant=rdp"]
 
 

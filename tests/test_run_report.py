@@ -22,7 +22,7 @@ from fedpriv.errors import DataError
 from fedpriv.report.run_report import write_run_report
 from fedpriv.server_app import run_federation
 
-TINY = ["federation=iid", "train.batch_size=16", "model.width=4"]
+TINY = ["federation=iid", "train.batch_size=16", "train.local_epochs=1", "model.width=4"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -18,7 +18,7 @@ from fedpriv.simulation import descendants
 
 pytestmark = pytest.mark.slow
 
-TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16",
+TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "train.local_epochs=1",
         "model.width=4", "strategy.num_rounds=1", "strategy.client_evaluate=false",
         "federation.num_hospitals=2"]
 
