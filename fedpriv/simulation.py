@@ -40,7 +40,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _executable(name: str) -> str:
+def executable(name: str) -> str:
     """A console script of this environment (next to the running Python), else from PATH."""
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
@@ -68,7 +68,7 @@ class LocalSuperLink:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(tomli_w.dumps({"superlink": {
             "default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{self.port}", "insecure": True}}}))
-        command = [_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        command = [executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                    "--host", "127.0.0.1", "--port", str(self.port),
                    "--control-api-address", f"127.0.0.1:{self.control_port}",
                    "--disable-runtime-dependency-installation"]
@@ -188,7 +188,7 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
         run_config = home / "run-config.toml"
         run_config.write_text(tomli_w.dumps({CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)}))
         with LocalSuperLink(home, startup_timeout=startup_timeout) as link:
-            command = [_executable("flwr"), "run", str(home / "app"), CONNECTION, "--run-config", str(run_config),
+            command = [executable("flwr"), "run", str(home / "app"), CONNECTION, "--run-config", str(run_config),
                        "--federation-config", f"num-supernodes={num_hospitals} client-resources-num-cpus={client_cpus}",
                        "--stream"]
             completed = subprocess.run(command, env=link.env, cwd=home)

@@ -86,14 +86,14 @@ def test_ctrl_c_stops_every_process_fedpriv_started(tmp_path):
 
 
 def test_flwr_run_on_the_project_directory_composes_conf_with_run_config_overrides(tmp_path):
-    from fedpriv.simulation import CONNECTION, LocalSuperLink, _executable
+    from fedpriv.simulation import CONNECTION, LocalSuperLink, executable
 
     project = Path(__file__).resolve().parents[1]
     run_dir = tmp_path / "run"
     overrides = " ".join([*TINY, "strategy=sequential"])
     with LocalSuperLink(tmp_path / "flwr-home") as link:
         completed = subprocess.run(
-            [_executable("flwr"), "run", str(project), CONNECTION, "--run-config",
+            [executable("flwr"), "run", str(project), CONNECTION, "--run-config",
              f'overrides="{overrides}" run-dir="{run_dir}"',
              "--federation-config", "num-supernodes=2 client-resources-num-cpus=1", "--stream"],
             env=link.env, capture_output=True, text=True, timeout=600)

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import tomli_w
 
 from fedpriv.app_config import CONFIG_KEY, OVERRIDES_KEY, RUN_DIR_KEY
 from fedpriv.errors import FedprivError
-from fedpriv.simulation import descendants, terminate_tree
+from fedpriv.simulation import descendants, executable, terminate_tree
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +38,6 @@ DEFAULT_SUPERNODE_PORT = 9094
 
 class DeploymentError(FedprivError):
     """Raised when a deployment process could not be started, or a step of the federation failed."""
-
-
-def executable(name: str) -> str:
-    """A console script of this environment (next to the running Python), else from PATH."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise DeploymentError(f"`{name}` was not found; install flwr (pip install -e .) in this environment")
-    return found
 
 
 def flower_env(home: Path) -> dict[str, str]:
