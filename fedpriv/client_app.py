@@ -32,7 +32,7 @@ from fedpriv.config import FedprivConfig
 from fedpriv.data import LabeledImages, dataset_fingerprint
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import Experiment, prepare_experiment
-from fedpriv.hospital import HospitalSettings, RoundRequest, budget_state, train_round
+from fedpriv.hospital import REFUSED, HospitalSettings, RoundOutcome, RoundRequest, budget_state, train_round
 from fedpriv.models import build_model
 from fedpriv.training import evaluate
 
@@ -134,9 +134,8 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def budget_failure(site: HospitalSite, message: str):
-    from fedpriv.hospital import REFUSED, RoundOutcome
-
+def budget_failure(site: HospitalSite, message: str) -> RoundOutcome:
+    """A refusal for a hospital whose ledger cannot be used (fail closed: nothing is trained)."""
     return RoundOutcome(site.settings.name, REFUSED, message, delta=site.settings.delta,
                         budget_epsilon=site.settings.budget_epsilon or math.inf)
 

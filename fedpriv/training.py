@@ -7,6 +7,7 @@ privacy events Opacus's own accountant hook recorded, so what is charged is what
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -116,7 +117,7 @@ def _run_steps(model, optimizer, loader, plan: PrivacyPlan, device, *, private: 
             context = BatchMemoryManager(data_loader=loader, max_physical_batch_size=plan.max_physical_batch_size,
                                          optimizer=optimizer)
         else:
-            context = _nullcontext(loader)
+            context = contextlib.nullcontext(loader)
         with context as batches:
             for images, labels in batches:
                 optimizer.zero_grad(set_to_none=True)
@@ -135,17 +136,6 @@ def _run_steps(model, optimizer, loader, plan: PrivacyPlan, device, *, private: 
                 if steps_done == plan.steps:
                     break
     return losses
-
-
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
