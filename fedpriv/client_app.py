@@ -30,10 +30,11 @@ from flwr.clientapp import ClientApp
 from fedpriv.app_config import RUN_DIR_KEY, config_from_run_config, config_to_json
 from fedpriv.config import FedprivConfig
 from fedpriv.data import LabeledImages, dataset_fingerprint
-from fedpriv.errors import FedprivError
+from fedpriv.errors import ConfigError, FedprivError, LedgerError
 from fedpriv.experiment import Experiment, prepare_experiment
 from fedpriv.hospital import REFUSED, HospitalSettings, RoundOutcome, RoundRequest, budget_state, train_round
 from fedpriv.models import build_model
+from fedpriv.privacy.ledger import read_ledger
 from fedpriv.training import evaluate
 
 app = ClientApp()
@@ -115,18 +116,41 @@ def _status_record(name: str, status: str, message: str) -> ConfigRecord:
     return ConfigRecord({"hospital": name, "status": status, "message": message})
 
 
+def _unusable_site(msg: Message, context: Context, error: FedprivError) -> Message:
+    """The reply of a hospital whose own setup (node config, data) is wrong: refused, with the one-line cause."""
+    name = str(context.node_config.get("name", f"node-{context.node_id}"))
+    logging.getLogger("fedpriv").error("hospital %s cannot take part: %s", name, error)
+    outcome = RoundOutcome(name, REFUSED, str(error), epsilon=math.nan)
+    return Message(content=RecordDict({"metrics": MetricRecord(outcome.metrics()),
+                                       "status": _status_record(name, REFUSED, str(error))}), reply_to=msg)
+
+
+def _global_model(site: HospitalSite, msg: Message) -> torch.nn.Module:
+    """The server's model, loaded into this hospital's architecture; ConfigError if they do not fit."""
+    model = site.new_model()
+    try:
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    except (RuntimeError, KeyError) as exc:
+        raise ConfigError("model", site.config.model.name, f"the federation's weights do not fit hospital "
+                          f"{site.settings.name}'s model for its records ({str(exc).splitlines()[0][:160]})",
+                          "give every hospital records of the same task (classes, channels, image size)") from None
+    return model
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train one round under the hospital's budget; a spent budget is a status, not an error."""
-    site = _site(context)
+    try:
+        site = _site(context)
+        model = _global_model(site, msg)
+    except FedprivError as error:
+        return _unusable_site(msg, context, error)
     request = RoundRequest.from_record(dict(msg.content["config"]))
-    model = site.new_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     try:
         outcome = train_round(model, site.train.as_dataset(), site.settings, request, fingerprint=site.fingerprint)
-    except FedprivError as error:  # e.g. a corrupt ledger: refuse (fail closed) and say why
+    except FedprivError as error:  # e.g. a corrupt ledger or a full disk: refuse (fail closed), say why
         logging.getLogger("fedpriv").error("hospital %s: %s", site.settings.name, error)
-        outcome = budget_failure(site, str(error))
+        outcome = budget_failure(site, told_to_server(error))
     content = RecordDict({"metrics": MetricRecord(outcome.metrics()),
                           "status": _status_record(site.settings.name, outcome.status, outcome.message)})
     if outcome.state_dict is not None:
@@ -134,18 +158,40 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def told_to_server(error: FedprivError) -> str:
+    """What the server learns of a hospital's own failure: the cause, not its paths or fingerprints."""
+    if isinstance(error, LedgerError):
+        return f"refused to train: {error.reason}; nothing was trained (details in the hospital's own log)"
+    return str(error)
+
+
 def budget_failure(site: HospitalSite, message: str) -> RoundOutcome:
-    """A refusal for a hospital whose ledger cannot be used (fail closed: nothing is trained)."""
-    return RoundOutcome(site.settings.name, REFUSED, message, delta=site.settings.delta,
-                        budget_epsilon=site.settings.budget_epsilon or math.inf)
+    """A refusal for a hospital whose ledger cannot be used (fail closed: nothing is trained).
+
+    It reports the ledger's figures where the ledger can still be read (e.g. a full disk); where it
+    cannot, epsilon is NaN (unknown), and the server keeps the figures it last received.
+    """
+    outcome = RoundOutcome(site.settings.name, REFUSED, message, epsilon=math.nan, delta=site.settings.delta,
+                           budget_epsilon=site.settings.budget_epsilon or math.inf)
+    path = site.settings.ledger_path
+    if path is not None and path.is_file():
+        try:
+            with read_ledger(path) as ledger:
+                if ledger.fingerprint == site.fingerprint:
+                    outcome.with_status(ledger.status())
+        except FedprivError:
+            logging.getLogger("fedpriv").debug("ledger %s unreadable too", path, exc_info=True)
+    return outcome
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received model on the hospital's private validation split."""
-    site = _site(context)
-    model = site.new_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    try:
+        site = _site(context)
+        model = _global_model(site, msg)
+    except FedprivError as error:
+        return _unusable_site(msg, context, error)
     metrics = {"num-examples": 0}
     started = time.perf_counter()
     if len(site.validation):
@@ -161,12 +207,17 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report the hospital's name and current budget state (reads the ledger, spends nothing)."""
-    site = _site(context)
+    try:
+        site = _site(context)
+    except FedprivError as error:
+        return _unusable_site(msg, context, error)
     try:
         state = budget_state(site.settings, site.fingerprint)
         status, message = ("locked" if state.locked else "open"), ""
     except FedprivError as error:
-        state, status, message = budget_failure(site, str(error)), "refused", str(error)
+        logging.getLogger("fedpriv").error("hospital %s: %s", site.settings.name, error)
+        message = told_to_server(error)
+        state, status = budget_failure(site, message), "refused"
     metrics = state.metrics()
     metrics["num-examples"] = len(site.train)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics),

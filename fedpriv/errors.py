@@ -41,5 +41,11 @@ class BudgetExhausted(PrivacyError):
 class LedgerError(PrivacyError):
     """Raised when a privacy ledger is corrupt, unreadable or belongs to other data.
 
-    A hospital refuses to train rather than reset such a ledger (fail closed).
+    A hospital refuses to train rather than reset such a ledger (fail closed). ``reason`` is a
+    short cause that may be told to the server (e.g. "the disk is full"); the message itself names
+    paths that stay in the hospital's log.
     """
+
+    def __init__(self, message: str, reason: str = "its privacy ledger cannot be used") -> None:
+        super().__init__(message)
+        self.reason = reason

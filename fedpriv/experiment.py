@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fedpriv.config import FedprivConfig, validate_against_data, validate_config
+from fedpriv.errors import ConfigError
+from fedpriv.privacy.ledger import folder_write_problem
 from fedpriv.data import (
     LabeledImages,
     MedicalImageDataset,
@@ -79,6 +81,7 @@ def hospital_names(cfg: FedprivConfig) -> list[str]:
 def prepare_experiment(cfg: FedprivConfig) -> Experiment:
     """Validate `cfg`, load its dataset and split the training records among its hospitals."""
     validate_config(cfg)
+    check_ledger_dir(cfg)
     dataset = load_dataset(cfg.dataset, cfg.seed)
     fed = cfg.federation
     shares = [h.share for h in fed.hospitals] if fed.hospitals and fed.hospitals[0].share is not None else None
@@ -103,6 +106,23 @@ def prepare_experiment(cfg: FedprivConfig) -> Experiment:
     for row, training, validation in zip(rows, local_training, local_validation):
         row["training"], row["validation"] = len(training), len(validation)
     return Experiment(cfg, dataset, partitions, hospitals, rows, local_training, local_validation)
+
+
+def check_ledger_dir(cfg: FedprivConfig) -> None:
+    """A ledger folder the hospitals cannot write fails now, before any data is read or budget spent."""
+    if not (cfg.privacy.enabled and cfg.federation.ledger_dir):
+        return  # without ledger_dir the ledgers live in the run directory, which Hydra has just created
+    folder = Path(cfg.federation.ledger_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        problem = f"cannot create that folder ({exc.strerror or exc})"
+    else:
+        problem = folder_write_problem(folder)
+    if problem:
+        raise ConfigError("federation.ledger_dir", str(folder), problem,
+                          "point it at a folder you can write (or leave it unset: ledgers then live in the "
+                          "run directory)")
 
 
 def split_local_validation(partitions: list[np.ndarray], fraction: float,

@@ -17,10 +17,19 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from fedpriv.config import FedprivConfig
+from fedpriv.config import FedprivConfig, to_config
+from fedpriv.errors import ConfigError
 from fedpriv.strategy import HospitalState, RoundRecord
 
 CHECKPOINTS = "checkpoints"
+# Settings that decide the model's shape or which records each hospital holds: a resumed run must
+# keep them, or its checkpoint would continue another experiment. The rest (rounds, epsilon,
+# learning rate, mode, ledger folder) may change on resume.
+RESUME_MUST_MATCH = (
+    "dataset.name", "dataset.size", "dataset.path", "dataset.val_fraction", "dataset.test_fraction",
+    "dataset.num_samples", "model.name", "model.width", "privacy.enabled", "federation.num_hospitals",
+    "federation.partition", "federation.alpha", "federation.hospitals", "federation.local_val_fraction", "seed",
+)
 
 
 def _finite(value: Any) -> Any:
@@ -83,8 +92,13 @@ class RunRecorder:
                                      server.get("sensitivity", ""), server.get("specificity", ""),
                                      server.get("loss", "")])
 
-    def finish(self, final_arrays: ArrayRecord, hospitals: list[HospitalState], stop_reason: str) -> str:
-        """Save the final model and write summary.md; returns the summary text."""
+    def finish(self, final_arrays: ArrayRecord, hospitals: list[HospitalState], stop_reason: str,
+               excluded: dict[str, str] | None = None) -> str:
+        """Save the final model and write summary.md; returns the summary text.
+
+        `excluded` names the hospitals that refused to take part at the start, with their reasons.
+        """
+        excluded = excluded or {}
         torch.save(final_arrays.to_torch_state_dict(), self.run_dir / "model.pt")
         cfg = self.config
         result = {
@@ -94,15 +108,15 @@ class RunRecorder:
             "test": self.rounds[-1]["server"] if self.rounds else {},
             "hospitals": [{"hospital": h.name, "records": h.num_examples, "epsilon": h.epsilon, "delta": h.delta,
                            "budget_epsilon": h.budget_epsilon, "locked": h.locked} for h in hospitals],
-            "dataset": self.dataset_description, "seed": cfg.seed,
+            "excluded_hospitals": excluded, "dataset": self.dataset_description, "seed": cfg.seed,
             "server_seconds": time.perf_counter() - self.started,
         }
         (self.run_dir / "result.json").write_text(json.dumps(_finite(result), indent=2))
-        summary = self.summary(hospitals, stop_reason)
+        summary = self.summary(hospitals, stop_reason, excluded)
         (self.run_dir / "summary.md").write_text(summary)
         return summary
 
-    def summary(self, hospitals: list[HospitalState], stop_reason: str) -> str:
+    def summary(self, hospitals: list[HospitalState], stop_reason: str, excluded: dict[str, str] | None = None) -> str:
         cfg = self.config
         last = self.rounds[-1]["server"] if self.rounds else {}
         private = cfg.privacy.enabled
@@ -120,10 +134,44 @@ class RunRecorder:
             spent = "inf" if math.isinf(h.epsilon) else f"{h.epsilon:.3f}"
             budget = "none" if math.isinf(h.budget_epsilon) else f"{h.budget_epsilon:g}"
             lines.append(f"| {h.name} | {h.num_examples} | {spent} | {h.delta:g} | {budget} | {'yes' if h.locked else 'no'} |")
+        if excluded:
+            lines += ["", "Hospitals that refused to take part (nothing was trained or spent on their data):"]
+            lines += [f"- {name}: {reason}" for name, reason in sorted(excluded.items())]
         lines += ["", "Epsilon is cumulative over every use of each hospital's data (its ledger), at its delta.",
                   "Hospital validation metrics are computed on private data and are not covered by the DP guarantee.",
                   ""]
         return "\n".join(lines)
+
+
+def resume_checkpoint(cfg: FedprivConfig) -> Path:
+    """The checkpoint `resume=` continues from; ConfigError if there is none or its run differs."""
+    run_dir = Path(str(cfg.resume))
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError("resume", str(run_dir), "no checkpoint found in that run directory",
+                          "point resume= at a previous run directory holding checkpoints/round-*.pt")
+    from omegaconf import OmegaConf
+
+    saved = run_dir / "config.yaml"
+    try:
+        previous = to_config(OmegaConf.merge(OmegaConf.structured(FedprivConfig), OmegaConf.load(saved)))
+    except Exception as exc:  # missing, unreadable or from another version: its settings are unknown
+        raise ConfigError("resume", str(run_dir), f"its config.yaml cannot be read ({type(exc).__name__})",
+                          "resume only a run directory written by fedpriv, with its config.yaml") from None
+    differences = [f"{key} was {then!r}, now {now!r}" for key in RESUME_MUST_MATCH
+                   if (then := _setting(previous, key)) != (now := _setting(cfg, key))]
+    if differences:
+        raise ConfigError("resume", str(run_dir), "that run used other data or model settings ("
+                          + "; ".join(differences) + ")",
+                          "resume with the settings in its config.yaml, or start a new run without resume=")
+    return checkpoint
+
+
+def _setting(cfg: FedprivConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return [asdict(item) for item in value] if isinstance(value, list) else value
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

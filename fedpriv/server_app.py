@@ -21,7 +21,7 @@ from fedpriv.data import load_dataset
 from fedpriv.errors import ConfigError
 from fedpriv.hospital import RoundRequest
 from fedpriv.models import build_model
-from fedpriv.outputs import RunRecorder, latest_checkpoint
+from fedpriv.outputs import RunRecorder, resume_checkpoint
 from fedpriv.report.run_report import write_run_report
 from fedpriv.strategy import BudgetAwareStrategy
 from fedpriv.training import evaluate
@@ -68,12 +68,15 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
                         image_size=dataset.image_size, width=cfg.model.width)
     state, first_round = model.state_dict(), 1
     if cfg.resume:
-        checkpoint_path = latest_checkpoint(cfg.resume)
-        if checkpoint_path is None:
-            raise ConfigError("resume", cfg.resume, "no checkpoint found in that run directory",
-                              "point resume= at a previous run directory holding checkpoints/round-*.pt")
-        checkpoint = torch.load(checkpoint_path, weights_only=True)
-        state, first_round, run_id = checkpoint["state_dict"], checkpoint["round"] + 1, checkpoint["run_id"]
+        checkpoint_path = resume_checkpoint(cfg)
+        try:
+            checkpoint = torch.load(checkpoint_path, weights_only=True)
+            state, first_round, run_id = checkpoint["state_dict"], checkpoint["round"] + 1, checkpoint["run_id"]
+            model.load_state_dict(state)
+        except Exception as exc:  # truncated file, or weights of another model
+            raise ConfigError("resume", cfg.resume, f"checkpoint {checkpoint_path.name} cannot be used "
+                              f"({type(exc).__name__}: {str(exc)[:200]})",
+                              "resume from an intact run directory of the same model, or start a new run") from None
         log.info("resuming run %s from %s (round %d)", run_id, checkpoint_path, first_round)
     recorder = RunRecorder(run_dir, cfg, run_id, dataset.describe())
     test = dataset.test.as_dataset()
@@ -95,7 +98,7 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
         train_config=ConfigRecord(round_request(cfg, run_id).to_record()), evaluate_fn=evaluate_on_test,
         first_round=first_round,
     )
-    summary = recorder.finish(result.arrays, strategy.hospitals, strategy.stop_reason)
+    summary = recorder.finish(result.arrays, strategy.hospitals, strategy.stop_reason, strategy.excluded)
     write_run_report(run_dir, dataset=dataset)  # calibration on the public splits, fairness, report.html
     log.info("run finished: %s\n%s", strategy.stop_reason, summary)
     return strategy

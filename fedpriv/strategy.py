@@ -27,6 +27,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedpriv.errors import ConfigError
 from fedpriv.update_checks import (
     metrics_problem,
     norm_outliers,
@@ -99,6 +100,7 @@ class BudgetAwareStrategy(Strategy):
         self.max_update_norm_ratio = max_update_norm_ratio
         self.accepted_norms: list[float] = []  # norms of accepted updates so far (outlier reference)
         self.hospitals: list[HospitalState] = []
+        self.excluded: dict[str, str] = {}  # hospitals that refused at discovery -> why
         self.history: list[RoundRecord] = []
         self.stop_reason = ""
         self.timeout: float | None = None
@@ -119,13 +121,20 @@ class BudgetAwareStrategy(Strategy):
                    for node in node_ids]
         hospitals = []
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
-            node = reply.metadata.src_node_id
+            node = _answered_node(reply, queries)
             if reply.has_error():
                 log.warning("node %s did not answer the hospital query: %s", node, reply.error.reason)
                 continue
-            state = HospitalState(node, str(reply.content["status"]["hospital"]))
-            _update_state(state, reply.content["metrics"], str(reply.content["status"]["status"]))
+            status = reply.content["status"]
+            if status["status"] == "refused":  # e.g. its ledger belongs to other data, or its disk is full
+                log.warning("hospital %s (node %s) cannot take part in this run: %s", status["hospital"], node,
+                            status["message"])
+                self.excluded[str(status["hospital"])] = str(status["message"])
+                continue
+            state = HospitalState(node, str(status["hospital"]))
+            _update_state(state, reply.content["metrics"], str(status["status"]))
             hospitals.append(state)
+        _refuse_duplicate_names(hospitals)
         self.hospitals = sorted(hospitals, key=lambda h: h.name)
         log.info("hospitals: %s", ", ".join(f"{h.name} ({'LOCKED' if h.locked else 'open'}, "
                                             f"epsilon {h.epsilon:.3g}/{h.budget_epsilon:g})" for h in self.hospitals))
@@ -218,10 +227,10 @@ class BudgetAwareStrategy(Strategy):
             if record.trained:
                 result.train_metrics_clientapp[server_round] = self._train_metrics()
             if self.client_evaluate:
-                replies = list(grid.send_and_receive(
-                    self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout))
-                record.client_evaluation = {self._name(r): dict(r.content["metrics"]) for r in replies
-                                            if not r.has_error()}
+                messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
+                replies = list(grid.send_and_receive(messages, timeout=timeout))
+                record.client_evaluation = {self._by_node(_answered_node(r, messages)).name: dict(r.content["metrics"])
+                                            for r in replies if not r.has_error()}
                 aggregated = self.aggregate_evaluate(server_round, replies)
                 if aggregated is not None:
                     result.evaluate_metrics_clientapp[server_round] = aggregated
@@ -269,7 +278,11 @@ class BudgetAwareStrategy(Strategy):
         """Record every reply (or its absence) and return the trained replies that pass the checks."""
         answered, candidates = set(), {}
         for reply in replies:
-            hospital = self._by_node(reply.metadata.src_node_id)
+            node = _answered_node(reply, messages)
+            hospital = next((h for h in self.hospitals if h.node_id == node), None)
+            if hospital is None:  # not a reply to anything this round asked: never let it stop the run
+                log.warning("round %d: ignoring a reply from unknown node %s", record.round, node)
+                continue
             answered.add(hospital.node_id)
             if reply.has_error():
                 self._reject(record, hospital, "failed", reply.error.reason)
@@ -279,7 +292,8 @@ class BudgetAwareStrategy(Strategy):
                 self._reject(record, hospital, "rejected", problem)
                 continue
             status = reply.content["status"]
-            _update_state(hospital, reply.content["metrics"], str(status["status"]))
+            if _figures_known(reply.content["metrics"]):
+                _update_state(hospital, reply.content["metrics"], str(status["status"]))
             record.hospitals[hospital.name] = {"status": str(status["status"]), "message": str(status["message"]),
                                                **dict(reply.content["metrics"])}
             if status["status"] == "trained":
@@ -298,6 +312,8 @@ class BudgetAwareStrategy(Strategy):
         if "metrics" not in content or "status" not in content:
             return "reply lacks its metrics or status"
         metrics = dict(content["metrics"])
+        if content["status"]["status"] != "trained" and not _figures_known(metrics):
+            return None  # a refusal from a hospital whose ledger is unreadable: nothing to check or use
         problem = metrics_problem(metrics, declared_examples=hospital.num_examples, last_epsilon=hospital.epsilon,
                                   last_budget=hospital.budget_epsilon, last_delta=hospital.delta)
         if problem or content["status"]["status"] != "trained":
@@ -335,15 +351,42 @@ class BudgetAwareStrategy(Strategy):
     def _by_node(self, node_id: int) -> HospitalState:
         return next(h for h in self.hospitals if h.node_id == node_id)
 
-    def _name(self, reply: Message) -> str:
-        return self._by_node(reply.metadata.src_node_id).name
-
     def _log_round(self, record: RoundRecord, num_rounds: int) -> None:
         auc = record.server_metrics.get("auc", math.nan)
         spent = ", ".join(f"{h.name} {h.epsilon:.2f}/{h.budget_epsilon:g}{' LOCKED' if h.locked else ''}"
                           for h in self.hospitals)
         log.info("round %d/%d: %d/%d hospitals trained, test AUC %.3f, epsilon %s (%.1fs)", record.round,
                  num_rounds, len(record.trained), len(record.order), auc, spent, record.seconds)
+
+
+def _refuse_duplicate_names(hospitals: list[HospitalState]) -> None:
+    """Two nodes with one name would share one row of every table: stop before anything is spent."""
+    nodes: dict[str, list[int]] = {}
+    for hospital in hospitals:
+        nodes.setdefault(hospital.name, []).append(hospital.node_id)
+    for name, ids in nodes.items():
+        if len(ids) > 1:
+            raise ConfigError("name", name, f"{len(ids)} connected nodes ({', '.join(map(str, ids))}) call "
+                              "themselves by this hospital name", "give each hospital's SuperNode its own "
+                              "--node-config name=... and restart the run")
+
+
+def _figures_known(metrics) -> bool:
+    """False for a refusal whose hospital could not read its own ledger (epsilon NaN: unknown)."""
+    try:
+        return not math.isnan(float(metrics["epsilon"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _answered_node(reply: Message, messages: list[Message]) -> int:
+    """The node a reply answers for: the destination of the message it replies to.
+
+    Not the reply's source: errors the SuperLink writes itself (NODE_UNAVAILABLE for a SuperNode
+    that stopped sending heartbeats, e.g. a crashed hospital) come from node 0, the SuperLink.
+    """
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def _update_state(state: HospitalState, metrics: MetricRecord, status: str) -> None:

@@ -36,10 +36,13 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     """Validate, prepare the data, then run the federated simulation; outputs go to `run_dir`."""
     from fedpriv.app_config import config_to_json
     from fedpriv.experiment import prepare_experiment
+    from fedpriv.outputs import resume_checkpoint
     from fedpriv.simulation import run_simulation
 
     config = absolute_paths(to_config(cfg))
     experiment = prepare_experiment(config)  # every check runs here, before any budget is spent
+    if config.resume:
+        resume_checkpoint(config)  # an incompatible run directory fails now, not inside Flower
     log.info("%s", experiment.dataset.describe())
     log.info("Partition (%s, seed %d):\n%s", config.federation.partition, config.seed,
              experiment.partition_table())

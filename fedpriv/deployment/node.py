@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpriv.errors import ConfigError, PrivacyError
+from fedpriv.privacy.ledger import folder_write_problem
 
 if TYPE_CHECKING:  # the ClientApp module imports this one lazily; avoid a cycle at import time
     from flwr.app import Context
@@ -167,6 +168,10 @@ def parse_node_config(config: Mapping[str, Any]) -> NodeSettings:
         # silently forget the budget already spent.
         raise ConfigError("ledger", str(ledger), f"its folder {ledger.parent} does not exist",
                           "create the folder (on persistent storage) or fix the path")
+    problem = folder_write_problem(ledger.parent)
+    if problem:  # fail at start-up, before the node serves a single round
+        raise ConfigError("ledger", str(ledger), f"its folder {ledger.parent}: {problem}",
+                          "let the SuperNode's user write to that folder, or choose a writable ledger path")
     accountant = str(config.get("accountant", "prv"))
     try:
         from fedpriv.privacy.accounting import check_accountant

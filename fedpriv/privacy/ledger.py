@@ -30,6 +30,7 @@ ledger file for the data (and should document why); nothing in fedpriv does that
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -229,7 +230,10 @@ class PrivacyLedger:
         _check_settings(fingerprint, budget_epsilon, delta, accountant)
         path = Path(path)
         if not path.exists():
-            _create(path, fingerprint, budget_epsilon, delta, accountant)
+            try:
+                _create(path, fingerprint, budget_epsilon, delta, accountant)
+            except (OSError, sqlite3.Error) as exc:
+                raise storage_error(path, exc, "create") from exc
         ledger = cls(path, _connect(path), read_only=False)
         try:
             ledger._adopt(fingerprint, budget_epsilon, delta, accountant)
@@ -261,7 +265,8 @@ class PrivacyLedger:
             if meta.fingerprint != fingerprint:
                 raise LedgerError(
                     f"ledger {self.path} protects other data (fingerprint {meta.fingerprint[:16]}..., "
-                    f"not {fingerprint[:16]}...); use the ledger of this dataset or a new ledger path"
+                    f"not {fingerprint[:16]}...); use the ledger of this dataset or a new ledger path",
+                    reason="its ledger path holds another dataset's ledger (two datasets cannot share one)",
                 )
             self._verified_entries(conn, meta)
             if budget_epsilon < meta.budget_epsilon:
@@ -635,14 +640,14 @@ class PrivacyLedger:
             try:
                 conn.execute(f"BEGIN {mode}")
             except sqlite3.Error as exc:
-                raise LedgerError(f"ledger {self.path} is busy or unreadable: {exc}") from exc
+                raise storage_error(self.path, exc, "use") from exc
             try:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException as exc:
                 _rollback(conn)
                 if isinstance(exc, sqlite3.Error):
-                    raise LedgerError(f"ledger {self.path}: database error: {exc}") from exc
+                    raise storage_error(self.path, exc, "use") from exc
                 raise
 
 
@@ -832,6 +837,51 @@ def _check_meta_types(meta: _Meta, path: Path) -> None:
         raise LedgerError(f"ledger {path} is corrupt: malformed meta row")
 
 
+def storage_error(path: Path, exc: OSError | sqlite3.Error, action: str) -> LedgerError:
+    """One clear LedgerError for a ledger the disk will not let us use (the hospital fails closed).
+
+    SQLite reports a full disk as SQLITE_FULL, other refused writes (a quota, a file-size limit, a
+    failing disk) as SQLITE_IOERR_*, and a file or folder it may not write as SQLITE_READONLY or
+    SQLITE_CANTOPEN; all come here, as do plain OS errors from creating the ledger.
+    """
+    text = str(exc).lower()
+    code = getattr(exc, "errno", None)
+    name = getattr(exc, "sqlite_errorname", "")
+    if code in (errno.ENOSPC, errno.EDQUOT) or name == "SQLITE_FULL" or "disk is full" in text:
+        reason, fix = "the disk is full", f"free space on the disk holding {path.parent}, or move the ledger"
+    elif code == errno.EFBIG or name.startswith("SQLITE_IOERR"):
+        reason, fix = ("the disk refused a write (full, over quota or a file-size limit, or failing)",
+                       f"free space on the disk holding {path.parent} and check it, or move the ledger")
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS) or name.startswith("SQLITE_READONLY") \
+            or "readonly" in text or "read-only" in text:
+        reason, fix = "no write permission", (f"let the hospital's user write to {path.parent} (and the ledger file), "
+                                              "or choose a writable ledger path")
+    elif name == "SQLITE_BUSY" or "locked" in text:
+        reason, fix = "another process holds it locked", "retry when the other process has finished"
+    elif name == "SQLITE_CANTOPEN" or "unable to open" in text or isinstance(exc, OSError):
+        reason, fix = "it cannot be opened", (f"check that {path.parent} exists and is writable by the "
+                                              "hospital's user (SQLite also writes a journal file next to the ledger)")
+    else:
+        reason, fix = "database error", "check the ledger with `fedpriv-ledger verify`"
+    return LedgerError(f"cannot {action} privacy ledger {path}: {reason} ({exc}); the hospital trains "
+                       f"nothing and sends nothing until it is fixed (fail closed). Fix: {fix}",
+                       reason=f"its privacy ledger cannot be used: {reason}")
+
+
+def folder_write_problem(folder: Path) -> str | None:
+    """Why a ledger could not be created or written in ``folder`` (None if it can), found by trying.
+
+    Trying beats checking mode bits: it also catches read-only mounts, a full disk and ACLs.
+    """
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fedpriv-write-check-") as probe:
+            probe.write(b"x" * 4096)  # a page, as SQLite would write
+            probe.flush()
+    except OSError as exc:
+        return f"cannot write a file there ({exc.strerror or exc})"
+    return None
+
+
 def _audit(conn: sqlite3.Connection, kind: str, detail: str) -> None:
     conn.execute("INSERT INTO audit (at, kind, detail) VALUES (?, ?, ?)", (_now(), kind, detail))
 
@@ -858,7 +908,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
     except sqlite3.Error as exc:
-        raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
+        raise storage_error(path, exc, "open") from exc
     try:
         _configure(conn)
         _check_structure(conn, path)
