@@ -103,9 +103,28 @@ def prepare_experiment(cfg: FedprivConfig) -> Experiment:
         for i, o in enumerate(overrides)
     ]
     rows = partition_summary(labels, partitions, dataset.class_names, names)
+    warn_about_missing_classes(rows, dataset.class_names)
     for row, training, validation in zip(rows, local_training, local_validation):
         row["training"], row["validation"] = len(training), len(validation)
     return Experiment(cfg, dataset, partitions, hospitals, rows, local_training, local_validation)
+
+
+def warn_about_missing_classes(rows: list[dict], class_names: list[str]) -> list[str]:
+    """Name the hospitals that hold no record of some class; returns the warnings it logged.
+
+    Not an error: under label skew a site that only sees one class is the realistic case, and
+    DP-SGD and the ledger are unaffected. But its local validation AUC is undefined and FedAvg
+    leans on the other sites for that class, so the user should know.
+    """
+    warnings = []
+    for row in rows:
+        missing = [name for name in class_names if row[name] == 0]
+        if missing:
+            warnings.append(f"{row['hospital']} holds no records of class {', '.join(missing)}")
+    if warnings:
+        log.warning("%s: its local validation AUC is undefined and other hospitals must teach it that class. "
+                    "If that is not intended, raise federation.alpha or use federation=iid", "; ".join(warnings))
+    return warnings
 
 
 def check_ledger_dir(cfg: FedprivConfig) -> None:

@@ -10,7 +10,6 @@ The federation-level test injects the same SQLite error in process, to see what 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sqlite3
@@ -19,6 +18,7 @@ import sys
 import textwrap
 
 import pytest
+from fault_injection import without_permission_override
 from test_federation import federate
 
 from fedpriv.privacy import ledger as ledger_module
@@ -55,21 +55,9 @@ CHILD = textwrap.dedent("""
     print(json.dumps(result))
 """)
 
-PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
-
-
-def _without_permission_override() -> None:
-    """preexec_fn: root keeps its uid but must obey file modes (no DAC override after exec)."""
-    if os.geteuid() == 0:
-        libc = ctypes.CDLL(None, use_errno=True)
-        for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-            if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "cannot drop CAP_DAC_OVERRIDE")
-
-
 def _round_in_child(ledger, fault: str) -> dict:
     result = subprocess.run([sys.executable, "-c", CHILD, str(ledger), fault], capture_output=True, text=True,
-                            timeout=300, preexec_fn=_without_permission_override)
+                            timeout=300, preexec_fn=without_permission_override)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -1,0 +1,173 @@
+"""Bad configuration and data beyond the basics: one clear error (or a named exclusion), nothing spent."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fault_injection import without_permission_override
+from PIL import Image
+from test_federation import TINY, federate
+
+import fedpriv.client_app as client_app
+from fedpriv.app_config import compose_config
+from fedpriv.data.imagefolder import load_image_folder
+from fedpriv.errors import ConfigError
+from fedpriv.experiment import prepare_experiment
+from fedpriv.privacy.ledger import read_ledger
+
+
+def _rename_sites(monkeypatch, change):
+    """Every simulated hospital's settings pass through `change(index, settings)`."""
+    real = client_app.simulated_site
+
+    def site(context):
+        found = real(context)
+        found.settings = change(int(context.node_config["partition-id"]), found.settings)
+        return found
+
+    monkeypatch.setattr(client_app, "simulated_site", site)
+
+
+def _trained(grid) -> list:
+    return [r for _, r in grid.train_exchanges() if r is not None and r.content["metrics"]["trained"] == 1]
+
+
+def test_two_nodes_with_one_hospital_name_stop_the_run_before_any_training(tmp_path, monkeypatch):
+    _rename_sites(monkeypatch, lambda i, s: dataclasses.replace(s, name="St-Marys"))
+    seen = {}
+
+    def keep(grid):
+        seen["grid"] = grid
+
+    with pytest.raises(ConfigError, match="3 connected nodes .* call themselves by this hospital name") as error:
+        federate(tmp_path, grid_hook=keep)
+    assert error.value.key == "name" and "node-config name=" in error.value.fix
+    assert seen["grid"].train_exchanges() == []  # nothing was asked to train
+    ledgers = list((tmp_path / "run" / "ledgers").glob("*.db"))
+    assert all(read_ledger(path).entries() == [] for path in ledgers)
+
+
+def test_duplicate_hospital_names_in_the_config_are_refused_before_data_is_read():
+    cfg = compose_config([*TINY, "federation.hospitals=[{name: a}, {name: b}, {name: a}]"])
+    with pytest.raises(ConfigError, match="unique") as error:
+        prepare_experiment(cfg)
+    assert error.value.key == "federation.hospitals.name"
+
+
+def test_hospitals_pointing_at_one_ledger_are_excluded_by_name_and_spend_nothing(tmp_path, monkeypatch):
+    shared = tmp_path / "one-ledger.db"
+    _rename_sites(monkeypatch, lambda i, s: dataclasses.replace(s, ledger_path=shared))
+    strategy, grid, run_dir = federate(tmp_path)
+    # The first hospital's query created the ledger for its data; the others' data is refused.
+    assert sorted(h.name for h in strategy.hospitals) == ["hospital-1"]
+    assert sorted(strategy.excluded) == ["hospital-2", "hospital-3"]
+    assert all("holds another dataset's ledger" in why for why in strategy.excluded.values())
+    assert {r.content["status"]["hospital"] for r in _trained(grid)} == {"hospital-1"}
+    ledger = read_ledger(shared)
+    assert ledger.verify().ok and {e.round for e in ledger.entries()} == {1, 2}  # hospital-1's rounds only
+    summary = (run_dir / "summary.md").read_text()
+    assert "refused to take part" in summary and "- hospital-2:" in summary
+
+
+def test_a_ledger_dir_that_cannot_be_created_is_refused_before_data_is_read(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = compose_config([*TINY, f"federation.ledger_dir={blocker / 'ledgers'}"])
+    with pytest.raises(ConfigError, match="cannot create that folder") as error:
+        prepare_experiment(cfg)
+    assert error.value.key == "federation.ledger_dir"
+
+
+def test_cli_refuses_a_read_only_ledger_dir_in_one_line_and_starts_nothing(tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    os.chmod(read_only, 0o555)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "fedpriv.cli.main", *TINY, f"federation.ledger_dir={read_only}",
+             f"hydra.run.dir={tmp_path / 'run'}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=without_permission_override)
+    finally:
+        os.chmod(read_only, 0o755)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fedpriv: error:")]
+    assert len(errors) == 1 and "federation.ledger_dir" in errors[0] and "Permission denied" in errors[0]
+    assert "Fix:" in errors[0] and list(read_only.iterdir()) == []
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no federation was started
+
+
+def test_resuming_from_a_run_with_another_model_is_refused_and_names_the_setting(tmp_path):
+    _, _, first = federate(tmp_path, run="first")
+    with pytest.raises(ConfigError, match="model.width was 4, now 8") as error:
+        federate(tmp_path, "model.width=8", f"resume={first}", run="second")
+    assert error.value.key == "resume" and "config.yaml" in error.value.fix
+    assert not (tmp_path / "second").exists()  # refused before the run wrote anything
+
+
+def test_resuming_from_a_run_with_another_data_split_is_refused(tmp_path):
+    _, _, first = federate(tmp_path, run="first")
+    with pytest.raises(ConfigError, match="seed was 0, now 1.*|federation.num_hospitals was 3, now 4"):
+        federate(tmp_path, "seed=1", f"resume={first}", run="second")
+    with pytest.raises(ConfigError, match="federation.num_hospitals was 3, now 4"):
+        federate(tmp_path, "federation.num_hospitals=4", f"resume={first}", run="third")
+
+
+def test_resuming_from_a_truncated_checkpoint_is_refused(tmp_path):
+    _, _, first = federate(tmp_path, run="first")
+    last = sorted((first / "checkpoints").glob("round-*.pt"))[-1]
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="round-002.pt cannot be used"):
+        federate(tmp_path, "strategy.num_rounds=3", f"resume={first}", run="second")
+
+
+def test_a_hospital_without_any_record_of_a_class_is_named_in_a_warning(caplog):
+    cfg = compose_config([*TINY, "federation=dirichlet", "federation.alpha=0.05", "federation.num_hospitals=3",
+                          "seed=3", "train.batch_size=8"])
+    with caplog.at_level(logging.WARNING, logger="fedpriv.experiment"):
+        experiment = prepare_experiment(cfg)
+    empty = [row["hospital"] for row in experiment.partition_rows
+             if any(row[name] == 0 for name in experiment.dataset.class_names)]
+    assert empty, "this seed and alpha should leave some hospital without a class"
+    warning = " ".join(record.getMessage() for record in caplog.records)
+    assert all(f"{name} holds no records of class" in warning for name in empty)
+    assert "federation.alpha" in warning
+
+
+def test_an_image_folder_of_mixed_sizes_is_resized_to_the_configured_size(tmp_path):
+    rng = np.random.default_rng(0)
+    for label, sizes in (("normal", [(20, 20), (64, 48), (28, 28)]), ("pneumonia", [(100, 100), (31, 17), (28, 40)])):
+        folder = tmp_path / "data" / label
+        folder.mkdir(parents=True)
+        for repeat in range(4):
+            for i, (w, h) in enumerate(sizes):
+                Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).save(folder / f"{repeat}-{i}.png")
+    dataset = load_image_folder(str(tmp_path / "data"), 28, val_fraction=0.2, test_fraction=0.2)
+    for split in (dataset.train, dataset.val, dataset.test):
+        assert tuple(split.images.shape[1:]) == (1, 28, 28)
+    assert len(dataset.train) + len(dataset.val) + len(dataset.test) == 24
+
+
+def test_a_global_model_that_does_not_fit_a_hospitals_records_is_a_one_line_refusal(tmp_path, monkeypatch):
+    # A hospital whose records have three classes while the federation's model has two outputs.
+    real_site = client_app.simulated_site
+
+    def three_classes(context):
+        site = real_site(context)
+        if int(context.node_config["partition-id"]) == 1:
+            site.num_classes = 3
+        return site
+
+    monkeypatch.setattr(client_app, "simulated_site", three_classes)
+    strategy, grid, _ = federate(tmp_path, "strategy.num_rounds=1")
+    row = strategy.history[0].hospitals["hospital-2"]
+    assert row["status"] == "refused" and "do not fit hospital hospital-2's model" in row["message"]
+    assert "\n" not in row["message"]
+    assert sorted(strategy.history[0].trained) == ["hospital-1", "hospital-3"]
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)  # the round went on
