@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +149,8 @@ def train(msg: Message, context: Context) -> Message:
         return _unusable_site(msg, context, error)
     request = RoundRequest.from_record(dict(msg.content["config"]))
     try:
-        outcome = train_round(model, site.train.as_dataset(), site.settings, request, fingerprint=site.fingerprint)
+        outcome = train_round(model, site.train.as_dataset(), site.settings, request, fingerprint=site.fingerprint,
+                              after_charge=injected_fault(context, site.config, request.server_round))
     except FedprivError as error:  # e.g. a corrupt ledger or a full disk: refuse (fail closed), say why
         logging.getLogger("fedpriv").error("hospital %s: %s", site.settings.name, error)
         outcome = budget_failure(site, told_to_server(error))
@@ -156,6 +159,30 @@ def train(msg: Message, context: Context) -> Message:
     if outcome.state_dict is not None:
         content["arrays"] = ArrayRecord(outcome.state_dict)
     return Message(content=content, reply_to=msg)
+
+
+class InjectedFault(RuntimeError):
+    """A crash injected by `faults.train_failure_rate` (reliability tests only)."""
+
+
+def injected_fault(context: Context, cfg: FedprivConfig, server_round: int) -> Callable[[], None] | None:
+    """For simulated hospitals only: maybe crash right after the charge, as a killed node would."""
+    rate = cfg.faults.train_failure_rate
+    if not rate or "partition-id" not in context.node_config:
+        return None
+    hospital = int(context.node_config["partition-id"])
+    if not fault_drawn(cfg.seed, hospital, server_round, rate):
+        return None
+
+    def crash() -> None:
+        raise InjectedFault(f"injected failure: hospital {hospital + 1}, round {server_round}, after its charge")
+
+    return crash
+
+
+def fault_drawn(seed: int, hospital: int, server_round: int, rate: float) -> bool:
+    """The same draw in every process, so tests and benchmarks know which rounds were made to fail."""
+    return bool(random.Random(f"fault-{seed}-{hospital}-{server_round}").random() < rate)
 
 
 def told_to_server(error: FedprivError) -> str:

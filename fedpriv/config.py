@@ -112,6 +112,18 @@ class FederationConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Fault injection, for reliability tests and benchmarks only: off by default.
+
+    Applies to simulated hospitals only; a deployed hospital never takes it from the run config.
+    """
+
+    # Probability that a simulated hospital's round raises right after its ledger charge (the
+    # worst moment: the budget is spent, nothing is returned). Drawn per (seed, hospital, round).
+    train_failure_rate: float = 0.0
+
+
+@dataclass
 class FedprivConfig:
     """The whole experiment."""
 
@@ -125,6 +137,7 @@ class FedprivConfig:
     device: str = "cpu"
     resume: Optional[str] = None  # a previous run directory: continue from its last checkpoint
     audit: AuditConfig = field(default_factory=AuditConfig)  # used by fedpriv-audit only
+    faults: FaultsConfig = field(default_factory=FaultsConfig)  # testing only: injected failures
 
 
 def register_configs() -> None:
@@ -238,6 +251,9 @@ def validate_config(cfg: FedprivConfig) -> None:
                           "use e.g. strategy.max_update_norm_ratio=10")
     if cfg.federation.client_cpus < 1:
         raise ConfigError("federation.client_cpus", cfg.federation.client_cpus, "must be at least 1", "use 1")
+    if not 0.0 <= cfg.faults.train_failure_rate < 1.0:
+        raise ConfigError("faults.train_failure_rate", cfg.faults.train_failure_rate, "must be in [0, 1)",
+                          "use 0 (no injected failures) or e.g. 0.1 for a reliability test")
 
     fed = cfg.federation
     if fed.num_hospitals < 1:

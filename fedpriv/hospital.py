@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,9 +143,13 @@ def budget_state(settings: HospitalSettings, fingerprint: str) -> RoundOutcome:
 
 
 def train_round(
-    model: nn.Module, data: Dataset, settings: HospitalSettings, request: RoundRequest, *, fingerprint: str
+    model: nn.Module, data: Dataset, settings: HospitalSettings, request: RoundRequest, *, fingerprint: str,
+    after_charge: Callable[[], None] | None = None,
 ) -> RoundOutcome:
-    """Run one round of local training under the hospital's budget, or refuse it."""
+    """Run one round of local training under the hospital's budget, or refuse it.
+
+    `after_charge` runs once the charge is committed and before training (fault injection).
+    """
     if not request.private:
         return _train_non_private(model, data, settings, request)
     if settings.budget_epsilon is None:
@@ -170,6 +175,8 @@ def train_round(
         plan = PrivacyPlan(steps, sample_rate, sigma, request.max_grad_norm, settings.accountant,
                            request.max_physical_batch_size)
         # The charge is committed: if training crashes now, the ledger keeps it (fail closed).
+        if after_charge is not None:
+            after_charge()
         training_started = time.perf_counter()
         result = train_local(model, data, plan, lr=request.lr, momentum=request.momentum,
                              seed=request.seed + request.server_round)

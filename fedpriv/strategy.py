@@ -37,6 +37,9 @@ from fedpriv.update_checks import (
 
 log = logging.getLogger("fedpriv")
 
+# How long to wait for a crashed hospital's budget state before keeping its last reported figures.
+QUERY_TIMEOUT_S = 60.0
+
 PARALLEL, SEQUENTIAL = "parallel", "sequential"
 
 
@@ -224,6 +227,7 @@ class BudgetAwareStrategy(Strategy):
             else:
                 arrays = self._sequential_round(grid, server_round, arrays, train_config, record)
             result.arrays = arrays
+            self._refresh_privacy_figures(grid, record)
             if record.trained:
                 result.train_metrics_clientapp[server_round] = self._train_metrics()
             if self.client_evaluate:
@@ -249,6 +253,26 @@ class BudgetAwareStrategy(Strategy):
         if self.stop_reason.startswith("completed") and not self.active():
             self.stop_reason += "; every hospital is now locked (budgets spent)"
         return result
+
+    def _refresh_privacy_figures(self, grid: Grid, record: RoundRecord) -> None:
+        """Ask hospitals that crashed this round for their ledger state.
+
+        A crash after the charge spends budget without a reply that says so; without this, the
+        privacy table would show the hospital's last reported (too low) epsilon.
+        """
+        crashed = [h for h in self.hospitals if record.hospitals.get(h.name, {}).get("status") == "failed"]
+        if not crashed:
+            return
+        queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=h.node_id,
+                           message_type=MessageType.QUERY) for h in crashed]
+        timeout = min(self.timeout, QUERY_TIMEOUT_S) if self.timeout else QUERY_TIMEOUT_S
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            if reply.has_error() or not _figures_known(reply.content["metrics"]):
+                continue
+            hospital = self._by_node(reply.metadata.src_node_id)
+            metrics = reply.content["metrics"]
+            if float(metrics["epsilon"]) >= hospital.epsilon:  # figures never go backwards
+                _update_state(hospital, metrics, str(reply.content["status"]["status"]))
 
     def _parallel_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
         messages = list(self.configure_train(server_round, arrays, config, grid))

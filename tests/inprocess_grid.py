@@ -48,7 +48,10 @@ class InProcessGrid:
             if (node, server_round) in self.fail and message.metadata.message_type == "train":
                 reply = Message(Error(code=1, reason=f"injected failure at node {node}"), reply_to=message)
             else:
-                reply = client_app(message, self.contexts[node])
+                try:
+                    reply = client_app(message, self.contexts[node])
+                except Exception as exc:  # as Flower does: a crashing ClientApp becomes an error reply
+                    reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
                 if (node, server_round) in self.tamper and message.metadata.message_type == "train":
                     reply = self.tamper[(node, server_round)](reply)
             reply.metadata.__dict__["_src_node_id"] = node
