@@ -160,3 +160,19 @@ def test_a_resumed_run_ends_with_the_same_model_as_an_uninterrupted_one(tmp_path
     _, _, resumed = federate(tmp_path, "strategy.num_rounds=3", f"resume={cut}", run="resumed",
                              ledger_dir=tmp_path / "ledgers-cut")
     _assert_same(torch.load(whole / "model.pt", weights_only=True), torch.load(resumed / "model.pt", weights_only=True))
+
+
+def test_parallel_skips_a_silent_hospital_and_aggregates_the_others(tmp_path):
+    def silence_third_hospital(grid):
+        grid.silent.add((grid.node_ids[2], 1))
+
+    strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1", grid_hook=silence_third_hospital)
+    row = strategy.history[0].hospitals["hospital-3"]
+    assert row["status"] == "timeout" and "skipped" in row["message"]
+    answered = [reply for _, reply in grid.train_exchanges() if reply is not None]
+    assert len(answered) == 2
+    expected = weighted_average([_state(r) for r in answered],
+                                [r.content["metrics"]["num-examples"] for r in answered])
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key])
