@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -171,3 +172,23 @@ def test_a_global_model_that_does_not_fit_a_hospitals_records_is_a_one_line_refu
     assert "\n" not in row["message"]
     assert sorted(strategy.history[0].trained) == ["hospital-1", "hospital-3"]
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)  # the round went on
+
+
+def test_a_supernode_whose_ledger_folder_is_read_only_is_refused_naming_ledger(tmp_path):
+    folder = tmp_path / "ledgers"
+    folder.mkdir()
+    os.chmod(folder, 0o555)
+    check = ("import json, sys\nfrom fedpriv.deployment.node import parse_node_config\nfrom fedpriv.errors import "
+             "ConfigError\ntry:\n    parse_node_config(json.loads(sys.argv[1]))\n    print('accepted')\n"
+             "except ConfigError as error:\n    print(error.key, '|', error)\n")
+    node_config = {"name": "St-Marys", "data": str(tmp_path), "budget-epsilon": 2.0, "delta": 1e-5,
+                   "ledger": str(folder / "ledger.db")}
+    try:
+        result = subprocess.run([sys.executable, "-c", check, json.dumps(node_config)], capture_output=True,
+                                text=True, timeout=120, preexec_fn=without_permission_override)
+    finally:
+        os.chmod(folder, 0o755)
+    assert result.returncode == 0, result.stderr[-2000:]
+    key, message = result.stdout.strip().split(" | ", 1)
+    assert key == "ledger" and "Permission denied" in message and "Fix:" in message
+    assert list(folder.iterdir()) == []
