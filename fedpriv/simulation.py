@@ -4,12 +4,19 @@
 FLWR_HOME), submits the run with `flwr run ... --stream`, and on the way out (success, failure or
 Ctrl-C) terminates that process group: the SuperLink, the ServerApp and the Ray workers it spawned.
 Processes are ended by the process-group id of the SuperLink this module started, never by name.
+
+If `fedpriv` itself is killed (SIGKILL, the OOM killer, a closed terminal's SIGHUP), its cleanup
+never runs, and the SuperLink, the ServerApp and Ray, each in a session of their own, would run on
+(and keep training and writing checkpoints into the run directory). A small watchdog process,
+started with the SuperLink in a session of its own, waits on both; when `fedpriv` dies first it
+stops the SuperLink's process tree the same way (:func:`terminate_tree`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -22,7 +29,6 @@ from pathlib import Path
 
 import tomli_w
 
-from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, write_app
 from fedpriv.errors import FedprivError
 
 log = logging.getLogger("fedpriv")
@@ -56,6 +62,7 @@ class LocalSuperLink:
         self.home = home
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
+        self.watchdog: subprocess.Popen | None = None
         self.port = _free_port()
         self.control_port = _free_port()
         self.log_path = home / "superlink.log"
@@ -77,6 +84,7 @@ class LocalSuperLink:
             self.process = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                                             start_new_session=True, cwd=self.home)
         try:
+            self.watchdog = _start_watchdog(self.process)
             self._wait_until_ready()
         except BaseException:
             self.stop()
@@ -112,9 +120,51 @@ class LocalSuperLink:
         terminate_tree(self.process.pid, grace=grace)
         self.process.wait(timeout=5)
         self.process = None
+        if self.watchdog is not None:  # it ends by itself once the SuperLink has exited
+            try:
+                self.watchdog.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                terminate_tree(self.watchdog.pid, grace=1)
+                self.watchdog.wait(timeout=5)
+            self.watchdog = None
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _start_watchdog(link: subprocess.Popen) -> subprocess.Popen | None:
+    """Start the watchdog that stops `link`'s tree should this process die first (module docstring).
+
+    It gets pidfds of this process and of the SuperLink, so a reused PID cannot fool it, and runs in
+    a session of its own, so that what kills this process's group or session spares it. Without
+    pidfds (not Linux) there is no watchdog.
+    """
+    if not hasattr(os, "pidfd_open"):
+        return None
+    fds: list[int] = []
+    try:
+        fds = [os.pidfd_open(os.getpid()), os.pidfd_open(link.pid)]
+        code = "import sys; from fedpriv.simulation import _watch; _watch(*map(int, sys.argv[1:]))"
+        return subprocess.Popen([sys.executable, "-c", code, *map(str, fds), str(link.pid)], pass_fds=fds,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as error:
+        log.warning("no watchdog for flower-superlink (pid %d): %s; if fedpriv is killed, stop it by hand",
+                    link.pid, error)
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _watch(parent_fd: int, link_fd: int, link_pid: int) -> None:
+    """The watchdog: wait until the SuperLink or its starter ends; if the starter went first, stop the
+    SuperLink and every process it spawned."""
+    readable, _, _ = select.select([parent_fd, link_fd], [], [])
+    if link_fd in readable:  # the SuperLink ended first: stopped as usual, nothing left to do
+        return
+    print(f"fedpriv: the process that started flower-superlink (pid {link_pid}) died; stopping the "
+          "SuperLink and every process it started", file=sys.stderr, flush=True)
+    terminate_tree(link_pid)
 
 
 def _process_table() -> dict[int, tuple[int, str, int, int]]:
@@ -180,6 +230,9 @@ def _related(known: set[int]) -> set[int]:
 def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, client_cpus: int,
                    startup_timeout: float = 60.0) -> None:
     """Run one federated simulation of `config_json`; outputs land in `run_dir`."""
+    # Imported here: the watchdog imports this module and should start in milliseconds.
+    from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, write_app
+
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
