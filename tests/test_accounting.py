@@ -96,3 +96,19 @@ def test_bad_accounting_inputs_are_rejected():
         epsilon([PrivacyEvent(1.0, 0.1, 1)], 1.5)
     with pytest.raises(PrivacyError, match="sample_rate"):
         PrivacyEvent(1.0, 0.0, 1)
+
+
+@pytest.mark.parametrize("history", [
+    [(1.0, 0.09, 55)],
+    [(1.0, 0.09, 55), (0.8, 0.2, 30)],
+    [(3.0, 0.5, 10), (1.2, 0.01, 400)],
+])
+def test_cached_accounting_gives_exactly_opacuss_epsilon(history):
+    # fedpriv caches RDP curves per (sigma, q); the figures must stay Opacus's own (fedpriv sorts
+    # the history, so only the floating-point summation order may differ).
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    events = [PrivacyEvent(sigma, q, steps) for sigma, q, steps in history]
+    for name, engine in (("prv", PRVAccountant()), ("rdp", RDPAccountant())):
+        engine.history = list(history)
+        assert epsilon(events, 1e-5, name) == pytest.approx(engine.get_epsilon(1e-5), rel=1e-12, abs=0), name
