@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -63,15 +64,19 @@ class RunRecorder:
     def round_end(self, record: RoundRecord, arrays: ArrayRecord, hospitals: list[HospitalState]) -> None:
         """Save this round's checkpoint and append its metrics and privacy table."""
         state = arrays.to_torch_state_dict()
+        # Written whole, then renamed: a coordinator killed mid-write leaves no truncated checkpoint.
+        final = self.run_dir / CHECKPOINTS / f"round-{record.round:03d}.pt"
+        partial = final.with_suffix(".pt.partial")
         torch.save({"round": record.round, "run_id": self.run_id, "state_dict": state,
-                    "hospitals": [asdict(h) for h in hospitals]},
-                   self.run_dir / CHECKPOINTS / f"round-{record.round:03d}.pt")
+                    "hospitals": [asdict(h) for h in hospitals]}, partial)
+        os.replace(partial, final)
         self.rounds.append({
             "round": record.round, "seconds": record.seconds, "order": record.order,
             "server": record.server_metrics, "hospitals": record.hospitals,
             "client_evaluation": record.client_evaluation,
             "privacy": [{"hospital": h.name, "epsilon": h.epsilon, "delta": h.delta,
-                         "budget_epsilon": h.budget_epsilon, "locked": h.locked} for h in hospitals],
+                         "budget_epsilon": h.budget_epsilon, "locked": h.locked,
+                         "epsilon_is_lower_bound": h.unreported_since is not None} for h in hospitals],
         })
         self._write_metrics()
 
@@ -107,7 +112,9 @@ class RunRecorder:
             "rounds_planned": cfg.strategy.num_rounds, "rounds_run": len(self.rounds), "stop_reason": stop_reason,
             "test": self.rounds[-1]["server"] if self.rounds else {},
             "hospitals": [{"hospital": h.name, "records": h.num_examples, "epsilon": h.epsilon, "delta": h.delta,
-                           "budget_epsilon": h.budget_epsilon, "locked": h.locked} for h in hospitals],
+                           "budget_epsilon": h.budget_epsilon, "locked": h.locked,
+                           "epsilon_is_lower_bound": h.unreported_since is not None,
+                           "unreported_since_round": h.unreported_since} for h in hospitals],
             "excluded_hospitals": excluded, "dataset": self.dataset_description, "seed": cfg.seed,
             "server_seconds": time.perf_counter() - self.started,
         }
@@ -132,6 +139,8 @@ class RunRecorder:
         ]
         for h in hospitals:
             spent = "inf" if math.isinf(h.epsilon) else f"{h.epsilon:.3f}"
+            if h.unreported_since is not None:  # it may have charged since, without being able to say so
+                spent = f">= {spent} (no report since round {h.unreported_since}; its ledger holds the figure)"
             budget = "none" if math.isinf(h.budget_epsilon) else f"{h.budget_epsilon:g}"
             lines.append(f"| {h.name} | {h.num_examples} | {spent} | {h.delta:g} | {budget} | {'yes' if h.locked else 'no'} |")
         if excluded:

@@ -55,6 +55,10 @@ class HospitalState:
     budget_epsilon: float = math.inf
     locked: bool = False
     failures: int = 0
+    # The round from which this hospital may have spent budget it has not reported (it crashed or
+    # went silent after being asked to train, and no later report came): its epsilon is then a
+    # lower bound, and its own ledger holds the true figure. None when the figures are current.
+    unreported_since: int | None = None
 
 
 @dataclass
@@ -295,7 +299,9 @@ class BudgetAwareStrategy(Strategy):
     def _train_message(self, hospital: HospitalState, server_round: int, arrays: ArrayRecord,
                        config: ConfigRecord) -> Message:
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({**dict(config), "server_round": server_round})})
-        return Message(content, dst_node_id=hospital.node_id, message_type=MessageType.TRAIN)
+        # The message expires with the round: a node restarted later must not pull a training request
+        # the server has given up on (it would spend budget on a round nobody waits for).
+        return Message(content, dst_node_id=hospital.node_id, message_type=MessageType.TRAIN, ttl=self.timeout)
 
     def _note_replies(self, record: RoundRecord, messages: list[Message], replies: list[Message],
                       reference: dict[str, torch.Tensor]) -> list[Message]:
@@ -358,6 +364,8 @@ class BudgetAwareStrategy(Strategy):
 
     def _reject(self, record: RoundRecord, hospital: HospitalState, status: str, reason: str) -> None:
         hospital.failures += 1
+        if status in ("failed", "timeout") and hospital.unreported_since is None:
+            hospital.unreported_since = record.round  # it may have charged before it failed
         record.hospitals[hospital.name] = {"status": status, "message": reason}
         log.warning("round %d: hospital %s %s: %s (the round goes on without it)", record.round, hospital.name,
                     status, reason)
@@ -414,6 +422,7 @@ def _answered_node(reply: Message, messages: list[Message]) -> int:
 
 
 def _update_state(state: HospitalState, metrics: MetricRecord, status: str) -> None:
+    state.unreported_since = None
     state.epsilon = float(metrics["epsilon"])
     state.delta = float(metrics["delta"])
     state.budget_epsilon = float(metrics["budget-epsilon"])

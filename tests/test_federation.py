@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -176,3 +177,16 @@ def test_parallel_skips_a_silent_hospital_and_aggregates_the_others(tmp_path):
     final = torch.load(run_dir / "model.pt", weights_only=True)
     for key in expected:
         torch.testing.assert_close(final[key], expected[key])
+
+
+def test_a_hospital_silent_in_the_last_round_is_reported_as_a_lower_bound(tmp_path):
+    def silence_third_hospital(grid):
+        grid.silent.add((grid.node_ids[2], 2))
+
+    _, _, run_dir = federate(tmp_path, grid_hook=silence_third_hospital)
+    # It may have charged round 2 before going silent: the server must not state its epsilon as exact.
+    result = json.loads((run_dir / "result.json").read_text())
+    bounds = {h["hospital"]: h["epsilon_is_lower_bound"] for h in result["hospitals"]}
+    assert bounds == {"hospital-1": False, "hospital-2": False, "hospital-3": True}
+    summary = (run_dir / "summary.md").read_text()
+    assert summary.count("no report since round 2") == 1 and "| hospital-3 | " in summary
