@@ -1,7 +1,8 @@
 """Reliability under load: many simulated hospitals, many rounds, injected crashes, through Flower.
 
 One `fedpriv` run on PneumoniaMNIST (IID shares) with `faults.train_failure_rate` making a share
-of hospital rounds crash right after their ledger charge. Afterwards it counts what happened and
+of hospital rounds crash right after their ledger charge, and `faults.corrupt_update_rate` making
+a share of the hospitals that trained send NaN-poisoned weights (which the server must reject). Afterwards it counts what happened and
 checks what must hold: the run completes; every ledger verifies (its epsilon recomputes from its
 events); nobody spent more than its budget; the reported epsilon equals the ledger's; the
 process tree's open files do not grow with the rounds; no process outlives the run.
@@ -57,12 +58,12 @@ def completed_rounds(run_dir: Path) -> int:
         return 0
 
 
-def run(hospitals: int, rounds: int, rate: float, budget: float) -> dict:
+def run(hospitals: int, rounds: int, rate: float, budget: float, corrupt: float) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"fedpriv-reliability-{hospitals}-"))
     command = [sys.executable, "-m", "fedpriv.cli.main", f"federation.num_hospitals={hospitals}", "federation=iid",
                f"strategy.num_rounds={rounds}", "train.batch_size=16", "train.local_epochs=1",
                "strategy.client_evaluate=false", "privacy.accountant=rdp", f"privacy.epsilon={budget}",
-               f"faults.train_failure_rate={rate}", f"hydra.run.dir={run_dir}"]
+               f"faults.train_failure_rate={rate}", f"faults.corrupt_update_rate={corrupt}", f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "w"))
     files_by_round: dict[int, int] = {}
@@ -95,7 +96,8 @@ def run(hospitals: int, rounds: int, rate: float, budget: float) -> dict:
     rounds_seen = sorted(files_by_round)
     return {
         "hospitals": hospitals, "rounds_planned": rounds, "rounds_run": len(metrics), "exit_code": process.returncode,
-        "stop_reason": result["stop_reason"], "failure_rate": rate, "wall_seconds": round(wall, 1),
+        "stop_reason": result["stop_reason"], "failure_rate": rate, "corrupt_update_rate": corrupt,
+        "wall_seconds": round(wall, 1),
         "hospital_rounds": sum(statuses.values()), "statuses": statuses,
         "injected_crashes": statuses.get("failed", 0), "updates_rejected": statuses.get("rejected", 0),
         "charges_kept_unconfirmed": unconfirmed, "ledgers": len(ledger_epsilons), "ledgers_verified": verified,
@@ -111,12 +113,13 @@ def main() -> None:
     parser.add_argument("--hospitals", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--rate", type=float, default=0.1, help="share of hospital rounds that crash")
+    parser.add_argument("--corrupt", type=float, default=0.05, help="share of trained updates sent poisoned (NaN)")
     parser.add_argument("--budget", type=float, default=8.0, help="epsilon per hospital")
     parser.add_argument("--quick", action="store_true", help="10 hospitals, 4 rounds (smoke)")
     args = parser.parse_args()
     if args.quick:
         args.hospitals, args.rounds = 10, 4
-    row = run(args.hospitals, args.rounds, args.rate, args.budget)
+    row = run(args.hospitals, args.rounds, args.rate, args.budget, args.corrupt)
     print(json.dumps(row, indent=2), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "reliability.json").write_text(json.dumps(row, indent=2))

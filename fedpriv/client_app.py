@@ -157,7 +157,8 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": MetricRecord(outcome.metrics()),
                           "status": _status_record(site.settings.name, outcome.status, outcome.message)})
     if outcome.state_dict is not None:
-        content["arrays"] = ArrayRecord(outcome.state_dict)
+        content["arrays"] = ArrayRecord(injected_corruption(context, site.config, request.server_round,
+                                                            outcome.state_dict))
     return Message(content=content, reply_to=msg)
 
 
@@ -180,9 +181,24 @@ def injected_fault(context: Context, cfg: FedprivConfig, server_round: int) -> C
     return crash
 
 
-def fault_drawn(seed: int, hospital: int, server_round: int, rate: float) -> bool:
+def injected_corruption(context: Context, cfg: FedprivConfig, server_round: int,
+                        state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For simulated hospitals only: maybe poison the weights with NaN, as a buggy site would."""
+    rate = cfg.faults.corrupt_update_rate
+    if not rate or "partition-id" not in context.node_config:
+        return state
+    hospital = int(context.node_config["partition-id"])
+    if not fault_drawn(cfg.seed, hospital, server_round, rate, kind="corrupt"):
+        return state
+    poisoned = dict(state)
+    name = next(key for key, value in state.items() if value.is_floating_point())
+    poisoned[name] = torch.full_like(state[name], math.nan)
+    return poisoned
+
+
+def fault_drawn(seed: int, hospital: int, server_round: int, rate: float, kind: str = "fault") -> bool:
     """The same draw in every process, so tests and benchmarks know which rounds were made to fail."""
-    return bool(random.Random(f"fault-{seed}-{hospital}-{server_round}").random() < rate)
+    return bool(random.Random(f"{kind}-{seed}-{hospital}-{server_round}").random() < rate)
 
 
 def told_to_server(error: FedprivError) -> str:

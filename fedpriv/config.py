@@ -121,6 +121,9 @@ class FaultsConfig:
     # Probability that a simulated hospital's round raises right after its ledger charge (the
     # worst moment: the budget is spent, nothing is returned). Drawn per (seed, hospital, round).
     train_failure_rate: float = 0.0
+    # Probability that a simulated hospital that trained sends weights poisoned with NaN (a buggy or
+    # hostile site): the server must reject them before aggregation.
+    corrupt_update_rate: float = 0.0
 
 
 @dataclass
@@ -251,9 +254,10 @@ def validate_config(cfg: FedprivConfig) -> None:
                           "use e.g. strategy.max_update_norm_ratio=10")
     if cfg.federation.client_cpus < 1:
         raise ConfigError("federation.client_cpus", cfg.federation.client_cpus, "must be at least 1", "use 1")
-    if not 0.0 <= cfg.faults.train_failure_rate < 1.0:
-        raise ConfigError("faults.train_failure_rate", cfg.faults.train_failure_rate, "must be in [0, 1)",
-                          "use 0 (no injected failures) or e.g. 0.1 for a reliability test")
+    for key in ("train_failure_rate", "corrupt_update_rate"):
+        if not 0.0 <= getattr(cfg.faults, key) < 1.0:
+            raise ConfigError(f"faults.{key}", getattr(cfg.faults, key), "must be in [0, 1)",
+                              f"use 0 (no injected faults) or e.g. faults.{key}=0.1 for a reliability test")
 
     fed = cfg.federation
     if fed.num_hospitals < 1:

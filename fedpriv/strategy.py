@@ -317,13 +317,18 @@ class BudgetAwareStrategy(Strategy):
             if reply.has_error():
                 self._reject(record, hospital, "failed", reply.error.reason)
                 continue
-            problem = self._reply_problem(reply, hospital, reference)
-            if problem:
-                self._reject(record, hospital, "rejected", problem)
+            problem = self._metrics_problem(reply, hospital)
+            if problem:  # its privacy figures cannot be believed either: what it spent is unknown
+                self._reject(record, hospital, "rejected", problem, figures_lost=True)
                 continue
             status = reply.content["status"]
             if _figures_known(reply.content["metrics"]):
+                # Believable figures count even when the weights are then rejected: the budget was spent.
                 _update_state(hospital, reply.content["metrics"], str(status["status"]))
+            problem = self._weights_problem(reply, reference)
+            if problem:
+                self._reject(record, hospital, "rejected", problem)
+                continue
             record.hospitals[hospital.name] = {"status": str(status["status"]), "message": str(status["message"]),
                                                **dict(reply.content["metrics"])}
             if status["status"] == "trained":
@@ -337,20 +342,23 @@ class BudgetAwareStrategy(Strategy):
                              f"no reply within {self.timeout}s; skipped")
         return self._drop_norm_outliers(record, candidates, reference)
 
-    def _reply_problem(self, reply: Message, hospital: HospitalState, reference: dict[str, torch.Tensor]) -> str | None:
+    def _metrics_problem(self, reply: Message, hospital: HospitalState) -> str | None:
         content = reply.content
         if "metrics" not in content or "status" not in content:
             return "reply lacks its metrics or status"
         metrics = dict(content["metrics"])
         if content["status"]["status"] != "trained" and not _figures_known(metrics):
             return None  # a refusal from a hospital whose ledger is unreadable: nothing to check or use
-        problem = metrics_problem(metrics, declared_examples=hospital.num_examples, last_epsilon=hospital.epsilon,
-                                  last_budget=hospital.budget_epsilon, last_delta=hospital.delta)
-        if problem or content["status"]["status"] != "trained":
-            return problem
-        if "arrays" not in content:
+        return metrics_problem(metrics, declared_examples=hospital.num_examples, last_epsilon=hospital.epsilon,
+                               last_budget=hospital.budget_epsilon, last_delta=hospital.delta)
+
+    @staticmethod
+    def _weights_problem(reply: Message, reference: dict[str, torch.Tensor]) -> str | None:
+        if reply.content["status"]["status"] != "trained":
+            return None
+        if "arrays" not in reply.content:
             return "a trained reply without weights"
-        return weights_problem(reference, content["arrays"].to_torch_state_dict())
+        return weights_problem(reference, reply.content["arrays"].to_torch_state_dict())
 
     def _drop_norm_outliers(self, record: RoundRecord, candidates: dict[str, Message],
                             reference: dict[str, torch.Tensor]) -> list[Message]:
@@ -362,10 +370,11 @@ class BudgetAwareStrategy(Strategy):
         self.accepted_norms += [norm for name, norm in norms.items() if name not in outliers]
         return [reply for name, reply in candidates.items() if name not in outliers]
 
-    def _reject(self, record: RoundRecord, hospital: HospitalState, status: str, reason: str) -> None:
+    def _reject(self, record: RoundRecord, hospital: HospitalState, status: str, reason: str, *,
+                figures_lost: bool = False) -> None:
         hospital.failures += 1
-        if status in ("failed", "timeout") and hospital.unreported_since is None:
-            hospital.unreported_since = record.round  # it may have charged before it failed
+        if (figures_lost or status in ("failed", "timeout")) and hospital.unreported_since is None:
+            hospital.unreported_since = record.round  # it may have charged without a believable report
         record.hospitals[hospital.name] = {"status": status, "message": reason}
         log.warning("round %d: hospital %s %s: %s (the round goes on without it)", record.round, hospital.name,
                     status, reason)

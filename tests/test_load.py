@@ -1,8 +1,9 @@
-"""Load with injected crashes: 30 hospitals x 20 rounds, about 10% of hospital rounds raising.
+"""Load with injected faults: 30 hospitals x 20 rounds, ~10% of hospital rounds crashing, ~5% poisoned.
 
 In process (the real strategy and ClientApp; no SuperLink) so that it fits in the test suite;
 bench/reliability.py runs the same load through Flower's simulation engine. Each injected crash
-happens right after the hospital's ledger charge, the worst moment: budget spent, nothing returned.
+happens right after the hospital's ledger charge, the worst moment: budget spent, nothing returned;
+each poisoned update (NaN weights from a hospital that did train) must be rejected before aggregation.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from test_federation import federate
 from fedpriv.client_app import fault_drawn
 from fedpriv.privacy.ledger import CHARGED, CONFIRMED, read_ledger
 
-HOSPITALS, ROUNDS, RATE, BUDGET = 30, 20, 0.1, 10.0
+HOSPITALS, ROUNDS, RATE, CORRUPT, BUDGET = 30, 20, 0.1, 0.05, 10.0
 LOAD = [f"federation.num_hospitals={HOSPITALS}", "dataset.num_samples=1500", f"strategy.num_rounds={ROUNDS}",
-        f"faults.train_failure_rate={RATE}", "train.batch_size=8", "privacy.noise_multiplier=1.5",
+        f"faults.train_failure_rate={RATE}", f"faults.corrupt_update_rate={CORRUPT}", "train.batch_size=8", "privacy.noise_multiplier=1.5",
         f"privacy.epsilon={BUDGET}"]
 
 
@@ -50,9 +51,15 @@ def test_the_run_completes_and_exactly_the_injected_rounds_fail(loaded):
     drawn = {(f"hospital-{i + 1}", r) for i in range(HOSPITALS) for r in range(1, ROUNDS + 1)
              if fault_drawn(0, i, r, RATE)}
     assert failed == drawn and 0.05 < len(failed) / (HOSPITALS * ROUNDS) < 0.15
-    for record in strategy.history:  # everyone else trained in every round
-        failed_here = {name for name, r in failed if r == record.round}
-        assert sorted(record.trained) == sorted(set(record.hospitals) - failed_here)
+    rejected = {(name, record.round) for record in strategy.history
+                for name, row in record.hospitals.items() if row["status"] == "rejected"}
+    poisoned = {(f"hospital-{i + 1}", r) for i in range(HOSPITALS) for r in range(1, ROUNDS + 1)
+                if fault_drawn(0, i, r, CORRUPT, kind="corrupt")} - failed
+    assert rejected == poisoned and len(rejected) > 10
+    assert all("NaN or Inf" in strategy.history[r - 1].hospitals[name]["message"] for name, r in rejected)
+    for record in strategy.history:  # everyone else trained in every round, and was aggregated
+        lost_here = {name for name, r in failed | rejected if r == record.round}
+        assert sorted(record.trained) == sorted(set(record.hospitals) - lost_here)
 
 
 def test_every_ledger_recomputes_its_epsilon_and_keeps_the_crashed_rounds_charges(loaded):
