@@ -18,7 +18,6 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.analysis.prv.domain import Domain
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedpriv.errors import PrivacyError
 
@@ -169,45 +168,44 @@ def noise_multiplier_for(
 ) -> float:
     """The smallest noise multiplier whose `steps` new steps keep the total within `target_epsilon`.
 
-    `prior_events` are what the data already spent: the new steps must fit in what remains.
+    `prior_events` are what the data already spent: the new steps must fit in what remains. The
+    result spends at most `target_epsilon` and, unless sigma hits its floor, at least
+    `target_epsilon - tolerance`, by the chosen accountant.
     """
     check_accountant(accountant)
     if steps <= 0:
         raise PrivacyError(f"a privacy plan needs at least one step, got {steps}")
-    if not prior_events:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # see epsilon(): a looser-bound hint
-                sigma = get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant=accountant,
-                    epsilon_tolerance=tolerance,
-                )
-            return float(sigma)
-        except ValueError as exc:  # Opacus: "The privacy budget is too low."
-            raise PrivacyError(f"epsilon {target_epsilon} is too small to train {steps} steps") from exc
-
     already = epsilon(prior_events, delta, accountant)
     if already >= target_epsilon:
         raise PrivacyError(f"the data already spent epsilon {already:.3f} of {target_epsilon}")
+    prior = [(e.noise_multiplier, e.sample_rate, e.steps) for e in merge_events(prior_events)]
 
     def total(sigma: float) -> float:
         return epsilon([*prior_events, PrivacyEvent(sigma, sample_rate, steps)], delta, accountant)
 
-    # Bisection on sigma over the composed history: epsilon falls monotonically as sigma grows.
-    # Past sigma ~100 a step's noise drowns any clipped gradient, so stop searching there.
-    low, high = 0.0, 1.0
-    while total(high) > target_epsilon:
-        low, high = high, high * 2
+    def quick_bound(sigma: float) -> float:
+        return _rdp_epsilon([*prior, (sigma, sample_rate, steps)], delta, _QUICK_RDP_ORDERS)
+
+    # 1. An upper end from a cheap RDP bound over a few integer orders. It is never below the
+    #    accountant's epsilon (RDP over fewer orders is looser; PRV is tighter than RDP), so this
+    #    sigma certainly fits.
+    high = 1.0
+    while quick_bound(high) > target_epsilon:
+        high *= 2
         if high > _MAX_USEFUL_SIGMA:
             raise PrivacyError(f"the {target_epsilon - already:.3g} epsilon left cannot pay for {steps} more steps")
+    low = high / 2
+    while quick_bound(low) <= target_epsilon and low > 1e-3:  # cheap narrowing from above
+        high, low = low, low / 2
+    # 2. The accountant's own bisection inside that bracket: a handful of evaluations, not dozens.
+    while total(low) <= target_epsilon and low > 1e-3:
+        high, low = low, low / 2
     while high - low > 1e-3 and target_epsilon - total(high) > tolerance:
         middle = (low + high) / 2
         if total(middle) > target_epsilon:
             low = middle
         else:
             high = middle
+    if total(high) > target_epsilon:  # cannot happen for a valid bracket; never return an overspend
+        raise PrivacyError(f"calibration failed to fit {steps} steps in epsilon {target_epsilon}")
     return high
