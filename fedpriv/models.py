@@ -8,7 +8,8 @@ ModuleValidator and turns its findings into a :class:`ModelNotPrivateError` with
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models import ResNet
+from torchvision.models.resnet import BasicBlock
 
 from fedpriv.errors import ConfigError, ModelNotPrivateError
 
@@ -39,13 +40,35 @@ def _groups(channels: int) -> int:
     return 1
 
 
+class _HookSafeBasicBlock(BasicBlock):
+    """torchvision's BasicBlock without in-place operations (same parameters, same state_dict keys).
+
+    Opacus wraps each layer's output for its backward hooks; torchvision's in-place ReLU and
+    `out += identity` then modify such an output in place, which autograd forbids ("Output 0 of
+    BackwardHookFunction is a view and is being modified inplace"), so DP-SGD could not run at all.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
 def resnet18_greyscale(in_channels: int = 1, num_classes: int = 2, image_size: int = 28) -> nn.Module:
     """torchvision's ResNet-18 with GroupNorm, a `in_channels` stem, and no pretrained weights.
 
     For small images (< 64 px) the stem is a 3x3 stride-1 convolution without max-pooling, so
     28x28 inputs keep enough spatial resolution (as in MedMNIST's own ResNet baselines).
+    No operation is in place (see :class:`_HookSafeBasicBlock`), so Opacus's hooks can wrap it.
     """
-    model = resnet18(weights=None, num_classes=num_classes, norm_layer=lambda c: nn.GroupNorm(_groups(c), c))
+    model = ResNet(_HookSafeBasicBlock, [2, 2, 2, 2], num_classes=num_classes,
+                   norm_layer=lambda c: nn.GroupNorm(_groups(c), c))
+    model.relu = nn.ReLU()
     if image_size < 64:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
@@ -65,6 +88,34 @@ def check_private_trainable(model: nn.Module) -> None:
             f"{type(model).__name__} cannot be trained with DP-SGD: {reasons}. "
             "Fix: replace those layers (e.g. BatchNorm by GroupNorm), or use ModuleValidator.fix(model)"
         )
+
+
+# Opacus grad-sample mode used for each model when a plan says "auto" (the default): the fastest
+# correct one on the 2-core CPU, measured with bench/dp_overhead.py (see BENCHMARKS.md, DP overhead).
+# Correct: "functorch" and "ew" fail on an empty Poisson batch with these GroupNorm models, so only
+# "hooks" and "ghost" qualify. Fastest: ghost clipping was slower than hooks for both models (about
+# 1.15-1.25x the time for the CNN, 1.1-1.3x for ResNet-18), because Opacus has norm samplers only
+# for Linear/Embedding layers, so convolutions still build per-sample gradients, and ghost adds a
+# second backward pass. Ghost does halve ResNet-18's training memory (per-sample gradients are
+# dropped layer by layer): choose it explicitly (grad_sample_mode="ghost") where memory limits.
+GRAD_SAMPLE_MODE_BY_MODEL = {"cnn": "hooks", "resnet18": "hooks"}
+
+
+def model_name(model: nn.Module) -> str | None:
+    """The :func:`build_model` name of `model` ("cnn", "resnet18"), or None for any other module."""
+    if isinstance(model, SmallCNN):
+        return "cnn"
+    if isinstance(model, ResNet):
+        return "resnet18"
+    return None
+
+
+def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
+    """The Opacus grad-sample mode to train `model` with: `mode` itself, or for "auto" the measured
+    choice for this model (Opacus's default "hooks" for models not measured)."""
+    if mode != "auto":
+        return mode
+    return GRAD_SAMPLE_MODE_BY_MODEL.get(model_name(model), "hooks")
 
 
 def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int, width: int = 16) -> nn.Module:

@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from opacus.accountants import create_accountant
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from fedpriv.models import check_private_trainable
+from fedpriv.models import check_private_trainable, resolve_grad_sample_mode
 from fedpriv.privacy.accounting import PrivacyEvent, epsilon
 from fedpriv.privacy.plan import PrivacyPlan
 
@@ -61,6 +63,13 @@ def train_local(
     Private plans use Poisson sampling, per-sample clipping to `plan.max_grad_norm` and Gaussian
     noise of std `noise_multiplier * max_grad_norm`; logical batches are split into physical
     batches of at most `plan.max_physical_batch_size` by Opacus's BatchMemoryManager.
+
+    `plan.grad_sample_mode` chooses how Opacus computes the clipping: "hooks", "functorch", "ew",
+    "ghost" (ghost clipping), or "auto", the measured choice for this model
+    (:data:`fedpriv.models.GRAD_SAMPLE_MODE_BY_MODEL`). Every mode clips the same per-sample
+    gradients and adds the same noise. Ghost clipping works with BatchMemoryManager: each physical
+    batch's clipped sum is accumulated and noise is added once per logical batch (supported by
+    Opacus since its fix of opacus#707; the tests compare it with per-sample clipping).
     """
     num_records = len(data)
     if num_records == 0:
@@ -76,23 +85,42 @@ def train_local(
 
 
 def _train_private(model, optimizer, data, plan, generator, device) -> LocalTrainResult:
-    from opacus.grad_sample.utils import wrap_model
+    mode = resolve_grad_sample_mode(plan.grad_sample_mode, model)
+    expected_batch_size = plan.expected_batch_size(len(data))
+    if mode == "ghost":
+        # Ghost clipping (Opacus's fast gradient clipping): per-sample gradient NORMS only (computed
+        # without materialising per-sample gradients for Linear layers; other layers' per-sample
+        # gradients are built one layer at a time and dropped), then a second backward pass on the
+        # loss reweighted by each sample's clipping factor. The optimizer only adds noise and scales.
+        grad_sample_model = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=plan.max_grad_norm,
+            use_ghost_clipping=True)
+        optimizer_class = DPOptimizerFastGradientClipping
+    else:
+        from opacus.grad_sample.utils import wrap_model
 
-    grad_sample_model = wrap_model(model, plan.grad_sample_mode, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(
+        grad_sample_model = wrap_model(model, mode, loss_reduction="mean")
+        optimizer_class = DPOptimizer
+    dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        expected_batch_size=plan.expected_batch_size(len(data)),
+        expected_batch_size=expected_batch_size,
         loss_reduction="mean",
         generator=generator,
     )
+    criterion = nn.CrossEntropyLoss()
+    if mode == "ghost":
+        # Its loss object runs both backward passes when `.backward()` is called.
+        criterion = DPLossFastGradientClipping(grad_sample_model, dp_optimizer, criterion, loss_reduction="mean")
     # Opacus's accountant hook counts exactly the optimizer steps that added noise.
     accountant = create_accountant(plan.accountant)
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(plan.sample_rate))
     loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)
-    losses = _run_steps(grad_sample_model, dp_optimizer, loader, plan, device, private=True)
-    grad_sample_model._close()  # removes Opacus hooks; the plain module stays usable
+    try:
+        losses = _run_steps(grad_sample_model, dp_optimizer, loader, plan, device, criterion, private=True)
+    finally:
+        grad_sample_model._close()  # removes Opacus hooks and attributes; the plain module stays usable
     events = [PrivacyEvent(sigma, q, steps) for sigma, q, steps in accountant.history]
     return LocalTrainResult(_plain_state(model), events, sum(e.steps for e in events), len(data),
                             float(np.mean(losses)) if losses else math.nan, True)
@@ -102,14 +130,13 @@ def _train_plain(model, optimizer, data, plan, generator, device) -> LocalTrainR
     batch_size = plan.expected_batch_size(len(data))
     sampler = RandomSampler(data, generator=generator)
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler)
-    losses = _run_steps(model, optimizer, loader, plan, device, private=False)
+    losses = _run_steps(model, optimizer, loader, plan, device, nn.CrossEntropyLoss(), private=False)
     return LocalTrainResult(_plain_state(model), [], plan.steps, len(data),
                             float(np.mean(losses)) if losses else math.nan, False)
 
 
-def _run_steps(model, optimizer, loader, plan: PrivacyPlan, device, *, private: bool) -> list[float]:
+def _run_steps(model, optimizer, loader, plan: PrivacyPlan, device, criterion, *, private: bool) -> list[float]:
     """Loop over the loader (restarting it as needed) until `plan.steps` real optimizer steps ran."""
-    criterion = nn.CrossEntropyLoss()
     losses: list[float] = []
     steps_done = 0
     while steps_done < plan.steps:
@@ -127,7 +154,9 @@ def _run_steps(model, optimizer, loader, plan: PrivacyPlan, device, *, private: 
                     loss.backward()
                     losses.append(loss.item())
                 elif private:
-                    # Poisson sampling can draw an empty batch; DP-SGD still adds noise for it.
+                    # Poisson sampling can draw an empty batch; DP-SGD still adds noise for it. A plain
+                    # backward gives every parameter a zero gradient (zero per-sample gradients, or in
+                    # ghost mode a zero sum to accumulate), so the step below is noise alone.
                     model(images).sum().backward()
                 optimizer.step()
                 if private and optimizer._is_last_step_skipped:

@@ -19,6 +19,13 @@ from fedpriv.privacy.accounting import (
     noise_multiplier_for,
 )
 
+# How Opacus computes per-sample gradients. "auto" lets train_local pick the fastest correct mode
+# measured for the model being trained (fedpriv.models.GRAD_SAMPLE_MODE_BY_MODEL); the others are
+# Opacus's own modes: "hooks" (its default), "functorch", "ew" (expanded weights) and "ghost"
+# (ghost / fast gradient clipping: per-sample norms, then a second, reweighted backward pass).
+# The mode changes how clipping is computed, never what is clipped or the noise: privacy is the same.
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+
 
 @dataclass(frozen=True)
 class PrivacyPlan:
@@ -30,9 +37,12 @@ class PrivacyPlan:
     max_grad_norm: float | None
     accountant: str = "prv"
     max_physical_batch_size: int = 128
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise PrivacyError(f"unknown grad_sample_mode {self.grad_sample_mode!r}; "
+                               f"known: {', '.join(GRAD_SAMPLE_MODES)}")
         if self.steps < 1:
             raise PrivacyError(f"a plan needs at least one step, got {self.steps}")
         if not 0 < self.sample_rate <= 1:
@@ -84,6 +94,7 @@ def plan_local_training(
     prior_events: Sequence[PrivacyEvent] = (),
     accountant: str = "prv",
     max_physical_batch_size: int = 128,
+    grad_sample_mode: str = "auto",
 ) -> PrivacyPlan:
     """The plan for one round of local training at a hospital with `num_records` records.
 
@@ -105,4 +116,4 @@ def plan_local_training(
             steps=steps * planned_rounds, accountant=accountant, prior_events=prior_events,
         )
     return PrivacyPlan(steps, sample_rate, float(noise_multiplier), max_grad_norm, accountant,
-                       max_physical_batch_size)
+                       max_physical_batch_size, grad_sample_mode)
