@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from fedpriv.config import FedprivConfig
 from fedpriv.data import LabeledImages, dataset_fingerprint
 from fedpriv.errors import ConfigError, FedprivError, LedgerError
 from fedpriv.experiment import Experiment, prepare_experiment
+from fedpriv.faults import injected_corruption, injected_fault
 from fedpriv.hospital import REFUSED, HospitalSettings, RoundOutcome, RoundRequest, budget_state, train_round
 from fedpriv.models import build_model
 from fedpriv.privacy.ledger import read_ledger
@@ -160,45 +159,6 @@ def train(msg: Message, context: Context) -> Message:
         content["arrays"] = ArrayRecord(injected_corruption(context, site.config, request.server_round,
                                                             outcome.state_dict))
     return Message(content=content, reply_to=msg)
-
-
-class InjectedFault(RuntimeError):
-    """A crash injected by `faults.train_failure_rate` (reliability tests only)."""
-
-
-def injected_fault(context: Context, cfg: FedprivConfig, server_round: int) -> Callable[[], None] | None:
-    """For simulated hospitals only: maybe crash right after the charge, as a killed node would."""
-    rate = cfg.faults.train_failure_rate
-    if not rate or "partition-id" not in context.node_config:
-        return None
-    hospital = int(context.node_config["partition-id"])
-    if not fault_drawn(cfg.seed, hospital, server_round, rate):
-        return None
-
-    def crash() -> None:
-        raise InjectedFault(f"injected failure: hospital {hospital + 1}, round {server_round}, after its charge")
-
-    return crash
-
-
-def injected_corruption(context: Context, cfg: FedprivConfig, server_round: int,
-                        state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """For simulated hospitals only: maybe poison the weights with NaN, as a buggy site would."""
-    rate = cfg.faults.corrupt_update_rate
-    if not rate or "partition-id" not in context.node_config:
-        return state
-    hospital = int(context.node_config["partition-id"])
-    if not fault_drawn(cfg.seed, hospital, server_round, rate, kind="corrupt"):
-        return state
-    poisoned = dict(state)
-    name = next(key for key, value in state.items() if value.is_floating_point())
-    poisoned[name] = torch.full_like(state[name], math.nan)
-    return poisoned
-
-
-def fault_drawn(seed: int, hospital: int, server_round: int, rate: float, kind: str = "fault") -> bool:
-    """The same draw in every process, so tests and benchmarks know which rounds were made to fail."""
-    return bool(random.Random(f"{kind}-{seed}-{hospital}-{server_round}").random() < rate)
 
 
 def told_to_server(error: FedprivError) -> str:

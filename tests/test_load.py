@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_federation import federate
 
-from fedpriv.client_app import fault_drawn
+from fedpriv.faults import fault_drawn
 from fedpriv.privacy.ledger import CHARGED, CONFIRMED, read_ledger
 
 HOSPITALS, ROUNDS, RATE, CORRUPT, BUDGET = 30, 20, 0.1, 0.05, 10.0
