@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from fedpriv.privacy.ledger import CHARGED, read_ledger
-from fedpriv.simulation import descendants
+from fedpriv.simulation import descendants, processes_mentioning
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -36,19 +36,6 @@ def open_files(root: int) -> int:
         except OSError:
             continue
     return total
-
-
-def processes_mentioning(marker: str) -> list[int]:
-    """Live processes whose command line or environment names `marker` (the run's folder)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def completed_rounds(run_dir: Path) -> int:

@@ -33,7 +33,14 @@ from fedpriv.data import LabeledImages, dataset_fingerprint
 from fedpriv.errors import ConfigError, FedprivError, LedgerError
 from fedpriv.experiment import Experiment, prepare_experiment
 from fedpriv.faults import injected_corruption, injected_fault
-from fedpriv.hospital import REFUSED, HospitalSettings, RoundOutcome, RoundRequest, budget_state, train_round
+from fedpriv.hospital import (
+    REFUSED,
+    HospitalSettings,
+    RoundOutcome,
+    RoundRequest,
+    budget_state,
+    train_round,
+)
 from fedpriv.models import build_model
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.training import evaluate

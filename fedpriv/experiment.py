@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from fedpriv.config import FedprivConfig, validate_against_data, validate_config
-from fedpriv.errors import ConfigError
-from fedpriv.privacy.ledger import folder_write_problem
 from fedpriv.data import (
     LabeledImages,
     MedicalImageDataset,
@@ -25,6 +23,8 @@ from fedpriv.data import (
     partition_indices,
     partition_summary,
 )
+from fedpriv.errors import ConfigError
+from fedpriv.privacy.ledger import folder_write_problem
 
 log = logging.getLogger(__name__)
 

@@ -180,6 +180,30 @@ def _process_table() -> dict[int, tuple[int, str, int, int]]:
     return table
 
 
+def group_members(group: int) -> list[int]:
+    """Live (not zombie) processes in process group `group`."""
+    return [pid for pid, (_, state, pgid, _) in _process_table().items() if pgid == group and state not in ("Z", "X")]
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Live processes (other than this one) whose command line or environment contains `marker`.
+
+    fedpriv's runs put their folder in every child's command line or environment, so this finds
+    what a run left behind even in sessions of its own (Ray, the SuperLink).
+    """
+    needle = marker.encode()
+    found = []
+    for pid, (_, state, _, _) in _process_table().items():
+        if pid == os.getpid() or state in ("Z", "X"):
+            continue
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes() or needle in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def descendants(root: int) -> list[int]:
     """All live descendants of `root` (Flower starts some in new sessions, so groups are not enough)."""
     table = _process_table()

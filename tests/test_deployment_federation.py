@@ -32,7 +32,7 @@ from fedpriv.deployment.processes import (
 from fedpriv.deployment.rehearsal import LocalFederation, free_port
 from fedpriv.experiment import prepare_experiment
 from fedpriv.privacy.ledger import read_ledger
-from fedpriv.simulation import terminate_tree
+from fedpriv.simulation import processes_mentioning, terminate_tree
 
 pytestmark = pytest.mark.slow
 
@@ -80,19 +80,6 @@ def _intruder_key(folder: Path) -> Path:
     path.write_bytes(private)
     os.chmod(path, 0o600)
     return path
-
-
-def _processes_mentioning(folder: Path) -> list[int]:
-    """PIDs of live processes (other than this one) whose command line or environment names `folder`."""
-    marker, found = str(folder).encode(), []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in (entry / "environ").read_bytes() or marker in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def test_every_hospital_is_registered_and_online_with_its_own_settings(federation):
@@ -198,7 +185,7 @@ def test_no_process_is_left_behind(federation):
     federation.stop()
     assert processes.leftovers() == []
     # Belt and braces: nothing still runs with this federation's folders in its environment.
-    assert _processes_mentioning(federation.out) == []
+    assert processes_mentioning(str(federation.out)) == []
 
 
 def test_ctrl_c_during_a_rehearsal_stops_every_process(tmp_path):
@@ -226,4 +213,4 @@ def test_ctrl_c_during_a_rehearsal_stops_every_process(tmp_path):
         if cli.poll() is None:
             terminate_tree(cli.pid, grace=5)
             cli.wait(timeout=10)
-    assert _processes_mentioning(out) == []
+    assert processes_mentioning(str(out)) == []

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 from fault_injection import without_permission_override
 from test_federation import federate
 

@@ -32,40 +32,17 @@ from fedpriv.deployment.rehearsal import LocalFederation
 from fedpriv.experiment import prepare_experiment
 from fedpriv.privacy.accounting import epsilon
 from fedpriv.privacy.ledger import CHARGED, CONFIRMED, LedgerEntry, read_ledger
-from fedpriv.simulation import descendants, executable, terminate_tree
+from fedpriv.simulation import (
+    descendants,
+    executable,
+    group_members,
+    processes_mentioning,
+    terminate_tree,
+)
 
 pytestmark = pytest.mark.slow
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _processes_mentioning(marker: str) -> list[int]:
-    """Live processes (not this one) whose command line or environment contains `marker`."""
-    found, needle = [], marker.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if start_time(int(entry.name)) is not None and (
-                    needle in (entry / "environ").read_bytes() or needle in (entry / "cmdline").read_bytes()):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def _group_members(group: int) -> list[int]:
-    """Live (non-zombie) processes in process group `group`."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == group and fields[0] not in ("Z", "X"):
-                members.append(int(entry.name))
-    return members
 
 
 def _describe(pids: list[int]) -> str:
@@ -89,7 +66,7 @@ def _kill_by_pid(pids: list[int]) -> None:
 def _wait_until_gone(marker: str, timeout: float) -> list[int]:
     """Wait up to `timeout` s for every process mentioning `marker` to end; the PIDs still alive."""
     deadline = time.monotonic() + timeout
-    while (left := _processes_mentioning(marker)) and time.monotonic() < deadline:
+    while (left := processes_mentioning(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
 
@@ -240,7 +217,7 @@ def test_a_hospital_killed_between_charge_and_confirm_is_skipped_and_keeps_its_c
         if runner is not None:
             runner.join(timeout=30)
     assert federation.processes is not None and federation.processes.leftovers() == []
-    left = _processes_mentioning(str(out))
+    left = processes_mentioning(str(out))
     _kill_by_pid(left)
     assert not left, _describe(left)
 
@@ -286,15 +263,15 @@ def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_pat
         os.killpg(cli.pid, signal.SIGKILL)  # the group's id is the PID of the process we started
         killed_at = time.monotonic()
         cli.wait(timeout=10)
-        group = _group_members(cli.pid)
+        group = group_members(cli.pid)
         assert not group, _describe(group)
         # The SuperLink, the ServerApp and Ray run in sessions of their own: nothing of them may stay.
         left = _wait_until_gone(str(tmp_path), timeout=45)
         assert not left, "left running after fedpriv was killed:\n" + _describe(left)
         cleanup_seconds = time.monotonic() - killed_at
     finally:
-        _kill_by_pid(_group_members(cli.pid))
-        _kill_by_pid(_processes_mentioning(str(tmp_path)))
+        _kill_by_pid(group_members(cli.pid))
+        _kill_by_pid(processes_mentioning(str(tmp_path)))
     first_seconds = killed_at - started
 
     checkpoints = sorted(int(p.stem.split("-")[1]) for p in (first / "checkpoints").glob("round-*.pt"))
