@@ -124,8 +124,7 @@ class BudgetAwareStrategy(Strategy):
         if len(node_ids) < self.expected_hospitals:
             log.warning("only %d of %d hospitals connected within %.0fs; continuing with them",
                         len(node_ids), self.expected_hospitals, self.discovery_timeout)
-        queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
-                   for node in node_ids]
+        queries = [_query(node) for node in node_ids]
         hospitals = []
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             node = _answered_node(reply, queries)
@@ -267,13 +266,12 @@ class BudgetAwareStrategy(Strategy):
         crashed = [h for h in self.hospitals if record.hospitals.get(h.name, {}).get("status") == "failed"]
         if not crashed:
             return
-        queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=h.node_id,
-                           message_type=MessageType.QUERY) for h in crashed]
+        queries = [_query(h.node_id) for h in crashed]
         timeout = min(self.timeout, QUERY_TIMEOUT_S) if self.timeout else QUERY_TIMEOUT_S
         for reply in grid.send_and_receive(queries, timeout=timeout):
             if reply.has_error() or not _figures_known(reply.content["metrics"]):
                 continue
-            hospital = self._by_node(reply.metadata.src_node_id)
+            hospital = self._by_node(_answered_node(reply, queries))
             metrics = reply.content["metrics"]
             if float(metrics["epsilon"]) >= hospital.epsilon:  # figures never go backwards
                 _update_state(hospital, metrics, str(reply.content["status"]["status"]))
@@ -418,6 +416,11 @@ def _figures_known(metrics) -> bool:
         return not math.isnan(float(metrics["epsilon"]))
     except (KeyError, TypeError, ValueError):
         return False
+
+
+def _query(node_id: int) -> Message:
+    """Ask a hospital who it is and what its ledger says (it spends nothing)."""
+    return Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type=MessageType.QUERY)
 
 
 def _answered_node(reply: Message, messages: list[Message]) -> int:
