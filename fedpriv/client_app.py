@@ -65,7 +65,8 @@ class HospitalSite:
 
     def new_model(self) -> torch.nn.Module:
         return build_model(self.config.model.name, in_channels=self.in_channels, num_classes=self.num_classes,
-                           image_size=self.image_size, width=self.config.model.width)
+                           image_size=self.image_size, width=self.config.model.width,
+                           activation=self.config.model.activation)
 
 
 # Ray actors serve many messages: keep each prepared experiment (data + partition) per process.
@@ -151,9 +152,10 @@ def train(msg: Message, context: Context) -> Message:
     try:
         site = _site(context)
         model = _global_model(site, msg)
+        request = RoundRequest.from_record(dict(msg.content["config"]))
+        _check_logit_shift(request, site.num_classes)
     except FedprivError as error:
         return _unusable_site(msg, context, error)
-    request = RoundRequest.from_record(dict(msg.content["config"]))
     try:
         outcome = train_round(model, site.train.as_dataset(), site.settings, request, fingerprint=site.fingerprint,
                               after_charge=injected_fault(context, site.config, request.server_round))
@@ -166,6 +168,15 @@ def train(msg: Message, context: Context) -> Message:
         content["arrays"] = ArrayRecord(injected_corruption(context, site.config, request.server_round,
                                                             outcome.state_dict))
     return Message(content=content, reply_to=msg)
+
+
+def _check_logit_shift(request: RoundRequest, num_classes: int) -> None:
+    """A shift the loss cannot use is refused before the ledger is charged, not after."""
+    shift = request.logit_shift
+    if shift and (len(shift) != num_classes or not all(math.isfinite(v) for v in shift)):
+        raise ConfigError("dataset.class_prior", list(shift), f"the server's logit shift does not fit this "
+                          f"hospital's {num_classes} classes (or is not finite)",
+                          "give one public class share per class in dataset.class_prior")
 
 
 def told_to_server(error: FedprivError) -> str:

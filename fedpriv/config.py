@@ -21,6 +21,7 @@ from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import ACCOUNTANTS
 
 MODEL_NAMES = ("cnn", "resnet18")
+ACTIVATION_NAMES = ("tanh", "relu")
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 STRATEGY_MODES = ("parallel", "sequential")
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -40,6 +41,10 @@ class DatasetConfig:
     val_fraction: float = 0.1  # image folder / synthetic: share held out for validation
     test_fraction: float = 0.2  # image folder / synthetic: share held out for testing
     num_samples: int = 1200  # synthetic: number of images in all splits
+    # Share of each class in the population the model will see, from a PUBLIC source (published
+    # counts, registry prevalence), one number per class; used by train.logit_adjustment. Never
+    # estimate it from a hospital's records at run time: the counts themselves would leak.
+    class_prior: Optional[list[float]] = None
 
 
 @dataclass
@@ -48,6 +53,7 @@ class ModelConfig:
 
     name: str = "cnn"
     width: int = 16  # channels of the CNN's first block (doubles per block)
+    activation: str = "tanh"  # CNN only: "tanh" (better under DP-SGD) or "relu"; ResNet-18 keeps ReLU
 
 
 @dataclass
@@ -73,6 +79,10 @@ class TrainConfig:
     local_epochs: int = 5
     lr: float = 1.0
     momentum: float = 0.0
+    # Logit adjustment strength tau: the training loss sees logits + tau * log(dataset.class_prior),
+    # so the model leans less towards the majority class (0 = plain cross-entropy; no effect when
+    # the dataset declares no class_prior). Costs no privacy: the prior is public, fixed in advance.
+    logit_adjustment: float = 3.0
 
 
 @dataclass
@@ -163,6 +173,28 @@ def medmnist_2d_flags() -> tuple[str, ...]:
     return tuple(flag for flag in INFO if not flag.endswith("3d"))
 
 
+def _check_class_prior(prior: Optional[list[float]]) -> None:
+    if prior is None:
+        return
+    values = [float(p) for p in prior]
+    if len(values) < 2 or not all(math.isfinite(p) and p > 0 for p in values) or abs(sum(values) - 1) > 1e-3:
+        raise ConfigError("dataset.class_prior", list(prior),
+                          "must hold one share per class, each above 0, summing to 1",
+                          "e.g. dataset.class_prior=[0.26,0.74], or null to train without logit adjustment")
+
+
+def logit_shift(cfg: FedprivConfig, num_classes: int) -> list[float]:
+    """What the training loss adds to the logits: tau * log(class prior), or [] for none."""
+    prior = cfg.dataset.class_prior
+    if prior is None or cfg.train.logit_adjustment == 0:
+        return []
+    if len(prior) != num_classes:
+        raise ConfigError("dataset.class_prior", list(prior),
+                          f"has {len(prior)} shares but the dataset has {num_classes} classes",
+                          "give one share per class, in class order, or set it to null")
+    return [cfg.train.logit_adjustment * math.log(float(p)) for p in prior]
+
+
 def _positive(key: str, value: float, fix: str) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ConfigError(key, value, "must be a positive number", fix)
@@ -222,6 +254,10 @@ def validate_config(cfg: FedprivConfig) -> None:
     _choice("model.name", cfg.model.name, MODEL_NAMES)
     if cfg.model.width < 4:
         raise ConfigError("model.width", cfg.model.width, "must be at least 4", "use e.g. model.width=16")
+    _choice("model.activation", cfg.model.activation, ACTIVATION_NAMES)
+    if cfg.model.name == "resnet18" and cfg.model.activation != "relu":
+        raise ConfigError("model.activation", cfg.model.activation, "ResNet-18 uses torchvision's ReLU",
+                          "use model=resnet18 as configured (model.activation=relu), or model=cnn")
 
     privacy = cfg.privacy
     if privacy.enabled:
@@ -244,6 +280,10 @@ def validate_config(cfg: FedprivConfig) -> None:
     _positive("train.lr", train.lr, "use e.g. train.lr=0.1")
     if not 0 <= train.momentum < 1:
         raise ConfigError("train.momentum", train.momentum, "must be in [0, 1)", "use e.g. train.momentum=0.9")
+    if not (math.isfinite(train.logit_adjustment) and train.logit_adjustment >= 0):
+        raise ConfigError("train.logit_adjustment", train.logit_adjustment, "must be a number >= 0",
+                          "use e.g. train.logit_adjustment=2 (or 0 for plain cross-entropy)")
+    _check_class_prior(cfg.dataset.class_prior)
 
     _choice("strategy.mode", cfg.strategy.mode, STRATEGY_MODES)
     if cfg.strategy.num_rounds < 1:

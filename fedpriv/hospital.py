@@ -74,10 +74,12 @@ class RoundRequest:
     spend_remaining: bool = False  # train only the steps that still fit, then lock
     max_physical_batch_size: int = 128
     seed: int = 0
+    logit_shift: tuple[float, ...] = ()  # added to the logits in the training loss (logit adjustment)
 
     def to_record(self) -> dict[str, Any]:
         """Flat scalars for a Flower ConfigRecord (None is encoded as -1)."""
-        return {key: (-1 if value is None else value) for key, value in asdict(self).items()}
+        return {key: (-1 if value is None else list(value) if isinstance(value, tuple) else value)
+                for key, value in asdict(self).items()}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RoundRequest:
@@ -86,6 +88,8 @@ class RoundRequest:
         for key in ("noise_multiplier", "max_epsilon"):
             if key in values and values[key] is not None and float(values[key]) < 0:
                 values[key] = None
+        if "logit_shift" in values:
+            values["logit_shift"] = tuple(float(v) for v in values["logit_shift"])
         return cls(**values)
 
 
@@ -179,7 +183,7 @@ def train_round(
             after_charge()
         training_started = time.perf_counter()
         result = train_local(model, data, plan, lr=request.lr, momentum=request.momentum,
-                             seed=request.seed + request.server_round)
+                             logit_shift=request.logit_shift, seed=request.seed + request.server_round)
         train_seconds = time.perf_counter() - training_started
         started = time.perf_counter()
         ledger.confirm(entry, steps_done=result.steps)
@@ -238,7 +242,7 @@ def _train_non_private(model, data, settings: HospitalSettings, request: RoundRe
                                    sample_rate=sample_rate, max_physical_batch_size=request.max_physical_batch_size)
     started = time.perf_counter()
     result = train_local(model, data, plan, lr=request.lr, momentum=request.momentum,
-                         seed=request.seed + request.server_round)
+                         logit_shift=request.logit_shift, seed=request.seed + request.server_round)
     return RoundOutcome(settings.name, TRAINED, "trained WITHOUT differential privacy (epsilon = inf)",
                         result.state_dict, result.num_examples, result.mean_loss, result.steps,
                         epsilon=math.inf, delta=settings.delta, budget_epsilon=math.inf,

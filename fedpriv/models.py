@@ -13,16 +13,27 @@ from torchvision.models.resnet import BasicBlock
 
 from fedpriv.errors import ConfigError, ModelNotPrivateError
 
+# Activations the CNN can use. tanh is the default: under DP-SGD every per-sample gradient is clipped,
+# and a bounded activation keeps activations (and so gradient norms) from growing round after round,
+# so less of the signal is lost to clipping (Papernot et al., "Tempered Sigmoid Activations for Deep
+# Learning with Differential Privacy", AAAI 2021). Measured here: see BENCHMARKS.md, accuracy.
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
 
 class SmallCNN(nn.Module):
-    """Three conv blocks (GroupNorm, ReLU) and a linear head: ~25k parameters at width 16."""
+    """Three conv blocks (GroupNorm, activation) and a linear head: ~25k parameters at width 16."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 16) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 16,
+                 activation: str = "tanh") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError("model.activation", activation, f"unknown activation; known: {', '.join(ACTIVATIONS)}",
+                              "set model.activation=tanh (or relu)")
         channels = [in_channels, width, width * 2, width * 4]
         blocks: list[nn.Module] = []
         for index, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
-            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(_groups(c_out), c_out), nn.ReLU()]
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(_groups(c_out), c_out),
+                       ACTIVATIONS[activation]()]
             # Pool after the first two blocks; the last block is pooled globally so any size works.
             blocks.append(nn.MaxPool2d(2) if index < 2 else nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*blocks)
@@ -118,10 +129,14 @@ def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
     return GRAD_SAMPLE_MODE_BY_MODEL.get(model_name(model), "hooks")
 
 
-def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int, width: int = 16) -> nn.Module:
-    """The model called `name` ("cnn" or "resnet18"), checked to be trainable with DP-SGD."""
+def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int, width: int = 16,
+                activation: str = "tanh") -> nn.Module:
+    """The model called `name` ("cnn" or "resnet18"), checked to be trainable with DP-SGD.
+
+    `width` and `activation` shape the CNN; ResNet-18 keeps torchvision's ReLU and widths.
+    """
     if name == "cnn":
-        model = SmallCNN(in_channels, num_classes, width)
+        model = SmallCNN(in_channels, num_classes, width, activation)
     elif name == "resnet18":
         model = resnet18_greyscale(in_channels, num_classes, image_size)
     else:

@@ -28,8 +28,9 @@ CHECKPOINTS = "checkpoints"
 # learning rate, mode, ledger folder) may change on resume.
 RESUME_MUST_MATCH = (
     "dataset.name", "dataset.size", "dataset.path", "dataset.val_fraction", "dataset.test_fraction",
-    "dataset.num_samples", "model.name", "model.width", "privacy.enabled", "federation.num_hospitals",
-    "federation.partition", "federation.alpha", "federation.hospitals", "federation.local_val_fraction", "seed",
+    "dataset.num_samples", "model.name", "model.width", "model.activation", "privacy.enabled",
+    "federation.num_hospitals", "federation.partition", "federation.alpha", "federation.hospitals",
+    "federation.local_val_fraction", "seed",
 )
 
 

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.app_config import RUN_DIR_KEY, config_from_run_config
-from fedpriv.config import FedprivConfig, resolve_noise_multiplier, validate_config
+from fedpriv.config import FedprivConfig, logit_shift, resolve_noise_multiplier, validate_config
 from fedpriv.data import load_dataset
 from fedpriv.errors import ConfigError
 from fedpriv.hospital import RoundRequest
@@ -48,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, cfg, run_dir, run_id=str(context.run_id))
 
 
-def round_request(cfg: FedprivConfig, run_id: str) -> RoundRequest:
+def round_request(cfg: FedprivConfig, run_id: str, num_classes: int) -> RoundRequest:
     """The training plan the server sends: how to train, never how much budget to spend."""
     return RoundRequest(
         run_id=run_id, server_round=0, num_rounds=cfg.strategy.num_rounds, local_epochs=cfg.train.local_epochs,
@@ -56,6 +56,7 @@ def round_request(cfg: FedprivConfig, run_id: str) -> RoundRequest:
         max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=resolve_noise_multiplier(cfg.privacy.noise_multiplier)
         if cfg.privacy.enabled else None, spend_remaining=cfg.strategy.spend_remaining,
         max_physical_batch_size=cfg.privacy.max_physical_batch_size, seed=cfg.seed,
+        logit_shift=tuple(logit_shift(cfg, num_classes)),
     )
 
 
@@ -65,7 +66,8 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
     dataset = load_dataset(cfg.dataset, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, in_channels=dataset.in_channels, num_classes=dataset.num_classes,
-                        image_size=dataset.image_size, width=cfg.model.width)
+                        image_size=dataset.image_size, width=cfg.model.width,
+                        activation=cfg.model.activation)
     state, first_round = model.state_dict(), 1
     if cfg.resume:
         checkpoint_path = resume_checkpoint(cfg)
@@ -95,8 +97,8 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
     )
     result = strategy.start(
         grid, ArrayRecord(state), num_rounds=cfg.strategy.num_rounds, timeout=cfg.strategy.round_timeout,
-        train_config=ConfigRecord(round_request(cfg, run_id).to_record()), evaluate_fn=evaluate_on_test,
-        first_round=first_round,
+        train_config=ConfigRecord(round_request(cfg, run_id, dataset.num_classes).to_record()),
+        evaluate_fn=evaluate_on_test, first_round=first_round,
     )
     summary = recorder.finish(result.arrays, strategy.hospitals, strategy.stop_reason, strategy.excluded)
     write_run_report(run_dir, dataset=dataset)  # calibration on the public splits, fairness, report.html

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,27 @@ class LocalTrainResult:
         return epsilon(self.events, delta, accountant) if self.private else math.inf
 
 
+class LogitAdjustedCrossEntropy(nn.Module):
+    """Cross-entropy on ``logits + shift``: logit adjustment (Menon et al., ICLR 2021).
+
+    With ``shift = tau * log(class prior)`` the model must beat the prior's head start to predict a
+    common class, so its raw logits (used unshifted at prediction time) lean less towards the majority
+    class. Under DP-SGD this matters more than usual: noise drowns the weaker class's gradients first.
+    A zero shift is plain cross-entropy. ``reduction`` is an attribute because Opacus's ghost clipping
+    switches it to "none" to get per-sample losses.
+    """
+
+    def __init__(self, shift: Sequence[float] | None = None, reduction: str = "mean") -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(list(shift or ()), dtype=torch.float32))
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if len(self.shift):
+            logits = logits + self.shift.to(logits.device)
+        return nn.functional.cross_entropy(logits, labels, reduction=self.reduction)
+
+
 def train_local(
     model: nn.Module,
     data: Dataset,
@@ -55,6 +77,7 @@ def train_local(
     *,
     lr: float,
     momentum: float = 0.0,
+    logit_shift: Sequence[float] | None = None,
     seed: int = 0,
     device: str = "cpu",
 ) -> LocalTrainResult:
@@ -67,8 +90,10 @@ def train_local(
     `plan.grad_sample_mode` chooses how Opacus computes the clipping: "hooks", "functorch", "ew",
     "ghost" (ghost clipping), or "auto", the measured choice for this model
     (:data:`fedpriv.models.GRAD_SAMPLE_MODE_BY_MODEL`). Every mode clips the same per-sample
-    gradients and adds the same noise. Ghost clipping works with BatchMemoryManager: each physical
-    batch's clipped sum is accumulated and noise is added once per logical batch (supported by
+    gradients and adds the same noise. `logit_shift` (one number per class, see
+    :class:`LogitAdjustedCrossEntropy`) is added to the logits in the training loss only.
+
+    Ghost clipping works with BatchMemoryManager: each physical batch's clipped sum is accumulated and noise is added once per logical batch (supported by
     Opacus since its fix of opacus#707; the tests compare it with per-sample clipping).
     """
     num_records = len(data)
@@ -78,13 +103,14 @@ def train_local(
     generator = torch.Generator().manual_seed(seed)
     local_model = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.SGD(local_model.parameters(), lr=lr, momentum=momentum)
+    criterion = LogitAdjustedCrossEntropy(logit_shift)
     if plan.private:
         check_private_trainable(local_model)
-        return _train_private(local_model, optimizer, data, plan, generator, device)
-    return _train_plain(local_model, optimizer, data, plan, generator, device)
+        return _train_private(local_model, optimizer, data, plan, generator, device, criterion)
+    return _train_plain(local_model, optimizer, data, plan, generator, device, criterion)
 
 
-def _train_private(model, optimizer, data, plan, generator, device) -> LocalTrainResult:
+def _train_private(model, optimizer, data, plan, generator, device, criterion) -> LocalTrainResult:
     mode = resolve_grad_sample_mode(plan.grad_sample_mode, model)
     expected_batch_size = plan.expected_batch_size(len(data))
     if mode == "ghost":
@@ -109,7 +135,6 @@ def _train_private(model, optimizer, data, plan, generator, device) -> LocalTrai
         loss_reduction="mean",
         generator=generator,
     )
-    criterion = nn.CrossEntropyLoss()
     if mode == "ghost":
         # Its loss object runs both backward passes when `.backward()` is called.
         criterion = DPLossFastGradientClipping(grad_sample_model, dp_optimizer, criterion, loss_reduction="mean")
@@ -126,11 +151,11 @@ def _train_private(model, optimizer, data, plan, generator, device) -> LocalTrai
                             float(np.mean(losses)) if losses else math.nan, True)
 
 
-def _train_plain(model, optimizer, data, plan, generator, device) -> LocalTrainResult:
+def _train_plain(model, optimizer, data, plan, generator, device, criterion) -> LocalTrainResult:
     batch_size = plan.expected_batch_size(len(data))
     sampler = RandomSampler(data, generator=generator)
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler)
-    losses = _run_steps(model, optimizer, loader, plan, device, nn.CrossEntropyLoss(), private=False)
+    losses = _run_steps(model, optimizer, loader, plan, device, criterion, private=False)
     return LocalTrainResult(_plain_state(model), [], plan.steps, len(data),
                             float(np.mean(losses)) if losses else math.nan, False)
 

@@ -34,6 +34,21 @@ def test_defaults_are_the_documented_ones():
         "pneumoniamnist", "cnn", 3.0, "parallel")
     assert (cfg.federation.num_hospitals, cfg.federation.partition) == (3, "dirichlet")
     assert cfg.privacy.enabled and cfg.privacy.accountant == "prv"
+    assert (cfg.model.activation, cfg.train.logit_adjustment, cfg.dataset.class_prior) == (
+        "tanh", 3.0, [0.258, 0.742])
+
+
+def test_the_logit_shift_is_tau_times_the_log_prior_and_needs_one_share_per_class():
+    import math
+
+    from fedpriv.config import logit_shift
+
+    cfg = composed("train.logit_adjustment=2")
+    assert logit_shift(cfg, 2) == pytest.approx([2 * math.log(0.258), 2 * math.log(0.742)])
+    assert logit_shift(composed("train.logit_adjustment=0"), 2) == []
+    assert logit_shift(composed("dataset=synthetic"), 2) == []  # no published prior: plain cross-entropy
+    with pytest.raises(ConfigError, match="3 classes"):
+        logit_shift(cfg, 3)
 
 
 @pytest.mark.parametrize("option", sorted(
@@ -72,6 +87,11 @@ def test_typos_and_wrong_types_fail_at_composition(override):
     (["privacy.accountant=moments"], "privacy.accountant", "unknown name"),
     (["strategy.mode=random"], "strategy.mode", "unknown name"),
     (["federation.partition=pathological"], "federation.partition", "unknown name"),
+    (["model.activation=sigmoid"], "model.activation", "unknown name"),
+    (["model=resnet18", "model.activation=tanh"], "model.activation", "ReLU"),
+    (["train.logit_adjustment=-1"], "train.logit_adjustment", ">= 0"),
+    (["dataset.class_prior=[0.5,0.6]"], "dataset.class_prior", "summing to 1"),
+    (["dataset.class_prior=[0,1]"], "dataset.class_prior", "above 0"),
 ])
 def test_bad_config_values_are_rejected_before_data_is_read(overrides, key, hint, monkeypatch):
     # No data directory at all: the config check must fire before any loader runs.

@@ -101,7 +101,7 @@ def _deliver(message: Message, context: Context) -> Message:
 
 def _train_message(cfg, **extra) -> Message:
     model = build_model(cfg.model.name, in_channels=1, num_classes=2, image_size=28, width=cfg.model.width)
-    config = {**round_request(cfg, "run-a").to_record(), "server_round": 1, **extra}
+    config = {**round_request(cfg, "run-a", num_classes=2).to_record(), "server_round": 1, **extra}
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(config)}),
                    dst_node_id=5, message_type=MessageType.TRAIN)
 
@@ -309,6 +309,16 @@ def test_evaluate_and_query_replies_carry_scalar_metrics_and_status_only(node_co
     _assert_only_scalars_leave(reply, {"metrics", "status"})
     assert reply.content["status"]["hospital"] == "St-Elsewhere"
     assert reply.content["metrics"]["budget-epsilon"] == 2.5
+
+
+@pytest.mark.parametrize("shift", [[0.1, 0.2, 0.3], [0.0, math.inf]])
+def test_a_logit_shift_that_does_not_fit_is_refused_before_any_budget_is_spent(node_config, run_cfg,
+                                                                               task_identity, shift):
+    reply = _deliver(_train_message(run_cfg, logit_shift=shift), _context(node_config, _run_config(run_cfg)))
+    assert reply.content["status"]["status"] == "refused"
+    assert "class_prior" in reply.content["status"]["message"] and "arrays" not in reply.content
+    ledger = Path(node_config["ledger"])
+    assert not ledger.exists() or read_ledger(ledger).status().epsilon_spent == 0
 
 
 def test_a_non_private_request_is_refused_unless_the_hospital_allows_it(node_config, run_cfg, task_identity):

@@ -139,3 +139,15 @@ def test_without_calibration_the_probabilities_are_flagged_as_uncalibrated(run_d
     assert main([str(bare), str(images["png"]), "--out", str(out)]) == 0
     assert "NOT calibrated" in capsys.readouterr().err
     assert next(csv.DictReader(out.open()))["temperature"] == "1"
+
+
+def test_a_run_saved_before_activations_were_configurable_is_rebuilt_with_relu(tmp_path):
+    from fedpriv.report.evaluation import load_run_config
+
+    cfg = OmegaConf.structured(FedprivConfig(dataset=DatasetConfig(name="synthetic")))
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path).model.activation == "tanh"  # written by this version: kept
+    old = OmegaConf.to_container(cfg)
+    del old["model"]["activation"]
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    assert load_run_config(tmp_path).model.activation == "relu"  # older runs all trained ReLU CNNs

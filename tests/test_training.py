@@ -272,3 +272,62 @@ def test_auto_mode_falls_back_to_opacus_default_and_unknown_modes_are_refused():
     assert resolve_grad_sample_mode("ghost", _linear_model()) == "ghost"
     with pytest.raises(PrivacyError, match="grad_sample_mode"):
         PrivacyPlan(steps=1, sample_rate=1.0, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghostly")
+
+
+# ------------------------------------------------------------------------------ logit adjustment
+
+
+def _uninformative(n: int = 200, share_of_class_1: float = 0.75) -> TensorDataset:
+    """Identical images, labels 75% class 1: the best a model can do is predict the label shares."""
+    labels = (torch.arange(n) < int(share_of_class_1 * n)).long()
+    return TensorDataset(torch.ones(n, 1, 1, 4), labels)
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_logit_adjustment_removes_the_prior_from_the_models_raw_predictions(private):
+    data = _uninformative()
+    prior = [0.25, 0.75]
+    if private:
+        plan = PrivacyPlan(steps=300, sample_rate=0.5, noise_multiplier=0.0, max_grad_norm=1e3,
+                           grad_sample_mode="hooks")
+    else:
+        plan = PrivacyPlan.non_private(steps=300, sample_rate=0.5)
+    probability = {}
+    for tau in (0.0, 1.0):
+        shift = [tau * math.log(p) for p in prior]
+        model = _linear_model(features=4)
+        model.load_state_dict(train_local(model, data, plan, lr=0.5, logit_shift=shift, seed=0).state_dict)
+        probability[tau] = torch.softmax(model(torch.ones(1, 1, 1, 4)), dim=1)[0, 1].item()
+    # Plain cross-entropy learns the prior; with tau = 1 the raw logits carry no prior at all.
+    assert probability[0.0] == pytest.approx(0.75, abs=0.03)
+    assert probability[1.0] == pytest.approx(0.5, abs=0.03)
+
+
+def test_logit_adjustment_works_with_ghost_clipping_as_with_per_sample_clipping():
+    model, data = build_model("cnn", in_channels=1, num_classes=2, image_size=16, width=8), _images(40, 16)
+    shift = [2 * math.log(0.25), 2 * math.log(0.75)]
+    updates = {}
+    for mode, logit_shift in [("hooks", shift), ("ghost", shift), ("hooks", None)]:
+        # A clipping bound some per-sample gradients stay under: for two classes the gradient of the
+        # loss w.r.t. the logits always points along (1, -1), so once EVERY sample is clipped, the
+        # shift (which only changes gradient magnitudes) can no longer change the update.
+        plan = PrivacyPlan(steps=3, sample_rate=0.25, noise_multiplier=0.0, max_grad_norm=1.0,
+                           max_physical_batch_size=4, grad_sample_mode=mode)
+        updates[mode, logit_shift is None] = _update(
+            model, train_local(model, data, plan, lr=1.0, logit_shift=logit_shift, seed=2).state_dict)
+    assert _relative_difference(updates["ghost", False], updates["hooks", False]) < 1e-4
+    assert _relative_difference(updates["hooks", True], updates["hooks", False]) > 0.01  # the shift acts
+
+
+@pytest.mark.parametrize("activation, layer", [("tanh", nn.Tanh), ("relu", nn.ReLU)])
+def test_the_cnn_uses_the_configured_activation(activation, layer):
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=28, activation=activation)
+    kinds = {type(m) for m in model.modules()}
+    assert layer in kinds and ({nn.Tanh, nn.ReLU} - {layer}).isdisjoint(kinds)
+
+
+def test_an_unknown_activation_names_the_setting():
+    from fedpriv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.activation"):
+        build_model("cnn", in_channels=1, num_classes=2, image_size=28, activation="sigmoid")

@@ -43,7 +43,7 @@ from fedpriv.attacks.membership import (
     model_logits,
 )
 from fedpriv.attacks.settings import check_audit_config
-from fedpriv.config import FedprivConfig, validate_config
+from fedpriv.config import FedprivConfig, logit_shift, validate_config
 from fedpriv.data import LabeledImages, MedicalImageDataset, load_dataset
 from fedpriv.errors import ConfigError
 from fedpriv.models import build_model
@@ -203,7 +203,8 @@ def privacy_levels(config: FedprivConfig) -> list[PrivacyLevel]:
 def attack_model_name(config: FedprivConfig) -> str:
     if config.audit.inversion_model == "convnet":
         return "InversionNet (3 conv 5x5, width 32, ReLU, linear head over the flattened map)"
-    return f"{config.model.name} (width {config.model.width}), the configured fedpriv model"
+    return (f"{config.model.name} (width {config.model.width}, {config.model.activation}), "
+            "the configured fedpriv model")
 
 
 def _seeded_model(config: FedprivConfig, dataset: MedicalImageDataset, seed: int, *, for_inversion: bool) -> nn.Module:
@@ -211,7 +212,7 @@ def _seeded_model(config: FedprivConfig, dataset: MedicalImageDataset, seed: int
     shape = dict(in_channels=dataset.in_channels, num_classes=dataset.num_classes, image_size=dataset.image_size)
     if for_inversion and config.audit.inversion_model == "convnet":
         return InversionNet(**shape)
-    return build_model(config.model.name, width=config.model.width, **shape)
+    return build_model(config.model.name, width=config.model.width, activation=config.model.activation, **shape)
 
 
 # --- gradient inversion -------------------------------------------------------------------------
@@ -392,7 +393,7 @@ def _train(config: FedprivConfig, dataset: MedicalImageDataset, records: Labeled
            seed: int):
     model = _seeded_model(config, dataset, seed, for_inversion=False)
     result = train_local(model, records.as_dataset(), plan, lr=config.train.lr, momentum=config.train.momentum,
-                         seed=seed, device=config.device)
+                         logit_shift=logit_shift(config, dataset.num_classes), seed=seed, device=config.device)
     model.load_state_dict(result.state_dict)
     return model, result
 

@@ -51,12 +51,13 @@ class ModelInfo:
     num_classes: int
     image_size: int
     class_names: list[str]
+    activation: str = "tanh"
 
     def build(self) -> nn.Module:
         from fedpriv.models import build_model
 
         return build_model(self.name, in_channels=self.in_channels, num_classes=self.num_classes,
-                           image_size=self.image_size, width=self.width)
+                           image_size=self.image_size, width=self.width, activation=self.activation)
 
 
 @dataclass
@@ -96,7 +97,12 @@ def load_run_config(run_dir: Path) -> FedprivConfig:
     if not path.is_file():
         raise RunFilesError(f"{path} not found: is {run_dir} a fedpriv run directory?")
     try:
-        return to_config(OmegaConf.load(path))
+        raw = OmegaConf.load(path)
+        if "activation" not in raw.get("model", {}):
+            # Written before the activation was configurable: those CNNs all used ReLU. Activations
+            # have no weights, so the wrong one would load silently and predict nonsense.
+            OmegaConf.update(raw, "model.activation", "relu", force_add=True)
+        return to_config(raw)
     except Exception as exc:  # OmegaConf raises many types for a bad or outdated file; say which file
         raise RunFilesError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
 
@@ -146,7 +152,7 @@ def model_info(cfg: FedprivConfig, state: dict[str, torch.Tensor], class_names: 
     num_classes = int(linear[-1].shape[0])
     names = class_names or _class_names(cfg, num_classes)
     return ModelInfo(cfg.model.name, cfg.model.width, int(convolutions[0].shape[1]), num_classes,
-                     cfg.dataset.size, list(names))
+                     cfg.dataset.size, list(names), cfg.model.activation)
 
 
 def _class_names(cfg: FedprivConfig, num_classes: int) -> list[str]:

@@ -277,7 +277,8 @@ def _configuration(files: RunFiles) -> list[Block]:
     cfg = files.config
     rows = [
         ["dataset", f"{cfg.dataset.name} ({cfg.dataset.size} px)"],
-        ["model", f"{cfg.model.name} (width {cfg.model.width})"],
+        ["model", f"{cfg.model.name} (width {cfg.model.width}, {cfg.model.activation})"
+                  if cfg.model.name == "cnn" else cfg.model.name],
         ["privacy", "DP-SGD" if cfg.privacy.enabled else "NONE (epsilon = infinity)"],
         ["strategy", f"{cfg.strategy.mode}, {cfg.strategy.num_rounds} rounds, hospital evaluation "
                      f"{'on' if cfg.strategy.client_evaluate else 'off'}"],
