@@ -153,7 +153,7 @@ def train(msg: Message, context: Context) -> Message:
         site = _site(context)
         model = _global_model(site, msg)
         request = RoundRequest.from_record(dict(msg.content["config"]))
-        _check_logit_shift(request, site.num_classes)
+        request.check(site.num_classes)
     except FedprivError as error:
         return _unusable_site(msg, context, error)
     try:
@@ -168,15 +168,6 @@ def train(msg: Message, context: Context) -> Message:
         content["arrays"] = ArrayRecord(injected_corruption(context, site.config, request.server_round,
                                                             outcome.state_dict))
     return Message(content=content, reply_to=msg)
-
-
-def _check_logit_shift(request: RoundRequest, num_classes: int) -> None:
-    """A shift the loss cannot use is refused before the ledger is charged, not after."""
-    shift = request.logit_shift
-    if shift and (len(shift) != num_classes or not all(math.isfinite(v) for v in shift)):
-        raise ConfigError("dataset.class_prior", list(shift), f"the server's logit shift does not fit this "
-                          f"hospital's {num_classes} classes (or is not finite)",
-                          "give one public class share per class in dataset.class_prior")
 
 
 def told_to_server(error: FedprivError) -> str:

@@ -78,6 +78,9 @@ class TrainConfig:
     batch_size: int = 128  # expected (Poisson) batch size: sample rate = batch_size / records
     local_epochs: int = 5
     lr: float = 1.0
+    # The learning rate falls linearly over the rounds, from lr in round 1 to lr * lr_final in the
+    # last: late rounds then add less DP noise to a model that is already good (1.0 = constant).
+    lr_final: float = 0.3
     momentum: float = 0.0
     # Logit adjustment strength tau: the training loss sees logits + tau * log(dataset.class_prior),
     # so the model leans less towards the majority class (0 = plain cross-entropy; no effect when
@@ -280,6 +283,9 @@ def validate_config(cfg: FedprivConfig) -> None:
     _positive("train.lr", train.lr, "use e.g. train.lr=0.1")
     if not 0 <= train.momentum < 1:
         raise ConfigError("train.momentum", train.momentum, "must be in [0, 1)", "use e.g. train.momentum=0.9")
+    if not 0 < train.lr_final <= 1:
+        raise ConfigError("train.lr_final", train.lr_final, "must be in (0, 1]: a fraction of train.lr",
+                          "use e.g. train.lr_final=0.3, or 1 for a constant learning rate")
     if not (math.isfinite(train.logit_adjustment) and train.logit_adjustment >= 0):
         raise ConfigError("train.logit_adjustment", train.logit_adjustment, "must be a number >= 0",
                           "use e.g. train.logit_adjustment=2 (or 0 for plain cross-entropy)")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedpriv.errors import BudgetExhausted, PrivacyError
+from fedpriv.errors import BudgetExhausted, ConfigError, PrivacyError
 from fedpriv.privacy.accounting import (
     PrivacyEvent,
     check_accountant,
@@ -75,6 +75,34 @@ class RoundRequest:
     max_physical_batch_size: int = 128
     seed: int = 0
     logit_shift: tuple[float, ...] = ()  # added to the logits in the training loss (logit adjustment)
+    lr_final: float = 1.0  # the learning rate falls linearly over the planned rounds to lr * lr_final
+
+    def check(self, num_classes: int) -> None:
+        """Refuse a request this hospital cannot train, BEFORE its ledger is charged.
+
+        The server is not trusted: a request that would only fail inside the optimizer (a negative
+        learning rate, a logit shift for other classes) would otherwise cost budget for nothing.
+        """
+        problems = [(key, value, rule) for key, value, ok, rule in [
+            ("train.lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "must be above 0"),
+            ("train.lr_final", self.lr_final, 0 < self.lr_final <= 1, "must be in (0, 1]"),
+            ("train.momentum", self.momentum, 0 <= self.momentum < 1, "must be in [0, 1)"),
+            ("train.batch_size", self.batch_size, self.batch_size >= 1, "must be at least 1"),
+            ("train.local_epochs", self.local_epochs, self.local_epochs >= 1, "must be at least 1"),
+            ("dataset.class_prior", list(self.logit_shift),
+             not self.logit_shift or (len(self.logit_shift) == num_classes
+                                      and all(math.isfinite(v) for v in self.logit_shift)),
+             f"the server's logit shift must hold {num_classes} finite numbers, one per class"),
+        ] if not ok]
+        if problems:
+            key, value, rule = problems[0]
+            raise ConfigError(key, value, f"{rule} (sent by the server; nothing was trained or charged)",
+                              "fix the federation's config on the server")
+
+    def round_lr(self) -> float:
+        """This round's learning rate: `lr` in round 1, falling linearly to `lr * lr_final` in the last."""
+        progress = min(max(self.server_round - 1, 0) / max(self.num_rounds - 1, 1), 1.0)
+        return self.lr * (1 - (1 - self.lr_final) * progress)
 
     def to_record(self) -> dict[str, Any]:
         """Flat scalars for a Flower ConfigRecord (None is encoded as -1)."""
@@ -182,7 +210,7 @@ def train_round(
         if after_charge is not None:
             after_charge()
         training_started = time.perf_counter()
-        result = train_local(model, data, plan, lr=request.lr, momentum=request.momentum,
+        result = train_local(model, data, plan, lr=request.round_lr(), momentum=request.momentum,
                              logit_shift=request.logit_shift, seed=request.seed + request.server_round)
         train_seconds = time.perf_counter() - training_started
         started = time.perf_counter()
@@ -241,7 +269,7 @@ def _train_non_private(model, data, settings: HospitalSettings, request: RoundRe
     plan = PrivacyPlan.non_private(steps=request.local_epochs * steps_per_epoch(sample_rate),
                                    sample_rate=sample_rate, max_physical_batch_size=request.max_physical_batch_size)
     started = time.perf_counter()
-    result = train_local(model, data, plan, lr=request.lr, momentum=request.momentum,
+    result = train_local(model, data, plan, lr=request.round_lr(), momentum=request.momentum,
                          logit_shift=request.logit_shift, seed=request.seed + request.server_round)
     return RoundOutcome(settings.name, TRAINED, "trained WITHOUT differential privacy (epsilon = inf)",
                         result.state_dict, result.num_examples, result.mean_loss, result.steps,

@@ -56,7 +56,7 @@ def round_request(cfg: FedprivConfig, run_id: str, num_classes: int) -> RoundReq
         max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=resolve_noise_multiplier(cfg.privacy.noise_multiplier)
         if cfg.privacy.enabled else None, spend_remaining=cfg.strategy.spend_remaining,
         max_physical_batch_size=cfg.privacy.max_physical_batch_size, seed=cfg.seed,
-        logit_shift=tuple(logit_shift(cfg, num_classes)),
+        logit_shift=tuple(logit_shift(cfg, num_classes)), lr_final=cfg.train.lr_final,
     )
 
 

@@ -311,12 +311,15 @@ def test_evaluate_and_query_replies_carry_scalar_metrics_and_status_only(node_co
     assert reply.content["metrics"]["budget-epsilon"] == 2.5
 
 
-@pytest.mark.parametrize("shift", [[0.1, 0.2, 0.3], [0.0, math.inf]])
-def test_a_logit_shift_that_does_not_fit_is_refused_before_any_budget_is_spent(node_config, run_cfg,
-                                                                               task_identity, shift):
-    reply = _deliver(_train_message(run_cfg, logit_shift=shift), _context(node_config, _run_config(run_cfg)))
+@pytest.mark.parametrize("bad, key", [
+    ({"logit_shift": [0.1, 0.2, 0.3]}, "class_prior"), ({"logit_shift": [0.0, math.inf]}, "class_prior"),
+    ({"lr": -1.0}, "train.lr"), ({"lr_final": 0.0}, "train.lr_final"), ({"momentum": 1.0}, "train.momentum"),
+])
+def test_a_training_request_that_cannot_work_is_refused_before_any_budget_is_spent(node_config, run_cfg,
+                                                                                   task_identity, bad, key):
+    reply = _deliver(_train_message(run_cfg, **bad), _context(node_config, _run_config(run_cfg)))
     assert reply.content["status"]["status"] == "refused"
-    assert "class_prior" in reply.content["status"]["message"] and "arrays" not in reply.content
+    assert key in reply.content["status"]["message"] and "arrays" not in reply.content
     ledger = Path(node_config["ledger"])
     assert not ledger.exists() or read_ledger(ledger).status().epsilon_spent == 0
 

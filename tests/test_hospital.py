@@ -109,3 +109,13 @@ def test_a_corrupt_ledger_is_refused_and_not_reset(tmp_path):
 def test_round_requests_survive_a_config_record_round_trip():
     request = _request(noise_multiplier=None, max_epsilon=None, spend_remaining=True)
     assert RoundRequest.from_record(request.to_record()) == request
+
+
+def test_the_learning_rate_falls_linearly_from_lr_to_lr_final_over_the_planned_rounds():
+    def lr_in(server_round: int, **kwargs) -> float:
+        return RoundRequest(run_id="r", server_round=server_round, num_rounds=5, lr=2.0, **kwargs).round_lr()
+
+    assert [lr_in(r, lr_final=0.3) for r in (1, 2, 3, 4, 5)] == pytest.approx([2.0, 1.65, 1.3, 0.95, 0.6])
+    assert lr_in(9, lr_final=0.3) == pytest.approx(0.6)  # past the plan (a resumed run): stays at the floor
+    assert {lr_in(r) for r in (1, 3, 5)} == {2.0}  # lr_final 1: constant
+    assert RoundRequest(run_id="r", server_round=1, num_rounds=1, lr=2.0, lr_final=0.3).round_lr() == 2.0

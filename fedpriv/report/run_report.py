@@ -285,7 +285,10 @@ def _configuration(files: RunFiles) -> list[Block]:
         ["federation", f"{cfg.federation.num_hospitals} hospitals, {cfg.federation.partition} partition"
                        + (f" (alpha {cfg.federation.alpha:g})" if cfg.federation.partition != "iid" else "")],
         ["local training", f"batch size {cfg.train.batch_size}, {cfg.train.local_epochs} epoch(s), "
-                           f"lr {cfg.train.lr:g}, momentum {cfg.train.momentum:g}"],
+                           f"lr {cfg.train.lr:g}, momentum {cfg.train.momentum:g}, "
+                           + (f"logit adjustment {cfg.train.logit_adjustment:g} with class prior "
+                              f"{', '.join(f'{p:g}' for p in cfg.dataset.class_prior)}"
+                              if cfg.dataset.class_prior and cfg.train.logit_adjustment else "plain cross-entropy")],
         ["seed", str(cfg.seed)],
     ]
     return [Heading("Configuration"), Table(["setting", "value"], rows),
