@@ -99,6 +99,8 @@ class StrategyConfig:
     client_evaluate: bool = True  # also ask hospitals to evaluate on their private validation split
     spend_remaining: bool = False  # hospitals train the steps that still fit, then lock
     max_update_norm_ratio: float = 10.0  # reject updates whose norm exceeds this many times the median
+    # Parallel mode: the global model moves server_lr times the averaged update (1.0 = plain FedAvg).
+    server_lr: float = 1.5
 
 
 @dataclass
@@ -295,6 +297,7 @@ def validate_config(cfg: FedprivConfig) -> None:
     if cfg.strategy.num_rounds < 1:
         raise ConfigError("strategy.num_rounds", cfg.strategy.num_rounds, "must be at least 1", "use e.g. 5")
     _positive("strategy.round_timeout", cfg.strategy.round_timeout, "use e.g. strategy.round_timeout=600")
+    _positive("strategy.server_lr", cfg.strategy.server_lr, "use e.g. strategy.server_lr=1 (plain FedAvg)")
     if not cfg.strategy.max_update_norm_ratio > 1:
         raise ConfigError("strategy.max_update_norm_ratio", cfg.strategy.max_update_norm_ratio, "must be above 1",
                           "use e.g. strategy.max_update_norm_ratio=10")

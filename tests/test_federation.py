@@ -40,8 +40,10 @@ def _assert_same(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_parallel_round_aggregates_the_weighted_mean(tmp_path):
+@pytest.mark.parametrize("server_lr", [1.0, 2.0])
+def test_parallel_round_aggregates_the_weighted_mean(tmp_path, server_lr):
     strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1", "federation=quantity",
+                                       f"strategy.server_lr={server_lr}",
                                        "federation.hospitals=[{name: a, share: 0.5}, {name: b, share: 0.3}, "
                                        "{name: c, share: 0.2}]")
     exchanges = grid.train_exchanges()
@@ -49,7 +51,9 @@ def test_parallel_round_aggregates_the_weighted_mean(tmp_path):
     states = [_state(reply) for _, reply in exchanges]
     weights = [reply.content["metrics"]["num-examples"] for _, reply in exchanges]
     assert len(set(weights)) > 1  # unequal hospitals, so the weighting matters
-    expected = weighted_average(states, weights)
+    mean, start = weighted_average(states, weights), _state(exchanges[0][0])
+    # server_lr 1 is plain FedAvg (the weighted mean); 2 moves twice as far along the mean update.
+    expected = {key: start[key] + server_lr * (mean[key] - start[key]) for key in mean}
     final = torch.load(run_dir / "model.pt", weights_only=True)
     for key in expected:
         torch.testing.assert_close(final[key], expected[key])
@@ -167,7 +171,8 @@ def test_parallel_skips_a_silent_hospital_and_aggregates_the_others(tmp_path):
     def silence_third_hospital(grid):
         grid.silent.add((grid.node_ids[2], 1))
 
-    strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1", grid_hook=silence_third_hospital)
+    strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1", "strategy.server_lr=1",
+                                       grid_hook=silence_third_hospital)
     row = strategy.history[0].hospitals["hospital-3"]
     assert row["status"] == "timeout" and "skipped" in row["message"]
     answered = [reply for _, reply in grid.train_exchanges() if reply is not None]
