@@ -54,9 +54,11 @@ class LogitAdjustedCrossEntropy(nn.Module):
 
     With ``shift = tau * log(class prior)`` the model must beat the prior's head start to predict a
     common class, so its raw logits (used unshifted at prediction time) lean less towards the majority
-    class. Under DP-SGD this matters more than usual: noise drowns the weaker class's gradients first.
-    A zero shift is plain cross-entropy. ``reduction`` is an attribute because Opacus's ghost clipping
-    switches it to "none" to get per-sample losses.
+    class. Under DP-SGD this matters more than usual: clipping caps every record's pull, so the
+    majority class's many records dominate each noisy sum. The shift works through the size of each
+    record's gradient; with two classes its direction is fixed, so for records whose gradient is
+    clipped anyway the shift changes nothing. A zero shift is plain cross-entropy. ``reduction`` is an
+    attribute because Opacus's ghost clipping switches it to "none" to get per-sample losses.
     """
 
     def __init__(self, shift: Sequence[float] | None = None, reduction: str = "mean") -> None:
@@ -93,8 +95,9 @@ def train_local(
     gradients and adds the same noise. `logit_shift` (one number per class, see
     :class:`LogitAdjustedCrossEntropy`) is added to the logits in the training loss only.
 
-    Ghost clipping works with BatchMemoryManager: each physical batch's clipped sum is accumulated and noise is added once per logical batch (supported by
-    Opacus since its fix of opacus#707; the tests compare it with per-sample clipping).
+    Ghost clipping works with BatchMemoryManager: each physical batch's clipped sum is accumulated
+    and noise is added once per logical batch (supported by Opacus since its fix of opacus#707; the
+    tests compare it with per-sample clipping).
     """
     num_records = len(data)
     if num_records == 0:

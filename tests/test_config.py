@@ -91,6 +91,7 @@ def test_typos_and_wrong_types_fail_at_composition(override):
     (["model=resnet18", "model.activation=tanh"], "model.activation", "ReLU"),
     (["train.logit_adjustment=-1"], "train.logit_adjustment", ">= 0"),
     (["train.lr_final=0"], "train.lr_final", "(0, 1]"),
+    (["strategy.server_lr=0"], "strategy.server_lr", "positive"),
     (["train.lr_final=1.5"], "train.lr_final", "(0, 1]"),
     (["dataset.class_prior=[0.5,0.6]"], "dataset.class_prior", "summing to 1"),
     (["dataset.class_prior=[0,1]"], "dataset.class_prior", "above 0"),
