@@ -80,6 +80,9 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
                               f"({type(exc).__name__}: {str(exc)[:200]})",
                               "resume from an intact run directory of the same model, or start a new run") from None
         log.info("resuming run %s from %s (round %d)", run_id, checkpoint_path, first_round)
+    if cfg.train.logit_adjustment and cfg.dataset.class_prior is None:
+        log.info("train.logit_adjustment=%g has no effect: dataset %s declares no public class_prior, so "
+                 "hospitals train with plain cross-entropy", cfg.train.logit_adjustment, cfg.dataset.name)
     recorder = RunRecorder(run_dir, cfg, run_id, dataset.describe())
     test = dataset.test.as_dataset()
 
