@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedpriv.attacks.settings import AuditConfig
 from fedpriv.errors import ConfigError
+from fedpriv.models import ACTIVATIONS
 from fedpriv.privacy.accounting import ACCOUNTANTS
 
 MODEL_NAMES = ("cnn", "resnet18")
-ACTIVATION_NAMES = ("tanh", "relu")
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 STRATEGY_MODES = ("parallel", "sequential")
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -259,7 +259,7 @@ def validate_config(cfg: FedprivConfig) -> None:
     _choice("model.name", cfg.model.name, MODEL_NAMES)
     if cfg.model.width < 4:
         raise ConfigError("model.width", cfg.model.width, "must be at least 4", "use e.g. model.width=16")
-    _choice("model.activation", cfg.model.activation, ACTIVATION_NAMES)
+    _choice("model.activation", cfg.model.activation, tuple(ACTIVATIONS))
     if cfg.model.name == "resnet18" and cfg.model.activation != "relu":
         raise ConfigError("model.activation", cfg.model.activation, "ResNet-18 uses torchvision's ReLU",
                           "use model=resnet18 as configured (model.activation=relu), or model=cnn")
