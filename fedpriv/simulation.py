@@ -58,8 +58,9 @@ def executable(name: str) -> str:
 class LocalSuperLink:
     """A SuperLink in simulation mode, owned by this process: started on enter, stopped on exit."""
 
-    def __init__(self, home: Path, *, startup_timeout: float = 60.0) -> None:
+    def __init__(self, home: Path, *, startup_timeout: float = 60.0, temporary_home: bool = False) -> None:
         self.home = home
+        self.temporary_home = temporary_home  # the watchdog removes it too if this process dies
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.watchdog: subprocess.Popen | None = None
@@ -84,7 +85,7 @@ class LocalSuperLink:
             self.process = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                                             start_new_session=True, cwd=self.home)
         try:
-            self.watchdog = _start_watchdog(self.process)
+            self.watchdog = _start_watchdog(self.process, self.home if self.temporary_home else None)
             self._wait_until_ready()
         except BaseException:
             self.stop()
@@ -132,7 +133,7 @@ class LocalSuperLink:
         self.stop()
 
 
-def _start_watchdog(link: subprocess.Popen) -> subprocess.Popen | None:
+def _start_watchdog(link: subprocess.Popen, home: Path | None) -> subprocess.Popen | None:
     """Start the watchdog that stops `link`'s tree should this process die first (module docstring).
 
     It gets pidfds of this process and of the SuperLink, so a reused PID cannot fool it, and runs in
@@ -144,8 +145,9 @@ def _start_watchdog(link: subprocess.Popen) -> subprocess.Popen | None:
     fds: list[int] = []
     try:
         fds = [os.pidfd_open(os.getpid()), os.pidfd_open(link.pid)]
-        code = "import sys; from fedpriv.simulation import _watch; _watch(*map(int, sys.argv[1:]))"
-        return subprocess.Popen([sys.executable, "-c", code, *map(str, fds), str(link.pid)], pass_fds=fds,
+        code = "import sys; from fedpriv.simulation import _watch; _watch(*map(int, sys.argv[1:4]), sys.argv[4])"
+        return subprocess.Popen([sys.executable, "-c", code, *map(str, fds), str(link.pid), str(home or "")],
+                                pass_fds=fds,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as error:
         log.warning("no watchdog for flower-superlink (pid %d): %s; if fedpriv is killed, stop it by hand",
@@ -156,15 +158,17 @@ def _start_watchdog(link: subprocess.Popen) -> subprocess.Popen | None:
             os.close(fd)
 
 
-def _watch(parent_fd: int, link_fd: int, link_pid: int) -> None:
+def _watch(parent_fd: int, link_fd: int, link_pid: int, home: str = "") -> None:
     """The watchdog: wait until the SuperLink or its starter ends; if the starter went first, stop the
-    SuperLink and every process it spawned."""
+    SuperLink and every process it spawned, then remove its temporary `home` (if one is given)."""
     readable, _, _ = select.select([parent_fd, link_fd], [], [])
     if link_fd in readable:  # the SuperLink ended first: stopped as usual, nothing left to do
         return
     print(f"fedpriv: the process that started flower-superlink (pid {link_pid}) died; stopping the "
           "SuperLink and every process it started", file=sys.stderr, flush=True)
     terminate_tree(link_pid)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _process_table() -> dict[int, tuple[int, str, int, int]]:
@@ -264,7 +268,7 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
         write_app(home / "app")
         run_config = home / "run-config.toml"
         run_config.write_text(tomli_w.dumps({CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)}))
-        with LocalSuperLink(home, startup_timeout=startup_timeout) as link:
+        with LocalSuperLink(home, startup_timeout=startup_timeout, temporary_home=True) as link:
             command = [executable("flwr"), "run", str(home / "app"), CONNECTION, "--run-config", str(run_config),
                        "--federation-config", f"num-supernodes={num_hospitals} client-resources-num-cpus={client_cpus}",
                        "--stream"]

@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -250,6 +251,7 @@ def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_pat
     ledgers = _ledgers_by_hospital(overrides, ledger_dir)
     # Every process fedpriv starts inherits this variable: stragglers outside its group are found by it.
     env = {**os.environ, MARKER: str(tmp_path)}
+    flower_homes = set(Path(tempfile.gettempdir()).glob("fedpriv-flwr-*"))  # the SuperLink's temporary home
     started = time.monotonic()
     cli = _start_fedpriv([*overrides, f"hydra.run.dir={first}"], tmp_path, tmp_path / "first.log", env)
     try:
@@ -269,6 +271,11 @@ def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_pat
         left = _wait_until_gone(str(tmp_path), timeout=45)
         assert not left, "left running after fedpriv was killed:\n" + _describe(left)
         cleanup_seconds = time.monotonic() - killed_at
+        # ... and the watchdog removes the SuperLink's temporary folder once it has stopped everything.
+        deadline = time.monotonic() + 10
+        while set(Path(tempfile.gettempdir()).glob("fedpriv-flwr-*")) - flower_homes and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not set(Path(tempfile.gettempdir()).glob("fedpriv-flwr-*")) - flower_homes
     finally:
         _kill_by_pid(group_members(cli.pid))
         _kill_by_pid(processes_mentioning(str(tmp_path)))
