@@ -75,11 +75,37 @@ def augment(x, gen):
     return pad[:, :, dy:dy + 28, dx:dx + 28]
 
 
+def augment_each(x, gen, flip=False):
+    """An independent random shift (up to 2 pixels) per image, and optionally a horizontal flip."""
+    n = x.shape[0]
+    pad = nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    dx, dy = torch.randint(0, 5, (2, n), generator=gen)
+    rows = (dy[:, None] + torch.arange(28)[None, :])  # (n, 28)
+    cols = (dx[:, None] + torch.arange(28)[None, :])
+    out = pad[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(n, generator=gen) < 0.5
+        out[mask] = out[mask].flip(-1)
+    return out
+
+
+def average_augmentations(model, k):
+    """Augmentation multiplicity (De et al. 2022): each record's gradient is the mean over its k
+    augmented copies, taken BEFORE clipping, so one record still has one clipped gradient."""
+    for p in model.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if gs is not None:
+            p.grad_sample = gs.view(gs.shape[0] // k, k, *gs.shape[1:]).mean(1)
+
+
 def local_train(model, data, sigma, q, steps, a, seed, lr=None):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     m = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(m.parameters(), lr=lr or a.lr, momentum=a.momentum)
+    if a.freeze_first:  # the first conv keeps its (random) initial filters: fewer noisy coordinates
+        for p in m.features[0].parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr or a.lr, momentum=a.momentum)
     gsm = wrap_model(m, "hooks", loss_reduction="mean")
     dpo = DPOptimizer(opt, noise_multiplier=sigma, max_grad_norm=a.clip,
                       expected_batch_size=max(1, round(q * len(data))), loss_reduction="mean", generator=gen)
@@ -92,7 +118,11 @@ def local_train(model, data, sigma, q, steps, a, seed, lr=None):
         with BatchMemoryManager(data_loader=loader, max_physical_batch_size=512, optimizer=dpo) as batches:
             for x, y in batches:
                 dpo.zero_grad(set_to_none=True)
-                if len(y):
+                if len(y) and a.augmult:
+                    xs = augment_each(x.repeat_interleave(a.augmult, 0), gen, a.flip)
+                    crit(gsm(xs), y.repeat_interleave(a.augmult, 0)).backward()
+                    average_augmentations(gsm, a.augmult)
+                elif len(y):
                     if a.aug:
                         x = augment(x, gen)
                     crit(gsm(x), y).backward()
@@ -181,6 +211,9 @@ def main():
     p.add_argument("--tau", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.0)
     p.add_argument("--aug", type=int, default=0)
+    p.add_argument("--augmult", type=int, default=0, help="augmentations per record, averaged before clipping")
+    p.add_argument("--flip", action="store_true", help="with --augmult: random horizontal flips too")
+    p.add_argument("--freeze-first", action="store_true", help="keep the first conv layer at its initial weights")
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--lr-final", type=float, default=1.0)
     p.add_argument("--groups", type=int, default=0, help="GroupNorm groups (0: fedpriv's rule)")

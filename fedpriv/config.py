@@ -73,10 +73,11 @@ class PrivacyConfig:
 class TrainConfig:
     """Local optimisation at each hospital."""
 
-    # Defaults chosen for DP-SGD (see BENCHMARKS.md): larger batches and more local steps
-    # with plain SGD beat small, momentum-driven batches once gradients are clipped and noised.
+    # Defaults chosen for DP-SGD (see BENCHMARKS.md): larger batches with plain SGD beat small,
+    # momentum-driven batches once gradients are clipped and noised; and many short rounds (one local
+    # epoch each) beat a few long ones: the noisy local models are combined, and drift apart, less.
     batch_size: int = 128  # expected (Poisson) batch size: sample rate = batch_size / records
-    local_epochs: int = 5
+    local_epochs: int = 1
     lr: float = 1.0
     # The learning rate falls linearly over the rounds, from lr in round 1 to lr * lr_final in the
     # last: late rounds then add less DP noise to a model that is already good (1.0 = constant).
@@ -93,7 +94,7 @@ class StrategyConfig:
     """How the federation schedules hospitals."""
 
     mode: str = "parallel"  # "parallel" (FedAvg) or "sequential" (cyclic weight transfer)
-    num_rounds: int = 5
+    num_rounds: int = 40  # with train.local_epochs=1: 40 passes over each hospital's data
     shuffle_order: bool = False  # sequential: shuffle the hospital order each round (by seed)
     round_timeout: float = 1800.0  # seconds to wait for hospitals' replies before skipping them
     client_evaluate: bool = True  # also ask hospitals to evaluate on their private validation split
