@@ -117,11 +117,14 @@ def test_bad_accounting_inputs_are_rejected():
     [(1.0, 0.09, 55)],
     [(1.0, 0.09, 55), (0.8, 0.2, 30)],
     [(3.0, 0.5, 10), (1.2, 0.01, 400)],
+    [(2.0, 1.0, 40)],  # every record in every batch
+    [(2.9, 0.09, 440)],  # one hospital after 40 one-epoch rounds
 ])
 def test_cached_accounting_gives_opacuss_epsilon(history):
     # fedpriv caches RDP curves per (sigma, q); RDP figures must stay exactly Opacus's own (fedpriv
     # sorts the history, so only the floating-point summation order may differ). PRV runs on a grid
-    # widened to an FFT-friendly size, which moves epsilon only at floating-point level.
+    # widened to an FFT-friendly size, with cached integrals and a power by squaring, which move
+    # epsilon only at floating-point level.
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     events = [PrivacyEvent(sigma, q, steps) for sigma, q, steps in history]

@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.prv import DiscretePRV, PoissonSubsampledGaussianPRV
+from opacus.accountants.analysis.prv.compose import _compose_convolution_tree
 from opacus.accountants.analysis.prv.domain import Domain
-from scipy.fft import next_fast_len
+from scipy import integrate
+from scipy.fft import irfft, next_fast_len, rfft
 
 from fedpriv.errors import PrivacyError
 
@@ -127,7 +130,7 @@ def _one_step_rdp(sample_rate: float, sigma: float, orders: tuple[float, ...]) -
 
 
 class _CachedDomainPRVAccountant(PRVAccountant):
-    """Opacus's PRV accountant, with a cached domain bound and an FFT-friendly domain size.
+    """Opacus's PRV accountant (Gopi et al. 2021), computed the same way, only faster.
 
     Opacus sizes the PRV domain with an RDP accountant (remark 5.6 of Gopi et al., in
     `compute_safe_domain_size`), and that RDP computation is ~80% of a PRV call. Here the same
@@ -140,7 +143,20 @@ class _CachedDomainPRVAccountant(PRVAccountant):
     mesh steps on both sides, to the next such size. A wider domain truncates less of the privacy
     loss distribution, so the bound stays valid (Gopi et al. need the domain at least this wide),
     and epsilon matches Opacus's to ~1e-8 relative (tests/test_accounting.py checks it).
+
+    Discretisation and composition follow Opacus's `discretize` and `_compose_fourier` step by step,
+    with three savings that change results only at floating-point level: the CDF is evaluated once
+    per grid edge instead of twice, the integrals behind the truncated mean are cached per (sigma, q)
+    and interval (a ledger evaluates one (sigma, q) every round), and the n-fold power of the
+    spectrum is taken by repeated squaring.
     """
+
+    def _get_dprv(self, eps_error, delta_error):
+        prvs = [PoissonSubsampledGaussianPRV(sample_rate, sigma) for sigma, sample_rate, _ in self.history]
+        counts = [steps for _, _, steps in self.history]
+        domain = self._get_domain(prvs=prvs, num_self_compositions=counts, eps_error=eps_error,
+                                  delta_error=delta_error)
+        return _compose_convolution_tree([_self_compose(_discretize(prv, domain), n) for prv, n in zip(prvs, counts)])
 
     def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error):
         total = sum(num_self_compositions)
@@ -156,6 +172,64 @@ class _CachedDomainPRVAccountant(PRVAccountant):
         size = _fast_even_length(domain.size)
         extra, dt = size - domain.size, domain.dt
         return Domain(domain.t_min - (extra // 2) * dt, domain.t_max + (extra - extra // 2) * dt, size)
+
+
+def _discretize(prv: PoissonSubsampledGaussianPRV, domain: Domain) -> DiscretePRV:
+    """Opacus's `discretize` of `prv` truncated to the domain: mass per grid cell, mean-corrected."""
+    t_min, t_max = domain.t_min, domain.t_max
+    cdf_min = float(prv.cdf(t_min))
+    mass = float(prv.cdf(t_max)) - cdf_min
+    ts = domain.ts
+    # The cell edges; the first lies below t_min (truncated CDF 0), the last above t_max (1).
+    inner = ts[1:] - domain.dt / 2
+    truncated_cdf = np.concatenate([[0.0], (prv.cdf(inner) - cdf_min) / mass, [1.0]])
+    pmf = np.diff(truncated_cdf)
+    mean_shift = _truncated_mean(prv, t_min, t_max, cdf_min, mass) - np.dot(ts, pmf)
+    if np.abs(mean_shift) >= domain.dt / 2:
+        raise RuntimeError("Discrete mean differs significantly from continuous mean.")
+    return DiscretePRV(pmf=pmf, domain=domain.shift_right(mean_shift))
+
+
+def _truncated_mean(prv: PoissonSubsampledGaussianPRV, t_min: float, t_max: float, cdf_min: float,
+                    mass: float) -> float:
+    """Mean of the truncated PRV, integrated over Opacus's own sub-intervals (integration by parts)."""
+    lower, upper = int(np.log10(np.abs(t_min))), int(np.log10(t_max))
+    points = np.concatenate([[t_min], -np.logspace(lower, -5, num=10), [0], np.logspace(-5, upper, num=10),
+                             [t_max]])
+
+    def truncated_cdf(t: float) -> float:
+        return 0.0 if t < t_min else (float(prv.cdf(t)) - cdf_min) / mass if t < t_max else 1.0
+
+    mean = 0.0
+    for left, right in zip(points[:-1], points[1:]):
+        integral = _cdf_integral(prv.sample_rate, prv.noise_multiplier, float(left), float(right))
+        integral = (integral - (right - left) * cdf_min) / mass
+        mean += right * truncated_cdf(right) - left * truncated_cdf(left) - integral
+    return mean
+
+
+@functools.lru_cache(maxsize=8192)
+def _cdf_integral(sample_rate: float, sigma: float, left: float, right: float) -> float:
+    value, _ = integrate.quad(PoissonSubsampledGaussianPRV(sample_rate, sigma).cdf, left, right, limit=500)
+    return value
+
+
+def _self_compose(dprv: DiscretePRV, count: int) -> DiscretePRV:
+    """Opacus's `_compose_fourier`: the `count`-fold composition of `dprv` with itself, by FFT."""
+    if len(dprv) % 2 != 0:
+        raise ValueError("Can only compose evenly sized discrete PRVs")
+    spectrum, power = rfft(dprv.pmf), None
+    base, exponent = spectrum, count
+    while exponent:  # repeated squaring: ~2 log2(count) products instead of a complex power
+        if exponent & 1:
+            power = base if power is None else power * base
+        exponent >>= 1
+        if exponent:
+            base = base * base
+    composed = irfft(power, len(dprv.pmf))
+    shift = count - 1 + (len(composed) // 2 if count % 2 == 0 else 0)
+    domain = dprv.domain.shift_right(dprv.domain.shifts * (count - 1))
+    return DiscretePRV(pmf=np.roll(composed, shift), domain=domain)
 
 
 def _fast_even_length(n: int) -> int:
