@@ -188,11 +188,18 @@ def run(a, seed, dataset):
             evm = model
         v, t = evaluate(evm, val), evaluate(evm, test)
         hist.append((round(v.auc, 4), round(t.auc, 4), round(t.accuracy, 4)))
+    tails = {}
+    for n in a.tail_list or []:  # the same run, judged by the average of its last n global models
+        last = snapshots[-n:]
+        tail_model = copy.deepcopy(model)
+        tail_model.load_state_dict({k: sum(s[k] for s in last) / len(last) for k in last[0]})
+        tv, tt = evaluate(tail_model, val), evaluate(tail_model, test)
+        tails[n] = {"val_auc": tv.auc, "val_acc": tv.accuracy, "test_auc": tt.auc, "test_acc": tt.accuracy}
     fpr, tpr, thr = roc_curve(v.labels, v.probabilities[:, 1])
     th = thr[np.argmax(tpr - fpr)]
     yacc = float(((t.probabilities[:, 1] >= th) == t.labels).mean())
     return {"seed": seed, "youden_acc": yacc, "val_auc": v.auc, "val_acc": v.accuracy, "test_auc": t.auc, "test_acc": t.accuracy,
-            "sigma": [round(p[2], 3) for p in plans], "hist": hist}
+            "sigma": [round(p[2], 3) for p in plans], "hist": hist, "tails": tails}
 
 
 def main():
@@ -219,6 +226,8 @@ def main():
     p.add_argument("--groups", type=int, default=0, help="GroupNorm groups (0: fedpriv's rule)")
     p.add_argument("--widths", type=int, nargs="+", default=None, help="channels per block")
     p.add_argument("--avg-last", type=int, default=1)
+    p.add_argument("--tail-list", type=int, nargs="+", default=None,
+                   help="also judge the run by the average of its last n global models, for each n")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tag", default="")
     a = p.parse_args()
@@ -233,6 +242,9 @@ def main():
     RESULTS.parent.mkdir(exist_ok=True)
     with open(RESULTS, "a") as f:
         f.write(json.dumps(out) + "\n")
+    for n in a.tail_list or []:
+        means = {k: float(np.mean([r["tails"][n][k] for r in rows])) for k in ("val_auc", "val_acc", "test_auc", "test_acc")}
+        print(f"{a.tag} tail {n}:", " ".join(f"{k}={m:.4f}" for k, m in means.items()))
     print(a.tag, " ".join(f"{k}={m:.3f}±{s:.3f}" for k, (m, s) in summary.items()),
           "per-seed test", [(round(r["test_auc"], 3), round(r["test_acc"], 3)) for r in rows], f"{time.time()-t0:.0f}s")
 
