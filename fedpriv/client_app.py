@@ -106,6 +106,7 @@ def simulated_site(context: Context) -> HospitalSite:
         ledger_path=ledger_directory(cfg, context.run_config) / f"ledger-{fingerprint[:16]}.db" if private else None,
         accountant=cfg.privacy.accountant,
         allow_non_private=not private,
+        noise_seed=cfg.privacy.noise_seed,
     )
     dataset = experiment.dataset
     return HospitalSite(settings, train, experiment.hospital_validation(index), fingerprint, cfg,

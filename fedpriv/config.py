@@ -67,6 +67,11 @@ class PrivacyConfig:
     noise_multiplier: Any = "auto"  # "auto": calibrated to spend the budget; or a fixed sigma >= 0
     accountant: str = "prv"  # "prv" (tight, default) or "rdp"
     max_physical_batch_size: int = 128  # memory cap; logical (Poisson) batches are split to fit
+    # Simulation only: seed every simulated hospital's DP noise and sampling from this number, so an
+    # experiment repeats exactly. Whoever knows it can regenerate the noise, so a run with it set is
+    # NOT private against them (the summary says so). Unset (default): fresh OS entropy every round.
+    # A deployed hospital never takes it from the server.
+    noise_seed: Optional[int] = None
 
 
 @dataclass

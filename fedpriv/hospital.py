@@ -9,8 +9,10 @@ touching the data, and the dataset is locked.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,6 +51,11 @@ class HospitalSettings:
     ledger_path: Path | None
     accountant: str = "prv"
     allow_non_private: bool = False  # a hospital with a budget refuses non-private rounds unless set
+    # Where a private round's randomness (Poisson sampling and the Gaussian noise) comes from. None:
+    # fresh entropy from the operating system every round, known to nobody, so the noise cannot be
+    # regenerated and subtracted. An integer makes simulated experiments repeatable, and whoever
+    # knows it can regenerate the noise: never set it where DP must hold against that party.
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         check_accountant(self.accountant)
@@ -211,7 +218,7 @@ def train_round(
             after_charge()
         training_started = time.perf_counter()
         result = train_local(model, data, plan, lr=request.round_lr(), momentum=request.momentum,
-                             logit_shift=request.logit_shift, seed=request.seed + request.server_round)
+                             logit_shift=request.logit_shift, seed=private_round_seed(settings, request))
         train_seconds = time.perf_counter() - training_started
         started = time.perf_counter()
         ledger.confirm(entry, steps_done=result.steps)
@@ -222,6 +229,21 @@ def train_round(
         outcome.ledger_seconds = ledger_seconds + time.perf_counter() - started
         outcome.train_seconds = train_seconds
         return outcome
+
+
+def private_round_seed(settings: HospitalSettings, request: RoundRequest) -> int:
+    """The seed of a private round's sampling and noise: never the server's `request.seed`.
+
+    DP-SGD protects records only if no one who sees the update can also reproduce its noise (or
+    which records were sampled). The server chooses `request.seed`, so a noise stream seeded from it
+    could be regenerated and subtracted. By default the seed is 63 fresh bits from the operating
+    system; with the hospital's own `noise_seed` (simulated experiments only) it is derived from that
+    seed, the hospital's name, the run and the round, so hospitals and rounds still differ.
+    """
+    if settings.noise_seed is None:
+        return secrets.randbits(63)
+    material = f"{settings.noise_seed}|{settings.name}|{request.run_id}|{request.server_round}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "big") >> 1
 
 
 def _noise_multiplier(ledger: PrivacyLedger, request: RoundRequest, sample_rate: float, steps: int) -> float:

@@ -111,6 +111,7 @@ class RunRecorder:
             "run_id": self.run_id, "mode": cfg.strategy.mode, "private": cfg.privacy.enabled,
             "epsilon_budget": cfg.privacy.epsilon if cfg.privacy.enabled else math.inf,
             "rounds_planned": cfg.strategy.num_rounds, "rounds_run": len(self.rounds), "stop_reason": stop_reason,
+            "noise_seeded": cfg.privacy.enabled and cfg.privacy.noise_seed is not None,
             "test": self.rounds[-1]["server"] if self.rounds else {},
             "hospitals": [{"hospital": h.name, "records": h.num_examples, "epsilon": h.epsilon, "delta": h.delta,
                            "budget_epsilon": h.budget_epsilon, "locked": h.locked,
@@ -134,6 +135,9 @@ class RunRecorder:
             f"- mode: {cfg.strategy.mode}, rounds run: {len(self.rounds)} of {cfg.strategy.num_rounds}",
             f"- stopped because: {stop_reason}",
             f"- privacy: {'DP-SGD at every hospital, accountant ' + cfg.privacy.accountant if private else 'NONE: not private, epsilon = infinity'}",
+            *([f"- WARNING: the hospitals' DP noise was seeded from privacy.noise_seed={cfg.privacy.noise_seed} so that "
+               "this experiment repeats exactly; anyone who knows that seed can regenerate the noise, so the "
+               "guarantee does not hold against them"] if private and cfg.privacy.noise_seed is not None else []),
             f"- final test AUC: {last.get('auc', math.nan):.4f}, accuracy: {last.get('accuracy', math.nan):.4f}, "
             f"sensitivity: {last.get('sensitivity', math.nan):.4f}, specificity: {last.get('specificity', math.nan):.4f}",
             "", "| hospital | records | epsilon spent | delta | budget | locked |", "|---|---:|---:|---:|---:|---|",

@@ -119,3 +119,27 @@ def test_the_learning_rate_falls_linearly_from_lr_to_lr_final_over_the_planned_r
     assert lr_in(9, lr_final=0.3) == pytest.approx(0.6)  # past the plan (a resumed run): stays at the floor
     assert {lr_in(r) for r in (1, 3, 5)} == {2.0}  # lr_final 1: constant
     assert RoundRequest(run_id="r", server_round=1, num_rounds=1, lr=2.0, lr_final=0.3).round_lr() == 2.0
+
+
+def _update(tmp_path, name: str, settings_name: str = "A", noise_seed=None, **request) -> torch.Tensor:
+    settings = HospitalSettings(settings_name, 5.0, 1e-5, tmp_path / f"{name}.db", noise_seed=noise_seed)
+    outcome = train_round(_model(), _data(), settings, _request(noise_multiplier=1.0, **request), fingerprint="f")
+    assert outcome.status == TRAINED
+    return torch.cat([v.flatten() for v in outcome.state_dict.values()])
+
+
+def test_the_servers_seed_does_not_decide_the_dp_noise(tmp_path):
+    # Same model, data, request (seed included) and settings: a server that knows all of it still
+    # cannot reproduce the update, because the noise and the sampling come from fresh entropy.
+    first, second = _update(tmp_path, "one", seed=7), _update(tmp_path, "two", seed=7)
+    assert not torch.allclose(first, second)
+
+
+def test_a_hospitals_own_noise_seed_repeats_its_experiment_and_differs_between_hospitals(tmp_path):
+    first = _update(tmp_path, "one", noise_seed=3)
+    assert torch.equal(first, _update(tmp_path, "two", noise_seed=3))
+    # Another hospital (or another round) with the same experiment seed draws other noise.
+    assert not torch.allclose(first, _update(tmp_path, "three", settings_name="B", noise_seed=3))
+    assert not torch.allclose(first, _update(tmp_path, "four", noise_seed=3, server_round=2))
+    # The server's seed plays no part either way.
+    assert torch.equal(first, _update(tmp_path, "five", noise_seed=3, seed=99))
