@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -239,6 +238,18 @@ def _ledgers_by_hospital(overrides: list[str], ledger_dir: Path) -> dict[str, Pa
             for i, hospital in enumerate(experiment.hospitals)}
 
 
+def _flower_homes(marker: str) -> set[Path]:
+    """The temporary FLWR_HOME folders (fedpriv-flwr-*) in the environment of the run's processes."""
+    homes = set()
+    for pid in processes_mentioning(marker):
+        try:
+            variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        homes |= {Path(v.split(b"=", 1)[1].decode()) for v in variables if v.startswith(b"FLWR_HOME=")}
+    return {home for home in homes if home.name.startswith("fedpriv-flwr-")}
+
+
 def _start_fedpriv(args: list[str], cwd: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log, "ab") as handle:
         return subprocess.Popen([executable("fedpriv"), *args], cwd=cwd, env=env, stdout=handle,
@@ -251,7 +262,6 @@ def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_pat
     ledgers = _ledgers_by_hospital(overrides, ledger_dir)
     # Every process fedpriv starts inherits this variable: stragglers outside its group are found by it.
     env = {**os.environ, MARKER: str(tmp_path)}
-    flower_homes = set(Path(tempfile.gettempdir()).glob("fedpriv-flwr-*"))  # the SuperLink's temporary home
     started = time.monotonic()
     cli = _start_fedpriv([*overrides, f"hydra.run.dir={first}"], tmp_path, tmp_path / "first.log", env)
     try:
@@ -262,6 +272,8 @@ def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_pat
             assert cli.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "round 3 never started"
             time.sleep(0.02)
+        homes = _flower_homes(str(tmp_path))  # this run's SuperLink folder (other runs may have their own)
+        assert homes, "the run's FLWR_HOME was not found in its processes' environment"
         os.killpg(cli.pid, signal.SIGKILL)  # the group's id is the PID of the process we started
         killed_at = time.monotonic()
         cli.wait(timeout=10)
@@ -273,9 +285,9 @@ def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_pat
         cleanup_seconds = time.monotonic() - killed_at
         # ... and the watchdog removes the SuperLink's temporary folder once it has stopped everything.
         deadline = time.monotonic() + 10
-        while set(Path(tempfile.gettempdir()).glob("fedpriv-flwr-*")) - flower_homes and time.monotonic() < deadline:
+        while any(home.exists() for home in homes) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not set(Path(tempfile.gettempdir()).glob("fedpriv-flwr-*")) - flower_homes
+        assert not [home for home in homes if home.exists()]
     finally:
         _kill_by_pid(group_members(cli.pid))
         _kill_by_pid(processes_mentioning(str(tmp_path)))
