@@ -200,8 +200,7 @@ def test_a_hospital_silent_in_the_last_round_is_reported_as_a_lower_bound(tmp_pa
 
 
 def test_unseeded_hospitals_draw_independent_noise_and_a_seeded_run_says_it_is_not_private(tmp_path):
-    # Three hospitals with identical data and requests (iid shares of the same size would still
-    # differ in records), so compare the same hospital across two runs with the same seed instead.
+    # The same hospital, with the same data, seed and run id in two runs, trains with other noise.
     _, grid_a, run_a = federate(tmp_path, "strategy.num_rounds=1", run="a", ledger_dir=tmp_path / "la")
     _, grid_b, _ = federate(tmp_path, "strategy.num_rounds=1", run="b", ledger_dir=tmp_path / "lb", run_id="a")
     a, b = _state(grid_a.train_exchanges()[0][1]), _state(grid_b.train_exchanges()[0][1])
