@@ -3,7 +3,8 @@
 Runs `fedpriv` (3 hospitals, 10 rounds by default) as a user would, measures its wall time, and
 divides by the compute measured inside the same run: every hospital's local training and
 validation time plus the server's test evaluation. Start-up (SuperLink, Ray, app submission) is
-reported separately: wall time minus the ServerApp's own lifetime.
+reported separately: wall time minus the ServerApp's own lifetime; so is the ServerApp's time outside
+its rounds (finding the hospitals, whose workers start and import fedpriv then, and the final report).
 
     FEDPRIV_DATA_DIR=../shared/data .venv/bin/python bench/federation_overhead.py [--rounds 10] [overrides...]
 """
@@ -51,6 +52,9 @@ def main() -> None:
     compute = parts["train"] + parts["local_eval"] + parts["server_eval"]
     row = {"rounds": args.rounds, "overrides": args.overrides, "wall_seconds": wall, "compute_seconds": compute,
            "wall_over_compute": wall / compute, "startup_seconds": wall - server,
+           # inside the ServerApp but outside its rounds: finding the hospitals (their workers start,
+           # import fedpriv and load their data) and, at the end, calibration and the run report
+           "server_outside_rounds_seconds": server - parts["rounds"],
            "rounds_over_compute": parts["rounds"] / compute,
            "ledger_fraction_of_round_time": parts["ledger"] / parts["rounds"], **parts, "run_dir": str(run_dir)}
     RESULTS.mkdir(exist_ok=True)

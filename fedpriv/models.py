@@ -7,9 +7,9 @@ ModuleValidator and turns its findings into a :class:`ModelNotPrivateError` with
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
-from torchvision.models import ResNet
-from torchvision.models.resnet import BasicBlock
 
 from fedpriv.errors import ConfigError, ModelNotPrivateError
 
@@ -51,43 +51,6 @@ def _groups(channels: int) -> int:
     return 1
 
 
-class _HookSafeBasicBlock(BasicBlock):
-    """torchvision's BasicBlock without in-place operations (same parameters, same state_dict keys).
-
-    Opacus wraps each layer's output for its backward hooks; torchvision's in-place ReLU and
-    `out += identity` then modify such an output in place, which autograd forbids ("Output 0 of
-    BackwardHookFunction is a view and is being modified inplace"), so DP-SGD could not run at all.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-def resnet18_greyscale(in_channels: int = 1, num_classes: int = 2, image_size: int = 28) -> nn.Module:
-    """torchvision's ResNet-18 with GroupNorm, a `in_channels` stem, and no pretrained weights.
-
-    For small images (< 64 px) the stem is a 3x3 stride-1 convolution without max-pooling, so
-    28x28 inputs keep enough spatial resolution (as in MedMNIST's own ResNet baselines).
-    No operation is in place (see :class:`_HookSafeBasicBlock`), so Opacus's hooks can wrap it.
-    """
-    model = ResNet(_HookSafeBasicBlock, [2, 2, 2, 2], num_classes=num_classes,
-                   norm_layer=lambda c: nn.GroupNorm(_groups(c), c))
-    model.relu = nn.ReLU()
-    if image_size < 64:
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    else:
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return model
-
-
 def check_private_trainable(model: nn.Module) -> None:
     """Raise :class:`ModelNotPrivateError` with Opacus's explanation if DP-SGD cannot train `model`."""
     from opacus.validators import ModuleValidator
@@ -116,7 +79,9 @@ def model_name(model: nn.Module) -> str | None:
     """The :func:`build_model` name of `model` ("cnn", "resnet18"), or None for any other module."""
     if isinstance(model, SmallCNN):
         return "cnn"
-    if isinstance(model, ResNet):
+    # Without torchvision imported, `model` cannot be a torchvision ResNet (and we avoid importing it).
+    torchvision_models = sys.modules.get("torchvision.models")
+    if torchvision_models is not None and isinstance(model, torchvision_models.ResNet):
         return "resnet18"
     return None
 
@@ -138,6 +103,9 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
     if name == "cnn":
         model = SmallCNN(in_channels, num_classes, width, activation)
     elif name == "resnet18":
+        # Imported on demand: torchvision's model zoo adds ~1.5 s to every process that imports fedpriv.
+        from fedpriv.resnet import resnet18_greyscale
+
         model = resnet18_greyscale(in_channels, num_classes, image_size)
     else:
         raise ConfigError("model.name", name, "unknown model; known: cnn, resnet18", "set model=cnn or model=resnet18")

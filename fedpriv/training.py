@@ -16,12 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from opacus.accountants import create_accountant
-from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.utils.batch_memory_manager import BatchMemoryManager
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
@@ -114,6 +108,15 @@ def train_local(
 
 
 def _train_private(model, optimizer, data, plan, generator, device, criterion) -> LocalTrainResult:
+    # Imported here, not at module level: Opacus takes ~1.4 s to import, and the processes that
+    # never train privately (the CLI, the ServerApp) should not pay it.
+    from opacus.accountants import create_accountant
+    from opacus.data_loader import DPDataLoader
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.grad_sample.utils import wrap_model
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
     mode = resolve_grad_sample_mode(plan.grad_sample_mode, model)
     expected_batch_size = plan.expected_batch_size(len(data))
     if mode == "ghost":
@@ -126,8 +129,6 @@ def _train_private(model, optimizer, data, plan, generator, device, criterion) -
             use_ghost_clipping=True)
         optimizer_class = DPOptimizerFastGradientClipping
     else:
-        from opacus.grad_sample.utils import wrap_model
-
         grad_sample_model = wrap_model(model, mode, loss_reduction="mean")
         optimizer_class = DPOptimizer
     dp_optimizer = optimizer_class(
@@ -179,6 +180,8 @@ def _run_steps(model, optimizer, loader, plan: PrivacyPlan, device, criterion, *
     steps_done = 0
     while steps_done < plan.steps:
         if private:
+            from opacus.utils.batch_memory_manager import BatchMemoryManager
+
             context = BatchMemoryManager(data_loader=loader, max_physical_batch_size=plan.max_physical_batch_size,
                                          optimizer=optimizer)
         else:

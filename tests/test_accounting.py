@@ -137,11 +137,11 @@ def test_prv_grid_is_widened_to_a_fast_fft_size():
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
     from opacus.accountants.analysis.prv.domain import compute_safe_domain_size
 
-    from fedpriv.privacy.accounting import _CachedDomainPRVAccountant
+    from fedpriv.privacy.prv import CachedDomainPRVAccountant
 
     # Opacus's own grid here has 180,798 = 2 x 3 x 30,133 points: a slow FFT length.
     prv = PoissonSubsampledGaussianPRV(0.09, 1.78)
-    domain = _CachedDomainPRVAccountant()._get_domain([prv], [550], 0.01, 1e-8)
+    domain = CachedDomainPRVAccountant()._get_domain([prv], [550], 0.01, 1e-8)
     rest = domain.size
     for prime in (2, 3, 5, 7, 11):
         while rest % prime == 0:

@@ -1,0 +1,32 @@
+"""Start-up weight: every simulated run imports fedpriv in four processes before its first round
+(the CLI, the ServerApp, two Ray workers), so heavy libraries are imported only where they are used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+# Opacus (~1.4 s) and torchvision's model zoo (~1.5 s): see BENCHMARKS.md, federation overhead.
+HEAVY = ("opacus", "torchvision")
+
+
+@pytest.mark.parametrize("module", ["fedpriv.cli.main", "fedpriv.server_app", "fedpriv.client_app",
+                                    "fedpriv.cli.ledger"])
+def test_entry_points_do_not_import_heavy_libraries(module):
+    probe = (f"import sys, {module}; "
+             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == [], f"importing {module} also imports {loaded}"
+
+
+def test_private_training_and_resnet_still_load_them_on_demand():
+    probe = ("import sys; from fedpriv.models import build_model; "
+             "from fedpriv.privacy.accounting import PrivacyEvent, epsilon; "
+             "build_model('resnet18', in_channels=1, num_classes=2, image_size=28); "
+             "value = epsilon([PrivacyEvent(1.0, 0.01, 100)], 1e-5); "
+             "print(value, ' '.join(m for m in ('opacus', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert 0 < float(out[0]) < 10
+    assert out[1:] == ["opacus", "torchvision"]
