@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--privacy", nargs="+", default=["privacy.epsilon=3", "privacy=none"],
                         help="one sweep entry per privacy setting")
+    parser.add_argument("--modes", nargs="+", default=["parallel", "sequential"], choices=["parallel", "sequential"])
     parser.add_argument("--quick", action="store_true", help="one seed, 2 rounds (smoke)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
@@ -36,14 +37,14 @@ def main() -> None:
     summary = []
     for privacy in args.privacy:
         sweep_dir = RESULTS / f"federated-{stamp}" / privacy.replace("=", "-")
-        command = [sys.executable, "-m", "fedpriv.cli.main", "-m", privacy, "strategy=parallel,sequential",
+        command = [sys.executable, "-m", "fedpriv.cli.main", "-m", privacy, f"strategy={','.join(args.modes)}",
                    f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={sweep_dir}", *extra]
         started = time.perf_counter()
         subprocess.run(command, check=True)
         wall = time.perf_counter() - started
-        for mode in ("parallel", "sequential"):
+        for mode in args.modes:
             rows = [r for r in collect_results(sweep_dir) if r["mode"] == mode]
-            summary.append(_aggregate(privacy, mode, rows, wall / 2))
+            summary.append(_aggregate(privacy, mode, rows, wall / len(args.modes)))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"federated-{stamp}.json").write_text(json.dumps(summary, indent=2))
     print("\n| setting | mode | test AUC | test accuracy | epsilon spent (max) | runs |\n|---|---|---|---|---|---|")

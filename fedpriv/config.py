@@ -24,6 +24,7 @@ from fedpriv.privacy.accounting import ACCOUNTANTS
 MODEL_NAMES = ("cnn", "resnet18")
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 STRATEGY_MODES = ("parallel", "sequential")
+SEQUENTIAL_STEPS = ("full", "share")  # see fedpriv.strategy.BudgetAwareStrategy.sequential_weight
 MEDMNIST_SIZES = (28, 64, 128, 224)
 NON_MEDMNIST_DATASETS = ("imagefolder", "synthetic")
 
@@ -107,6 +108,9 @@ class StrategyConfig:
     max_update_norm_ratio: float = 10.0  # reject updates whose norm exceeds this many times the median
     # Parallel mode: the global model moves server_lr times the averaged update (1.0 = plain FedAvg).
     server_lr: float = 1.5
+    # Sequential mode: "share" moves the model towards a small hospital's weights in proportion to its
+    # share of the records (capped at a full step); "full" takes every hospital's weights as they are.
+    sequential_step: str = "share"
 
 
 @dataclass
@@ -304,6 +308,7 @@ def validate_config(cfg: FedprivConfig) -> None:
         raise ConfigError("strategy.num_rounds", cfg.strategy.num_rounds, "must be at least 1", "use e.g. 5")
     _positive("strategy.round_timeout", cfg.strategy.round_timeout, "use e.g. strategy.round_timeout=600")
     _positive("strategy.server_lr", cfg.strategy.server_lr, "use e.g. strategy.server_lr=1 (plain FedAvg)")
+    _choice("strategy.sequential_step", cfg.strategy.sequential_step, SEQUENTIAL_STEPS)
     if not cfg.strategy.max_update_norm_ratio > 1:
         raise ConfigError("strategy.max_update_norm_ratio", cfg.strategy.max_update_norm_ratio, "must be above 1",
                           "use e.g. strategy.max_update_norm_ratio=10")

@@ -97,7 +97,7 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
         mode=cfg.strategy.mode, expected_hospitals=cfg.federation.num_hospitals,
         shuffle_order=cfg.strategy.shuffle_order, seed=cfg.seed, client_evaluate=cfg.strategy.client_evaluate,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio, server_lr=cfg.strategy.server_lr,
-        on_round_end=recorder.round_end,
+        sequential_step=cfg.strategy.sequential_step, on_round_end=recorder.round_end,
     )
     result = strategy.start(
         grid, ArrayRecord(state), num_rounds=cfg.strategy.num_rounds, timeout=cfg.strategy.round_timeout,

@@ -27,6 +27,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedpriv.config import SEQUENTIAL_STEPS
 from fedpriv.errors import ConfigError
 from fedpriv.update_checks import (
     metrics_problem,
@@ -41,6 +42,9 @@ log = logging.getLogger("fedpriv")
 QUERY_TIMEOUT_S = 60.0
 
 PARALLEL, SEQUENTIAL = "parallel", "sequential"
+
+# Sequential mode: how far the global model follows each hospital's returned weights.
+FULL_STEP, SHARE_STEP = SEQUENTIAL_STEPS
 
 
 @dataclass
@@ -94,6 +98,7 @@ class BudgetAwareStrategy(Strategy):
         discovery_timeout: float = 300.0,
         max_update_norm_ratio: float = 10.0,
         server_lr: float = 1.0,
+        sequential_step: str = FULL_STEP,
         on_round_end: RoundCallback | None = None,
     ) -> None:
         if mode not in (PARALLEL, SEQUENTIAL):
@@ -107,6 +112,9 @@ class BudgetAwareStrategy(Strategy):
         self.on_round_end = on_round_end
         self.max_update_norm_ratio = max_update_norm_ratio
         self.server_lr = server_lr  # parallel: global += server_lr * (weighted mean - global)
+        if sequential_step not in SEQUENTIAL_STEPS:
+            raise ValueError(f"sequential_step must be one of {SEQUENTIAL_STEPS}, got {sequential_step!r}")
+        self.sequential_step = sequential_step  # sequential: see sequential_weight()
         self.accepted_norms: list[float] = []  # norms of accepted updates so far (outlier reference)
         self.hospitals: list[HospitalState] = []
         self.excluded: dict[str, str] = {}  # hospitals that refused at discovery -> why
@@ -292,14 +300,32 @@ class BudgetAwareStrategy(Strategy):
         return new_arrays
 
     def _sequential_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
-        for hospital in self.training_order(server_round):
+        order = self.training_order(server_round)
+        for hospital in order:
             record.order.append(hospital.name)
             message = self._train_message(hospital, server_round, arrays, config)
             replies = list(grid.send_and_receive([message], timeout=self.timeout))
             accepted = self._note_replies(record, [message], replies, arrays.to_torch_state_dict())
-            if accepted:
-                arrays = accepted[0].content["arrays"]  # the next hospital starts from these weights
+            if accepted:  # the next hospital starts from these weights
+                returned = accepted[0].content["arrays"]
+                weight = self.sequential_weight(hospital, order)
+                arrays = returned if weight == 1.0 else ArrayRecord(server_step(
+                    arrays.to_torch_state_dict(), returned.to_torch_state_dict(), weight))
         return arrays
+
+    def sequential_weight(self, hospital: HospitalState, order: list[HospitalState]) -> float:
+        """How far the global model moves towards `hospital`'s returned weights (sequential mode).
+
+        "full": all the way (classic cyclic weight transfer). "share": the hospital's share of the
+        round's records times the number of hospitals, capped at 1, so a hospital with an average or
+        larger share moves the model fully and a small one proportionally less. A small hospital's
+        DP-SGD update is the noisiest (its noise is calibrated to few records), and FedAvg would give
+        it the same small weight. Post-processing on the server: no privacy cost.
+        """
+        total = sum(h.num_examples for h in order)
+        if self.sequential_step == FULL_STEP or total <= 0 or hospital.num_examples <= 0:
+            return 1.0
+        return min(1.0, len(order) * hospital.num_examples / total)
 
     def _train_message(self, hospital: HospitalState, server_round: int, arrays: ArrayRecord,
                        config: ConfigRecord) -> Message:

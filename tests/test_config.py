@@ -92,6 +92,7 @@ def test_typos_and_wrong_types_fail_at_composition(override):
     (["train.logit_adjustment=-1"], "train.logit_adjustment", ">= 0"),
     (["train.lr_final=0"], "train.lr_final", "(0, 1]"),
     (["strategy.server_lr=0"], "strategy.server_lr", "positive"),
+    (["strategy.sequential_step=half"], "strategy.sequential_step", "known: full, share"),
     (["train.lr_final=1.5"], "train.lr_final", "(0, 1]"),
     (["dataset.class_prior=[0.5,0.6]"], "dataset.class_prior", "summing to 1"),
     (["dataset.class_prior=[0,1]"], "dataset.class_prior", "above 0"),

@@ -63,13 +63,34 @@ def test_parallel_round_aggregates_the_weighted_mean(tmp_path, server_lr):
 
 def test_sequential_round_passes_the_model_from_hospital_to_hospital(tmp_path):
     strategy, grid, run_dir = federate(tmp_path, "strategy=sequential", "strategy.num_rounds=2",
-                                       "model.width=4", "train.batch_size=16")
+                                       "strategy.sequential_step=full", "model.width=4", "train.batch_size=16")
     exchanges = grid.train_exchanges()
     assert len(exchanges) == 6  # 3 hospitals x 2 rounds, one at a time
     for (_, previous_reply), (next_message, _) in zip(exchanges, exchanges[1:]):
         _assert_same(_state(next_message), _state(previous_reply))  # k starts from k-1's weights
     _assert_same(torch.load(run_dir / "model.pt", weights_only=True), _state(exchanges[-1][1]))
     assert [r.order for r in strategy.history] == [["hospital-1", "hospital-2", "hospital-3"]] * 2
+
+
+def test_sequential_share_step_moves_less_towards_a_small_hospital(tmp_path):
+    strategy, grid, run_dir = federate(tmp_path, "strategy=sequential", "strategy.num_rounds=1",
+                                       "federation=quantity", "federation.hospitals=[{name: a, share: 0.5}, "
+                                       "{name: b, share: 0.3}, {name: c, share: 0.2}]")
+    assert strategy.sequential_step == "share"  # the sequential default
+    exchanges = grid.train_exchanges()
+    sizes = [reply.content["metrics"]["num-examples"] for _, reply in exchanges]
+    weights = [min(1.0, 3 * n / sum(sizes)) for n in sizes]
+    assert weights[0] == 1.0 and 0.5 < weights[2] < 0.7  # a larger-than-average share takes a full step
+    for (sent, reply), weight, (following, _) in zip(exchanges, weights, exchanges[1:]):
+        start, returned = _state(sent), _state(reply)
+        expected = {key: start[key] + weight * (returned[key] - start[key]) for key in start}
+        for key, value in _state(following).items():  # hospital k+1 starts where the server moved to
+            torch.testing.assert_close(value, expected[key])
+    (sent, reply), weight = exchanges[-1], weights[-1]
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    for key, value in _state(sent).items():
+        torch.testing.assert_close(final[key], value + weight * (_state(reply)[key] - value))
+    assert not torch.equal(final["head.weight"], _state(reply)["head.weight"])
 
 
 def test_privacy_figures_are_per_hospital_and_max_never_averaged(tmp_path):
