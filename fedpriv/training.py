@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -260,6 +259,10 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 512, device: 
 
 
 def _auc(y: np.ndarray, probabilities: np.ndarray) -> float:
+    # scikit-learn is imported where it is used (here and below): it takes ~1 s to import, and a
+    # deployed hospital starts a fresh process for every message: training and budget queries never evaluate.
+    from sklearn.metrics import roc_auc_score
+
     if len(np.unique(y)) < 2:
         return math.nan
     if probabilities.shape[1] == 2:
@@ -271,6 +274,8 @@ def _auc(y: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def _sensitivity_specificity(y: np.ndarray, predictions: np.ndarray, num_classes: int) -> tuple[float, float]:
+    from sklearn.metrics import confusion_matrix
+
     matrix = confusion_matrix(y, predictions, labels=list(range(num_classes)))
     true_pos = np.diag(matrix).astype(float)
     false_neg = matrix.sum(axis=1) - true_pos

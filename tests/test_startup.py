@@ -21,6 +21,13 @@ def test_entry_points_do_not_import_heavy_libraries(module):
     assert loaded == [], f"importing {module} also imports {loaded}"
 
 
+def test_a_hospital_process_imports_neither_scikit_learn_nor_scipy_until_it_evaluates():
+    # Deployed, every message starts a fresh ClientApp process: training and queries skip both.
+    probe = "import sys, fedpriv.client_app; print(' '.join(m for m in ('sklearn', 'scipy') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []
+
+
 def test_private_training_and_resnet_still_load_them_on_demand():
     probe = ("import sys; from fedpriv.models import build_model; "
              "from fedpriv.privacy.accounting import PrivacyEvent, epsilon; "
