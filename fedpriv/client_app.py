@@ -27,7 +27,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from fedpriv.app_config import RUN_DIR_KEY, config_from_run_config, config_to_json
+from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config, config_to_json
 from fedpriv.config import FedprivConfig
 from fedpriv.data import LabeledImages, dataset_fingerprint
 from fedpriv.errors import ConfigError, FedprivError, LedgerError
@@ -88,10 +88,27 @@ def ledger_directory(cfg: FedprivConfig, run_config) -> Path:
     return Path(run_dir) / "ledgers"
 
 
+# A Ray worker plays many hospitals, each many times a run. Parsing and checking the run's config
+# alone takes ~15 ms, so each hospital's site is built once per run (its ledger is still opened
+# from disk for every message: the budget state is never cached).
+_SITES: dict[tuple[str, str, int], HospitalSite] = {}
+
+
 def simulated_site(context: Context) -> HospitalSite:
     """The hospital this simulated node plays: the partition-id-th hospital of the experiment."""
+    run = (str(context.run_config.get(CONFIG_KEY, "")), str(context.run_config.get(RUN_DIR_KEY, "")))
+    key = (*run, int(context.node_config["partition-id"]))
+    site = _SITES.get(key)
+    if site is None:
+        if any(cached[:2] != run for cached in _SITES):  # another run: forget the last one's sites
+            _SITES.clear()
+        site = _SITES[key] = _new_simulated_site(context)
+    torch.set_num_threads(site.config.federation.client_cpus)
+    return site
+
+
+def _new_simulated_site(context: Context) -> HospitalSite:
     cfg = config_from_run_config(context.run_config)
-    torch.set_num_threads(cfg.federation.client_cpus)
     experiment = _experiment(cfg)
     index = int(context.node_config["partition-id"])
     hospital = experiment.hospitals[index]

@@ -29,9 +29,8 @@ def _rename_sites(monkeypatch, change):
     real = client_app.simulated_site
 
     def site(context):
-        found = real(context)
-        found.settings = change(int(context.node_config["partition-id"]), found.settings)
-        return found
+        found = real(context)  # shared by the worker's later messages: change a copy
+        return dataclasses.replace(found, settings=change(int(context.node_config["partition-id"]), found.settings))
 
     monkeypatch.setattr(client_app, "simulated_site", site)
 
@@ -162,7 +161,7 @@ def test_a_global_model_that_does_not_fit_a_hospitals_records_is_a_one_line_refu
     def three_classes(context):
         site = real_site(context)
         if int(context.node_config["partition-id"]) == 1:
-            site.num_classes = 3
+            return dataclasses.replace(site, num_classes=3)
         return site
 
     monkeypatch.setattr(client_app, "simulated_site", three_classes)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from inprocess_grid import InProcessGrid
 
+from fedpriv import client_app
 from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, compose_config, config_to_json
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.server_app import run_federation
@@ -91,6 +92,21 @@ def test_sequential_share_step_moves_less_towards_a_small_hospital(tmp_path):
     for key, value in _state(sent).items():
         torch.testing.assert_close(final[key], value + weight * (_state(reply)[key] - value))
     assert not torch.equal(final["head.weight"], _state(reply)["head.weight"])
+
+
+def test_a_simulated_hospital_is_set_up_once_per_run_not_per_message(tmp_path, monkeypatch):
+    parsed = []
+    real = client_app.config_from_run_config
+    monkeypatch.setattr(client_app, "config_from_run_config", lambda run_config: parsed.append(1) or real(run_config))
+    strategy, grid, _ = federate(tmp_path, "strategy.num_rounds=2", "strategy.client_evaluate=true")
+    assert len(grid.sent) >= 3 * 4  # a query, two trainings and two evaluations per hospital
+    assert len(parsed) == 3  # one set-up per hospital
+    # The budget state is not cached with it: each round's reply carries the ledger's new figure.
+    epsilons = [[record.hospitals[name]["epsilon"] for record in strategy.history]
+                for name in ("hospital-1", "hospital-2", "hospital-3")]
+    assert all(first < second for first, second in epsilons)
+    federate(tmp_path, "strategy.num_rounds=1", run="another-run")  # another run: set up afresh
+    assert len(parsed) == 6
 
 
 def test_privacy_figures_are_per_hospital_and_max_never_averaged(tmp_path):
