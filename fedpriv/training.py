@@ -175,12 +175,12 @@ def _run_steps(model, optimizer, loader, plan: PrivacyPlan, device, criterion, *
     is the same (tests compare hooks with ghost clipping). Measured on the CNN with two threads: 2-9%
     less time per private sample at physical batches 128-256 (BENCHMARKS.md, DP training overhead).
     """
+    if private:
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
     losses: list[float] = []
     steps_done = 0
     while steps_done < plan.steps:
         if private:
-            from opacus.utils.batch_memory_manager import BatchMemoryManager
-
             context = BatchMemoryManager(data_loader=loader, max_physical_batch_size=plan.max_physical_batch_size,
                                          optimizer=optimizer)
         else:
