@@ -180,9 +180,9 @@ def run(a, seed, dataset):
             for i, d in enumerate(datas):
                 q, steps, sigma = plans[i]
                 trained = local_train(model, d, sigma, q, steps, a, seed * 1000 + r * 10 + i, lr)
-                # --seq-weight: the server keeps only part of a small hospital's (noisier) step
-                weight = len(datas) * len(d) / total
-                weight = {"none": 1.0, "size": weight, "capped": min(1.0, weight)}[a.seq_weight]
+                # --sequential-step share (fedpriv's strategy.sequential_step): the server keeps only
+                # part of a small hospital's (noisier) step
+                weight = 1.0 if a.sequential_step == "full" else min(1.0, len(datas) * len(d) / total)
                 old = model.state_dict()
                 model.load_state_dict({k: old[k] + weight * (trained[k] - old[k]) for k in old})
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
@@ -228,8 +228,8 @@ def main():
     p.add_argument("--flip", action="store_true", help="with --augmult: random horizontal flips too")
     p.add_argument("--freeze-first", action="store_true", help="keep the first conv layer at its initial weights")
     p.add_argument("--server-lr", type=float, default=1.0)
-    p.add_argument("--seq-weight", choices=["none", "size", "capped"], default="none",
-                   help="sequential: scale each hospital's step by its share of records x hospitals (capped at 1)")
+    p.add_argument("--sequential-step", choices=["full", "share"], default="full",
+                   help="sequential: share scales each hospital's step by its share of records x hospitals, capped at 1")
     p.add_argument("--lr-final", type=float, default=1.0)
     p.add_argument("--groups", type=int, default=0, help="GroupNorm groups (0: fedpriv's rule)")
     p.add_argument("--widths", type=int, nargs="+", default=None, help="channels per block")

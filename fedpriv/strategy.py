@@ -43,8 +43,8 @@ QUERY_TIMEOUT_S = 60.0
 
 PARALLEL, SEQUENTIAL = "parallel", "sequential"
 
-# Sequential mode: how far the global model follows each hospital's returned weights.
-FULL_STEP, SHARE_STEP = SEQUENTIAL_STEPS
+# Sequential mode: "full" takes each hospital's returned weights as they are (see sequential_weight).
+FULL_STEP = SEQUENTIAL_STEPS[0]
 
 
 @dataclass
