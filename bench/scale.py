@@ -1,8 +1,9 @@
 """Scale: 3, 10, 30 and 100 simulated hospitals on one machine.
 
 For each size, one `fedpriv` run (IID shares of PneumoniaMNIST, 2 rounds by default): time per
-round, peak memory of the whole process tree (sampled), and whether every hospital's reported
-epsilon equals the one recomputed from its ledger's events.
+round, peak memory of the whole process tree (sampled), whether the hospitals' shared ledger
+verifies, and whether every hospital's reported epsilon equals the one its ledger gives for its
+records. Each run uses a throw-away ledger in its own folder (`federation.ledger_scope=run`).
 
     FEDPRIV_DATA_DIR=../shared/data .venv/bin/python bench/scale.py [--sizes 3 10 30 100] [--rounds 2]
 """
@@ -17,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedpriv.privacy.ledger import read_ledger
 from fedpriv.simulation import descendants
+from simulated_ledgers import run_ledgers
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,7 +40,7 @@ def run_size(hospitals: int, rounds: int) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"fedpriv-scale-{hospitals}-"))
     command = [sys.executable, "-m", "fedpriv.cli.main", f"federation.num_hospitals={hospitals}", "federation=iid",
                f"strategy.num_rounds={rounds}", "train.batch_size=16", "strategy.client_evaluate=false",
-               "privacy.accountant=rdp", f"hydra.run.dir={run_dir}"]
+               "privacy.accountant=rdp", "federation.ledger_scope=run", f"hydra.run.dir={run_dir}"]
     started, peak = time.perf_counter(), 0.0
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while process.poll() is None:
@@ -48,17 +49,18 @@ def run_size(hospitals: int, rounds: int) -> dict:
     wall = time.perf_counter() - started
     metrics = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     result = json.loads((run_dir / "result.json").read_text())
-    mismatches = 0
-    for ledger_path in (run_dir / "ledgers").glob("*.db"):
-        ledger = read_ledger(ledger_path)
-        if not ledger.verify().ok:
-            mismatches += 1
-    reported = {h["hospital"]: h["epsilon"] for h in result["hospitals"]}
+    ledgers = run_ledgers(run_dir)
+    reported = {h["hospital"]: float(h["epsilon"]) for h in result["hospitals"]}
+    mismatches = sum(abs(epsilon - ledgers["hospitals"][name]["epsilon"]) > 1e-9 * max(1.0, epsilon)
+                     for name, epsilon in reported.items())
     return {"hospitals": hospitals, "rounds": rounds, "exit_code": process.returncode, "wall_seconds": wall,
             "seconds_per_round": [r["seconds"] for r in metrics], "peak_rss_mb": peak,
-            "ledgers": len(list((run_dir / "ledgers").glob("*.db"))), "ledger_verify_failures": mismatches,
-            "max_epsilon": max(float(e) for e in reported.values()), "test_auc": result["test"].get("auc"),
-            "records_per_hospital": 4708 // hospitals}
+            "ledger_files": ledgers["ledger_files"], "ledger_verified": ledgers["verified"],
+            "ledger_events": ledgers["events"], "ledger_bytes": ledgers["bytes"],
+            "reported_epsilon_mismatches": mismatches,
+            "max_epsilon": max(reported.values()), "test_auc": result["test"].get("auc"),
+            "records_per_hospital_min_max": [min(h["records"] for h in ledgers["hospitals"].values()),
+                                              max(h["records"] for h in ledgers["hospitals"].values())]}
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ MODEL_NAMES = ("cnn", "resnet18")
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 STRATEGY_MODES = ("parallel", "sequential")
 SEQUENTIAL_STEPS = ("full", "share")  # see fedpriv.strategy.BudgetAwareStrategy.sequential_weight
+LEDGER_SCOPES = ("persistent", "run")  # see FederationConfig.ledger_scope
 MEDMNIST_SIZES = (28, 64, 128, 224)
 NON_MEDMNIST_DATASETS = ("imagefolder", "synthetic")
 
@@ -131,7 +132,17 @@ class FederationConfig:
     partition: str = "dirichlet"  # "iid", "dirichlet" (label skew) or "quantity" (size skew)
     alpha: float = 0.5  # Dirichlet concentration: smaller is more skewed
     hospitals: list[HospitalConfig] = field(default_factory=list)
-    ledger_dir: Optional[str] = None  # None: under the run directory
+    # Where the simulated hospitals' privacy ledgers live (see fedpriv.experiment.ledger_folder).
+    # "persistent" (default): ledgers that outlive every run, so each hospital's budget is spent once over
+    # every use of its data: in ledger_dir if set, else $FEDPRIV_LEDGER_DIR, else the user data folder
+    # (platformdirs' user_data_dir("fedpriv")/ledgers). "run": a throw-away ledger in the run directory,
+    # so the budget is enforced within that run only (sweeps on public benchmark data, demos).
+    ledger_scope: str = "persistent"
+    ledger_dir: Optional[str] = None  # scope "persistent": the ledgers' folder (None: see above)
+    # Scope "run" only, and set by fedpriv, not by hand: the run directory whose ledgers/ this run charges
+    # (None: its own). The CLI records it in every run's config.yaml, so `resume=RUN_DIR` keeps charging
+    # the throw-away ledgers of the run it continues rather than starting new ones.
+    ledger_run_dir: Optional[str] = None
     client_cpus: int = 1  # CPU cores per simulated hospital (Ray resources and torch threads)
     local_val_fraction: float = 0.1  # share of each hospital's records it keeps for private validation
 
@@ -329,7 +340,23 @@ def validate_config(cfg: FedprivConfig) -> None:
                           "use e.g. federation.local_val_fraction=0.1 (0 disables hospital-side validation)")
     if fed.partition != "iid":
         _positive("federation.alpha", fed.alpha, "use e.g. federation.alpha=0.5 (smaller is more skewed)")
+    _validate_ledger_location(fed)
     _validate_hospitals(cfg)
+
+
+def _validate_ledger_location(fed: FederationConfig) -> None:
+    _choice("federation.ledger_scope", fed.ledger_scope, LEDGER_SCOPES)
+    if fed.ledger_scope == "run" and fed.ledger_dir:
+        raise ConfigError("federation.ledger_scope", fed.ledger_scope,
+                          f"contradicts federation.ledger_dir={fed.ledger_dir!r}: scope 'run' keeps a throw-away "
+                          "ledger in the run directory, ledger_dir names a persistent ledger folder",
+                          "drop federation.ledger_dir for a throw-away ledger, or use federation.ledger_scope="
+                          "persistent to keep the ledgers in that folder")
+    if fed.ledger_scope == "persistent" and fed.ledger_run_dir:
+        raise ConfigError("federation.ledger_run_dir", fed.ledger_run_dir,
+                          "names a run whose throw-away ledgers to charge, but federation.ledger_scope is "
+                          "'persistent'", "leave federation.ledger_run_dir unset (fedpriv sets it for scope "
+                          "'run'), or use federation.ledger_scope=run")
 
 
 def _validate_hospitals(cfg: FedprivConfig) -> None:

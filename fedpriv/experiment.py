@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from fedpriv.data import (
     partition_summary,
 )
 from fedpriv.errors import ConfigError
-from fedpriv.privacy.ledger import folder_write_problem
+from fedpriv.privacy.store import folder_write_problem
 
 log = logging.getLogger(__name__)
 
@@ -127,21 +128,74 @@ def warn_about_missing_classes(rows: list[dict], class_names: list[str]) -> list
     return warnings
 
 
-def check_ledger_dir(cfg: FedprivConfig) -> None:
-    """A ledger folder the hospitals cannot write fails now, before any data is read or budget spent."""
-    if not (cfg.privacy.enabled and cfg.federation.ledger_dir):
-        return  # without ledger_dir the ledgers live in the run directory, which Hydra has just created
-    folder = Path(cfg.federation.ledger_dir)
+LEDGER_DIR_ENV = "FEDPRIV_LEDGER_DIR"  # the persistent ledger folder when federation.ledger_dir is unset
+
+
+def ledger_folder(cfg: FedprivConfig, run_dir: str | Path | None) -> Path:
+    """The folder that holds the simulated hospitals' privacy ledgers (one file per dataset).
+
+    - ``federation.ledger_scope=run``: ``<run>/ledgers``, a throw-away ledger whose budget is enforced
+      within that run only. ``<run>`` is ``federation.ledger_run_dir`` when set, else ``run_dir``. The
+      CLI sets ledger_run_dir to the run directory and stores it in config.yaml, so a resumed run
+      (whose config is the old run's config.yaml) keeps charging the old run's ledgers: the
+      throw-away budget then covers that run and its resumptions, and nothing else.
+    - ``persistent`` (default): ``federation.ledger_dir`` if set, else ``$FEDPRIV_LEDGER_DIR`` if set,
+      else ``platformdirs.user_data_dir("fedpriv")/ledgers``: ledgers that outlive every run, so a
+      hospital's budget is spent once over every use of its data. The CLI stores the folder it
+      resolved as ``federation.ledger_dir``, so a resume uses the same one.
+
+    Raises :class:`ConfigError` for contradictory settings (scope "run" with a ledger_dir), or for
+    scope "run" when no run directory is known.
+    """
+    fed = cfg.federation
+    if fed.ledger_scope == "run":
+        if fed.ledger_dir:
+            raise ConfigError("federation.ledger_scope", fed.ledger_scope,
+                              f"contradicts federation.ledger_dir={fed.ledger_dir!r} (a throw-away ledger in the "
+                              "run directory, or a persistent ledger folder)",
+                              "drop federation.ledger_dir, or use federation.ledger_scope=persistent")
+        run = fed.ledger_run_dir or (str(run_dir) if run_dir else None)
+        if not run:
+            raise ConfigError("federation.ledger_run_dir", None, "scope 'run' keeps its ledgers in the run "
+                              "directory, and no run directory is known", "run through the fedpriv CLI or give "
+                              "the run directory (run-dir in Flower's run config)")
+        return Path(run).expanduser() / "ledgers"
+    if fed.ledger_dir:
+        return Path(fed.ledger_dir).expanduser()
+    if os.environ.get(LEDGER_DIR_ENV):
+        return Path(os.environ[LEDGER_DIR_ENV]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("fedpriv")) / "ledgers"
+
+
+def check_ledger_dir(cfg: FedprivConfig, run_dir: str | Path | None = None) -> None:
+    """A ledger folder the hospitals cannot write fails now, before any data is read or budget spent.
+
+    Checks (creates, then test-writes) the folder :func:`ledger_folder` names: the persistent folder,
+    or the throw-away ledgers of the run this one resumes. Non-private runs too: they mark their
+    records' epsilon as infinity there. A new run's own ``<run_dir>/ledgers`` is checked only when
+    ``run_dir`` or ``federation.ledger_run_dir`` names it (Hydra has just created the run directory).
+    """
+    fed = cfg.federation
+    if fed.ledger_scope == "run" and not fed.ledger_run_dir and not run_dir:
+        return
+    folder = ledger_folder(cfg, run_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         problem = f"cannot create that folder ({exc.strerror or exc})"
     else:
         problem = folder_write_problem(folder)
-    if problem:
-        raise ConfigError("federation.ledger_dir", str(folder), problem,
-                          "point it at a folder you can write (or leave it unset: ledgers then live in the "
-                          "run directory)")
+    if not problem:
+        return
+    if fed.ledger_scope == "run":
+        raise ConfigError("federation.ledger_run_dir", str(folder), f"the run's throw-away ledgers: {problem}",
+                          "make that run directory writable, or start a new run without resume=")
+    raise ConfigError("federation.ledger_dir", str(folder), f"the hospitals' persistent ledger folder: {problem}",
+                      f"point federation.ledger_dir, or the {LEDGER_DIR_ENV} environment variable, at a folder "
+                      "you can write (the ledgers must outlive every run); or use federation.ledger_scope=run "
+                      "for a throw-away ledger in the run directory (the budget then holds within that run only)")
 
 
 def split_local_validation(partitions: list[np.ndarray], fraction: float,

@@ -1,10 +1,12 @@
 """One hospital's side of a round, without Flower: its own settings, its ledger, its training.
 
-The hospital is sovereign. Its budget, delta, ledger and data come from its own settings
+The hospital is sovereign. Its budget, delta, limits, ledger and data come from its own settings
 (:class:`HospitalSettings`); the server's request (:class:`RoundRequest`) says how to train and may
-ask the hospital to spend *less*, never more. Every private round is charged to the ledger before
-the first step and confirmed afterwards; a round the budget cannot afford is refused without
-touching the data, and the dataset is locked.
+ask the hospital to spend *less*, never more. Every field of a request is checked against the
+hospital's limits before the ledger is touched, so a bad request charges nothing. Every round,
+private or not, is charged to the ledger before the first step, on the records that can afford it
+(:meth:`fedpriv.privacy.ledger.PrivacyLedger.charge`), and confirmed afterwards. A round the budget
+cannot afford is refused with nothing charged and nothing locked.
 """
 
 from __future__ import annotations
@@ -19,16 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
+from fedpriv.data import LabeledImages
 from fedpriv.errors import BudgetExhausted, ConfigError, PrivacyError
-from fedpriv.privacy.accounting import (
-    PrivacyEvent,
-    check_accountant,
-    noise_multiplier_for,
-)
+from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon, noise_multiplier_for
 from fedpriv.privacy.ledger import BudgetStatus, PrivacyLedger
 from fedpriv.privacy.plan import PrivacyPlan, steps_per_epoch
 from fedpriv.training import train_local
@@ -37,8 +36,11 @@ log = logging.getLogger(__name__)
 
 TRAINED, LOCKED, REFUSED = "trained", "locked", "refused"
 
-# With "auto" sigma, a budget with less than this fraction left counts as spent (see _noise_multiplier).
-SPENT_FRACTION = 0.01
+# The hospital's own limits on what a server may ask (HospitalSettings can tighten them).
+MAX_LOCAL_EPOCHS = 20
+MIN_NOISE_MULTIPLIER = 0.3  # below it the accountant's bound is astronomically large anyway
+MAX_NOISE_MULTIPLIER = 100.0
+MIN_RECORDS = 10  # a round needs at least this many open records (and at least one batch of them)
 
 
 @dataclass(frozen=True)
@@ -46,59 +48,89 @@ class HospitalSettings:
     """A hospital's own settings. In deployment they come from its node config, never the server."""
 
     name: str
-    budget_epsilon: float | None  # None: no DP budget at all (explicitly non-private simulations)
+    budget_epsilon: float  # per record, over every use of it
     delta: float
-    ledger_path: Path | None
+    ledger_path: Path
     accountant: str = "prv"
-    allow_non_private: bool = False  # a hospital with a budget refuses non-private rounds unless set
+    allow_non_private: bool = False  # accept non-private rounds (those records' epsilon becomes infinity)
     # Where a private round's randomness (Poisson sampling and the Gaussian noise) comes from. None:
     # fresh entropy from the operating system every round, known to nobody, so the noise cannot be
     # regenerated and subtracted. An integer makes simulated experiments repeatable, and whoever
     # knows it can regenerate the noise: never set it where DP must hold against that party.
     noise_seed: int | None = None
+    ledger_key: Path | None = None  # None: the default key folder (fedpriv.privacy.chain)
+    # Simulated hospitals share one ledger per data source (a record's spend follows it into any
+    # partition); it is created with the highest of their budgets and each hospital enforces its own.
+    ledger_budget_epsilon: float | None = None
+    min_records: int = MIN_RECORDS
+    max_local_epochs: int = MAX_LOCAL_EPOCHS
+    min_noise_multiplier: float = MIN_NOISE_MULTIPLIER
 
     def __post_init__(self) -> None:
         check_accountant(self.accountant)
-        if self.budget_epsilon is not None and self.ledger_path is None:
-            raise PrivacyError(f"hospital {self.name}: a privacy budget needs a ledger path")
+        if not (isinstance(self.budget_epsilon, int | float) and self.budget_epsilon > 0):
+            raise PrivacyError(f"hospital {self.name}: a privacy budget must be a positive number")
+        if self.ledger_path is None:
+            raise PrivacyError(f"hospital {self.name}: every hospital needs a ledger path")
 
 
 @dataclass(frozen=True)
 class RoundRequest:
-    """How the server asks a hospital to train one round (carried in the message's ConfigRecord)."""
+    """How the server asks a hospital to train one round (carried in the message's ConfigRecord).
+
+    The defaults are those of fedpriv's config (``train`` and ``privacy`` sections).
+    """
 
     run_id: str
     server_round: int
     num_rounds: int  # planned rounds of this run: "auto" sigma spreads the budget over them
     local_epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.1
+    batch_size: int = 128
+    lr: float = 1.0
     momentum: float = 0.0
     private: bool = True
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None  # None: "auto", calibrated by the hospital
     max_epsilon: float | None = None  # a server-side cap; it can only lower the hospital's budget
-    spend_remaining: bool = False  # train only the steps that still fit, then lock
+    spend_remaining: bool = False  # train only the steps that still fit
     max_physical_batch_size: int = 128
     seed: int = 0
     logit_shift: tuple[float, ...] = ()  # added to the logits in the training loss (logit adjustment)
-    lr_final: float = 1.0  # the learning rate falls linearly over the planned rounds to lr * lr_final
+    lr_final: float = 0.3  # the learning rate falls linearly over the planned rounds to lr * lr_final
 
-    def check(self, num_classes: int) -> None:
-        """Refuse a request this hospital cannot train, BEFORE its ledger is charged.
+    def check(self, num_classes: int, settings: HospitalSettings | None = None) -> None:
+        """Refuse a request this hospital will not train, BEFORE its ledger is touched.
 
-        The server is not trusted: a request that would only fail inside the optimizer (a negative
-        learning rate, a logit shift for other classes) would otherwise cost budget for nothing.
+        The server is not trusted: every field is checked against the hospital's limits, so a
+        request that would fail inside training (or that the hospital does not allow) costs nothing.
         """
+        limits = settings or _DEFAULT_LIMITS
+        sigma = self.noise_multiplier
         problems = [(key, value, rule) for key, value, ok, rule in [
-            ("train.lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "must be above 0"),
-            ("train.lr_final", self.lr_final, 0 < self.lr_final <= 1, "must be in (0, 1]"),
-            ("train.momentum", self.momentum, 0 <= self.momentum < 1, "must be in [0, 1)"),
-            ("train.batch_size", self.batch_size, self.batch_size >= 1, "must be at least 1"),
-            ("train.local_epochs", self.local_epochs, self.local_epochs >= 1, "must be at least 1"),
+            ("train.lr", self.lr, _finite(self.lr) and self.lr > 0, "must be above 0"),
+            ("train.lr_final", self.lr_final, _finite(self.lr_final) and 0 < self.lr_final <= 1, "must be in (0, 1]"),
+            ("train.momentum", self.momentum, _finite(self.momentum) and 0 <= self.momentum < 1, "must be in [0, 1)"),
+            ("train.batch_size", self.batch_size, _whole(self.batch_size) and self.batch_size >= 1,
+             "must be a whole number >= 1"),
+            ("train.local_epochs", self.local_epochs,
+             _whole(self.local_epochs) and 1 <= self.local_epochs <= limits.max_local_epochs,
+             f"must be a whole number in 1..{limits.max_local_epochs} (the hospital's limit)"),
+            ("train.max_physical_batch_size", self.max_physical_batch_size,
+             _whole(self.max_physical_batch_size) and self.max_physical_batch_size >= 1, "must be a whole number >= 1"),
+            ("privacy.max_grad_norm", self.max_grad_norm, _finite(self.max_grad_norm) and self.max_grad_norm > 0,
+             "must be a finite number above 0"),
+            ("privacy.noise_multiplier", sigma,
+             sigma is None or (_finite(sigma) and limits.min_noise_multiplier <= sigma <= MAX_NOISE_MULTIPLIER),
+             f"must be 'auto' or in [{limits.min_noise_multiplier:g}, {MAX_NOISE_MULTIPLIER:g}] (the hospital's range)"),
+            ("privacy.max_epsilon", self.max_epsilon,
+             self.max_epsilon is None or (_finite(self.max_epsilon) and self.max_epsilon > 0), "must be above 0"),
+            ("strategy.num_rounds", self.num_rounds, _whole(self.num_rounds) and self.num_rounds >= 1,
+             "must be a whole number >= 1"),
+            ("server_round", self.server_round, _whole(self.server_round) and self.server_round >= 1,
+             "must be a whole number >= 1"),
             ("dataset.class_prior", list(self.logit_shift),
              not self.logit_shift or (len(self.logit_shift) == num_classes
-                                      and all(math.isfinite(v) for v in self.logit_shift)),
+                                      and all(_finite(v) for v in self.logit_shift)),
              f"the server's logit shift must hold {num_classes} finite numbers, one per class"),
         ] if not ok]
         if problems:
@@ -128,111 +160,158 @@ class RoundRequest:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class _Limits:
+    max_local_epochs: int = MAX_LOCAL_EPOCHS
+    min_noise_multiplier: float = MIN_NOISE_MULTIPLIER
+
+
+_DEFAULT_LIMITS = _Limits()
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class RoundOutcome:
-    """What a hospital reports after a round: weights (if it trained) and its privacy state."""
+    """What a hospital reports after a round: weights (if it trained) and its privacy state.
+
+    Nothing here is computed from the private records without noise except the record counts,
+    which DP-SGD's accounting treats as public (the sample rate is batch size / records).
+    """
 
     hospital: str
-    status: str  # TRAINED, LOCKED (budget spent) or REFUSED (e.g. non-private request)
+    status: str  # TRAINED, LOCKED (every record exhausted) or REFUSED (this request only)
     message: str
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    num_examples: int = 0
-    train_loss: float = math.nan
+    num_examples: int = 0  # the records this round was drawn from
     steps: int = 0
     noise_multiplier: float = math.nan
-    epsilon: float = 0.0
+    epsilon: float = 0.0  # the largest epsilon of any of the hospital's records
     delta: float = 0.0
     budget_epsilon: float = math.inf
+    remaining: float = 0.0
     locked: bool = False
+    records: int = 0
+    exhausted: int = 0
+    epsilon_median: float = 0.0
+    chain_length: int = 0
+    chain_head: str = ""
+    accountant: str = ""  # the accountant the hospital's ledger uses (not what the run config asked)
+    noise_seeded: bool = False  # its noise came from its own noise_seed, not fresh entropy
     ledger_seconds: float = 0.0  # time spent on the budget check and ledger writes
     train_seconds: float = 0.0  # time spent in local training itself
 
     def metrics(self) -> dict[str, float | int]:
-        """Scalar metrics for the reply's MetricRecord (epsilon = inf when not private)."""
+        """Scalar metrics for the reply's MetricRecord (epsilon = inf after non-private use)."""
         return {
-            "num-examples": self.num_examples, "train-loss": self.train_loss, "steps": self.steps,
+            "num-examples": self.num_examples, "steps": self.steps,
             "noise-multiplier": self.noise_multiplier, "epsilon": self.epsilon, "delta": self.delta,
-            "budget-epsilon": self.budget_epsilon,
-            "remaining-epsilon": max(0.0, self.budget_epsilon - self.epsilon),
+            "budget-epsilon": self.budget_epsilon, "remaining-epsilon": self.remaining,
             "locked": int(self.locked), "trained": int(self.status == TRAINED),
+            "records": self.records, "exhausted-records": self.exhausted, "epsilon-median": self.epsilon_median,
+            "chain-length": self.chain_length, "noise-seeded": int(self.noise_seeded),
             "ledger-seconds": self.ledger_seconds, "train-seconds": self.train_seconds,
         }
 
     def with_status(self, status: BudgetStatus) -> RoundOutcome:
         self.epsilon, self.delta = status.epsilon_spent, status.delta
-        self.budget_epsilon, self.locked = status.budget_epsilon, status.locked
+        self.budget_epsilon, self.locked, self.remaining = status.budget_epsilon, status.locked, status.remaining
+        self.records, self.exhausted, self.epsilon_median = status.records, status.exhausted, status.epsilon_median
+        self.chain_length, self.chain_head = status.chain_length, status.chain_head
+        self.accountant = status.accountant
         return self
 
 
-def open_ledger(settings: HospitalSettings, fingerprint: str) -> PrivacyLedger:
-    assert settings.ledger_path is not None and settings.budget_epsilon is not None
-    return PrivacyLedger.open(settings.ledger_path, fingerprint=fingerprint,
-                              budget_epsilon=settings.budget_epsilon, delta=settings.delta,
-                              accountant=settings.accountant)
+def open_ledger(settings: HospitalSettings) -> PrivacyLedger:
+    budget = max(settings.budget_epsilon, settings.ledger_budget_epsilon or 0.0)
+    return PrivacyLedger.open(settings.ledger_path, budget_epsilon=budget, delta=settings.delta,
+                              accountant=settings.accountant, key_path=settings.ledger_key)
 
 
-def budget_state(settings: HospitalSettings, fingerprint: str) -> RoundOutcome:
-    """The hospital's current privacy state, without training (for queries and evaluation)."""
-    outcome = RoundOutcome(settings.name, "idle", "")
-    if settings.budget_epsilon is None:
-        outcome.epsilon, outcome.delta = (math.inf if settings.allow_non_private else 0.0), settings.delta
-        return outcome
-    with open_ledger(settings, fingerprint) as ledger:
-        return outcome.with_status(ledger.status())
+def budget_state(settings: HospitalSettings, records: LabeledImages) -> RoundOutcome:
+    """The hospital's current privacy state over its records, without training (queries, evaluation)."""
+    with open_ledger(settings) as ledger:
+        return RoundOutcome(settings.name, "idle", "", noise_seeded=settings.noise_seed is not None).with_status(
+            ledger.status(records.ids(), budget=settings.budget_epsilon))
 
 
 def train_round(
-    model: nn.Module, data: Dataset, settings: HospitalSettings, request: RoundRequest, *, fingerprint: str,
-    after_charge: Callable[[], None] | None = None,
+    model: nn.Module, records: LabeledImages, settings: HospitalSettings, request: RoundRequest,
+    *, num_classes: int | None = None, after_charge: Callable[[], None] | None = None,
 ) -> RoundOutcome:
     """Run one round of local training under the hospital's budget, or refuse it.
 
-    `after_charge` runs once the charge is committed and before training (fault injection).
+    The request is checked against the hospital's limits first, whoever calls this (ConfigError
+    before anything is read or charged). `after_charge` runs once the charge is committed and
+    before training (fault injection).
     """
-    if not request.private:
-        return _train_non_private(model, data, settings, request)
-    if settings.budget_epsilon is None:
-        return RoundOutcome(settings.name, REFUSED, "private training needs a budget and a ledger")
+    request.check(num_classes if num_classes is not None else int(records.labels.max()) + 1, settings)
+    if not request.private and not settings.allow_non_private:
+        return RoundOutcome(settings.name, REFUSED,
+                            f"non-private training refused: hospital {settings.name} requires DP-SGD",
+                            budget_epsilon=settings.budget_epsilon, delta=settings.delta)
     started = time.perf_counter()
-    with open_ledger(settings, fingerprint) as ledger:
-        if ledger.locked:
-            return _refused(ledger, settings, LOCKED, "dataset locked: privacy budget exhausted", started)
-        sample_rate = request.batch_size / len(data)
-        steps = request.local_epochs * steps_per_epoch(sample_rate)
+    ids = records.ids()
+    with open_ledger(settings) as ledger:
+        needed = max(settings.min_records, request.batch_size)
         try:
-            sigma = _noise_multiplier(ledger, request, sample_rate, steps)
-            if request.spend_remaining:
-                steps = min(steps, ledger.max_affordable_steps(sigma, sample_rate, max_epsilon=request.max_epsilon))
+            # One epoch is over the records still open, not over every record the hospital holds.
+            prior, open_records = ledger.calibration_history(ids, budget=settings.budget_epsilon)
+            if open_records < needed:
+                raise BudgetExhausted(f"privacy budget exhausted: {open_records} of {len(ids)} records are still "
+                                      f"open and a round needs at least {needed}")
+            steps = request.local_epochs * steps_per_epoch(request.batch_size / open_records)
+            sigma = (_noise_multiplier(ledger, settings, request, prior, open_records, steps)
+                     if request.private else None)
+            if sigma is not None and request.spend_remaining:
+                steps = min(steps, ledger.max_affordable_steps(ids, noise_multiplier=sigma,
+                                                               batch_size=request.batch_size,
+                                                               max_epsilon=request.max_epsilon,
+                                                               budget=settings.budget_epsilon))
                 if steps == 0:
-                    ledger.lock("no further step fits in the budget")
-                    return _refused(ledger, settings, LOCKED, "privacy budget exhausted", started)
-            entry = ledger.charge(PrivacyEvent(sigma, sample_rate, steps), run_id=request.run_id,
-                                  round=request.server_round, max_epsilon=request.max_epsilon)
+                    raise BudgetExhausted("privacy budget exhausted for this request: no further step fits")
+            charge = ledger.charge(ids, noise_multiplier=sigma, batch_size=request.batch_size, steps=steps,
+                                   run_id=request.run_id, round=request.server_round, hospital=settings.name,
+                                   max_epsilon=request.max_epsilon, min_records=needed,
+                                   budget=settings.budget_epsilon)
         except BudgetExhausted as refusal:
-            return _refused(ledger, settings, LOCKED if ledger.locked else REFUSED, str(refusal), started)
+            return _refused(ledger, settings, ids, str(refusal), started)
         ledger_seconds = time.perf_counter() - started
-        plan = PrivacyPlan(steps, sample_rate, sigma, request.max_grad_norm, settings.accountant,
-                           request.max_physical_batch_size)
+        chosen = records.subset(np.flatnonzero(charge.selected))
+        if sigma is None:
+            plan = PrivacyPlan.non_private(steps=steps, sample_rate=charge.sample_rate,
+                                           max_physical_batch_size=request.max_physical_batch_size)
+        else:
+            plan = PrivacyPlan(steps, charge.sample_rate, sigma, request.max_grad_norm, settings.accountant,
+                               request.max_physical_batch_size)
         # The charge is committed: if training crashes now, the ledger keeps it (fail closed).
         if after_charge is not None:
             after_charge()
         training_started = time.perf_counter()
-        result = train_local(model, data, plan, lr=request.round_lr(), momentum=request.momentum,
+        result = train_local(model, chosen.as_dataset(), plan, lr=request.round_lr(), momentum=request.momentum,
                              logit_shift=request.logit_shift, seed=private_round_seed(settings, request))
         train_seconds = time.perf_counter() - training_started
         started = time.perf_counter()
-        ledger.confirm(entry, steps_done=result.steps)
-        if request.spend_remaining and ledger.max_affordable_steps(sigma, sample_rate) == 0:
-            ledger.lock("budget spent (spend_remaining)")
-        outcome = RoundOutcome(settings.name, TRAINED, "trained with DP-SGD", result.state_dict, result.num_examples,
-                               result.mean_loss, result.steps, sigma).with_status(ledger.status())
+        ledger.confirm(charge, steps_done=result.steps)
+        message = ("trained with DP-SGD" if sigma is not None
+                   else "trained WITHOUT differential privacy: these records' epsilon is now infinity")
+        outcome = RoundOutcome(settings.name, TRAINED, message, result.state_dict, charge.num_records,
+                               result.steps, math.nan if sigma is None else sigma).with_status(
+                                   ledger.status(ids, budget=settings.budget_epsilon))
         outcome.ledger_seconds = ledger_seconds + time.perf_counter() - started
         outcome.train_seconds = train_seconds
+        outcome.noise_seeded = sigma is not None and settings.noise_seed is not None
         return outcome
 
 
 def private_round_seed(settings: HospitalSettings, request: RoundRequest) -> int:
-    """The seed of a private round's sampling and noise: never the server's `request.seed`.
+    """The seed of a round's sampling and noise: never the server's `request.seed`.
 
     DP-SGD protects records only if no one who sees the update can also reproduce its noise (or
     which records were sampled). The server chooses `request.seed`, so a noise stream seeded from it
@@ -246,54 +325,43 @@ def private_round_seed(settings: HospitalSettings, request: RoundRequest) -> int
     return int.from_bytes(hashlib.sha256(material).digest()[:8], "big") >> 1
 
 
-def _noise_multiplier(ledger: PrivacyLedger, request: RoundRequest, sample_rate: float, steps: int) -> float:
-    """The fixed sigma, or for "auto" the sigma fixed at this hospital's first round of the run."""
+def _noise_multiplier(ledger: PrivacyLedger, settings: HospitalSettings, request: RoundRequest,
+                      prior: list[PrivacyEvent], open_records: int, steps: int) -> float:
+    """The fixed sigma, or for "auto" the sigma fixed at this hospital's first round of the run.
+
+    "auto" calibrates on `prior`, the history of the most-spent record still open, so that every
+    open record fits the planned rounds; records with less history keep the difference for later.
+    """
     if request.noise_multiplier is not None:
         return float(request.noise_multiplier)
-    for entry in ledger.entries():
-        if entry.run_id == request.run_id:
-            return entry.noise_multiplier
-    cap = ledger.budget_epsilon if request.max_epsilon is None else min(ledger.budget_epsilon, request.max_epsilon)
+    for event in ledger.events():
+        if event.run_id == request.run_id and event.hospital == settings.name and event.private:
+            return event.noise_multiplier
+    budget = min(ledger.budget_epsilon, settings.budget_epsilon)
+    cap = budget if request.max_epsilon is None else min(budget, request.max_epsilon)
+    sample_rate = request.batch_size / open_records
     remaining_rounds = max(1, request.num_rounds - request.server_round + 1)
     try:
-        spent = ledger.status().epsilon_spent
-        if cap - spent < SPENT_FRACTION * cap:
-            # What is left is within the calibration's own tolerance: spending it would need absurd
-            # noise (sigma in the tens) for no useful training, so the budget counts as spent.
+        spent = epsilon(prior, ledger.delta, ledger.accountant)
+        if cap - spent < 0.01 * cap:
             raise PrivacyError(f"epsilon {spent:.4g} of {cap:g} is already spent")
         return noise_multiplier_for(target_epsilon=cap, delta=ledger.delta, sample_rate=sample_rate,
-                                    steps=steps * remaining_rounds, accountant=ledger.accountant,
-                                    prior_events=ledger.events())
+                                    steps=steps * remaining_rounds, accountant=ledger.accountant, prior_events=prior)
     except PrivacyError as error:
-        if cap == ledger.budget_epsilon:  # the hospital's own budget is what ran out: lock for good
-            ledger.lock(f"run {request.run_id} round {request.server_round}: {error}")
-        raise BudgetExhausted(f"privacy budget exhausted: {error}") from error
+        raise BudgetExhausted(f"privacy budget exhausted for this request: {error}") from error
 
 
-def _refused(ledger: PrivacyLedger, settings: HospitalSettings, status: str, message: str, started: float) -> RoundOutcome:
-    # The full reason (ledger path, data fingerprint) stays in the hospital's own log; the server
-    # is told only the figures it is entitled to.
+def _refused(ledger: PrivacyLedger, settings: HospitalSettings, ids: np.ndarray, message: str,
+             started: float) -> RoundOutcome:
+    # The full reason (ledger path) stays in the hospital's own log; the server is told the figures.
     log.warning("hospital %s refused to train: %s", settings.name, message)
-    budget = ledger.status()
-    told = (f"privacy budget exhausted: epsilon {budget.epsilon_spent:.4g} of budget {budget.budget_epsilon:g} "
-            f"spent (delta {budget.delta:g})" + ("; dataset locked" if budget.locked else "; this request refused"))
-    outcome = RoundOutcome(settings.name, status, told).with_status(budget)
+    budget = ledger.status(ids, budget=settings.budget_epsilon)
+    if budget.locked:
+        told = (f"privacy budget exhausted: every record is exhausted (largest epsilon {budget.epsilon_spent:.4g} "
+                f"of budget {budget.budget_epsilon:g}, delta {budget.delta:g}); dataset locked")
+    else:
+        told = (f"request refused, nothing charged: {message.split(': ', 1)[-1]}" if "for this request" in message
+                else message)
+    outcome = RoundOutcome(settings.name, LOCKED if budget.locked else REFUSED, told).with_status(budget)
     outcome.ledger_seconds = time.perf_counter() - started
     return outcome
-
-
-def _train_non_private(model, data, settings: HospitalSettings, request: RoundRequest) -> RoundOutcome:
-    if settings.budget_epsilon is not None and not settings.allow_non_private:
-        return RoundOutcome(settings.name, REFUSED,
-                            f"non-private training refused: hospital {settings.name} requires DP-SGD",
-                            budget_epsilon=settings.budget_epsilon, delta=settings.delta)
-    sample_rate = request.batch_size / len(data)
-    plan = PrivacyPlan.non_private(steps=request.local_epochs * steps_per_epoch(sample_rate),
-                                   sample_rate=sample_rate, max_physical_batch_size=request.max_physical_batch_size)
-    started = time.perf_counter()
-    result = train_local(model, data, plan, lr=request.round_lr(), momentum=request.momentum,
-                         logit_shift=request.logit_shift, seed=request.seed + request.server_round)
-    return RoundOutcome(settings.name, TRAINED, "trained WITHOUT differential privacy (epsilon = inf)",
-                        result.state_dict, result.num_examples, result.mean_loss, result.steps,
-                        epsilon=math.inf, delta=settings.delta, budget_epsilon=math.inf,
-                        train_seconds=time.perf_counter() - started)

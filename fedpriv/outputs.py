@@ -86,7 +86,7 @@ class RunRecorder:
             {"run_id": self.run_id, "dataset": self.dataset_description, "rounds": _finite(self.rounds)}, indent=2))
         with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["round", "hospital", "status", "epsilon", "budget_epsilon", "locked", "train_loss",
+            writer.writerow(["round", "hospital", "status", "epsilon", "budget_epsilon", "locked",
                              "test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_loss"])
             for row in self.rounds:
                 server = row["server"]
@@ -94,7 +94,7 @@ class RunRecorder:
                     detail = row["hospitals"].get(privacy["hospital"], {})
                     writer.writerow([row["round"], privacy["hospital"], detail.get("status", "not asked"),
                                      privacy["epsilon"], privacy["budget_epsilon"], privacy["locked"],
-                                     detail.get("train-loss", ""), server.get("auc", ""), server.get("accuracy", ""),
+                                     server.get("auc", ""), server.get("accuracy", ""),
                                      server.get("sensitivity", ""), server.get("specificity", ""),
                                      server.get("loss", "")])
 
@@ -111,13 +111,20 @@ class RunRecorder:
             "run_id": self.run_id, "mode": cfg.strategy.mode, "private": cfg.privacy.enabled,
             "epsilon_budget": cfg.privacy.epsilon if cfg.privacy.enabled else math.inf,
             "rounds_planned": cfg.strategy.num_rounds, "rounds_run": len(self.rounds), "stop_reason": stop_reason,
-            "noise_seeded": cfg.privacy.enabled and cfg.privacy.noise_seed is not None,
+            # What the hospitals reported doing, not what the run config asked for.
+            "noise_seeded": any(h.noise_seeded for h in hospitals),
+            "accountants": {h.name: h.accountant for h in hospitals if h.accountant},
             "test": self.rounds[-1]["server"] if self.rounds else {},
             "hospitals": [{"hospital": h.name, "records": h.num_examples, "epsilon": h.epsilon, "delta": h.delta,
                            "budget_epsilon": h.budget_epsilon, "locked": h.locked,
                            "epsilon_is_lower_bound": h.unreported_since is not None,
-                           "unreported_since_round": h.unreported_since} for h in hospitals],
+                           "unreported_since_round": h.unreported_since, "accountant": h.accountant,
+                           "noise_seeded": h.noise_seeded, "chain_length": h.chain_length,
+                           "chain_head": h.chain_head} for h in hospitals],
             "excluded_hospitals": excluded, "dataset": self.dataset_description, "seed": cfg.seed,
+            # "run": a throw-away ledger, so every epsilon here was enforced within this run only.
+            "ledger_scope": cfg.federation.ledger_scope,
+            "ledger_folder": str(self.ledger_folder),
             "server_seconds": time.perf_counter() - self.started,
         }
         (self.run_dir / "result.json").write_text(json.dumps(_finite(result), indent=2))
@@ -125,19 +132,48 @@ class RunRecorder:
         (self.run_dir / "summary.md").write_text(summary)
         return summary
 
+    @property
+    def ledger_folder(self) -> Path:
+        """Where the simulated hospitals' ledgers are (a deployed hospital keeps its own elsewhere)."""
+        from fedpriv.experiment import ledger_folder
+
+        return ledger_folder(self.config, self.run_dir)
+
+    def ledger_lines(self) -> tuple[str, str]:
+        """The summary's bullet about the ledger and its closing sentence about what epsilon counts."""
+        if self.config.federation.ledger_scope == "run":
+            return (f"- privacy ledger: THROW-AWAY (federation.ledger_scope=run), in {self.ledger_folder}: each "
+                    "hospital's budget was enforced within this run only (and its resumptions); other uses of "
+                    "its data are not counted",
+                    "Epsilon is what this run spent on each hospital's data, at its delta: the budget was enforced "
+                    "within this run only (a throw-away ledger), not over every use of the data.")
+        return (f"- privacy ledger: persistent, in {self.ledger_folder} (simulated hospitals; a deployed hospital "
+                "keeps its own where its node config says)",
+                "Epsilon is cumulative over every use of each hospital's data (its ledger), at its delta.")
+
     def summary(self, hospitals: list[HospitalState], stop_reason: str, excluded: dict[str, str] | None = None) -> str:
         cfg = self.config
         last = self.rounds[-1]["server"] if self.rounds else {}
         private = cfg.privacy.enabled
+        # Non-private runs charge the ledger too: their records' epsilon becomes infinity there.
+        ledger_line, epsilon_sentence = self.ledger_lines()
         lines = [
             "# fedpriv run summary", "",
             f"- data: {self.dataset_description}",
             f"- mode: {cfg.strategy.mode}, rounds run: {len(self.rounds)} of {cfg.strategy.num_rounds}",
             f"- stopped because: {stop_reason}",
-            f"- privacy: {'DP-SGD at every hospital, accountant ' + cfg.privacy.accountant if private else 'NONE: not private, epsilon = infinity'}",
-            *([f"- WARNING: the hospitals' DP noise was seeded from privacy.noise_seed={cfg.privacy.noise_seed} so that "
-               "this experiment repeats exactly; anyone who knows that seed can regenerate the noise, so the "
-               "guarantee does not hold against them"] if private and cfg.privacy.noise_seed is not None else []),
+            privacy_line(cfg, hospitals),
+            ledger_line,
+            *([f"- every hospital's records are spent in the persistent ledger {self.ledger_folder}. To run a "
+               "throw-away experiment on public benchmark data instead, add federation.ledger_scope=run (its "
+               "budget is then enforced within that run only)"]
+              if cfg.federation.ledger_scope != "run" and hospitals and all(h.locked for h in hospitals) else []),
+            *([f"- WARNING: {', '.join(h.name for h in hospitals if h.noise_seeded)} seeded their DP noise from a "
+               "noise seed so that this experiment repeats exactly; anyone who knows that seed can regenerate the "
+               "noise, so the guarantee does not hold against them"] if any(h.noise_seeded for h in hospitals) else []),
+            *([f"- the run config asked for privacy.noise_seed={cfg.privacy.noise_seed}; no hospital used it "
+               "(each drew fresh entropy)"] if cfg.privacy.noise_seed is not None and hospitals
+              and not any(h.noise_seeded for h in hospitals) and self.rounds else []),
             f"- final test AUC: {last.get('auc', math.nan):.4f}, accuracy: {last.get('accuracy', math.nan):.4f}, "
             f"sensitivity: {last.get('sensitivity', math.nan):.4f}, specificity: {last.get('specificity', math.nan):.4f}",
             "", "| hospital | records | epsilon spent | delta | budget | locked |", "|---|---:|---:|---:|---:|---|",
@@ -151,10 +187,22 @@ class RunRecorder:
         if excluded:
             lines += ["", "Hospitals that refused to take part (nothing was trained or spent on their data):"]
             lines += [f"- {name}: {reason}" for name, reason in sorted(excluded.items())]
-        lines += ["", "Epsilon is cumulative over every use of each hospital's data (its ledger), at its delta.",
+        lines += ["", epsilon_sentence,
                   "Hospital validation metrics are computed on private data and are not covered by the DP guarantee.",
                   ""]
         return "\n".join(lines)
+
+
+def privacy_line(cfg: FedprivConfig, hospitals: list[HospitalState]) -> str:
+    """The summary's privacy bullet, from what the hospitals reported (the run config only asks)."""
+    if not cfg.privacy.enabled:
+        return "- privacy: NONE: not private, epsilon = infinity"
+    used = sorted({h.accountant for h in hospitals if h.accountant})
+    line = f"- privacy: DP-SGD at every hospital, accountant {', '.join(used) or cfg.privacy.accountant}"
+    if used and used != [cfg.privacy.accountant]:
+        line += (f" (as the hospitals' own ledgers report; the run config asked for {cfg.privacy.accountant}, "
+                 "which a hospital's existing ledger does not change)")
+    return line
 
 
 def resume_checkpoint(cfg: FedprivConfig) -> Path:

@@ -63,6 +63,14 @@ class HospitalState:
     # went silent after being asked to train, and no later report came): its epsilon is then a
     # lower bound, and its own ledger holds the true figure. None when the figures are current.
     unreported_since: int | None = None
+    # What the hospital says it did, from its replies (never from the run config).
+    accountant: str = ""
+    noise_seeded: bool = False
+    # The head of its ledger's chain as last reported: a witness. A later reply with a shorter
+    # chain, or another head at the same length, means its ledger was rolled back or replaced.
+    chain_length: int = 0
+    chain_head: str = ""
+    rolled_back: str | None = None  # why it was excluded from the run
 
 
 @dataclass
@@ -148,7 +156,7 @@ class BudgetAwareStrategy(Strategy):
                 self.excluded[str(status["hospital"])] = str(status["message"])
                 continue
             state = HospitalState(node, str(status["hospital"]))
-            _update_state(state, reply.content["metrics"], str(status["status"]))
+            _update_state(state, reply.content["metrics"], str(status["status"]), status)
             hospitals.append(state)
         _refuse_duplicate_names(hospitals)
         self.hospitals = sorted(hospitals, key=lambda h: h.name)
@@ -157,7 +165,7 @@ class BudgetAwareStrategy(Strategy):
         return self.hospitals
 
     def active(self) -> list[HospitalState]:
-        return [h for h in self.hospitals if not h.locked]
+        return [h for h in self.hospitals if not h.locked and h.rolled_back is None]
 
     def training_order(self, server_round: int) -> list[HospitalState]:
         order = self.active()
@@ -261,6 +269,14 @@ class BudgetAwareStrategy(Strategy):
             self._log_round(record, num_rounds)
             if self.on_round_end is not None:
                 self.on_round_end(record, arrays, self.hospitals)
+            if not record.trained and record.hospitals and all(
+                    row.get("status") in ("locked", "refused") for row in record.hospitals.values()):
+                # Every hospital refused this run's request (nothing was charged) or is locked; the
+                # next round would ask the same, so the run ends rather than repeat the refusals.
+                self.stop_reason = (f"stopped after round {server_round}: no hospital can train this run's rounds "
+                                    "(each refused the request or is locked; see the table)")
+                log.warning(self.stop_reason)
+                break
         else:
             self.stop_reason = f"completed all {num_rounds} rounds"
         if self.stop_reason.startswith("completed") and not self.active():
@@ -284,7 +300,7 @@ class BudgetAwareStrategy(Strategy):
             hospital = self._by_node(_answered_node(reply, queries))
             metrics = reply.content["metrics"]
             if float(metrics["epsilon"]) >= hospital.epsilon:  # figures never go backwards
-                _update_state(hospital, metrics, str(reply.content["status"]["status"]))
+                _update_state(hospital, metrics, str(reply.content["status"]["status"]), reply.content["status"])
 
     def _parallel_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
         messages = list(self.configure_train(server_round, arrays, config, grid))
@@ -348,14 +364,17 @@ class BudgetAwareStrategy(Strategy):
             if reply.has_error():
                 self._reject(record, hospital, "failed", reply.error.reason)
                 continue
-            problem = self._metrics_problem(reply, hospital)
+            problem = self._metrics_problem(reply, hospital) or _chain_problem(reply, hospital)
             if problem:  # its privacy figures cannot be believed either: what it spent is unknown
                 self._reject(record, hospital, "rejected", problem, figures_lost=True)
+                if problem.startswith(ROLLED_BACK):
+                    hospital.rolled_back = problem
+                    self.excluded[hospital.name] = problem
                 continue
             status = reply.content["status"]
             if _figures_known(reply.content["metrics"]):
                 # Believable figures count even when the weights are then rejected: the budget was spent.
-                _update_state(hospital, reply.content["metrics"], str(status["status"]))
+                _update_state(hospital, reply.content["metrics"], str(status["status"]), status)
             problem = self._weights_problem(reply, reference)
             if problem:
                 self._reject(record, hospital, "rejected", problem)
@@ -466,8 +485,30 @@ def _answered_node(reply: Message, messages: list[Message]) -> int:
     return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
-def _update_state(state: HospitalState, metrics: MetricRecord, status: str) -> None:
+ROLLED_BACK = "its privacy ledger went backwards"
+
+
+def _chain_problem(reply: Message, hospital: HospitalState) -> str | None:
+    """A reply whose ledger chain is shorter than, or differs from, the one this hospital last reported."""
+    metrics, status = reply.content["metrics"], reply.content["status"]
+    if not _figures_known(metrics) or "chain-length" not in metrics:
+        return None
+    length, head = int(metrics["chain-length"]), str(status.get("chain-head", ""))
+    if length < hospital.chain_length or (length == hospital.chain_length and head != hospital.chain_head):
+        return (f"{ROLLED_BACK}: it reported {length} ledger entries after {hospital.chain_length} earlier in this "
+                "run (or another head at the same length): its ledger was rolled back, replaced or deleted; "
+                "excluded from the run")
+    return None
+
+
+def _update_state(state: HospitalState, metrics: MetricRecord, status: str, record: ConfigRecord | None = None) -> None:
     state.unreported_since = None
+    if "chain-length" in metrics:
+        state.chain_length = int(metrics["chain-length"])
+        state.noise_seeded = bool(metrics.get("noise-seeded", 0))
+    if record is not None:
+        state.chain_head = str(record.get("chain-head", state.chain_head))
+        state.accountant = str(record.get("accountant", "")) or state.accountant
     state.epsilon = float(metrics["epsilon"])
     state.delta = float(metrics["delta"])
     state.budget_epsilon = float(metrics["budget-epsilon"])

@@ -21,6 +21,7 @@ from fedpriv.app_config import compose_config
 from fedpriv.data.imagefolder import load_image_folder
 from fedpriv.errors import ConfigError
 from fedpriv.experiment import prepare_experiment
+from fedpriv.privacy.accounting import epsilon
 from fedpriv.privacy.ledger import read_ledger
 
 
@@ -28,9 +29,9 @@ def _rename_sites(monkeypatch, change):
     """Every simulated hospital's settings pass through `change(index, settings)`."""
     real = client_app.simulated_site
 
-    def site(context):
-        found = real(context)  # shared by the worker's later messages: change a copy
-        return dataclasses.replace(found, settings=change(int(context.node_config["partition-id"]), found.settings))
+    def site(run_config, partition_id):
+        found = real(run_config, partition_id)  # shared by the worker's later messages: change a copy
+        return dataclasses.replace(found, settings=change(partition_id, found.settings))
 
     monkeypatch.setattr(client_app, "simulated_site", site)
 
@@ -61,19 +62,29 @@ def test_duplicate_hospital_names_in_the_config_are_refused_before_data_is_read(
     assert error.value.key == "federation.hospitals.name"
 
 
-def test_hospitals_pointing_at_one_ledger_are_excluded_by_name_and_spend_nothing(tmp_path, monkeypatch):
-    shared = tmp_path / "one-ledger.db"
-    _rename_sites(monkeypatch, lambda i, s: dataclasses.replace(s, ledger_path=shared))
+def test_two_hospitals_holding_the_same_records_share_those_records_budget(tmp_path, monkeypatch):
+    # The budget belongs to the records, not to a hospital's name: hospital-2 is handed hospital-1's
+    # records, so whatever one of them spends the other finds spent.
+    real = client_app.simulated_site
+
+    def same_records(run_config, partition_id):
+        site = real(run_config, partition_id)
+        return dataclasses.replace(site, train=real(run_config, 0).train) if partition_id == 1 else site
+
+    monkeypatch.setattr(client_app, "simulated_site", same_records)
     strategy, grid, run_dir = federate(tmp_path)
-    # The first hospital's query created the ledger for its data; the others' data is refused.
-    assert sorted(h.name for h in strategy.hospitals) == ["hospital-1"]
-    assert sorted(strategy.excluded) == ["hospital-2", "hospital-3"]
-    assert all("holds another dataset's ledger" in why for why in strategy.excluded.values())
-    assert {r.content["status"]["hospital"] for r in _trained(grid)} == {"hospital-1"}
-    ledger = read_ledger(shared)
-    assert ledger.verify().ok and {e.round for e in ledger.entries()} == {1, 2}  # hospital-1's rounds only
-    summary = (run_dir / "summary.md").read_text()
-    assert "refused to take part" in summary and "- hospital-2:" in summary
+    from test_federation import hospital_records, ledger_of
+
+    with read_ledger(ledger_of(run_dir)) as ledger:
+        shared = ledger.budgets(hospital_records(run_dir, 0))
+        events = [e for e in ledger.events() if e.hospital in ("hospital-1", "hospital-2")]
+    # Both hospitals' uses of the records compose into one epsilon per record, within the budget.
+    assert {e.hospital for e in events} == {"hospital-1", "hospital-2"}
+    assert (shared.epsilon <= 3.0).all()
+    assert shared.epsilon.max() == pytest.approx(epsilon([e.event() for e in events], 1e-5, "rdp"), rel=1e-9)
+    refused = [row for record in strategy.history for name, row in record.hospitals.items()
+               if name in ("hospital-1", "hospital-2") and row["status"] != "trained"]
+    assert refused and all("nothing charged" in row["message"] for row in refused)
 
 
 def test_a_ledger_dir_that_cannot_be_created_is_refused_before_data_is_read(tmp_path):
@@ -158,9 +169,9 @@ def test_a_global_model_that_does_not_fit_a_hospitals_records_is_a_one_line_refu
     # A hospital whose records have three classes while the federation's model has two outputs.
     real_site = client_app.simulated_site
 
-    def three_classes(context):
-        site = real_site(context)
-        if int(context.node_config["partition-id"]) == 1:
+    def three_classes(run_config, partition_id):
+        site = real_site(run_config, partition_id)
+        if partition_id == 1:
             return dataclasses.replace(site, num_classes=3)
         return site
 

@@ -68,7 +68,8 @@ def federation(tmp_path_factory):
 def _supernode(federation: LocalFederation, name: str, **kwargs) -> ManagedProcess:
     folder = federation.out / name
     (folder / "ledger").mkdir(parents=True, exist_ok=True)
-    node_config = {**federation.hospitals[0].node_config(), "name": name, "ledger": str(folder / "ledger" / "l.db")}
+    node_config = {**federation.hospitals[0].node_config(), "name": name, "ledger": str(folder / "ledger" / "l.db"),
+                   "ledger-key": str(folder / "ledger-key" / "l.key")}
     command = supernode_command(superlink=federation.address, node_config=node_config, port=free_port(), **kwargs)
     return federation.processes.start(name, command, folder / "supernode.log", cwd=folder)
 
@@ -132,19 +133,17 @@ def _check_run(federation: LocalFederation, run_dir: Path, previous: dict[str, f
         reported = next(p for p in privacy if p["hospital"] == hospital.name)
         assert reported["budget_epsilon"] == pytest.approx(budget)  # the node's, not the run config's 1e6
         assert reported["delta"] == pytest.approx(1e-5)
-        ledger = read_ledger(hospital.ledger)  # at the hospital's own path
-        try:
+        with read_ledger(hospital.ledger, key_path=hospital.ledger_key) as ledger:  # at the hospital's own path
             status = ledger.status()
-            locked = ledger.locked
-        finally:
-            ledger.close()
+        locked = status.locked
         assert status.budget_epsilon == pytest.approx(budget)
         assert status.epsilon_spent == pytest.approx(reported["epsilon"], rel=1e-9)
         if replies:  # the epsilon the hospital's own reply reported
             assert replies[-1]["epsilon"] == pytest.approx(status.epsilon_spent, rel=1e-9)
         if budget < 1:
-            assert locked and reported["locked"]
-            assert status.epsilon_spent == 0.0
+            # Too small a budget for any round: every request is refused, nothing charged or locked.
+            assert not locked and not reported["locked"] and status.epsilon_spent == 0.0
+            assert replies and all(r["status"] == "refused" for r in replies)
         else:
             assert not locked and all(r["status"] == "trained" for r in replies) and len(replies) == 2
             assert status.epsilon_spent > previous.get(hospital.name, 0.0)

@@ -10,9 +10,11 @@ import torch
 from inprocess_grid import InProcessGrid
 
 from fedpriv import client_app
+from fedpriv import site as site_module
 from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, compose_config, config_to_json
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.server_app import run_federation
+from fedpriv.site import simulation_ledger_path
 from fedpriv.strategy import weighted_average
 
 # RDP calibrates sigma in milliseconds where PRV takes seconds; PRV is exercised where it matters.
@@ -20,8 +22,12 @@ TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train
         "strategy.num_rounds=2", "model.width=4", "strategy.client_evaluate=false", "privacy.accountant=rdp"]
 
 
-def federate(tmp_path, *overrides, run="run", grid_hook=None, ledger_dir=None, run_id=None):
-    extra = [f"federation.ledger_dir={ledger_dir}"] if ledger_dir else []
+def federate(tmp_path, *overrides, run="run", grid_hook=None, ledger_dir=None, run_id=None, default_ledger=False):
+    """A federation in process. Its persistent ledgers live in `ledger_dir`, by default `tmp_path/ledgers`
+    (shared by the runs of one test); `default_ledger=True` leaves the default location ($FEDPRIV_LEDGER_DIR)."""
+    ledger_dir = None if default_ledger else (ledger_dir or tmp_path / "ledgers")
+    extra = [f"federation.ledger_dir={ledger_dir}"] if ledger_dir and not any(
+        o.startswith("federation.ledger_scope=run") for o in overrides) else []
     cfg = compose_config([*TINY, *overrides, *extra])
     run_dir = tmp_path / run
     grid = InProcessGrid(cfg.federation.num_hospitals, {CONFIG_KEY: config_to_json(cfg), RUN_DIR_KEY: str(run_dir)})
@@ -29,6 +35,25 @@ def federate(tmp_path, *overrides, run="run", grid_hook=None, ledger_dir=None, r
         grid_hook(grid)
     strategy = run_federation(grid, cfg, run_dir, run_id=run_id or run)
     return strategy, grid, run_dir
+
+
+def ledger_of(run_dir):
+    """The ledger the run's simulated hospitals shared (one per data source)."""
+    from omegaconf import OmegaConf
+
+    from fedpriv.config import to_config
+
+    return simulation_ledger_path(to_config(OmegaConf.load(run_dir / "config.yaml")), run_dir)
+
+
+def hospital_records(run_dir, index):
+    """The records simulated hospital `index` of the run trained on (their ids)."""
+    from omegaconf import OmegaConf
+
+    from fedpriv.config import to_config
+    from fedpriv.experiment import prepare_experiment
+
+    return prepare_experiment(to_config(OmegaConf.load(run_dir / "config.yaml"))).hospital_data(index).ids()
 
 
 def _state(message):
@@ -96,8 +121,8 @@ def test_sequential_share_step_moves_less_towards_a_small_hospital(tmp_path):
 
 def test_a_simulated_hospital_is_set_up_once_per_run_not_per_message(tmp_path, monkeypatch):
     parsed = []
-    real = client_app.config_from_run_config
-    monkeypatch.setattr(client_app, "config_from_run_config", lambda run_config: parsed.append(1) or real(run_config))
+    real = site_module.config_from_run_config
+    monkeypatch.setattr(site_module, "config_from_run_config", lambda run_config: parsed.append(1) or real(run_config))
     strategy, grid, _ = federate(tmp_path, "strategy.num_rounds=2", "strategy.client_evaluate=true")
     assert len(grid.sent) >= 3 * 4  # a query, two trainings and two evaluations per hospital
     assert len(parsed) == 3  # one set-up per hospital
@@ -114,11 +139,11 @@ def test_privacy_figures_are_per_hospital_and_max_never_averaged(tmp_path):
                                        "{name: b, epsilon: 2.0}, {name: c, epsilon: 4.0}]")
     spent = {h.name: h.epsilon for h in strategy.hospitals}
     assert spent["a"] < spent["b"] < spent["c"] <= 4.0 + 1e-6
-    for hospital in strategy.hospitals:  # auto sigma spends each budget over the planned rounds
-        assert hospital.epsilon == pytest.approx(hospital.budget_epsilon, rel=0.02)
-        ledger_epsilon = read_ledger(next(p for p in (run_dir / "ledgers").glob("*.db")
-                                          if read_ledger(p).budget_epsilon == hospital.budget_epsilon)).status()
-        assert ledger_epsilon.epsilon_spent == pytest.approx(hospital.epsilon, rel=1e-6)
+    with read_ledger(ledger_of(run_dir)) as ledger:
+        for index, hospital in enumerate(strategy.hospitals):  # auto sigma spends each budget over the rounds
+            assert hospital.epsilon == pytest.approx(hospital.budget_epsilon, rel=0.02)
+            own = ledger.status(hospital_records(run_dir, index), budget=hospital.budget_epsilon)
+            assert own.epsilon_spent == pytest.approx(hospital.epsilon, rel=1e-6) and own.locked
     summary = (run_dir / "summary.md").read_text()
     assert "| a |" in summary and "completed all 2 rounds" in summary
 
@@ -128,10 +153,14 @@ def test_a_budget_spent_in_round_one_locks_the_hospital_and_ends_the_run(tmp_pat
     strategy, grid, run_dir = federate(tmp_path, "privacy.noise_multiplier=2.0", "privacy.epsilon=2.0",
                                        "strategy.num_rounds=4")
     round_two = strategy.history[1]
-    assert all(h["status"] == "locked" for h in round_two.hospitals.values())
-    assert all("budget exhausted" in h["message"] for h in round_two.hospitals.values())
+    # The server's fixed sigma no longer fits: each hospital refuses it, charging and locking nothing
+    # (a smaller round could still use the 0.45 left), and the run ends instead of repeating it.
+    assert all(h["status"] == "refused" for h in round_two.hospitals.values())
+    assert all("nothing charged" in h["message"] for h in round_two.hospitals.values())
     assert len(strategy.history) == 2 and "no hospital can train" in strategy.stop_reason
-    assert all(h.locked and h.epsilon <= 2.0 for h in strategy.hospitals)
+    assert all(not h.locked and h.epsilon <= 2.0 for h in strategy.hospitals)
+    assert all(row["epsilon"] == strategy.history[0].hospitals[name]["epsilon"]
+               for name, row in round_two.hospitals.items())
     assert "no hospital can train" in (run_dir / "summary.md").read_text()
 
 
@@ -174,18 +203,21 @@ def test_sequential_skips_a_silent_hospital_and_continues_from_the_last_good_wei
 def test_non_private_runs_report_epsilon_infinity(tmp_path):
     strategy, _, run_dir = federate(tmp_path, "privacy=none", "strategy.num_rounds=1")
     assert all(math.isinf(h.epsilon) for h in strategy.hospitals)
-    assert not (run_dir / "ledgers").exists()
+    with read_ledger(ledger_of(run_dir)) as ledger:  # recorded: those records are spent for good
+        assert math.isinf(ledger.status(hospital_records(run_dir, 0)).epsilon_spent)
     assert "NONE: not private, epsilon = infinity" in (run_dir / "summary.md").read_text()
 
 
 def test_outputs_hold_metrics_checkpoints_and_a_resumable_state(tmp_path):
-    strategy, _, run_dir = federate(tmp_path)
+    # A fixed sigma leaves budget for a third round: the resumed run spends the same ledger.
+    room = ("privacy.noise_multiplier=3.0", "privacy.epsilon=10")
+    strategy, _, run_dir = federate(tmp_path, *room)
     for name in ("config.yaml", "metrics.json", "metrics.csv", "model.pt", "summary.md",
                  "checkpoints/round-001.pt", "checkpoints/round-002.pt"):
         assert (run_dir / name).is_file(), name
     checkpoint = torch.load(run_dir / "checkpoints/round-002.pt", weights_only=True)
     assert checkpoint["round"] == 2 and checkpoint["run_id"] == "run"
-    resumed, grid, _ = federate(tmp_path, "strategy.num_rounds=3", f"resume={run_dir}", run="resumed")
+    resumed, grid, _ = federate(tmp_path, *room, "strategy.num_rounds=3", f"resume={run_dir}", run="resumed")
     assert [r.round for r in resumed.history] == [3]
     _assert_same(_state(grid.train_exchanges()[0][0]), checkpoint["state_dict"])
 

@@ -1,12 +1,13 @@
 """Real process faults: a hospital's SuperNode and the coordinator are SIGKILLed mid-round.
 
 1. Deployment (TLS SuperLink, authenticated SuperNodes on loopback): one hospital's SuperNode and
-   its ClientApp are killed after the hospital charged its ledger for a round and before it
+   its ClientApp are killed after the hospital charged its (own) ledger for a round and before it
    confirmed it. The run goes on without it; the charge stays in its ledger; after a restart with
    the same node config the hospital trains again and its epsilon counts the interrupted round.
 2. Simulation: the whole `fedpriv` process group is killed after round 2, with round 3 in flight.
    Nothing it started may outlive it (the SuperLink and Ray run in sessions of their own); a
-   resumed run continues from the last checkpoint, and no charge of any ledger is lost.
+   resumed run continues from the last checkpoint, and no charge of the shared simulation ledger is
+   lost: a hospital that paid for the interrupted round affords one round fewer.
 
 Every process these tests start is stopped by PID (also on failure), never by name.
 """
@@ -14,7 +15,6 @@ Every process these tests start is stopped by PID (also on failure), never by na
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -26,12 +26,11 @@ import pytest
 import torch
 
 from fedpriv.app_config import compose_config
-from fedpriv.data import dataset_fingerprint
 from fedpriv.deployment.processes import ManagedProcess, alive, online_nodes, start_time
 from fedpriv.deployment.rehearsal import LocalFederation
 from fedpriv.experiment import prepare_experiment
 from fedpriv.privacy.accounting import epsilon
-from fedpriv.privacy.ledger import CHARGED, CONFIRMED, LedgerEntry, read_ledger
+from fedpriv.privacy.ledger import LedgerEvent, read_ledger
 from fedpriv.simulation import (
     descendants,
     executable,
@@ -39,6 +38,7 @@ from fedpriv.simulation import (
     processes_mentioning,
     terminate_tree,
 )
+from fedpriv.site import simulation_ledger_path
 
 pytestmark = pytest.mark.slow
 
@@ -71,24 +71,22 @@ def _wait_until_gone(marker: str, timeout: float) -> list[int]:
     return left
 
 
-def _entries(ledger: Path) -> list[LedgerEntry]:
-    """A ledger's entries; [] while it does not exist yet."""
+def _events(ledger: Path, key: Path | None = None) -> list[LedgerEvent]:
+    """A ledger's events (charges, with their confirmations); [] while it does not exist yet.
+
+    `key`: the ledger's key file where it is not the default one under $FEDPRIV_KEY_DIR (a deployed
+    hospital names its own in its node config).
+    """
     if not ledger.is_file():
         return []
-    book = read_ledger(ledger)
-    try:
-        return book.entries()
-    finally:
-        book.close()
+    with read_ledger(ledger, key_path=key) as book:
+        return book.events()
 
 
-def _verified(ledger: Path):
-    """(verify report, budget status, entries) of a ledger, read once."""
-    book = read_ledger(ledger)
-    try:
-        return book.verify(), book.status(), book.entries()
-    finally:
-        book.close()
+def _verified(ledger: Path, key: Path | None = None, records=None, budget: float | None = None):
+    """(verify report, budget status of `records` (default: every record it knows), events), read once."""
+    with read_ledger(ledger, key_path=key) as book:
+        return book.verify(), book.status(records, budget=budget), book.events()
 
 
 # ------------------------------------------------ 1. a hospital's SuperNode is killed mid-round
@@ -112,11 +110,11 @@ def _kill_supernode(managed: ManagedProcess) -> list[int]:
     return [managed.pid, *(pid for pid, _ in children)]
 
 
-def _wait_for_unconfirmed_charge(ledger: Path, run: threading.Thread, timeout: float) -> LedgerEntry:
-    """The first ledger entry seen between charge and confirm (the hospital is training it)."""
+def _wait_for_unconfirmed_charge(ledger: Path, key: Path, run: threading.Thread, timeout: float) -> LedgerEvent:
+    """The first ledger event seen between charge and confirm (the hospital is training it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and run.is_alive():
-        charged = [entry for entry in _entries(ledger) if entry.status == CHARGED]
+        charged = [event for event in _events(ledger, key) if not event.confirmed]
         if charged:
             return charged[-1]
         time.sleep(0.02)
@@ -156,12 +154,13 @@ def test_a_hospital_killed_between_charge_and_confirm_is_skipped_and_keeps_its_c
         runner.start()
 
         # Kill the victim while it trains: after its ledger charge, before the confirmation.
-        charge = _wait_for_unconfirmed_charge(victim.ledger, runner, timeout=300)
+        charge = _wait_for_unconfirmed_charge(victim.ledger, victim.ledger_key, runner, timeout=300)
         killed = _kill_supernode(victim.process)
         left = _wait_until_gone(f"{victim.folder}{os.sep}", timeout=10)  # its FLWR_HOME, ledger, data
         assert not left, f"killed {killed}, still running:\n{_describe(left)}"
-        after_kill = _entries(victim.ledger)
-        assert after_kill[-1] == charge and charge.status == CHARGED, "the kill landed after the confirmation"
+        after_kill = _events(victim.ledger, victim.ledger_key)
+        assert after_kill[-1] == charge and charge.status == "charged", "the kill landed after the confirmation"
+        assert charge.steps == charge.charged_steps > 0  # an unconfirmed charge counts in full
 
         runner.join(timeout=600)
         assert not runner.is_alive(), "the interrupted run did not end"
@@ -182,12 +181,14 @@ def test_a_hospital_killed_between_charge_and_confirm_is_skipped_and_keeps_its_c
         assert model and all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
 
         # The interrupted charge stays (charged, in full); nothing was added while the node was down.
-        report, _, entries = _verified(victim.ledger)
+        report, _, events = _verified(victim.ledger, victim.ledger_key)
         assert report.ok, report.problems
-        assert entries == after_kill
+        assert events == after_kill
         for hospital in others:
-            report, _, entries = _verified(hospital.ledger)
-            assert report.ok and [e.status for e in entries] == [CONFIRMED] * 3, (hospital.name, report.problems)
+            report, _, events = _verified(hospital.ledger, hospital.ledger_key)
+            assert report.ok, (hospital.name, report.problems)
+            assert [(e.round, e.status, e.hospital) for e in events] == [
+                (r, "confirmed", hospital.name) for r in (1, 2, 3)], hospital.name
 
         # Restart the victim with the same node config (same key, ledger and data); it rejoins.
         waited = _wait_until_offline(federation, victim.node_id, timeout=120)
@@ -199,13 +200,15 @@ def test_a_hospital_killed_between_charge_and_confirm_is_skipped_and_keeps_its_c
         reply = json.loads((rejoined.run_dir / "metrics.json").read_text())["rounds"][0]["hospitals"][victim.name]
         assert reply["status"] == "trained", reply
 
-        report, status, entries = _verified(victim.ledger)
+        report, status, events = _verified(victim.ledger, victim.ledger_key)
         assert report.ok, report.problems
-        assert entries[: len(after_kill)] == after_kill  # never removed, never rewritten, still charged
-        new = entries[len(after_kill):]
-        assert [e.status for e in new] == [CONFIRMED] and new[0].run_id != charge.run_id
-        # Its cumulative epsilon counts the interrupted round: more than the new round alone.
-        assert status.epsilon_spent == pytest.approx(epsilon([e.event() for e in entries], status.delta,
+        assert events[: len(after_kill)] == after_kill  # never removed, never rewritten, still charged
+        new = events[len(after_kill):]
+        assert [e.status for e in new] == ["confirmed"] and new[0].run_id != charge.run_id
+        assert not status.locked and status.exhausted == 0
+        # Its epsilon (every record of it took part in every event) counts the interrupted round, in
+        # full: the composition of ALL its events, more than the new round alone.
+        assert status.epsilon_spent == pytest.approx(epsilon([e.event() for e in events], status.delta,
                                                              status.accountant), rel=1e-9)
         assert status.epsilon_spent > epsilon([new[0].event()], status.delta, status.accountant) * 1.05
         assert reply["epsilon"] == pytest.approx(status.epsilon_spent, rel=1e-9)  # what it told the server
@@ -231,11 +234,16 @@ TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train
 MARKER = "FEDPRIV_PROCESS_FAULT_TEST"
 
 
-def _ledgers_by_hospital(overrides: list[str], ledger_dir: Path) -> dict[str, Path]:
-    """Each simulated hospital's ledger path (keyed by its data's fingerprint, as the ClientApp does)."""
-    experiment = prepare_experiment(compose_config(overrides))
-    return {hospital.name: ledger_dir / f"ledger-{dataset_fingerprint(experiment.hospital_data(i))[:16]}.db"
-            for i, hospital in enumerate(experiment.hospitals)}
+def _simulated_hospitals(overrides: list[str]):
+    """The ledger every simulated hospital shares, and each hospital's (record ids, budget epsilon)."""
+    cfg = compose_config(overrides)
+    experiment = prepare_experiment(cfg)
+    return simulation_ledger_path(cfg, None), {hospital.name: (experiment.hospital_data(i).ids(), hospital.epsilon)
+                                               for i, hospital in enumerate(experiment.hospitals)}
+
+
+def _by_hospital(events: list[LedgerEvent], names) -> dict[str, list[LedgerEvent]]:
+    return {name: [e for e in events if e.hospital == name] for name in names}
 
 
 def _flower_homes(marker: str) -> set[Path]:
@@ -259,7 +267,8 @@ def _start_fedpriv(args: list[str], cwd: Path, log: Path, env: dict[str, str]) -
 def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_path):
     ledger_dir, first, resumed = tmp_path / "ledgers", tmp_path / "first", tmp_path / "resumed"
     overrides = [*TINY, f"federation.ledger_dir={ledger_dir}"]
-    ledgers = _ledgers_by_hospital(overrides, ledger_dir)
+    ledger, hospitals = _simulated_hospitals(overrides)
+    assert ledger.parent == ledger_dir
     # Every process fedpriv starts inherits this variable: stragglers outside its group are found by it.
     env = {**os.environ, MARKER: str(tmp_path)}
     started = time.monotonic()
@@ -268,7 +277,7 @@ def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_pat
         # Kill once round 2 is checkpointed and round 3 is in flight (a hospital has charged it).
         deadline = time.monotonic() + 300
         while not ((first / "checkpoints" / "round-002.pt").is_file()
-                   and any(e.round == 3 for path in ledgers.values() for e in _entries(path))):
+                   and any(e.round == 3 for e in _events(ledger))):
             assert cli.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "round 3 never started"
             time.sleep(0.02)
@@ -296,9 +305,11 @@ def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_pat
     checkpoints = sorted(int(p.stem.split("-")[1]) for p in (first / "checkpoints").glob("round-*.pt"))
     last = checkpoints[-1]
     assert 2 <= last < ROUNDS, checkpoints
-    before = {name: _entries(path) for name, path in ledgers.items()}
+    before_all = _events(ledger)
+    before = _by_hospital(before_all, hospitals)
+    assert sum(map(len, before.values())) == len(before_all), [e.hospital for e in before_all]
     # Charges made for rounds after the last checkpoint: work the resumed run will redo.
-    in_flight = {name: [e for e in entries if e.round > last] for name, entries in before.items()}
+    in_flight = {name: [e for e in events if e.round > last] for name, events in before.items()}
     if last == 2:
         assert any(in_flight.values())
 
@@ -317,28 +328,52 @@ def test_a_killed_coordinator_leaves_nothing_running_and_its_run_resumes(tmp_pat
     _kill_by_pid(left)
     assert not left, _describe(left)
 
+    # Auto sigma spreads each budget over exactly the planned rounds (and the resumed run, the same
+    # run id, keeps each hospital's sigma), so every record of a hospital is exhausted (less than 1%
+    # of its budget left: the calibration lands within 0.01 of epsilon 3) once it has paid for
+    # ROUNDS rounds. A hospital that charged the interrupted round pays for it once more: it affords
+    # that many fewer rounds. Its last trained reply already says "locked" (every record exhausted),
+    # so the strategy never asks it again: it is neither "refused" nor "locked" in a later round, it
+    # is simply not in that round's table. Once no hospital is left, the run stops before the next
+    # round.
+    affordable = {name: ROUNDS - last - len(in_flight[name]) for name in hospitals}
+    rounds_run = max(affordable.values())
+
     # Round numbering continues from the last checkpoint, in the same run (same run id).
     metrics = json.loads((resumed / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == list(range(last + 1, ROUNDS + 1))
+    assert [r["round"] for r in metrics["rounds"]] == list(range(last + 1, last + 1 + rounds_run)), affordable
     assert metrics["run_id"] == torch.load(first / "checkpoints" / f"round-{last:03d}.pt",
                                            weights_only=True)["run_id"]
     assert (resumed / "model.pt").is_file() and (resumed / "summary.md").is_file()
+    stop_reason = json.loads((resumed / "result.json").read_text())["stop_reason"]
+    assert stop_reason == (f"completed all {ROUNDS} rounds; every hospital is now locked (budgets spent)"
+                           if last + rounds_run == ROUNDS else
+                           f"stopped before round {last + rounds_run + 1}: no hospital can train (every privacy "
+                           "budget is spent; all hospitals are locked)"), (stop_reason, affordable)
 
-    for name, path in ledgers.items():
-        report, status, entries = _verified(path)
-        assert report.ok, (name, report.problems)
-        assert entries[: len(before[name])] == before[name], name  # every charge kept, none rewritten
-        assert status.epsilon_spent <= status.budget_epsilon + 1e-9, name
+    report, overall, after_all = _verified(ledger)
+    assert report.ok, report.problems
+    assert after_all[: len(before_all)] == before_all  # every earlier event kept, none rewritten
+    assert overall.locked and overall.epsilon_spent <= overall.budget_epsilon + 1e-9  # no record over budget
+    after = _by_hospital(after_all, hospitals)
+    assert sum(map(len, after.values())) == len(after_all), [e.hospital for e in after_all]
+    for name, (records, budget) in hospitals.items():
+        _, status, _ = _verified(ledger, records=records, budget=budget)
+        events = after[name]
+        assert events[: len(before[name])] == before[name], name  # every charge kept, none rewritten
+        assert status.records == len(records) and status.epsilon_spent <= status.budget_epsilon + 1e-9, name
+        # Every record of it took part in every event: its epsilon composes ALL its events, the
+        # interrupted charge included, in full.
+        assert status.epsilon_spent == pytest.approx(epsilon([e.event() for e in events], status.delta,
+                                                             status.accountant), rel=1e-9), name
         reported = next(p for p in metrics["rounds"][-1]["privacy"] if p["hospital"] == name)
         assert reported["epsilon"] == pytest.approx(status.epsilon_spent, rel=1e-6), name
-        # Auto sigma spreads each budget over exactly the planned rounds. A hospital that charged the
-        # interrupted round pays for it once more: it affords that many fewer rounds and then locks.
+        assert reported["locked"] and status.locked and status.exhausted == len(records), (name, reported)
         statuses = [r["hospitals"][name]["status"] for r in metrics["rounds"] if name in r["hospitals"]]
-        affordable = ROUNDS - last - len(in_flight[name])
-        expected = ["trained"] * affordable + (["locked"] if affordable < ROUNDS - last else [])
-        assert statuses == expected, (name, statuses, [(e.round, e.status) for e in entries])
-        assert len(entries) == len(before[name]) + affordable
-        assert math.isclose(report.recomputed_epsilon, status.epsilon_spent, rel_tol=1e-9)
+        assert statuses == ["trained"] * affordable[name], (name, statuses, [(e.round, e.status) for e in events])
+        new = events[len(before[name]):]
+        assert [(e.round, e.status) for e in new] == [(r, "confirmed") for r in
+                                                       range(last + 1, last + 1 + affordable[name])], name
     print(f"killed after {first_seconds:.0f}s with checkpoints {checkpoints}, in flight "
           f"{ {n: [(e.round, e.status) for e in v] for n, v in in_flight.items()} }; everything stopped "
           f"{cleanup_seconds:.1f}s after the kill; resumed run {resumed_seconds:.0f}s")

@@ -27,7 +27,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def federate(folder: Path, name: str, *overrides: str) -> tuple[Path, object]:
-    cfg = compose_config([*TINY, *overrides])
+    cfg = compose_config([*TINY, f"federation.ledger_dir={folder / 'ledgers'}", *overrides])
     run_dir = folder / name
     grid = InProcessGrid(cfg.federation.num_hospitals, {CONFIG_KEY: config_to_json(cfg), RUN_DIR_KEY: str(run_dir)})
     run_federation(grid, cfg, run_dir, run_id=name)
@@ -59,7 +59,7 @@ class Page(HTMLParser):
 
 @pytest.fixture(scope="module")
 def private_run(tmp_path_factory) -> Path:
-    # sigma 1 (RDP) costs epsilon 5.6, 7.4, 8.8 after rounds 1-3, so alpha locks in round 2 and beta in round 3.
+    # sigma 1 (RDP) costs epsilon 5.6, 7.4, 8.8 after rounds 1-3, so alpha refuses from round 2 and beta in round 3.
     run_dir, _ = federate(tmp_path_factory.mktemp("private"), "private", "dataset=synthetic",
                           "dataset.num_samples=240", "strategy.num_rounds=3", "strategy.client_evaluate=true",
                           "privacy.noise_multiplier=1.0", "privacy.accountant=rdp",
@@ -77,8 +77,10 @@ def test_the_report_shows_the_runs_key_figures(private_run):
     for hospital in result["hospitals"]:
         assert f"{hospital['epsilon']:.3f}" in text
         assert re.search(rf"{hospital['hospital']} {hospital['budget_epsilon']:g} ", text)
-    assert re.search(r"alpha 2 \d\.\d{3} privacy budget exhausted", text)
-    assert re.search(r"beta 3 \d\.\d{3} privacy budget exhausted", text)
+    # The server's fixed sigma stops fitting alpha's budget in round 2 and beta's in round 3: each
+    # refuses from then on, charging nothing, and the report says when and why.
+    assert re.search(r"alpha 2 2 5\.606 request refused, nothing charged", text)
+    assert re.search(r"beta 3 1 7\.377 request refused, nothing charged", text)
     assert "NOT PRIVATE" not in text
     temperature = json.loads((private_run / "calibration.json").read_text())["temperature"]
     assert f"T = {temperature:.3f}" in text and "never on a hospital's private data" in text

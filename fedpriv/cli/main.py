@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from fedpriv.config import register_configs, to_config
-from fedpriv.errors import FedprivError
+from fedpriv.config import FedprivConfig, register_configs, to_config
+from fedpriv.errors import ConfigError, FedprivError
 
 log = logging.getLogger("fedpriv")
 
@@ -32,14 +33,14 @@ def config_dir() -> str:
     raise FileNotFoundError(f"fedpriv's conf/ folder is missing next to {package}")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> None:
+def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
     """Validate, prepare the data, then run the federated simulation; outputs go to `run_dir`."""
     from fedpriv.app_config import config_to_json
     from fedpriv.experiment import prepare_experiment
     from fedpriv.outputs import resume_checkpoint
     from fedpriv.simulation import run_simulation
 
-    config = absolute_paths(to_config(cfg))
+    config = absolute_paths(to_config(cfg), run_dir)
     experiment = prepare_experiment(config)  # every check runs here, before any budget is spent
     if config.resume:
         resume_checkpoint(config)  # an incompatible run directory fails now, not inside Flower
@@ -52,19 +53,105 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     log.info("Run finished; outputs in %s\n%s", run_dir, (run_dir / "summary.md").read_text())
 
 
-def absolute_paths(config):
-    """Make every path absolute: the Flower apps run in other processes and folders."""
-    from fedpriv.data import default_data_dir
+def absolute_paths(config: FedprivConfig, run_dir: str | Path | None = None) -> FedprivConfig:
+    """Make every path absolute: the Flower apps run in other processes and folders.
 
-    data = config.dataset
+    It also pins where the simulated hospitals' ledgers live (see fedpriv.experiment.ledger_folder),
+    so the config.yaml every run saves names them and a later `resume=` finds the same ledgers:
+    scope "persistent" stores the folder it resolves ($FEDPRIV_LEDGER_DIR or the user data folder)
+    as federation.ledger_dir; scope "run" stores the run directory as federation.ledger_run_dir
+    (when `run_dir` is given and it is unset: a resumed run keeps the old run's).
+    """
+    from fedpriv.data import default_data_dir
+    from fedpriv.experiment import ledger_folder
+
+    data, fed = config.dataset, config.federation
     if data.name not in ("synthetic", "imagefolder"):
         data.root = str(Path(data.root).resolve()) if data.root else str(default_data_dir().resolve())
-    for section, key in ((data, "path"), (data, "attributes_csv"), (config.federation, "ledger_dir"),
+    if fed.ledger_scope == "persistent" and not fed.ledger_dir:
+        fed.ledger_dir = str(ledger_folder(config, run_dir))
+    elif fed.ledger_scope == "run" and not fed.ledger_run_dir and run_dir:
+        fed.ledger_run_dir = str(run_dir)
+    for section, key in ((data, "path"), (data, "attributes_csv"), (fed, "ledger_dir"), (fed, "ledger_run_dir"),
                          (config, "resume")):
         value = getattr(section, key)
         if value:
-            setattr(section, key, str(Path(value).resolve()))
+            setattr(section, key, str(Path(value).expanduser().resolve()))
     return config
+
+
+def resumed_config(resume: str | Path, overrides: Sequence[str] = ()) -> FedprivConfig:
+    """The configuration `fedpriv resume=RUN_DIR [OVERRIDES]` runs with.
+
+    It is RUN_DIR/config.yaml (the resolved config that run saved) as a whole, with only the command
+    line's explicit value overrides (`overrides`: Hydra's task overrides) applied on top: the
+    defaults of conf/ play no part, so an interrupted 8-round run resumes as an 8-round run.
+    `resume=` itself is skipped. A config group choice (`strategy=sequential`, `experiment=smoke`) is
+    skipped when it is the one the resumed run made (Hydra saved them in RUN_DIR/.hydra/hydra.yaml),
+    so repeating the original command line with `resume=` works; another choice is refused, since a
+    group option would silently replace many of the resumed run's settings (e.g. its num_rounds).
+
+    The ledgers stay the resumed run's: the saved config names them (federation.ledger_dir for
+    scope "persistent", federation.ledger_run_dir for scope "run", see `absolute_paths`). A saved
+    config without ledger_run_dir (a run started by `flwr run`) charges RUN_DIR/ledgers; one from
+    before federation.ledger_scope existed had its ledgers in RUN_DIR unless it set ledger_dir.
+    Overriding federation.ledger_scope to another scope drops the saved location (it belongs to
+    the old scope) unless the command line also sets it.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_dir = Path(resume).expanduser().resolve()
+    saved = run_dir / "config.yaml"
+    try:
+        raw = OmegaConf.load(saved)
+        previous = OmegaConf.merge(OmegaConf.structured(FedprivConfig), raw)
+    except Exception as exc:  # missing, unreadable or from another version: its settings are unknown
+        raise ConfigError("resume", str(run_dir), f"its config.yaml cannot be read ({type(exc).__name__})",
+                          "resume only a run directory written by fedpriv, with its config.yaml") from None
+    fed = previous.federation
+    if "ledger_scope" not in (raw.get("federation") or {}) and not fed.ledger_dir:
+        fed.ledger_scope = "run"  # written before ledger_scope: without ledger_dir, ledgers lived in the run dir
+    saved_scope = fed.ledger_scope
+    choices = _saved_group_choices(run_dir)
+    overridden = set()
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key == "resume":
+            continue
+        text = override.input_line or key
+        if override.is_delete() or override.is_sweep_override():
+            raise ConfigError(key, text, "only plain values can be set on top of a resumed run's config",
+                              f"set the value you mean, e.g. {key}=VALUE")
+        if override.package is not None or (Path(config_dir()) / key).is_dir():
+            if override.package is None and key in choices and choices[key] == override.value():
+                continue  # the resumed run's own choice: its values are already in config.yaml
+            raise ConfigError(key, override.value(), "a config group choice would replace many of the resumed "
+                              f"run's settings (resume= takes its config from {saved})",
+                              "override single values instead, e.g. strategy.mode=sequential")
+        try:
+            OmegaConf.update(previous, key, override.value(), merge=False)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(key, override.value(), f"cannot be applied to the resumed run's config ({reason})",
+                              "check the key and value against that run's config.yaml") from None
+        overridden.add(key)
+    if fed.ledger_scope != saved_scope:
+        for key in ("ledger_dir", "ledger_run_dir"):
+            if f"federation.{key}" not in overridden:
+                fed[key] = None
+    if fed.ledger_scope == "run" and not fed.ledger_run_dir:
+        fed.ledger_run_dir = str(run_dir)  # its throw-away ledgers are where that run kept them
+    previous.resume = str(run_dir)
+    return to_config(previous)
+
+
+def _saved_group_choices(run_dir: Path) -> dict[str, object]:
+    """The config group options a run was composed with ({} if Hydra's record of them is missing)."""
+    try:
+        choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
+        return {str(group): option for group, option in choices.items()}
+    except Exception:  # not started by the fedpriv CLI (e.g. `flwr run`), or unreadable: none known
+        return {}
 
 
 def _fail(error: FedprivError) -> None:
@@ -75,7 +162,10 @@ def _fail(error: FedprivError) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        hydra_config = HydraConfig.get()
+        # A resume continues the resumed run: its own config.yaml plus what the command line sets.
+        config = resumed_config(cfg.resume, hydra_config.overrides.task) if cfg.get("resume") else cfg
+        run(config, Path(hydra_config.runtime.output_dir))
     except FedprivError as error:
         _fail(error)
     except KeyboardInterrupt:

@@ -3,14 +3,17 @@
 Every loader returns a :class:`MedicalImageDataset` (train/val/test :class:`LabeledImages`, float32
 ``(N, C, H, W)`` images normalised with fixed constants). :func:`partition_indices` divides a training
 split among simulated hospitals; :func:`dataset_fingerprint` identifies a hospital's records so its
-privacy ledger stays tied to them.
+privacy ledger stays tied to them, and :meth:`LabeledImages.ids` names each record for per-record
+accounting.
 """
 
 from fedpriv.data.base import (
     NORMALISATION_MEAN,
     NORMALISATION_STD,
+    RECORD_ID_PREFIX,
     LabeledImages,
     MedicalImageDataset,
+    content_record_ids,
     dataset_fingerprint,
     default_data_dir,
 )
@@ -24,8 +27,10 @@ from fedpriv.data.partition import (
 __all__ = [
     "NORMALISATION_MEAN",
     "NORMALISATION_STD",
+    "RECORD_ID_PREFIX",
     "LabeledImages",
     "MedicalImageDataset",
+    "content_record_ids",
     "dataset_fingerprint",
     "default_data_dir",
     "format_partition_table",

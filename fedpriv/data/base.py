@@ -5,6 +5,11 @@ float32 images in ``(N, C, H, W)`` layout, normalised with fixed constants. The 
 estimated from data on purpose: a mean or standard deviation computed over the pooled images would
 leak statistics of one hospital's records into every other hospital's preprocessing, outside the
 privacy accounting.
+
+Every image also has a record id (:meth:`LabeledImages.ids`), the key under which the privacy
+ledger charges each DP-SGD use to the records it was drawn from. By default it is a hash of the
+image and its label (the same record gets the same id in every process); loaders that know a
+record's identity better (a MedMNIST file's position, an image file's bytes) supply their own.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,10 @@ NORMALISATION_STD = 0.5
 DATA_DIR_ENV = "FEDPRIV_DATA_DIR"
 
 Indices = Sequence[int] | np.ndarray | torch.Tensor
+
+#: Hashed first into every default record id; bump the version if the recipe ever changes, so old
+#: and new ids can never be confused in a ledger.
+RECORD_ID_PREFIX = b"fedpriv-record/v1\n"
 
 
 def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -54,11 +63,18 @@ def _as_index_tensor(indices: Indices) -> torch.Tensor:
 
 @dataclass
 class LabeledImages:
-    """Images with one integer label each (and optional per-image attributes, same order)."""
+    """Images with one integer label each (and optional per-image attributes and ids, same order).
+
+    ``record_ids`` names each image's record for the privacy ledger; without it :meth:`ids` falls
+    back to content ids (see :func:`content_record_ids`).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     attributes: list[dict[str, str]] | None = None
+    record_ids: np.ndarray | None = None
+    # Content ids, computed on first use of ids() and handed on to subsets (hashing is the slow part).
+    _content_ids: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Fail at construction: a misaligned split would silently train on the wrong labels.
@@ -70,22 +86,118 @@ class LabeledImages:
             )
         if self.attributes is not None and len(self.attributes) != len(self.images):
             raise ValueError(f"{len(self.attributes)} attribute rows for {len(self.images)} images")
+        if self.record_ids is not None:
+            self.record_ids = check_record_ids(self.record_ids, len(self.images))
 
     def __len__(self) -> int:
         """Number of images."""
         return len(self.labels)
 
+    def ids(self) -> np.ndarray:
+        """One record id (str) per image, same order: ``record_ids`` if given, else content ids.
+
+        The array is read-only: the ids are shared with subsets and must not drift from the images.
+        """
+        if self.record_ids is not None:
+            return self.record_ids
+        if self._content_ids is None:
+            self._content_ids = content_record_ids(self.images, self.labels)
+        return self._content_ids
+
     def subset(self, indices: Indices) -> LabeledImages:
-        """The images at ``indices`` (in that order), with labels and attributes kept aligned."""
+        """The images at ``indices`` (in that order), with labels, attributes and ids kept aligned.
+
+        With ``record_ids`` set, repeating an index raises ValueError: a record drawn twice would be
+        used twice but charged once.
+        """
         index = _as_index_tensor(indices)
         attributes = None
         if self.attributes is not None:
             attributes = [self.attributes[i] for i in index.tolist()]
-        return LabeledImages(self.images[index], self.labels[index], attributes)
+        positions = index.numpy()
+        record_ids = None if self.record_ids is None else self.record_ids[positions]
+        part = LabeledImages(self.images[index], self.labels[index], attributes, record_ids)
+        if self._content_ids is not None:
+            # Content ids depend only on image and label, so slicing equals recomputing, only faster.
+            part._content_ids = _read_only(self._content_ids[positions])
+        return part
 
     def as_dataset(self) -> TensorDataset:
         """A ``TensorDataset`` yielding ``(image, label)`` pairs, ready for a DataLoader."""
         return TensorDataset(self.images, self.labels)
+
+
+def content_record_ids(images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Default record ids: per image, hex of the first 16 bytes of a SHA-256 over its content.
+
+    Hashed are :data:`RECORD_ID_PREFIX`, the image's ``(C, H, W)`` shape, its pixels as
+    little-endian float32 and its label as a little-endian int64, so the id is the same in every
+    process and on every machine, and changes with any pixel or the label. Identical
+    (image, label) pairs get the same id: as far as content can tell they are one record.
+    """
+    pixels = np.ascontiguousarray(images.detach().cpu().numpy(), dtype="<f4")
+    labels_le = np.ascontiguousarray(labels.detach().cpu().numpy(), dtype="<i8")
+    if pixels.ndim != 4 or len(labels_le) != len(pixels):
+        raise ValueError(f"content ids need (N, C, H, W) images and N labels, got shapes "
+                         f"{pixels.shape} and {labels_le.shape}")
+    header = RECORD_ID_PREFIX + f"shape={tuple(int(d) for d in pixels.shape[1:])}\n".encode()
+    rows = pixels.reshape(len(pixels), -1)
+    ids = []
+    for row, label in zip(rows, labels_le):
+        digest = hashlib.sha256(header)
+        digest.update(row)  # a contiguous view: hashed without copying the pixels
+        digest.update(label.tobytes())
+        ids.append(digest.digest()[:16].hex())
+    return _read_only(np.asarray(ids, dtype="<U32"))
+
+
+def check_record_ids(record_ids: Sequence[str] | np.ndarray, count: int) -> np.ndarray:
+    """``record_ids`` as a read-only 1-D str array; ValueError unless one unique, non-empty id per image."""
+    ids = np.asarray(record_ids)
+    if ids.dtype == object and all(isinstance(value, str) for value in ids.ravel()):
+        ids = ids.astype(str)
+    if ids.ndim != 1 or (ids.dtype.kind != "U" and len(ids) > 0):
+        raise ValueError(f"record_ids must be a 1-D array of str, got shape {ids.shape} and dtype {ids.dtype}")
+    if len(ids) != count:
+        raise ValueError(f"{len(ids)} record_ids for {count} images; give exactly one id per image")
+    ids = ids.astype(str)  # a copy (the caller's array stays writable); also types an empty array
+    empty = np.flatnonzero(np.char.str_len(np.char.strip(ids)) == 0)
+    if len(empty):
+        raise ValueError(f"record_ids must not be empty or blank; {len(empty)} are (first at position {empty[0]})")
+    duplicates = duplicate_ids(ids)
+    if duplicates:
+        raise ValueError(f"record_ids must be unique (the privacy ledger charges each id as one record); "
+                         f"repeated: {', '.join(map(repr, duplicates[:5]))}")
+    return _read_only(ids)
+
+
+def duplicate_ids(ids: np.ndarray) -> list[str]:
+    """The ids that occur more than once in ``ids`` (sorted), empty when all are unique."""
+    values, counts = np.unique(ids, return_counts=True)
+    return values[counts > 1].tolist()
+
+
+def number_repeats(ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """``ids`` made unique by suffixing ``#k`` to the k-th repeat (k >= 1) of an id; and how many were.
+
+    For loaders whose data may hold identical records (the same scan saved twice): each copy is
+    used by DP-SGD, so each must be charged as a record of its own. The first occurrence keeps the
+    plain id, so adding a copy later leaves the existing records' ids (and spent budget) alone;
+    which copy is the first does not matter, since the copies are indistinguishable.
+    """
+    seen: dict[str, int] = {}
+    numbered = []
+    for value in ids.tolist():
+        count = seen.get(value, 0)
+        seen[value] = count + 1
+        numbered.append(value if count == 0 else f"{value}#{count}")
+    repeats = len(numbered) - len(seen)
+    return (np.asarray(numbered) if repeats else ids), repeats
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
 
 
 @dataclass

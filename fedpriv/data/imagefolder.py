@@ -6,11 +6,17 @@ MONOCHROME1 images are inverted so bright means dense everywhere, and each image
 to 0..255 on its own, because raw DICOM ranges differ between scanners and vendors. Optional
 per-image attributes (e.g. sex, age band, scanner) come from a CSV and stay aligned with the images
 through every split.
+
+Each image's record id (what the privacy ledger charges) is a hash of the original file's bytes and
+its class name (:func:`file_record_id`), so it stays the same at every ``dataset.size``, when other
+files are added, and however the folder is split.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import logging
 from pathlib import Path, PurePosixPath
 
@@ -18,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedpriv.data.base import LabeledImages, MedicalImageDataset, normalise
+from fedpriv.data.base import LabeledImages, MedicalImageDataset, normalise, number_repeats
 from fedpriv.data.splits import check_fractions, stratified_split
 from fedpriv.errors import DataError
 
@@ -29,6 +35,8 @@ DICOM_EXTENSIONS = (".dcm",)
 EXTENSIONS = PILLOW_EXTENSIONS + DICOM_EXTENSIONS
 # Pillow modes holding more than 8 bits per pixel: converting them to "L" would clip, not scale.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+#: Hashed first into every image file's record id (versioned, like the default content ids).
+FILE_RECORD_ID_PREFIX = b"fedpriv-file/v1\n"
 
 
 def load_image_folder(
@@ -48,11 +56,22 @@ def load_image_folder(
     check_fractions(val_fraction, test_fraction)
     root = Path(path).expanduser()
     class_names, files, labels = _scan(root)
-    images = np.stack([read_image(file, size) for file in files])
+    pictures, ids = [], []
+    for file, label in zip(files, labels.tolist()):
+        content = _read_bytes(file)  # read once: decoded for the pixels, hashed for the record id
+        pictures.append(read_image(file, size, content=content))
+        ids.append(file_record_id(content, class_names[label]))
+    images = np.stack(pictures)
     relative = [file.relative_to(root).as_posix() for file in files]
     attributes = _attributes_for(root, attributes_csv, relative) if attributes_csv else None
+    record_ids, repeats = number_repeats(np.asarray(ids))
+    if repeats:
+        # A file copied within its class folder is used twice by DP-SGD, so each copy is its own record.
+        logger.warning("%d image files in %s repeat another file of their class byte for byte; each copy is "
+                       "charged as a record of its own (remove the copies if they are the same scan)",
+                       repeats, root)
     everything = LabeledImages(normalise(torch.from_numpy(images).unsqueeze(1)),
-                               torch.from_numpy(labels), attributes)
+                               torch.from_numpy(labels), attributes, record_ids)
     train, val, test = stratified_split(labels, val_fraction, test_fraction, seed, where=f"image folder {root}")
     dataset = MedicalImageDataset(
         name="imagefolder", train=everything.subset(train), val=everything.subset(val),
@@ -96,13 +115,37 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def read_image(file: Path, size: int) -> np.ndarray:
-    """One image file as a ``(size, size)`` uint8 greyscale array; :class:`DataError` if unreadable."""
+def file_record_id(content: bytes, class_name: str) -> str:
+    """Record id of an image file: first 32 hex digits of a SHA-256 over its class and original bytes.
+
+    The class name (length-prefixed, so no two (class, bytes) pairs hash the same input) rather
+    than its label number: adding a class folder renumbers the labels but must not rename records.
+    """
+    name = class_name.encode()
+    digest = hashlib.sha256(FILE_RECORD_ID_PREFIX + f"class={len(name)}:".encode() + name + b"\n")
+    digest.update(content)
+    return digest.hexdigest()[:32]
+
+
+def _read_bytes(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read image {file}: {exc}. Fix its permissions or remove the file") from exc
+
+
+def read_image(file: Path, size: int, *, content: bytes | None = None) -> np.ndarray:
+    """One image file as a ``(size, size)`` uint8 greyscale array; :class:`DataError` if unreadable.
+
+    ``content`` is the file's bytes when the caller has read them already (decoded instead of
+    opening ``file`` again; ``file`` still picks the decoder by suffix and names it in errors).
+    """
+    source: Path | io.BytesIO = file if content is None else io.BytesIO(content)
     try:
         if file.suffix.lower() in DICOM_EXTENSIONS:
-            picture = Image.fromarray(_dicom_to_uint8(file))
+            picture = Image.fromarray(_dicom_to_uint8(source, file))
         else:
-            picture = _pillow_greyscale(file)
+            picture = _pillow_greyscale(source)
         picture = picture.resize((size, size), Image.Resampling.BILINEAR)
     except DataError:
         raise
@@ -111,18 +154,18 @@ def read_image(file: Path, size: int) -> np.ndarray:
     return np.asarray(picture, dtype=np.uint8)
 
 
-def _pillow_greyscale(file: Path) -> Image.Image:
-    with Image.open(file) as opened:
+def _pillow_greyscale(source: Path | io.BytesIO) -> Image.Image:
+    with Image.open(source) as opened:
         opened.load()
         if opened.mode in _WIDE_MODES:
             return Image.fromarray(_min_max_uint8(np.asarray(opened, dtype=np.float64)))
         return opened.convert("L")
 
 
-def _dicom_to_uint8(file: Path) -> np.ndarray:
+def _dicom_to_uint8(source: Path | io.BytesIO, file: Path) -> np.ndarray:
     import pydicom  # deferred: only needed when a folder holds DICOM files
 
-    ds = pydicom.dcmread(file)
+    ds = pydicom.dcmread(source)
     pixels = np.asarray(ds.pixel_array, dtype=np.float64)
     if pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 3:
         pixels = pixels @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as Pillow's "L"

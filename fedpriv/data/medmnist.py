@@ -5,6 +5,12 @@ truncated, replaced or mislabelled file fails with a one-line :class:`DataError`
 shape error deep inside training. Nothing is downloaded unless ``download`` is true, and then
 only when the file is absent (medmnist re-checks the MD5 of an existing file on every download
 call, which would reject legitimately re-ordered copies).
+
+Record ids (what the privacy ledger charges) come in two kinds. ``"index"`` names a record by its
+place in the official file, ``{flag}/{split}/{index}``: the official files list the same records in
+the same order at every size, so switching ``dataset.size`` does not hand the records a fresh
+budget. ``"content"`` (deployed hospitals, whose files may be re-ordered or grow) hashes each image
+and label, or takes the ids stored in the file as ``<split>_ids``.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from fedpriv.data.base import (
     DATA_DIR_ENV,
     LabeledImages,
     MedicalImageDataset,
+    check_record_ids,
     default_data_dir,
     normalise,
+    number_repeats,
 )
 from fedpriv.errors import DataError
 
@@ -32,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
+RECORD_ID_KINDS = ("index", "content")
 _FIX = "re-download or replace the file"
 
 
@@ -40,12 +49,19 @@ def npz_filename(flag: str, size: int) -> str:
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
 
-def load_medmnist(flag: str, size: int, root: str | None, download: bool) -> MedicalImageDataset:
+def load_medmnist(
+    flag: str, size: int, root: str | None, download: bool, *, record_ids: str = "index"
+) -> MedicalImageDataset:
     """Load the MedMNIST 2D dataset ``flag`` at ``size`` pixels from ``root`` (or the default folder).
 
-    Raises :class:`DataError` when the file is missing (and ``download`` is false), unreadable or
-    malformed, or when the flag is unknown, 3D or multi-label.
+    ``record_ids`` picks the records' ids: ``"index"`` (official files) gives ``{flag}/{split}/{i}``,
+    the same at every size; ``"content"`` (a hospital's own file) uses the file's ``<split>_ids``
+    array when present, else content ids. Raises :class:`DataError` when the file is missing (and
+    ``download`` is false), unreadable or malformed, when its ids are unusable, or when the flag is
+    unknown, 3D or multi-label.
     """
+    if record_ids not in RECORD_ID_KINDS:
+        raise ValueError(f"record_ids must be one of {', '.join(map(repr, RECORD_ID_KINDS))}, got {record_ids!r}")
     info = _flag_info(flag, size)
     folder = Path(root).expanduser() if root else default_data_dir()
     file = folder / npz_filename(flag, size)
@@ -53,7 +69,7 @@ def load_medmnist(flag: str, size: int, root: str | None, download: bool) -> Med
         if not download:
             raise DataError(_missing_message(file))
         _download(flag, size, folder, info)
-    splits = _read_npz(file, info, size)
+    splits = _read_npz(file, info, size, flag, record_ids)
     class_names = [info["label"][key] for key in sorted(info["label"], key=int)]
     dataset = MedicalImageDataset(
         name=flag, train=splits["train"], val=splits["val"], test=splits["test"],
@@ -104,18 +120,20 @@ def _download(flag: str, size: int, folder: Path, info: dict[str, Any]) -> None:
         ) from exc
 
 
-def _read_npz(file: Path, info: dict[str, Any], size: int) -> dict[str, LabeledImages]:
+def _read_npz(file: Path, info: dict[str, Any], size: int, flag: str, record_ids: str) -> dict[str, LabeledImages]:
     try:
         archive = np.load(file, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
             raise DataError(f"{file} is not a valid npz archive (it holds a single array); {_FIX}")
         with archive:  # members are read lazily, so corruption inside the zip surfaces here too
-            return {split: _read_split(file, archive, split, info, size) for split in SPLITS}
+            return {split: _read_split(file, archive, split, info, size, flag, record_ids) for split in SPLITS}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError) as exc:
         raise DataError(f"{file} is not a valid npz archive ({type(exc).__name__}: {exc}); {_FIX}") from exc
 
 
-def _read_split(file: Path, archive: Any, split: str, info: dict[str, Any], size: int) -> LabeledImages:
+def _read_split(
+    file: Path, archive: Any, split: str, info: dict[str, Any], size: int, flag: str, record_ids: str
+) -> LabeledImages:
     for key in (f"{split}_images", f"{split}_labels"):
         if key not in archive.files:
             raise DataError(f"{file} lacks the key {key!r} (has: {', '.join(archive.files)}); {_FIX}")
@@ -126,7 +144,33 @@ def _read_split(file: Path, archive: Any, split: str, info: dict[str, Any], size
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     # MedMNIST stores greyscale as (N, H, W) and RGB as (N, H, W, 3); models want (N, C, H, W).
     tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
-    return LabeledImages(normalise(tensor).contiguous(), torch.from_numpy(labels))
+    pixels, targets = normalise(tensor).contiguous(), torch.from_numpy(labels)
+    if record_ids == "index":
+        # Position in the official file: equal at every size, so a new size is not a fresh budget.
+        ids = np.asarray([f"{flag}/{split}/{i}" for i in range(len(images))])
+        return LabeledImages(pixels, targets, record_ids=ids)
+    if f"{split}_ids" in archive.files:
+        return LabeledImages(pixels, targets, record_ids=_stored_ids(file, f"{split}_ids", archive[f"{split}_ids"],
+                                                                     len(images)))
+    records = LabeledImages(pixels, targets)
+    ids, repeats = number_repeats(records.ids())
+    if repeats:
+        # Identical (image, label) records share a content id, yet DP-SGD uses every copy: number them.
+        logger.warning("%s: %d %s images repeat an earlier image with the same label; each copy is charged "
+                       "as a record of its own (store %s_ids to name them yourself)", file, repeats, split, split)
+        records = LabeledImages(pixels, targets, record_ids=ids)
+    return records
+
+
+def _stored_ids(file: Path, key: str, ids: np.ndarray, count: int) -> np.ndarray:
+    """The file's own record ids under ``key``, checked: one unique, non-empty string per image."""
+    if ids.ndim != 1 or ids.dtype.kind != "U":
+        raise DataError(f"{file}: {key} has shape {ids.shape} and dtype {ids.dtype}, expected ({count},) "
+                        f"strings (one record id per image); fix or remove {key}")
+    try:
+        return check_record_ids(ids, count)
+    except ValueError as exc:
+        raise DataError(f"{file}: {key} is unusable: {exc}; fix or remove {key}") from exc
 
 
 def _check_images(file: Path, split: str, images: np.ndarray, channels: int, size: int) -> None:

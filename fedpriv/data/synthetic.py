@@ -30,7 +30,8 @@ def make_synthetic(
 ) -> MedicalImageDataset:
     """``num_samples`` greyscale ``size x size`` images, half 'normal' and half 'opacity', split stratified.
 
-    The same arguments give the same images, labels and splits in every process.
+    The same arguments give the same images, labels, splits and record ids (content ids) in every
+    process.
     """
     check_fractions(val_fraction, test_fraction)
     if num_samples < 2 or size < 8:
@@ -43,6 +44,7 @@ def make_synthetic(
         _render(labels[start:start + _CHUNK], size, rng) for start in range(0, num_samples, _CHUNK)
     ])
     everything = LabeledImages(normalise(torch.from_numpy(pixels).unsqueeze(1)), torch.from_numpy(labels))
+    everything.ids()  # content ids, hashed once here and handed on to train/val/test by subset()
     train, val, test = stratified_split(labels, val_fraction, test_fraction, seed,
                                         where=f"the synthetic dataset (num_samples={num_samples})")
     dataset = MedicalImageDataset(

@@ -14,7 +14,13 @@ key                    meaning
 ``budget-epsilon``     its privacy budget over every use of the data (required, > 0)
 ``delta``              its delta (required, 0 < delta < 1)
 ``ledger``             path of its SQLite privacy ledger (required; the folder must exist)
+``ledger-key``         path of the key that authenticates its ledger (default: a file in
+                       ``$FEDPRIV_KEY_DIR`` or the user's config folder); keep it apart from
+                       the ledger's disk or OS user
 ``accountant``         ``prv`` (default) or ``rdp``
+``min-records``        fewest open records a round may use (default 10)
+``max-local-epochs``   most local epochs a server may ask for in one round (default 20)
+``min-noise-multiplier``  smallest fixed sigma a server may ask for (default 0.3)
 ``allow-non-private``  accept non-private rounds (epsilon = inf); default ``false``
 ``threads``            torch CPU threads for training (default: torch's choice)
 =====================  ======================================================================
@@ -38,21 +44,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpriv.errors import ConfigError, PrivacyError
-from fedpriv.privacy.ledger import folder_write_problem
+from fedpriv.privacy.store import folder_write_problem
 
 if TYPE_CHECKING:  # the ClientApp module imports this one lazily; avoid a cycle at import time
     from flwr.app import Context
 
-    from fedpriv.client_app import HospitalSite
     from fedpriv.config import FedprivConfig
     from fedpriv.data import LabeledImages
     from fedpriv.hospital import HospitalSettings
+    from fedpriv.site import HospitalSite
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "pneumoniamnist"
-KNOWN_KEYS = ("name", "data", "dataset", "budget-epsilon", "delta", "ledger", "accountant",
-              "allow-non-private", "threads")
+KNOWN_KEYS = ("name", "data", "dataset", "budget-epsilon", "delta", "ledger", "ledger-key", "accountant",
+              "allow-non-private", "threads", "min-records", "max-local-epochs", "min-noise-multiplier")
 REQUIRED_KEYS = ("name", "data", "budget-epsilon", "delta", "ledger")
 
 
@@ -69,6 +75,10 @@ class NodeSettings:
     accountant: str = "prv"
     allow_non_private: bool = False
     threads: int | None = None
+    ledger_key: Path | None = None
+    min_records: int = 10
+    max_local_epochs: int = 20
+    min_noise_multiplier: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,6 @@ class HospitalData:
 
     train: LabeledImages
     validation: LabeledImages
-    fingerprint: str
     in_channels: int
     num_classes: int
     image_size: int
@@ -179,9 +188,28 @@ def parse_node_config(config: Mapping[str, Any]) -> NodeSettings:
         check_accountant(accountant)
     except PrivacyError as error:
         raise ConfigError("accountant", accountant, str(error), _fix("accountant", '"prv"')) from None
+    key = config.get("ledger-key")
+    key_path = Path(_text(config, "ledger-key", '"/etc/fedpriv/ledger.key"')).expanduser().resolve() if key else None
+    if key_path is not None and key_path.parent == ledger.resolve().parent:
+        log.warning("ledger-key %s is in the ledger's own folder: whoever can write the ledger can then "
+                    "forge it; keep the key on another disk or under another user", key_path)
     return NodeSettings(name=name, data=data.resolve(), dataset=_dataset_flag(config), budget_epsilon=budget,
                         delta=delta, ledger=ledger.resolve(), accountant=accountant,
-                        allow_non_private=_flag(config, "allow-non-private"), threads=_threads(config))
+                        allow_non_private=_flag(config, "allow-non-private"), threads=_threads(config),
+                        ledger_key=key_path, min_records=_limit(config, "min-records", 10, 1),
+                        max_local_epochs=_limit(config, "max-local-epochs", 20, 1),
+                        min_noise_multiplier=float(_limit(config, "min-noise-multiplier", 0.3, 0.3, whole=False)))
+
+
+def _limit(config: Mapping[str, Any], key: str, default: float, lowest: float, whole: bool = True) -> Any:
+    """A hospital's own limit: absent means the default; it can never go below `lowest`."""
+    if config.get(key) in (None, ""):
+        return default
+    value = _number(config, key, str(default))
+    if value < lowest or (whole and value != int(value)):
+        kind = "a whole number" if whole else "a number"
+        raise ConfigError(key, config[key], f"must be {kind} >= {lowest:g}", _fix(key, str(default)))
+    return int(value) if whole else value
 
 
 def _npz_size(file: Path, flag: str) -> int:
@@ -197,21 +225,22 @@ def _npz_size(file: Path, flag: str) -> int:
 
 def load_hospital_data(settings: NodeSettings, image_size: int) -> HospitalData:
     """Load the hospital's records from `settings.data` (npz file, npz folder or image folder)."""
-    from fedpriv.data import dataset_fingerprint
     from fedpriv.data.imagefolder import load_image_folder
     from fedpriv.data.medmnist import load_medmnist, npz_filename
 
     data = settings.data
     if data.is_file():
-        dataset = load_medmnist(settings.dataset, _npz_size(data, settings.dataset), str(data.parent), False)
+        # Content ids: the hospital's own file may gain scans or be re-ordered; ids follow the images.
+        dataset = load_medmnist(settings.dataset, _npz_size(data, settings.dataset), str(data.parent), False,
+                                record_ids="content")
         train, validation = dataset.train, dataset.val
     elif (data / npz_filename(settings.dataset, image_size)).is_file():
-        dataset = load_medmnist(settings.dataset, image_size, str(data), False)
+        dataset = load_medmnist(settings.dataset, image_size, str(data), False, record_ids="content")
         train, validation = dataset.train, dataset.val
     else:
         dataset = load_image_folder(str(data), image_size)
         train, validation = dataset.train, dataset.val
-    return HospitalData(train, validation, dataset_fingerprint(train), dataset.in_channels,
+    return HospitalData(train, validation, dataset.in_channels,
                         dataset.num_classes, dataset.image_size, dataset.source)
 
 
@@ -258,7 +287,9 @@ def hospital_settings(settings: NodeSettings) -> HospitalSettings:
 
     return HospitalSettings(name=settings.name, budget_epsilon=settings.budget_epsilon, delta=settings.delta,
                             ledger_path=settings.ledger, accountant=settings.accountant,
-                            allow_non_private=settings.allow_non_private)
+                            allow_non_private=settings.allow_non_private, ledger_key=settings.ledger_key,
+                            min_records=settings.min_records, max_local_epochs=settings.max_local_epochs,
+                            min_noise_multiplier=settings.min_noise_multiplier)
 
 
 def deployed_site(context: Context) -> HospitalSite:
@@ -266,7 +297,7 @@ def deployed_site(context: Context) -> HospitalSite:
     import torch
 
     from fedpriv.app_config import config_from_run_config
-    from fedpriv.client_app import HospitalSite
+    from fedpriv.site import HospitalSite
 
     settings = parse_node_config(context.node_config)
     cfg = config_from_run_config(context.run_config)
@@ -274,5 +305,5 @@ def deployed_site(context: Context) -> HospitalSite:
         torch.set_num_threads(settings.threads)
     data = cached_hospital_data(settings, cfg.dataset.size, context.node_config)
     check_compatible(cfg, data)
-    return HospitalSite(hospital_settings(settings), data.train, data.validation, data.fingerprint, cfg,
+    return HospitalSite(hospital_settings(settings), data.train, data.validation, cfg,
                         data.in_channels, data.num_classes, data.image_size)

@@ -15,6 +15,7 @@ Layout under OUT::
                             val = the records it holds out for its own validation, test = the
                             test split)
     <hospital>/ledger/      its privacy ledger (ledger.db)
+    <hospital>/ledger-key/  the key that authenticates its ledger (and the chain's witness)
     <hospital>/supernode.log
 """
 
@@ -112,6 +113,7 @@ class RehearsalHospital:
     data: Path
     dataset: str
     ledger: Path
+    ledger_key: Path
     budget_epsilon: float
     delta: float
     port: int
@@ -126,7 +128,7 @@ class RehearsalHospital:
         """What this hospital's SuperNode gets as `--node-config`: its own settings only."""
         return {"name": self.name, "data": str(self.data), "dataset": self.dataset,
                 "budget-epsilon": float(self.budget_epsilon), "delta": float(self.delta),
-                "ledger": str(self.ledger), "threads": self.threads}
+                "ledger": str(self.ledger), "ledger-key": str(self.ledger_key), "threads": self.threads}
 
 
 @dataclass
@@ -187,9 +189,12 @@ class LocalFederation:
                                   "needs a non-empty val split", "use e.g. federation.local_val_fraction=0.1")
             write_share(data, flag, cfg.dataset.size, self.experiment.hospital_data(index), validation, test)
             (folder / "ledger").mkdir(parents=True, exist_ok=True)
+            # The ledger's key in a folder of its own (on a real machine: another disk or OS user).
+            (folder / "ledger-key").mkdir(parents=True, exist_ok=True, mode=0o700)
             keys = self.credentials.hospitals[hospital.name]
             self.hospitals.append(RehearsalHospital(
                 name=hospital.name, folder=folder, data=data, dataset=flag, ledger=folder / "ledger" / "ledger.db",
+                ledger_key=folder / "ledger-key" / "ledger.key",
                 budget_epsilon=float(budget), delta=hospital.delta, port=free_port(), private_key=keys.private_key,
                 public_key=keys.registered_key, ca_certificate=keys.ca_certificate, threads=self.threads))
         write_app(self.coordinator / "app")

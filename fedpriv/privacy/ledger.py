@@ -1,149 +1,118 @@
-"""The hospital's privacy ledger: every DP-SGD use of one dataset, enforced against its own budget.
+"""The hospital's privacy ledger: every use of every record, enforced record by record.
 
-A hospital decides how much privacy (epsilon, delta) it will ever spend on a dataset. Its node keeps
-one small SQLite database per dataset that records every DP-SGD use of the data, refuses training
-that would go over budget, and locks the dataset for good once the budget is spent. The budget
-holds across rounds, separate runs, concurrent processes and crashes:
+A hospital decides how much privacy (epsilon, delta) it will ever spend on each record it holds.
+Its node keeps one ledger (a SQLite file, :mod:`fedpriv.privacy.store`) that records every use of
+its data as an *event*: a DP-SGD stretch (noise multiplier, Poisson sample rate, steps, accountant,
+run, round, time) or a non-private round, together with the set of records it was drawn from
+(:mod:`fedpriv.privacy.records`). The budget holds across rounds, runs, restarts, repartitions and
+new data, because it belongs to the records:
 
-* **Accounting from history.** Epsilon is always recomputed from the whole ledger with an Opacus
-  accountant (:func:`fedpriv.privacy.accounting.epsilon`), never added up by hand.
-* **Write-ahead, fail closed.** :meth:`PrivacyLedger.charge` durably commits the planned spend as
-  ``charged`` *before* the first training step; :meth:`PrivacyLedger.confirm` records the steps
-  actually done afterwards. A node killed in between keeps the full charge: the ledger may
-  over-count, never under-count.
-* **One writer at a time.** The budget check and the insert happen in one ``BEGIN IMMEDIATE``
-  transaction, so two processes cannot both spend the last of a budget.
-* **Prospective enforcement and locking.** A charge whose projected epsilon exceeds the hospital's
-  budget is refused with :class:`~fedpriv.errors.BudgetExhausted` and the dataset is LOCKED
-  durably; every later charge is refused at once, without computing anything.
-* **Integrity.** Each entry stores a sha256 hash chained over the previous entry's hash and its own
-  fields, plus the cumulative epsilon after it. ``open`` and ``charge`` refuse a broken chain;
-  :meth:`PrivacyLedger.verify` also recomputes every cumulative epsilon. A corrupt or foreign file
-  raises :class:`~fedpriv.errors.LedgerError`; a ledger is never silently reset.
+* **Per-record accounting.** A record's epsilon is the composition of every event whose set held
+  it, computed by the accountant (:func:`fedpriv.privacy.accounting.epsilon`), never summed by hand.
+  Records with the same history are accounted once. A non-private event has epsilon = infinity.
+* **Per-record enforcement, before training.** :meth:`PrivacyLedger.charge` takes the hospital's
+  records and the planned round; records the round would take over the cap are left out of it,
+  and the sample rate is over the records that remain. Too few records left: the round is refused
+  with nothing written. A record is *exhausted* when less than :data:`SPENT_FRACTION` of its
+  budget is left, after any non-private use, or when the hospital locked it; it never trains
+  again. "Locked" means every record of a dataset is exhausted. New records start with a full
+  budget.
+* **Write-ahead, fail closed.** The charge is durably committed before the first training step;
+  :meth:`PrivacyLedger.confirm` records the steps actually done afterwards. A node killed in
+  between keeps the full charge: the ledger may over-count, never under-count. Check and charge
+  happen in one ``BEGIN IMMEDIATE`` transaction, so two processes cannot both spend the last of a
+  budget.
+* **Tamper-evident.** Every entry (the budget and each change to it, every event, every
+  confirmation and lock) is one link of a chain keyed with the hospital's secret
+  (:mod:`fedpriv.privacy.chain`), with a witness of the head kept next to the key: an edit,
+  insertion, deletion, truncation, reordering or an older copy of the file is detected, and the
+  hospital refuses to use the ledger. A ledger is never reset.
 
-Budgets only go down through a ledger: opening it with a lower budget records the lower one, a
-higher budget is ignored (with a warning), and a per-request ``max_epsilon`` (e.g. from the
-server) can only lower the cap of that request. Delta and the accountant are fixed when the ledger
-is created. A hospital that really wants to raise its own budget must deliberately start a *new*
-ledger file for the data (and should document why); nothing in fedpriv does that for it.
+Budgets only go down: opening a ledger with a lower budget appends that budget; a higher one is
+ignored (with a warning). A per-request cap can only lower a request's cap. Delta and the
+accountant are fixed when the ledger is created.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import math
-import operator
-import os
-import sqlite3
-import tempfile
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import numpy as np
+
 from fedpriv.errors import BudgetExhausted, LedgerError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon
+from fedpriv.privacy.chain import ChainKey, Witness, key_path_for
+from fedpriv.privacy.records import RecordSet, record_keys, signatures
+from fedpriv.privacy.store import (
+    BUSY_TIMEOUT_S,
+    SCHEMA_VERSION,
+    LedgerStore,
+    LegacyLedger,
+    create,
+    folder_write_problem,
+    now,
+    storage_error,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-# A competing process may hold the write lock while its accountant runs (PRV can take seconds).
-BUSY_TIMEOUT_S = 60.0
-CHARGED, CONFIRMED = "charged", "confirmed"
+__all__ = ["BUSY_TIMEOUT_S", "SCHEMA_VERSION", "SPENT_FRACTION", "BudgetStatus", "Charge", "LegacyLedger",
+           "LedgerEvent", "PrivacyLedger", "RecordBudgets", "VerifyReport", "folder_write_problem",
+           "read_ledger", "storage_error"]
+
+# A record with less than this fraction of its budget left is exhausted: spending the rest would
+# need absurd noise (sigma in the tens) for no useful training, and it is within the calibration's
+# own tolerance. This is the hospital's rule, independent of any request, so no request can
+# exhaust a record that a smaller, compliant request could still use.
+SPENT_FRACTION = 0.01
 # max_affordable_steps never searches beyond this many steps (no real round is that long).
 MAX_SEARCH_STEPS = 10**7
-# Recorded cumulative epsilons must recompute to within this relative error; the slack only
-# absorbs numerical noise between accountant versions (tampered fields break the hash anyway).
-EPSILON_REL_TOL = 1e-3
 
-_SCHEMA = """
-CREATE TABLE meta (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    schema_version INTEGER NOT NULL,
-    fingerprint TEXT NOT NULL,
-    budget_epsilon REAL NOT NULL,
-    initial_budget_epsilon REAL NOT NULL,
-    delta REAL NOT NULL,
-    accountant TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    locked_at TEXT,
-    lock_reason TEXT,
-    head_hash TEXT NOT NULL,
-    entry_count INTEGER NOT NULL
-);
-CREATE TABLE entries (
-    id INTEGER PRIMARY KEY,
-    run_id TEXT NOT NULL,
-    "round" INTEGER NOT NULL,
-    noise_multiplier REAL NOT NULL,
-    sample_rate REAL NOT NULL,
-    steps INTEGER NOT NULL CHECK (steps >= 0),
-    accountant TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('charged', 'confirmed')),
-    created_at TEXT NOT NULL,
-    epsilon_after REAL NOT NULL,
-    entry_hash TEXT NOT NULL,
-    charged_steps INTEGER NOT NULL CHECK (charged_steps >= steps)
-);
-CREATE TABLE audit (
-    id INTEGER PRIMARY KEY,
-    at TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-"""
-_META_COLUMNS = (
-    "schema_version", "fingerprint", "budget_epsilon", "initial_budget_epsilon", "delta",
-    "accountant", "created_at", "locked_at", "lock_reason", "head_hash", "entry_count",
-)
-_AUDIT_COLUMNS = ("id", "at", "kind", "detail")
+OPEN, BUDGET, CHARGE, CONFIRM, EXHAUST = "open", "budget", "charge", "confirm", "exhaust"
+_KINDS = (OPEN, BUDGET, CHARGE, CONFIRM, EXHAUST)
 
 
 @dataclass(frozen=True)
-class LedgerEntry:
-    """One DP-SGD use of the dataset, as stored in the ledger.
-
-    ``status`` is ``'charged'`` (written before training; counts in full) or ``'confirmed'``
-    (``steps`` are the steps actually done). ``epsilon_after`` is the cumulative epsilon of this and
-    every earlier entry, by the ledger's accountant. ``charged_steps`` keeps the steps originally
-    charged, so an audit can see what a confirmation gave back.
-    """
+class LedgerEvent:
+    """One use of the data: a charge, with the steps confirmed after training (or all it charged)."""
 
     id: int
     run_id: str
     round: int
-    noise_multiplier: float
+    hospital: str
+    noise_multiplier: float  # 0 for a non-private round
     sample_rate: float
     steps: int
-    accountant: str
-    status: str
-    created_at: str
-    epsilon_after: float
-    entry_hash: str
     charged_steps: int
+    accountant: str
+    private: bool
+    confirmed: bool
+    created_at: str
+    record_set: str  # digest of the set of records it was drawn from
+    set_size: int
 
     def event(self) -> PrivacyEvent:
-        """The privacy event this entry accounts for."""
         return PrivacyEvent(self.noise_multiplier, self.sample_rate, self.steps)
 
-
-_ENTRY_COLUMNS = tuple(field.name for field in fields(LedgerEntry))
-_ENTRY_TYPES: dict[str, type] = {
-    "id": int, "run_id": str, "round": int, "noise_multiplier": float, "sample_rate": float,
-    "steps": int, "accountant": str, "status": str, "created_at": str, "epsilon_after": float,
-    "entry_hash": str, "charged_steps": int,
-}
+    @property
+    def status(self) -> str:
+        return "confirmed" if self.confirmed else "charged"
 
 
 @dataclass(frozen=True)
 class BudgetStatus:
-    """Where a dataset's budget stands: epsilon spent at ``delta`` out of ``budget_epsilon``."""
+    """Where a set of records stands. ``epsilon_spent`` is the largest epsilon of any of them.
+
+    ``remaining`` is what a compliant round could still spend on the records that are not
+    exhausted (the most any of them has left); ``locked`` means every record is exhausted.
+    """
 
     epsilon_spent: float
     delta: float
@@ -151,16 +120,57 @@ class BudgetStatus:
     remaining: float
     locked: bool
     accountant: str
+    records: int = 0
+    exhausted: int = 0
+    epsilon_median: float = 0.0
+    epsilon_min: float = 0.0
+    chain_length: int = 0
+    chain_head: str = ""
 
-    def as_metrics(self) -> dict[str, float | int]:
-        """Flat metrics for Flower (``locked`` is the int 0 or 1, as metric values are numbers)."""
-        return {
-            "epsilon": float(self.epsilon_spent),
-            "delta": float(self.delta),
-            "budget-epsilon": float(self.budget_epsilon),
-            "remaining-epsilon": float(self.remaining),
-            "locked": int(self.locked),
-        }
+
+@dataclass(frozen=True)
+class RecordBudgets:
+    """Per-record epsilon (same order as the records asked about) and which are exhausted."""
+
+    keys: np.ndarray
+    epsilon: np.ndarray
+    exhausted: np.ndarray
+    budget_epsilon: float
+    delta: float
+    accountant: str
+    chain_length: int
+    chain_head: str
+
+    def status(self) -> BudgetStatus:
+        n = len(self.epsilon)
+        open_records = ~self.exhausted
+        remaining = float(max(0.0, self.budget_epsilon - self.epsilon[open_records].min())) if open_records.any() else 0.0
+        return BudgetStatus(
+            epsilon_spent=float(self.epsilon.max()) if n else 0.0, delta=self.delta,
+            budget_epsilon=self.budget_epsilon, remaining=remaining, locked=bool(n and self.exhausted.all()),
+            accountant=self.accountant, records=n, exhausted=int(self.exhausted.sum()),
+            epsilon_median=float(np.median(self.epsilon)) if n else 0.0,
+            epsilon_min=float(self.epsilon.min()) if n else 0.0,
+            chain_length=self.chain_length, chain_head=self.chain_head)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A committed charge: which of the offered records the round may use, and at what rate."""
+
+    entry_id: int
+    selected: np.ndarray  # boolean mask over the records offered to `charge`
+    event: PrivacyEvent
+    projected_epsilon: float  # the largest epsilon of a selected record after the whole charge
+    private: bool
+
+    @property
+    def sample_rate(self) -> float:
+        return self.event.sample_rate
+
+    @property
+    def num_records(self) -> int:
+        return int(self.selected.sum())
 
 
 @dataclass(frozen=True)
@@ -169,42 +179,41 @@ class VerifyReport:
 
     ok: bool
     problems: list[str]
-    recomputed_epsilon: float
-    recorded_epsilon: float
+    entries: int
+    events: int
 
 
-@dataclass(frozen=True)
-class _Meta:
-    """The ledger's single meta row."""
+@dataclass
+class _History:
+    """The ledger's state, replayed from its entries."""
 
-    schema_version: int
-    fingerprint: str
-    budget_epsilon: float
-    initial_budget_epsilon: float
-    delta: float
-    accountant: str
-    created_at: str
-    locked_at: str | None
-    lock_reason: str | None
-    head_hash: str
-    entry_count: int
+    budget_epsilon: float = math.nan
+    initial_budget_epsilon: float = math.nan
+    delta: float = math.nan
+    accountant: str = ""
+    created_at: str = ""
+    events: dict[int, LedgerEvent] = field(default_factory=dict)
+    locks: list[tuple[str, str, str]] = field(default_factory=list)  # (set digest, reason, at)
+    length: int = 0
+    head: str = ""
+
+    def status_fields(self) -> dict[str, Any]:
+        return {"budget_epsilon": self.budget_epsilon, "delta": self.delta, "accountant": self.accountant,
+                "chain_length": self.length, "chain_head": self.head}
 
 
 class PrivacyLedger:
-    """The privacy ledger of one hospital dataset (see the module docstring).
+    """The privacy ledger of one hospital (see the module docstring).
 
-    Create or open one with :meth:`open`; :func:`read_ledger` opens an existing one for inspection
-    only. A ledger holds one SQLite connection; it is safe to share between threads of a process,
-    and any number of processes may use the same file.
+    Create or open one with :meth:`open`; :func:`read_ledger` opens one for inspection only. Safe to
+    share between threads of a process; any number of processes may use the same file.
     """
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, *, read_only: bool) -> None:
-        """Wrap an opened, structurally checked connection; use :meth:`open` or :func:`read_ledger`."""
-        self.path = path
-        self._conn: sqlite3.Connection | None = conn
+    def __init__(self, store: LedgerStore, key: ChainKey | None, *, read_only: bool) -> None:
+        self._store = store
+        self._key = key
         self._read_only = read_only
-        self._mutex = threading.RLock()
-        self.fingerprint = ""
+        self.path = store.path
         self.budget_epsilon = math.nan
         self.delta = math.nan
         self.accountant = ""
@@ -213,41 +222,41 @@ class PrivacyLedger:
 
     @classmethod
     def open(
-        cls,
-        path: str | Path,
-        *,
-        fingerprint: str,
-        budget_epsilon: float,
-        delta: float,
-        accountant: str = "prv",
+        cls, path: str | Path, *, budget_epsilon: float, delta: float, accountant: str = "prv",
+        key_path: str | Path | None = None,
     ) -> PrivacyLedger:
-        """Open the ledger at ``path`` for the data with ``fingerprint``, creating it if missing.
+        """Open the ledger at ``path``, creating it (and its key) if neither exists.
 
-        A new ledger stores this budget, delta and accountant. An existing one must protect the
-        same data (else :class:`LedgerError`), keeps its delta and accountant, and only ever takes
-        the lower of the stored and the given budget.
+        A new ledger records this budget, delta and accountant. An existing one keeps its delta and
+        accountant and only ever takes the lower of the stored and the given budget. A ledger whose
+        key is missing, or a missing ledger whose key and witness exist, is refused (LedgerError).
         """
-        _check_settings(fingerprint, budget_epsilon, delta, accountant)
+        _check_settings(budget_epsilon, delta, accountant)
         path = Path(path)
+        key_file = Path(key_path) if key_path else key_path_for(path)
         if not path.exists():
-            try:
-                _create(path, fingerprint, budget_epsilon, delta, accountant)
-            except (OSError, sqlite3.Error) as exc:
-                raise storage_error(path, exc, "create") from exc
-        ledger = cls(path, _connect(path), read_only=False)
+            key = _key_for_new_ledger(path, key_file)
+            create(path, uuid.uuid4().hex)
+        else:
+            if not key_file.is_file():
+                raise LedgerError(
+                    f"ledger {path} exists but its key {key_file} does not; refusing to use a ledger whose "
+                    "entries cannot be authenticated. Fix: restore the key file (or point ledger-key at it)",
+                    reason="its ledger key is missing")
+            key = ChainKey.load(key_file)
+        ledger = cls(LedgerStore.open(path), key, read_only=False)
         try:
-            ledger._adopt(fingerprint, budget_epsilon, delta, accountant)
+            ledger._adopt(float(budget_epsilon), float(delta), accountant)
+            report = ledger.verify()  # a node never starts on a ledger whose record sets were altered
+            if not report.ok:
+                raise LedgerError(report.problems[0], reason="its privacy ledger failed its integrity check")
         except BaseException:
             ledger.close()
             raise
         return ledger
 
     def close(self) -> None:
-        """Close the database connection (idempotent)."""
-        with self._mutex:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._store.close()
 
     def __enter__(self) -> Self:
         return self
@@ -258,118 +267,112 @@ class PrivacyLedger:
     def __repr__(self) -> str:
         return f"PrivacyLedger({str(self.path)!r}, budget_epsilon={self.budget_epsilon}, delta={self.delta})"
 
-    def _adopt(self, fingerprint: str, budget_epsilon: float, delta: float, accountant: str) -> None:
-        """Check that this ledger protects ``fingerprint``'s data and apply the caller's settings."""
-        with self._transaction() as conn:
-            meta = self._load_meta(conn)
-            if meta.fingerprint != fingerprint:
-                raise LedgerError(
-                    f"ledger {self.path} protects other data (fingerprint {meta.fingerprint[:16]}..., "
-                    f"not {fingerprint[:16]}...); use the ledger of this dataset or a new ledger path",
-                    reason="its ledger path holds another dataset's ledger (two datasets cannot share one)",
-                )
-            self._verified_entries(conn, meta)
-            if budget_epsilon < meta.budget_epsilon:
-                self._lower_budget(conn, meta.budget_epsilon, budget_epsilon)
-                meta = self._load_meta(conn)
-        self._warn_on_ignored_settings(meta, budget_epsilon, delta, accountant)
-
-    def _lower_budget(self, conn: sqlite3.Connection, old: float, new: float) -> None:
-        conn.execute("UPDATE meta SET budget_epsilon = ? WHERE id = 1", (new,))
-        _audit(conn, "budget-lowered", f"budget epsilon lowered from {old:g} to {new:g}")
-        log.info("ledger %s: budget epsilon lowered from %g to %g", self.path, old, new)
-
-    def _warn_on_ignored_settings(self, meta: _Meta, budget: float, delta: float, accountant: str) -> None:
-        if budget > meta.budget_epsilon:
-            log.warning(
-                "ledger %s: requested budget epsilon %g is higher than the ledger's %g; keeping %g "
-                "(a budget only goes down through its ledger; raising it needs a new ledger)",
-                self.path, budget, meta.budget_epsilon, meta.budget_epsilon,
-            )
-        if delta != meta.delta:
-            log.warning(
-                "ledger %s: delta is fixed at %g when created; ignoring %g", self.path, meta.delta, delta
-            )
-        if accountant != meta.accountant:
-            log.warning(
-                "ledger %s: accountant is fixed at %r when created; ignoring %r",
-                self.path, meta.accountant, accountant,
-            )
+    def _adopt(self, budget_epsilon: float, delta: float, accountant: str) -> None:
+        with self._store.transaction() as conn:
+            history = self._history(conn)
+            if history.length == 0:
+                body = {"budget_epsilon": budget_epsilon, "delta": delta, "accountant": accountant}
+                history = self._append(conn, history, OPEN, body)
+                log.info("created privacy ledger %s (budget epsilon %g per record at delta %g, %s)",
+                         self.path, budget_epsilon, delta, accountant)
+            elif budget_epsilon < history.budget_epsilon:
+                old = history.budget_epsilon
+                history = self._append(conn, history, BUDGET, {"budget_epsilon": budget_epsilon})
+                log.info("ledger %s: budget epsilon lowered from %g to %g", self.path, old, budget_epsilon)
+        self._after_write(history)
+        if budget_epsilon > history.budget_epsilon:
+            log.warning("ledger %s: requested budget epsilon %g is higher than the ledger's %g; keeping %g "
+                        "(a budget only goes down through its ledger; raising it needs a new ledger)",
+                        self.path, budget_epsilon, history.budget_epsilon, history.budget_epsilon)
+        if delta != history.delta:
+            log.warning("ledger %s: delta is fixed at %g when created; ignoring %g", self.path, history.delta, delta)
+        if accountant != history.accountant:
+            log.warning("ledger %s: accountant is fixed at %r when created; ignoring %r",
+                        self.path, history.accountant, accountant)
 
     # ----------------------------------------------------------------- reading
 
-    def entries(self) -> list[LedgerEntry]:
-        """Every entry, oldest first."""
-        with self._read() as conn:
-            return _load_entries(conn)
+    def events(self) -> list[LedgerEvent]:
+        """Every use of the data, oldest first (a charged, unconfirmed event counts in full)."""
+        with self._store.transaction("DEFERRED") as conn:
+            return list(self._history(conn).events.values())
 
-    def events(self) -> list[PrivacyEvent]:
-        """The privacy events of every entry, oldest first (charged entries count in full)."""
-        return [entry.event() for entry in self.entries()]
+    def budgets(self, record_ids: Sequence[str] | np.ndarray | None = None, *,
+                budget: float | None = None) -> RecordBudgets:
+        """Per-record epsilon and exhaustion of ``record_ids`` (default: every record the ledger knows).
 
-    def status(self) -> BudgetStatus:
-        """Epsilon spent so far (recomputed from the whole history), the budget and the lock."""
-        with self._read() as conn:
-            meta = self._load_meta(conn)
-            history = [entry.event() for entry in _load_entries(conn)]
-        spent = self._epsilon(history, meta)
-        return BudgetStatus(
-            epsilon_spent=spent,
-            delta=meta.delta,
-            budget_epsilon=meta.budget_epsilon,
-            remaining=max(0.0, meta.budget_epsilon - spent),
-            locked=meta.locked_at is not None,
-            accountant=meta.accountant,
-        )
+        ``budget`` is the caller's own budget where it is below the ledger's (several simulated
+        hospitals share one ledger, each with its budget): records are exhausted against the lower.
+        """
+        with self._store.transaction("DEFERRED") as conn:
+            history = self._history(conn)
+            if record_ids is None:
+                keys = self._known_keys(conn)
+            else:
+                keys = record_keys(record_ids)
+            return self._budgets(conn, history, keys, budget=budget)
 
-    @property
-    def locked(self) -> bool:
-        """Whether the dataset is locked for good (read from the database, so other processes count)."""
-        return self.lock_info is not None
+    def status(self, record_ids: Sequence[str] | np.ndarray | None = None, *,
+               budget: float | None = None) -> BudgetStatus:
+        """Where ``record_ids`` (default: every known record) stand: largest epsilon, exhausted, locked."""
+        return self.budgets(record_ids, budget=budget).status()
 
-    @property
-    def lock_info(self) -> tuple[str, str] | None:
-        """``(locked_at, reason)`` if the dataset is locked, else ``None``."""
-        with self._read() as conn:
-            meta = self._load_meta(conn)
-        if meta.locked_at is None:
-            return None
-        return meta.locked_at, meta.lock_reason or ""
+    def record_history(self, record_id: str) -> tuple[list[LedgerEvent], float, bool, int | None]:
+        """One record's events, its epsilon, whether it is exhausted, and the entry that first saw it."""
+        with self._store.transaction("DEFERRED") as conn:
+            history = self._history(conn)
+            keys = record_keys([record_id])
+            budgets = self._budgets(conn, history, keys)
+            seen = self._store.record_id(conn, int(keys[0]))
+            events = [e for e in history.events.values()
+                      if self._store.load_set(conn, e.record_set).contains(keys)[0]]
+        return events, float(budgets.epsilon[0]), bool(budgets.exhausted[0]), (seen[1] if seen else None)
 
-    def projected_epsilon(self, planned: PrivacyEvent) -> float:
-        """The epsilon the whole history plus ``planned`` would reach."""
-        with self._read() as conn:
-            meta = self._load_meta(conn)
-            history = [entry.event() for entry in _load_entries(conn)]
-        return self._epsilon([*history, planned], meta)
+    def calibration_history(self, record_ids: Sequence[str] | np.ndarray, *,
+                            budget: float | None = None) -> tuple[list[PrivacyEvent], int]:
+        """The history of the most-spent record that is not exhausted, and how many are not exhausted.
+
+        "auto" sigma is calibrated on it, so that every record still open fits the planned rounds
+        (records with less history keep the difference for later).
+        """
+        with self._store.transaction("DEFERRED") as conn:
+            history = self._history(conn)
+            keys = record_keys(record_ids)
+            patterns, inverse, pattern_events = self._patterns(conn, history, keys)
+            budgets = self._budgets(conn, history, keys, (patterns, inverse, pattern_events), budget=budget)
+        open_records = ~budgets.exhausted
+        if not open_records.any():
+            return [], 0
+        worst = int(np.argmax(np.where(open_records, budgets.epsilon, -np.inf)))
+        return pattern_events[inverse[worst]], int(open_records.sum())
 
     def max_affordable_steps(
-        self, noise_multiplier: float, sample_rate: float, *, max_epsilon: float | None = None
+        self, record_ids: Sequence[str] | np.ndarray, *, noise_multiplier: float, batch_size: int,
+        max_epsilon: float | None = None, budget: float | None = None,
     ) -> int:
-        """The largest number of steps at (sigma, q) keeping the total within the cap; 0 if none.
+        """The most steps at this sigma that every open record can still afford; 0 if none.
 
-        The cap is the budget, or ``max_epsilon`` where that is lower. Found by bisection over the
-        steps count with the accountant; the result is capped at :data:`MAX_SEARCH_STEPS`. A locked
-        ledger affords nothing.
-
-        For the "train what still fits, then lock" mode: ``charge`` these steps, train them, then
-        ``lock``. It is advice, not a reservation: if another process spends in between, the
-        charge is refused (and locks) as usual.
+        Advice for "train what still fits, then lock", not a reservation: the charge re-checks.
         """
-        PrivacyEvent(noise_multiplier, sample_rate, 1)  # validates sigma and q
         _check_max_epsilon(max_epsilon)
-        with self._read() as conn:
-            meta = self._load_meta(conn)
-            history = [entry.event() for entry in _load_entries(conn)]
-        if meta.locked_at is not None:
+        with self._store.transaction("DEFERRED") as conn:
+            history = self._history(conn)
+            keys = record_keys(record_ids)
+            grouping = self._patterns(conn, history, keys)
+            budgets = self._budgets(conn, history, keys, grouping, budget=budget)
+        _, inverse, pattern_events = grouping
+        open_records = ~budgets.exhausted
+        if open_records.sum() < batch_size:
             return 0
-        cap = _cap(meta.budget_epsilon, max_epsilon)
+        sample_rate = batch_size / int(open_records.sum())
+        cap = _cap(budgets.budget_epsilon, max_epsilon)
+        groups = sorted(set(inverse[open_records].tolist()))
 
         def fits(steps: int) -> bool:
             planned = PrivacyEvent(noise_multiplier, sample_rate, steps)
             try:
-                return self._epsilon([*history, planned], meta) <= cap
-            except PrivacyError:  # an accountant failure is treated as "does not fit" (fail closed)
+                return all(self._epsilon([*pattern_events[g], planned], history) <= cap for g in groups)
+            except PrivacyError:  # an accountant failure counts as "does not fit" (fail closed)
                 return False
 
         return _largest_fitting(fits)
@@ -377,307 +380,329 @@ class PrivacyLedger:
     # ----------------------------------------------------------------- spending
 
     def charge(
-        self, planned: PrivacyEvent, *, run_id: str, round: int, max_epsilon: float | None = None
-    ) -> LedgerEntry:
-        """Durably charge ``planned`` before training it; refuse if it would go over the cap.
+        self, record_ids: Sequence[str] | np.ndarray, *, noise_multiplier: float | None, batch_size: int,
+        steps: int, run_id: str, round: int, hospital: str = "", max_epsilon: float | None = None,
+        min_records: int = 1, budget: float | None = None,
+    ) -> Charge:
+        """Durably charge a round on the records of ``record_ids`` that can afford it, before training.
 
-        The cap is the hospital's budget, or ``max_epsilon`` where that is lower (a higher
-        ``max_epsilon`` is ignored). Going over the budget raises :class:`BudgetExhausted` and locks
-        the dataset; going over only a lower ``max_epsilon`` refuses this request without locking.
-        A locked ledger refuses at once. A broken hash chain raises :class:`LedgerError`.
+        ``noise_multiplier=None`` is a non-private round: every open record takes part and is
+        exhausted by it (epsilon = infinity). A private round leaves out the records it would take
+        over the cap (the budget, or ``max_epsilon`` where lower) and samples at
+        ``batch_size / records left``. Fewer than ``max(min_records, batch_size)`` records left:
+        :class:`BudgetExhausted`, and nothing is written.
         """
         self._check_writable()
-        round = _check_request(planned, run_id, round, max_epsilon)
-        with self._transaction() as conn:
-            outcome = self._charge_in(conn, planned, run_id, round, max_epsilon)
-        # Raised only after COMMIT, so a lock decided by this refusal is durable.
-        if isinstance(outcome, str):
-            raise BudgetExhausted(outcome)
-        log.info(
-            "ledger %s: charged run %s round %d: %d steps at sigma %g, q %g; epsilon now %.4g of %g",
-            self.path, run_id, round, planned.steps, planned.noise_multiplier, planned.sample_rate,
-            outcome.epsilon_after, self.budget_epsilon,
-        )
-        return outcome
-
-    def _charge_in(
-        self, conn: sqlite3.Connection, planned: PrivacyEvent, run_id: str, round: int,
-        max_epsilon: float | None,
-    ) -> LedgerEntry | str:
-        """Inside the write transaction: append the charge, or return the refusal message."""
-        meta = self._load_meta(conn)
-        if meta.locked_at is not None:
-            return self._locked_refusal(conn, meta)
-        entries = self._verified_entries(conn, meta)
-        history = [entry.event() for entry in entries]
-        projected = self._epsilon([*history, planned], meta)
-        cap = _cap(meta.budget_epsilon, max_epsilon)
-        if projected <= cap:
-            return self._append(conn, meta, planned, run_id, round, projected)
-        spent = self._epsilon(history, meta)
-        if projected <= meta.budget_epsilon:
-            return (
-                f"privacy budget exhausted for this request: run {run_id} round {round} would reach "
-                f"epsilon {projected:.4g} > the request's cap {max_epsilon:g}; epsilon spent so far "
-                f"{spent:.4g} of the hospital's budget {meta.budget_epsilon:g} (delta {meta.delta:g}); "
-                "the ledger stays open"
-            )
-        reason = (
-            f"run {run_id} round {round} would reach epsilon {projected:.4g} "
-            f"> budget {meta.budget_epsilon:g}"
-        )
-        self._set_locked(conn, reason)
-        return (
-            f"privacy budget exhausted: epsilon spent so far {spent:.4g} of budget "
-            f"{meta.budget_epsilon:g} (delta {meta.delta:g}); {planned.steps} more steps would reach "
-            f"{projected:.4g}. Dataset {meta.fingerprint[:12]} is now LOCKED in ledger {self.path}"
-        )
-
-    def _locked_refusal(self, conn: sqlite3.Connection, meta: _Meta) -> str:
-        """The refusal of a locked ledger, from stored values only (nothing is recomputed)."""
-        row = conn.execute("SELECT epsilon_after FROM entries ORDER BY id DESC LIMIT 1").fetchone()
-        spent = float(row[0]) if row else 0.0
-        return (
-            f"privacy budget exhausted: dataset {meta.fingerprint[:12]} is LOCKED since "
-            f"{meta.locked_at} ({meta.lock_reason}); epsilon spent {spent:.4g} of budget "
-            f"{meta.budget_epsilon:g} (delta {meta.delta:g}) per ledger {self.path}"
-        )
-
-    def _append(
-        self, conn: sqlite3.Connection, meta: _Meta, planned: PrivacyEvent, run_id: str, round: int,
-        projected: float,
-    ) -> LedgerEntry:
-        entry = LedgerEntry(
-            id=meta.entry_count + 1, run_id=run_id, round=round,
-            noise_multiplier=float(planned.noise_multiplier), sample_rate=float(planned.sample_rate),
-            steps=int(planned.steps), accountant=meta.accountant, status=CHARGED, created_at=_now(),
-            epsilon_after=float(projected), entry_hash="", charged_steps=int(planned.steps),
-        )
-        entry = replace(entry, entry_hash=_chain_hash(meta.head_hash, entry))
-        placeholders = ", ".join("?" for _ in _ENTRY_COLUMNS)
-        conn.execute(
-            f"INSERT INTO entries ({_entry_column_list()}) VALUES ({placeholders})", _entry_row(entry)
-        )
-        conn.execute(
-            "UPDATE meta SET head_hash = ?, entry_count = ? WHERE id = 1", (entry.entry_hash, entry.id)
-        )
-        return entry
-
-    def confirm(self, entry: LedgerEntry | int, *, steps_done: int) -> LedgerEntry:
-        """Record that the charged entry trained ``steps_done`` steps (at most the charged steps).
-
-        Confirming fewer steps recomputes the cumulative epsilon of this and every later entry and
-        re-chains their hashes. Confirming again with the same steps is a no-op.
-        """
-        self._check_writable()
-        if isinstance(entry, LedgerEntry):
-            entry_id = entry.id
-        else:
-            entry_id = _non_negative_int("entry", entry, LedgerError)
-        steps_done = _non_negative_int("steps_done", steps_done, LedgerError)
-        with self._transaction() as conn:
-            meta = self._load_meta(conn)
-            entries = self._verified_entries(conn, meta)
-            confirmed = self._confirm_in(conn, meta, entries, entry_id, steps_done)
-        log.info("ledger %s: confirmed entry %d with %d steps", self.path, entry_id, steps_done)
-        return confirmed
-
-    def _confirm_in(
-        self, conn: sqlite3.Connection, meta: _Meta, entries: list[LedgerEntry], entry_id: int,
-        steps_done: int,
-    ) -> LedgerEntry:
-        index = next((i for i, e in enumerate(entries) if e.id == entry_id), None)
-        if index is None:
-            raise LedgerError(f"ledger {self.path} has no entry {entry_id}")
-        target = entries[index]
-        if target.status == CONFIRMED:
-            if target.steps == steps_done:
-                return target
-            raise LedgerError(f"entry {entry_id} is already confirmed with {target.steps} steps")
-        if steps_done > target.charged_steps:
-            raise LedgerError(
-                f"entry {entry_id} charged {target.charged_steps} steps; cannot confirm {steps_done} "
-                "(charge more steps before training them)"
-            )
-        entries[index] = replace(target, steps=steps_done, status=CONFIRMED)
-        rewritten = self._rechain(meta, entries, index, recompute=steps_done != target.steps)
-        for changed in rewritten:
-            conn.execute(
-                "UPDATE entries SET steps = ?, status = ?, epsilon_after = ?, entry_hash = ? WHERE id = ?",
-                (changed.steps, changed.status, changed.epsilon_after, changed.entry_hash, changed.id),
-            )
-        conn.execute("UPDATE meta SET head_hash = ? WHERE id = 1", (rewritten[-1].entry_hash,))
-        return rewritten[0]
-
-    def _rechain(
-        self, meta: _Meta, entries: list[LedgerEntry], start: int, *, recompute: bool
-    ) -> list[LedgerEntry]:
-        """Entries ``start..`` with fresh hashes (and cumulative epsilons if steps changed)."""
-        previous = entries[start - 1].entry_hash if start else _genesis_hash(meta.fingerprint)
-        history = [entry.event() for entry in entries]
-        rewritten = []
-        for position in range(start, len(entries)):
-            entry = entries[position]
-            if recompute:
-                entry = replace(entry, epsilon_after=self._epsilon(history[: position + 1], meta))
-            entry = replace(entry, entry_hash=_chain_hash(previous, entry))
-            rewritten.append(entry)
-            previous = entry.entry_hash
-        return rewritten
-
-    def lock(self, reason: str) -> None:
-        """Lock the dataset for good (durably); later charges are refused. Idempotent."""
-        self._check_writable()
-        with self._transaction() as conn:
-            meta = self._load_meta(conn)
-            if meta.locked_at is None:
-                self._set_locked(conn, reason)
+        if not isinstance(run_id, str) or not run_id:
+            raise PrivacyError(f"run_id must be a non-empty string, got {run_id!r}")
+        round = _non_negative_int("round", round, PrivacyError)
+        if steps < 1 or batch_size < 1:
+            raise PrivacyError(f"a charge needs at least one step and a batch of one, got {steps} and {batch_size}")
+        _check_max_epsilon(max_epsilon)
+        ids = np.asarray(record_ids, dtype=str)
+        keys = record_keys(ids)
+        if len(np.unique(keys)) != len(keys):
+            # A record offered twice would be sampled twice as often as it is charged for.
+            raise PrivacyError("a charge needs distinct records; the same record id (or key) appears twice")
+        with self._store.transaction() as conn:
+            history = self._history(conn)
+            outcome = self._select(conn, history, keys, noise_multiplier, batch_size, steps, max_epsilon,
+                                   min_records, budget)
+            if isinstance(outcome, str):
+                refusal = outcome
             else:
-                log.info("ledger %s is already locked since %s", self.path, meta.locked_at)
+                selected, event, projected = outcome
+                chosen = RecordSet.of(keys[selected])
+                self._store.save_set(conn, chosen)
+                body = {"run_id": run_id, "round": round, "hospital": hospital, "private": noise_multiplier is not None,
+                        "noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
+                        "steps": event.steps, "accountant": history.accountant, "record_set": chosen.digest,
+                        "set_size": len(chosen), "projected_epsilon": projected}
+                history = self._append(conn, history, CHARGE, body)
+                self._store.add_records(conn, keys, ids, history.length)
+                refusal = None
+        if refusal is not None:
+            raise BudgetExhausted(refusal)
+        self._after_write(history)
+        log.info("ledger %s: charged run %s round %d (%s): %d steps at sigma %g, q %.4g on %d of %d records; "
+                 "largest epsilon now %.4g of %g", self.path, run_id, round, hospital or "-", event.steps,
+                 event.noise_multiplier, event.sample_rate, int(selected.sum()), len(keys), projected,
+                 history.budget_epsilon)
+        return Charge(history.length, selected, event, projected, noise_multiplier is not None)
 
-    def _set_locked(self, conn: sqlite3.Connection, reason: str) -> None:
-        conn.execute("UPDATE meta SET locked_at = ?, lock_reason = ? WHERE id = 1", (_now(), reason))
-        _audit(conn, "locked", reason)
-        log.warning("ledger %s: dataset LOCKED: %s", self.path, reason)
+    def _select(self, conn, history: _History, keys: np.ndarray, sigma: float | None, batch_size: int,
+                steps: int, max_epsilon: float | None, min_records: int, budget: float | None):
+        """Inside the write transaction: the records that can afford the round, or why none can."""
+        grouping = self._patterns(conn, history, keys)
+        budgets = self._budgets(conn, history, keys, grouping, budget=budget)
+        _, inverse, pattern_events = grouping
+        selected = ~budgets.exhausted
+        needed = max(min_records, batch_size, 1)
+        cap = _cap(budgets.budget_epsilon, max_epsilon)
+        while True:
+            left = int(selected.sum())
+            if left < needed:
+                return self._refusal(budgets, left, needed, cap)
+            event = PrivacyEvent(0.0 if sigma is None else float(sigma), batch_size / left, steps)
+            if sigma is None:
+                return selected, event, math.inf
+            projected = np.full(len(keys), math.inf)
+            for group in set(inverse[selected].tolist()):
+                try:
+                    value = self._epsilon([*pattern_events[group], event], history)
+                except PrivacyError:
+                    value = math.inf  # an accountant failure: these records do not fit (fail closed)
+                projected[inverse == group] = value
+            fits = selected & (projected <= cap)
+            if fits.sum() == left:
+                return selected, event, float(projected[selected].max())
+            selected = fits  # fewer records raise the sample rate: check the rest again
+
+    def _refusal(self, budgets: RecordBudgets, left: int, needed: int, cap: float) -> str:
+        status = budgets.status()
+        if status.locked:
+            return (f"privacy budget exhausted: every one of the {status.records} records is exhausted "
+                    f"(largest epsilon {status.epsilon_spent:.4g} of budget {status.budget_epsilon:g}, "
+                    f"delta {status.delta:g}); the dataset is LOCKED in ledger {self.path}")
+        return (f"privacy budget exhausted for this request: only {left} of {status.records} records could afford "
+                f"it within epsilon {cap:g} ({status.exhausted} exhausted), and a round needs at least {needed}; "
+                f"nothing was charged. The open records could still spend up to {status.remaining:.4g} "
+                "in a smaller round")
+
+    def confirm(self, charge: Charge | int, *, steps_done: int) -> None:
+        """Record that the charged round trained ``steps_done`` steps (at most the charged steps)."""
+        self._check_writable()
+        entry_id = charge.entry_id if isinstance(charge, Charge) else _non_negative_int("entry", charge, LedgerError)
+        steps_done = _non_negative_int("steps_done", steps_done, LedgerError)
+        with self._store.transaction() as conn:
+            history = self._history(conn)
+            event = history.events.get(entry_id)
+            if event is None:
+                raise LedgerError(f"ledger {self.path} has no charge {entry_id}")
+            if event.confirmed:
+                if event.steps == steps_done:
+                    return
+                raise LedgerError(f"charge {entry_id} is already confirmed with {event.steps} steps")
+            if steps_done > event.charged_steps:
+                raise LedgerError(f"charge {entry_id} charged {event.charged_steps} steps; cannot confirm "
+                                  f"{steps_done} (charge more steps before training them)")
+            history = self._append(conn, history, CONFIRM, {"charge": entry_id, "steps": steps_done})
+        self._after_write(history)
+
+    def lock(self, record_ids: Sequence[str] | np.ndarray, reason: str) -> None:
+        """Exhaust these records for good (the hospital's own decision); they never train again."""
+        self._check_writable()
+        records = RecordSet.of(record_keys(record_ids))
+        with self._store.transaction() as conn:
+            history = self._history(conn)
+            self._store.save_set(conn, records)
+            history = self._append(conn, history, EXHAUST, {"record_set": records.digest, "reason": str(reason)})
+        self._after_write(history)
+        log.warning("ledger %s: %d records LOCKED: %s", self.path, len(records), reason)
 
     # ----------------------------------------------------------------- integrity
 
     def verify(self) -> VerifyReport:
-        """Recompute the hash chain and the cumulative epsilon after every entry; list mismatches."""
-        with self._read() as conn:
-            meta = self._load_meta(conn)
-            rows = conn.execute(f"SELECT {_entry_column_list()} FROM entries ORDER BY id").fetchall()
-        entries, problems = [], []
-        for row in rows:
-            try:
-                entries.append(_entry_from_row(row))
-            except LedgerError as exc:
-                problems.append(str(exc))
-        if problems:
-            return VerifyReport(False, problems, math.nan, math.nan)
-        problems += _chain_problems(entries, meta) + _entry_problems(entries, meta)
-        if meta.budget_epsilon > meta.initial_budget_epsilon:
-            problems.append(
-                f"budget epsilon {meta.budget_epsilon:g} is above the budget {meta.initial_budget_epsilon:g} "
-                "the ledger was created with (a budget can only go down)"
-            )
-        epsilon_problems, recomputed = self._epsilon_problems(entries, meta)
-        recorded = entries[-1].epsilon_after if entries else 0.0
-        problems += epsilon_problems
-        return VerifyReport(not problems, problems, recomputed, recorded)
-
-    def _epsilon_problems(self, entries: list[LedgerEntry], meta: _Meta) -> tuple[list[str], float]:
-        """Mismatches between recorded and recomputed cumulative epsilons, and the final epsilon."""
+        """Check the keyed chain, the witness, every record set and every entry; list the problems."""
         problems: list[str] = []
-        history: list[PrivacyEvent] = []
-        recomputed = 0.0
-        for entry in entries:
-            try:
-                history.append(entry.event())
-                recomputed = self._epsilon(history, meta)
-            except PrivacyError as exc:
-                problems.append(f"entry {entry.id}: cannot recompute epsilon: {exc}")
-                return problems, math.nan
-            if not math.isclose(recomputed, entry.epsilon_after, rel_tol=EPSILON_REL_TOL, abs_tol=1e-9):
-                problems.append(
-                    f"entry {entry.id}: recorded cumulative epsilon {entry.epsilon_after:.6g} but the "
-                    f"events give {recomputed:.6g}"
-                )
-        return problems, recomputed
-
-    def _verified_entries(self, conn: sqlite3.Connection, meta: _Meta) -> list[LedgerEntry]:
-        """All entries, after the cheap integrity checks (hash chain, head, field sanity)."""
-        entries = _load_entries(conn)
-        problems = _chain_problems(entries, meta) + _entry_problems(entries, meta)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise LedgerError(
-                f"ledger {self.path} failed its integrity check: {problems[0]}{more}; refusing to use it "
-                f"(inspect with `fedpriv-ledger verify {self.path}`)"
-            )
-        return entries
-
-    # ----------------------------------------------------------------- plumbing
-
-    def _epsilon(self, history: Sequence[PrivacyEvent], meta: _Meta) -> float:
-        """Epsilon of ``history`` with this ledger's accountant and delta; failures fail closed."""
         try:
-            value = epsilon(history, meta.delta, meta.accountant)
+            with self._store.transaction("DEFERRED") as conn:
+                history = self._history(conn)
+                for digest in {e.record_set for e in history.events.values()} | {d for d, _, _ in history.locks}:
+                    self._store.load_set(conn, digest, cached=False)
+                entries = len(self._store.entries(conn))
+        except LedgerError as exc:
+            problems.append(str(exc))
+            return VerifyReport(False, problems, 0, 0)
+        return VerifyReport(True, [], entries, len(history.events))
+
+    # ----------------------------------------------------------------- replay
+
+    def _history(self, conn) -> _History:
+        """Replay every entry, checking each tag, the witness and the entries' consistency."""
+        rows = self._store.entries(conn)
+        history = _History()
+        if self._key is None:
+            raise LedgerError(f"ledger {self.path}: its key was not found, so its entries cannot be authenticated",
+                              reason="its ledger key is missing")
+        previous = self._key.genesis(self._store.ledger_id)
+        for position, (entry_id, kind, body, tag) in enumerate(rows, start=1):
+            where = f"ledger {self.path} failed its integrity check at entry {entry_id}"
+            if entry_id != position:
+                raise _tampered(f"{where}: expected entry {position} (an entry was removed or inserted)", self.path)
+            try:
+                values = json.loads(body)
+            except ValueError:
+                raise _tampered(f"{where}: its body is not JSON", self.path) from None
+            expected = self._key.tag(previous, {"id": entry_id, "kind": kind, "body": values})
+            if tag != expected:
+                raise _tampered(f"{where}: its tag does not match (the entry was altered, reordered, or the chain "
+                                "was rewritten without the hospital's key)", self.path)
+            try:
+                self._apply(history, entry_id, kind, values)
+            except (KeyError, TypeError, ValueError, PrivacyError) as exc:
+                raise _tampered(f"{where}: inconsistent entry ({exc})", self.path) from None
+            previous, history.length, history.head = tag, entry_id, tag
+        witness = self._key.witness()
+        if witness is not None and witness.length:
+            if history.length < witness.length:
+                raise _tampered(f"ledger {self.path} holds {history.length} entries but its witness saw "
+                                f"{witness.length}: entries were cut off or the file was replaced by an older copy",
+                                self.path)
+            if rows[witness.length - 1][3] != witness.tag:
+                raise _tampered(f"ledger {self.path}: entry {witness.length} differs from the one its witness saw "
+                                "(the file was replaced)", self.path)
+        if rows and math.isnan(history.budget_epsilon):
+            raise _tampered(f"ledger {self.path} has no opening entry", self.path)
+        self.budget_epsilon, self.delta, self.accountant = history.budget_epsilon, history.delta, history.accountant
+        return history
+
+    def _apply(self, history: _History, entry_id: int, kind: str, body: dict[str, Any]) -> None:
+        if kind not in _KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        if (kind == OPEN) != (entry_id == 1):
+            raise ValueError("the opening entry must be first and only first")
+        if kind == OPEN:
+            _check_settings(body["budget_epsilon"], body["delta"], body["accountant"])
+            history.budget_epsilon = history.initial_budget_epsilon = float(body["budget_epsilon"])
+            history.delta, history.accountant = float(body["delta"]), str(body["accountant"])
+            history.created_at = str(body["at"])
+        elif kind == BUDGET:
+            budget = float(body["budget_epsilon"])
+            if not 0 < budget < history.budget_epsilon:
+                raise ValueError(f"budget {budget:g} is not below {history.budget_epsilon:g} (a budget only goes down)")
+            history.budget_epsilon = budget
+        elif kind == CHARGE:
+            private = bool(body["private"])
+            sigma, rate, steps = float(body["noise_multiplier"]), float(body["sample_rate"]), int(body["steps"])
+            PrivacyEvent(sigma, rate, steps)
+            if body["accountant"] != history.accountant or (sigma == 0) == private or steps < 1:
+                raise ValueError("charge inconsistent with the ledger (accountant, noise or steps)")
+            history.events[entry_id] = LedgerEvent(
+                entry_id, str(body["run_id"]), int(body["round"]), str(body["hospital"]), sigma, rate, steps, steps,
+                str(body["accountant"]), private, False, str(body["at"]), str(body["record_set"]),
+                int(body["set_size"]))
+        elif kind == CONFIRM:
+            target, steps = int(body["charge"]), int(body["steps"])
+            event = history.events.get(target)
+            if event is None or event.confirmed or not 0 <= steps <= event.charged_steps:
+                raise ValueError(f"confirmation of charge {target} does not fit it")
+            history.events[target] = _replace(event, steps=steps, confirmed=True)
+        else:
+            history.locks.append((str(body["record_set"]), str(body["reason"]), str(body["at"])))
+
+    def _append(self, conn, history: _History, kind: str, body: dict[str, Any]) -> _History:
+        """Append one authenticated entry and apply it to ``history``."""
+        assert self._key is not None
+        entry_id = history.length + 1
+        body = {**body, "at": now()}
+        previous = history.head or self._key.genesis(self._store.ledger_id)
+        tag = self._key.tag(previous, {"id": entry_id, "kind": kind, "body": body})
+        self._store.append(conn, entry_id, kind, json.dumps(body, sort_keys=True, allow_nan=True), tag)
+        self._apply(history, entry_id, kind, body)
+        history.length, history.head = entry_id, tag
+        return history
+
+    def _after_write(self, history: _History) -> None:
+        """Move the witness forward once the entries are committed (a crash before it is harmless)."""
+        assert self._key is not None
+        self.budget_epsilon, self.delta, self.accountant = history.budget_epsilon, history.delta, history.accountant
+        try:
+            self._key.write_witness(Witness(history.length, history.head))
+        except OSError as exc:
+            raise LedgerError(f"cannot write the ledger witness {self._key.witness_path} ({exc})",
+                              reason="its ledger witness cannot be written") from exc
+
+    # ----------------------------------------------------------------- per-record accounting
+
+    def _patterns(self, conn, history: _History, keys: np.ndarray):
+        """Group ``keys`` by history: (patterns, inverse, the events of each pattern)."""
+        events = [e for e in history.events.values() if e.steps > 0]
+        digests = sorted({e.record_set for e in events})
+        columns = [self._store.load_set(conn, digest).contains(keys) for digest in digests]
+        membership = np.column_stack(columns) if columns else np.zeros((len(keys), 0), dtype=bool)
+        patterns, inverse = signatures(membership)
+        by_set: dict[str, list[PrivacyEvent]] = {}
+        for event in events:
+            by_set.setdefault(event.record_set, []).append(event.event())
+        pattern_events = [[e for digest, member in zip(digests, row, strict=True) if member for e in by_set[digest]]
+                          for row in patterns]
+        return patterns, inverse, pattern_events
+
+    def _budgets(self, conn, history: _History, keys: np.ndarray, grouping=None,
+                 budget: float | None = None) -> RecordBudgets:
+        patterns, inverse, pattern_events = grouping or self._patterns(conn, history, keys)
+        per_pattern = np.array([self._epsilon(events, history) for events in pattern_events], dtype=float)
+        values = per_pattern[inverse] if len(keys) else np.zeros(0)
+        limit = _cap(history.budget_epsilon, budget)
+        exhausted = ~(values < limit * (1 - SPENT_FRACTION))
+        for digest, _, _ in history.locks:
+            exhausted |= self._store.load_set(conn, digest).contains(keys)
+        return RecordBudgets(keys, values, exhausted, **{**history.status_fields(), "budget_epsilon": limit})
+
+    def _known_keys(self, conn) -> np.ndarray:
+        rows = conn.execute("SELECT key FROM records").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64).view(np.uint64)
+
+    def _epsilon(self, history_events: Sequence[PrivacyEvent], history: _History) -> float:
+        """Epsilon of ``history_events`` with this ledger's accountant and delta; failures fail closed."""
+        try:
+            value = epsilon(history_events, history.delta, history.accountant)
         except PrivacyError:
             raise
         except Exception as exc:  # numerical failures inside Opacus must refuse, not crash oddly
-            raise PrivacyError(f"the {meta.accountant} accountant failed on this history: {exc}") from exc
+            raise PrivacyError(f"the {history.accountant} accountant failed on this history: {exc}") from exc
         if math.isnan(value):
-            raise PrivacyError(f"the {meta.accountant} accountant returned NaN for this history")
+            raise PrivacyError(f"the {history.accountant} accountant returned NaN for this history")
         return value
-
-    def _load_meta(self, conn: sqlite3.Connection) -> _Meta:
-        meta = _load_meta(conn, self.path)
-        self.fingerprint, self.budget_epsilon = meta.fingerprint, meta.budget_epsilon
-        self.delta, self.accountant = meta.delta, meta.accountant
-        return meta
 
     def _check_writable(self) -> None:
         if self._read_only:
             raise LedgerError(f"ledger {self.path} was opened read-only; use PrivacyLedger.open to spend")
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise LedgerError(f"ledger {self.path} is closed")
-        return self._conn
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction, so meta and entries come from one consistent snapshot."""
-        with self._transaction("DEFERRED") as conn:
-            yield conn
+def read_ledger(path: str | Path, *, key_path: str | Path | None = None) -> PrivacyLedger:
+    """Open an existing ledger for inspection (show, verify); it refuses to charge, confirm or lock.
 
-    @contextmanager
-    def _transaction(self, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
-        """BEGIN ``mode`` ... COMMIT, rolled back on any error; SQLite errors become LedgerError."""
-        with self._mutex:
-            conn = self._connection()
-            try:
-                conn.execute(f"BEGIN {mode}")
-            except sqlite3.Error as exc:
-                raise storage_error(self.path, exc, "use") from exc
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                _rollback(conn)
-                if isinstance(exc, sqlite3.Error):
-                    raise storage_error(self.path, exc, "use") from exc
-                raise
-
-
-def read_ledger(path: str | Path) -> PrivacyLedger:
-    """Open an existing ledger for inspection (show, verify) with its stored settings.
-
-    Runs the structural checks only, so :meth:`PrivacyLedger.verify` can report a broken chain.
-    The returned ledger refuses to charge, confirm or lock. A missing file raises LedgerError.
+    Without its key the entries cannot be authenticated, so reading them fails with LedgerError.
     """
     path = Path(path)
     if not path.is_file():
         raise LedgerError(f"no ledger at {path}")
-    ledger = PrivacyLedger(path, _connect(path), read_only=True)
-    try:
-        with ledger._read() as conn:
-            ledger._load_meta(conn)
-    except BaseException:
-        ledger.close()
-        raise
-    return ledger
+    key_file = Path(key_path) if key_path else key_path_for(path)
+    key = ChainKey.load(key_file) if key_file.is_file() else None
+    return PrivacyLedger(LedgerStore.open(path), key, read_only=True)
 
 
-# --------------------------------------------------------------------- validation helpers
+# --------------------------------------------------------------------- helpers
 
 
-def _check_settings(fingerprint: str, budget_epsilon: float, delta: float, accountant: str) -> None:
-    if not isinstance(fingerprint, str) or not fingerprint.strip():
-        raise LedgerError(
-            f"a ledger needs the dataset's fingerprint (a non-empty string), got {fingerprint!r}"
-        )
+def _key_for_new_ledger(path: Path, key_file: Path) -> ChainKey:
+    """The key of a ledger about to be created; a key that already saw entries means deletion."""
+    if key_file.is_file():
+        key = ChainKey.load(key_file)
+        witness = key.witness()
+        if witness is not None and witness.length > 0:
+            raise LedgerError(
+                f"ledger {path} is missing, but its key {key_file} has seen {witness.length} entries: the "
+                "ledger was deleted or moved. Refusing to start a fresh budget. Fix: restore the ledger file",
+                reason="its privacy ledger was deleted")
+        return key
+    return ChainKey.create(key_file)
+
+
+def _tampered(message: str, path: Path) -> LedgerError:
+    return LedgerError(f"{message}; refusing to use it (inspect with `fedpriv-ledger verify {path}`)",
+                       reason="its privacy ledger failed its integrity check")
+
+
+def _replace(event: LedgerEvent, **changes: Any) -> LedgerEvent:
+    from dataclasses import replace
+
+    return replace(event, **changes)
+
+
+def _check_settings(budget_epsilon: Any, delta: Any, accountant: Any) -> None:
     if not (isinstance(budget_epsilon, int | float) and math.isfinite(budget_epsilon) and budget_epsilon > 0):
         raise PrivacyError(f"budget epsilon must be finite and > 0, got {budget_epsilon!r}")
     if not (isinstance(delta, int | float) and 0 < delta < 1):
@@ -685,19 +710,9 @@ def _check_settings(fingerprint: str, budget_epsilon: float, delta: float, accou
     check_accountant(accountant)
 
 
-def _check_request(planned: PrivacyEvent, run_id: str, round: int, max_epsilon: float | None) -> int:
-    """Validate a charge request; returns the round as a plain int (numpy ints are accepted)."""
-    if not isinstance(planned, PrivacyEvent):
-        raise PrivacyError(f"charge needs a PrivacyEvent, got {type(planned).__name__}")
-    if planned.steps < 1:
-        raise PrivacyError(f"a charge needs at least one step, got {planned.steps}")
-    if not isinstance(run_id, str) or not run_id:
-        raise PrivacyError(f"run_id must be a non-empty string, got {run_id!r}")
-    _check_max_epsilon(max_epsilon)
-    return _non_negative_int("round", round, PrivacyError)
-
-
 def _non_negative_int(name: str, value: Any, error: type[PrivacyError]) -> int:
+    import operator
+
     try:
         number = operator.index(value)
     except TypeError:
@@ -717,11 +732,11 @@ def _cap(budget_epsilon: float, max_epsilon: float | None) -> float:
     return budget_epsilon if max_epsilon is None else min(budget_epsilon, max_epsilon)
 
 
-def _largest_fitting(fits: Callable[[int], bool]) -> int:
+def _largest_fitting(fits) -> int:
     """The largest n in [0, MAX_SEARCH_STEPS] with fits(n), assuming fits is monotone decreasing."""
     if not fits(1):
         return 0
-    low, high = 1, 2  # invariant: fits(low); high does not fit (or is beyond the search limit)
+    low, high = 1, 2
     while high <= MAX_SEARCH_STEPS and fits(high):
         low, high = high, high * 2
     high = min(high, MAX_SEARCH_STEPS + 1)
@@ -732,277 +747,3 @@ def _largest_fitting(fits: Callable[[int], bool]) -> int:
         else:
             high = middle
     return low
-
-
-# --------------------------------------------------------------------- storage helpers
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def _entry_column_list() -> str:
-    return ", ".join(f'"{name}"' for name in _ENTRY_COLUMNS)
-
-
-def _entry_row(entry: LedgerEntry) -> tuple[Any, ...]:
-    return tuple(getattr(entry, name) for name in _ENTRY_COLUMNS)
-
-
-def _genesis_hash(fingerprint: str) -> str:
-    """The hash the first entry chains from; it binds the whole chain to the dataset."""
-    return hashlib.sha256(f"fedpriv-ledger/v{SCHEMA_VERSION}\n{fingerprint}".encode()).hexdigest()
-
-
-def _chain_hash(previous_hash: str, entry: LedgerEntry) -> str:
-    """sha256 over the previous entry's hash and this entry's fields (canonical JSON, exact floats)."""
-    values = asdict(entry)
-    values.pop("entry_hash")
-    payload = json.dumps(values, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{previous_hash}\n{payload}".encode()).hexdigest()
-
-
-def _chain_problems(entries: list[LedgerEntry], meta: _Meta) -> list[str]:
-    """Hash-chain breaks: altered, removed or inserted entries, and a head that does not match."""
-    problems = []
-    previous = _genesis_hash(meta.fingerprint)
-    for position, entry in enumerate(entries, start=1):
-        if entry.id != position:
-            problems.append(f"entry {entry.id}: expected id {position} (an entry was removed or inserted)")
-        if _chain_hash(previous, entry) != entry.entry_hash:
-            problems.append(f"entry {entry.id}: hash mismatch (the entry was altered or the chain is broken)")
-        previous = entry.entry_hash
-    if meta.entry_count != len(entries):
-        problems.append(f"the ledger recorded {meta.entry_count} entries but holds {len(entries)}")
-    if meta.head_hash != previous:
-        problems.append("the ledger's head hash does not match its last entry (entries removed or altered)")
-    return problems
-
-
-def _entry_problems(entries: list[LedgerEntry], meta: _Meta) -> list[str]:
-    problems = []
-    for entry in entries:
-        if entry.accountant != meta.accountant:
-            problems.append(
-                f"entry {entry.id}: accountant {entry.accountant!r}, ledger uses {meta.accountant!r}"
-            )
-        if entry.status not in (CHARGED, CONFIRMED):
-            problems.append(f"entry {entry.id}: unknown status {entry.status!r}")
-        if not 0 <= entry.steps <= entry.charged_steps:
-            problems.append(f"entry {entry.id}: steps {entry.steps} outside 0..{entry.charged_steps} charged")
-    return problems
-
-
-def _entry_from_row(row: Sequence[Any]) -> LedgerEntry:
-    """A LedgerEntry from a database row, refusing values of the wrong type (tampering, corruption)."""
-    values: dict[str, Any] = {}
-    for name, value in zip(_ENTRY_COLUMNS, row, strict=True):
-        expected = _ENTRY_TYPES[name]
-        if expected is float and isinstance(value, int):
-            value = float(value)
-        if not isinstance(value, expected):
-            raise LedgerError(f"ledger entry {row[0]!r} has a malformed {name}: {value!r}")
-        values[name] = value
-    return LedgerEntry(**values)
-
-
-def _load_entries(conn: sqlite3.Connection) -> list[LedgerEntry]:
-    rows = conn.execute(f"SELECT {_entry_column_list()} FROM entries ORDER BY id").fetchall()
-    return [_entry_from_row(row) for row in rows]
-
-
-def _load_meta(conn: sqlite3.Connection, path: Path) -> _Meta:
-    rows = conn.execute(f"SELECT {', '.join(_META_COLUMNS)} FROM meta").fetchall()
-    if len(rows) != 1:
-        raise LedgerError(f"ledger {path} is corrupt: expected one meta row, found {len(rows)}")
-    values = dict(zip(_META_COLUMNS, rows[0], strict=True))
-    for name in ("budget_epsilon", "initial_budget_epsilon", "delta"):
-        if isinstance(values[name], int):
-            values[name] = float(values[name])
-    meta = _Meta(**values)
-    if meta.schema_version != SCHEMA_VERSION:
-        raise LedgerError(
-            f"ledger {path} has schema version {meta.schema_version!r}; this fedpriv reads {SCHEMA_VERSION}"
-        )
-    _check_meta_types(meta, path)
-    return meta
-
-
-def _check_meta_types(meta: _Meta, path: Path) -> None:
-    text_ok = all(isinstance(v, str) and v for v in (meta.fingerprint, meta.accountant, meta.head_hash))
-    numbers_ok = all(
-        isinstance(v, float) and v > 0 for v in (meta.budget_epsilon, meta.initial_budget_epsilon, meta.delta)
-    )
-    if not (text_ok and numbers_ok and isinstance(meta.entry_count, int)):
-        raise LedgerError(f"ledger {path} is corrupt: malformed meta row")
-
-
-def storage_error(path: Path, exc: OSError | sqlite3.Error, action: str) -> LedgerError:
-    """One clear LedgerError for a ledger the disk will not let us use (the hospital fails closed).
-
-    SQLite reports a full disk as SQLITE_FULL, other refused writes (a quota, a file-size limit, a
-    failing disk) as SQLITE_IOERR_*, and a file or folder it may not write as SQLITE_READONLY or
-    SQLITE_CANTOPEN; all come here, as do plain OS errors from creating the ledger.
-    """
-    text = str(exc).lower()
-    code = getattr(exc, "errno", None)
-    name = getattr(exc, "sqlite_errorname", "")
-    if code in (errno.ENOSPC, errno.EDQUOT) or name == "SQLITE_FULL" or "disk is full" in text:
-        reason, fix = "the disk is full", f"free space on the disk holding {path.parent}, or move the ledger"
-    elif code == errno.EFBIG or name.startswith("SQLITE_IOERR"):
-        reason, fix = ("the disk refused a write (full, over quota or a file-size limit, or failing)",
-                       f"free space on the disk holding {path.parent} and check it, or move the ledger")
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS) or name.startswith("SQLITE_READONLY") \
-            or "readonly" in text or "read-only" in text:
-        reason, fix = "no write permission", (f"let the hospital's user write to {path.parent} (and the ledger file), "
-                                              "or choose a writable ledger path")
-    elif name == "SQLITE_BUSY" or "locked" in text:
-        reason, fix = "another process holds it locked", "retry when the other process has finished"
-    elif name == "SQLITE_CANTOPEN" or "unable to open" in text or isinstance(exc, OSError):
-        reason, fix = "it cannot be opened", (f"check that {path.parent} exists and is writable by the "
-                                              "hospital's user (SQLite also writes a journal file next to the ledger)")
-    else:
-        reason, fix = "database error", "check the ledger with `fedpriv-ledger verify`"
-    return LedgerError(f"cannot {action} privacy ledger {path}: {reason} ({exc}); the hospital trains "
-                       f"nothing and sends nothing until it is fixed (fail closed). Fix: {fix}",
-                       reason=f"its privacy ledger cannot be used: {reason}")
-
-
-def folder_write_problem(folder: Path) -> str | None:
-    """Why a ledger could not be created or written in ``folder`` (None if it can), found by trying.
-
-    Trying beats checking mode bits: it also catches read-only mounts, a full disk and ACLs.
-    """
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fedpriv-write-check-") as probe:
-            probe.write(b"x" * 4096)  # a page, as SQLite would write
-            probe.flush()
-    except OSError as exc:
-        return f"cannot write a file there ({exc.strerror or exc})"
-    return None
-
-
-def _audit(conn: sqlite3.Connection, kind: str, detail: str) -> None:
-    conn.execute("INSERT INTO audit (at, kind, detail) VALUES (?, ?, ?)", (_now(), kind, detail))
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    try:
-        conn.execute("ROLLBACK")
-    except sqlite3.Error:  # no transaction left to roll back (SQLite may already have done it)
-        log.debug("rollback failed", exc_info=True)
-
-
-def _configure(conn: sqlite3.Connection) -> None:
-    """Durability settings: a rollback journal fsynced on every commit."""
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    conn.execute("PRAGMA journal_mode = DELETE")
-    conn.execute("PRAGMA synchronous = FULL")
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open an existing ledger file (never creating one) and check its structure."""
-    uri = f"{path.resolve().as_uri()}?mode=rw"
-    try:
-        conn = sqlite3.connect(
-            uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-    except sqlite3.Error as exc:
-        raise storage_error(path, exc, "open") from exc
-    try:
-        _configure(conn)
-        _check_structure(conn, path)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise LedgerError(f"ledger {path} is unreadable or not a fedpriv ledger: {exc}") from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _check_structure(conn: sqlite3.Connection, path: Path) -> None:
-    """Cheap structural check: SQLite's quick_check, our three tables and their columns, one meta row."""
-    (verdict,) = conn.execute("PRAGMA quick_check").fetchone()
-    if verdict != "ok":
-        raise LedgerError(f"ledger {path} is corrupt: {verdict}")
-    expected = {"meta": ("id", *_META_COLUMNS), "entries": _ENTRY_COLUMNS, "audit": _AUDIT_COLUMNS}
-    for table, columns in expected.items():
-        found = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if found != set(columns):
-            problem = "is missing" if not found else "has unexpected columns in"
-            raise LedgerError(f"ledger {path} is not a fedpriv ledger: it {problem} table {table!r}")
-    _load_meta(conn, path)
-
-
-def _create(path: Path, fingerprint: str, budget_epsilon: float, delta: float, accountant: str) -> None:
-    """Create a complete new ledger at ``path`` atomically.
-
-    The database is built in a temporary file and hard-linked into place, so ``path`` either does
-    not exist or is a complete ledger; an existing file is therefore never treated as new (a
-    half-initialised or truncated ledger fails closed), and two processes creating the same ledger
-    at once end up sharing whichever was linked first.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
-    os.close(handle)
-    try:
-        _initialise(Path(temporary), fingerprint, budget_epsilon, delta, accountant)
-        _publish(Path(temporary), path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    log.info(
-        "created privacy ledger %s (budget epsilon %g at delta %g, %s)",
-        path, budget_epsilon, delta, accountant,
-    )
-
-
-def _initialise(path: Path, fingerprint: str, budget_epsilon: float, delta: float, accountant: str) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        _configure(conn)
-        conn.execute("BEGIN IMMEDIATE")
-        for statement in filter(str.strip, _SCHEMA.split(";")):
-            conn.execute(statement)
-        placeholders = ", ".join("?" * len(_META_COLUMNS))
-        conn.execute(
-            f"INSERT INTO meta (id, {', '.join(_META_COLUMNS)}) VALUES (1, {placeholders})",
-            (
-                SCHEMA_VERSION, fingerprint, float(budget_epsilon), float(budget_epsilon), float(delta),
-                accountant, _now(), None, None, _genesis_hash(fingerprint), 0,
-            ),
-        )
-        detail = f"budget epsilon {budget_epsilon:g} at delta {delta:g}, accountant {accountant}"
-        _audit(conn, "created", detail)
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-
-
-def _publish(temporary: Path, path: Path) -> None:
-    """Move the finished ledger into place without ever replacing an existing file."""
-    try:
-        os.link(temporary, path)
-    except FileExistsError:
-        log.info("ledger %s was created concurrently; using that one", path)
-        return
-    except OSError:
-        # No hard links on this filesystem: fall back to a rename (a tiny race, never a reset).
-        if path.exists():
-            return
-        os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the new directory entry durable (POSIX); not available everywhere, hence best effort."""
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        log.debug("fsync of %s failed", directory, exc_info=True)
-    finally:
-        os.close(handle)

@@ -229,6 +229,8 @@ def _summary(files: RunFiles, calibration: CalibrationReport | None, hospitals: 
     if files.result is None:
         blocks.append(Banner("This run has not finished (no result.json): figures are from the last "
                              "finished round.", "warning"))
+    if files.private and _throwaway_ledger(files):
+        blocks.append(Banner(THROWAWAY_LEDGER, "warning"))
     test = files.test_metrics
     rows = [[f"test {name}", fmt(test.get(key))] for name, key in
             (("ROC-AUC", "auc"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
@@ -267,10 +269,19 @@ def _privacy_line(files: RunFiles) -> str:
     cfg = files.config
     if not files.private:
         return "Privacy: NONE. Epsilon = infinity for every hospital."
-    return (f"Privacy: DP-SGD at every hospital (sample-level (epsilon, delta)-DP per hospital dataset), "
-            f"default budget epsilon {cfg.privacy.epsilon:g} at delta {cfg.privacy.delta:g}, accountant "
-            f"{cfg.privacy.accountant}, clipping norm {cfg.privacy.max_grad_norm:g}, noise multiplier "
-            f"{cfg.privacy.noise_multiplier}.")
+    result = files.result or {}
+    # The accountant and the noise seeding are what the hospitals reported, not what the run asked.
+    used = sorted(set((result.get("accountants") or {}).values())) or [cfg.privacy.accountant]
+    line = (f"Privacy: DP-SGD at every hospital (record-level (epsilon, delta)-DP, one image as one record), "
+            f"default budget epsilon {cfg.privacy.epsilon:g} per record at delta {cfg.privacy.delta:g}, accountant "
+            f"{', '.join(used)} (as the hospitals report), clipping norm {cfg.privacy.max_grad_norm:g}, noise "
+            f"multiplier {cfg.privacy.noise_multiplier}.")
+    if used != [cfg.privacy.accountant]:
+        line += f" The run config asked for accountant {cfg.privacy.accountant}; the hospitals' ledgers use theirs."
+    if result.get("noise_seeded"):
+        line += (" WARNING: hospitals seeded their DP noise from a noise seed; whoever knows it can regenerate "
+                 "the noise.")
+    return line
 
 
 def _configuration(files: RunFiles) -> list[Block]:
@@ -336,9 +347,17 @@ def _privacy(files: RunFiles) -> list[Block]:
     if not files.private:
         blocks.append(Banner(NOT_PRIVATE))
     else:
-        blocks.append(Paragraph("Epsilon is each hospital's cumulative epsilon from its own ledger, over every "
-                                "use of its data (all rounds and runs), at its own delta. Epsilons are reported "
-                                "per hospital and as a maximum, never averaged."))
+        if _throwaway_ledger(files):
+            blocks.append(Paragraph("Epsilon is what this run spent on each hospital's data, from a throw-away "
+                                    "ledger (federation.ledger_scope=run), at its own delta: the budget was enforced "
+                                    "within this run only (and its resumptions), not over every use of the data. "
+                                    "Epsilons are reported per hospital and as a maximum, never averaged."))
+        else:
+            blocks.append(Paragraph("Epsilon is each hospital's cumulative epsilon from its own ledger, over every "
+                                    "use of its data (all rounds and runs), at its own delta"
+                                    + (f"; the simulated hospitals' ledgers are in {folder}" if
+                                       (folder := (files.result or {}).get("ledger_folder")) else "")
+                                    + ". Epsilons are reported per hospital and as a maximum, never averaged."))
         plot = figures.privacy_spend(rounds) if rounds else None
         if plot:
             blocks.append(Figure("privacy", plot, "Cumulative epsilon per hospital after each round; dashed: "
@@ -355,7 +374,36 @@ def _privacy(files: RunFiles) -> list[Block]:
                                 f"{', '.join(already)}."))
     if not locks and not already:
         blocks.append(Paragraph("No hospital was locked during this run."))
+    refusals = _refusals(rounds)
+    if refusals:
+        blocks += [Paragraph("Hospitals that refused a round (nothing was charged; their records stay usable by a "
+                             "smaller round):"),
+                   Table(["hospital", "first refused in round", "rounds refused", "epsilon spent", "what it said"],
+                         refusals)]
     return blocks
+
+
+def _refusals(rounds: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per hospital that refused a round without being locked: when, how often, and why."""
+    rows = []
+    for name in dict.fromkeys(n for r in rounds for n in r["hospitals"]):
+        refused = [r for r in rounds if r["hospitals"].get(name, {}).get("status") == "refused"]
+        if refused:
+            reply = refused[0]["hospitals"][name]
+            rows.append([name, str(refused[0]["round"]), str(len(refused)),
+                         fmt_epsilon(reply.get("epsilon", math.nan)), str(reply.get("message", ""))])
+    return rows
+
+
+THROWAWAY_LEDGER = ("THROW-AWAY LEDGER (federation.ledger_scope=run): each hospital's privacy budget was "
+                    "enforced within this run only. Other uses of the same data are not counted, so epsilon "
+                    "here is not a hospital's cumulative spend.")
+
+
+def _throwaway_ledger(files: RunFiles) -> bool:
+    """Whether the run charged a throw-away ledger: its budget was enforced within that run only."""
+    scope = (files.result or {}).get("ledger_scope") or files.config.federation.ledger_scope
+    return scope == "run"
 
 
 def _shown_rounds(count: int) -> list[int]:

@@ -35,6 +35,7 @@ def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
             "rounds_run": result["rounds_run"],
             "stop_reason": result["stop_reason"],
             "seed": result.get("seed", 0),
+            "ledger_scope": result.get("ledger_scope", "persistent"),  # "run": a throw-away ledger
         })
     return sorted(rows, key=lambda r: (r["mode"], r["epsilon_budget"], r["seed"]))
 
@@ -70,13 +71,26 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         spent = ", ".join(_fmt(e) for e in r["epsilon_spent"])
         lines.append(f"| {_fmt(r['epsilon_budget'])} | {r['mode']} | {r['auc']:.4f} | {r['accuracy']:.4f} | "
                      f"{spent} | {r['rounds_run']} | {r['run']} |")
-    lines += ["", "Epsilon spent is each hospital's cumulative epsilon from its own ledger.",
-              "![privacy-utility](privacy_utility.png)", ""]
+    lines += ["", *_ledger_sentences(rows), "![privacy-utility](privacy_utility.png)", ""]
     plot_privacy_utility(rows, sweep_dir / "privacy_utility.png")
     report = sweep_dir / "sweep.md"
     report.write_text("\n".join(lines))
     log.info("sweep report written to %s", report)
     return report
+
+
+def _ledger_sentences(rows: list[dict[str, Any]]) -> list[str]:
+    """What "epsilon spent" counts: every use of the data, or (throw-away ledgers) that run only."""
+    throwaway = [r["run"] for r in rows if r["ledger_scope"] == "run"]
+    if not throwaway:
+        return ["Epsilon spent is each hospital's cumulative epsilon from its own ledger."]
+    if len(throwaway) == len(rows):
+        return ["Epsilon spent is what each run spent on each hospital's data: every run of this sweep charged a "
+                "throw-away ledger (federation.ledger_scope=run), so each budget was enforced within that run "
+                "only, not over the sweep or any other use of the data."]
+    return ["Epsilon spent is each hospital's cumulative epsilon from its own ledger, except in runs "
+            f"{', '.join(throwaway)}: they charged a throw-away ledger (federation.ledger_scope=run), so their "
+            "budget was enforced within that run only."]
 
 
 def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> None:

@@ -1,0 +1,81 @@
+"""Records and the sets of records a privacy event was drawn from, in a compact, content-addressed form.
+
+Every record a hospital protects has a stable id (a string: by default a digest of its image and
+label, see :meth:`fedpriv.data.LabeledImages.ids`). The ledger works on 64-bit *keys*, the first 8
+bytes of sha256 of the id: 100,000 records fit in 800 kB, and a membership test over them is one
+vectorised ``numpy.isin``. Two ids sharing a key (odds about n^2 / 2^65, ~3e-10 for 100,000
+records) can only make the ledger over-count: both records are charged every event of either.
+
+A :class:`RecordSet` is the sorted array of keys of one event's eligible records. It is named by
+the sha256 of its bytes, so a set that many events share (a hospital's records are usually the same
+round after round) is stored once, and any change to a stored set is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+KEY_DTYPE = np.dtype("<u8")
+
+
+def record_key(record_id: str) -> int:
+    """The 64-bit ledger key of one record id."""
+    return int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "little")
+
+
+def record_keys(record_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """The keys of ``record_ids``, in the same order, as an unsigned 64-bit array."""
+    return np.fromiter((record_key(str(i)) for i in record_ids), dtype=KEY_DTYPE, count=len(record_ids))
+
+
+@dataclass(frozen=True)
+class RecordSet:
+    """A set of record keys, sorted and unique; ``digest`` names it in the ledger."""
+
+    keys: np.ndarray
+    digest: str
+
+    @classmethod
+    def of(cls, keys: Iterable[int] | np.ndarray) -> RecordSet:
+        unique = np.unique(np.asarray(keys, dtype=KEY_DTYPE))
+        unique.setflags(write=False)
+        return cls(unique, set_digest(unique.tobytes()))
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> RecordSet:
+        """A stored set (its digest is recomputed from the bytes, so a changed blob shows)."""
+        keys = np.frombuffer(blob, dtype=KEY_DTYPE)
+        return cls(keys, set_digest(blob))
+
+    def to_bytes(self) -> bytes:
+        return self.keys.tobytes()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """A boolean mask: which of ``keys`` are in this set."""
+        return np.isin(keys, self.keys, assume_unique=False)
+
+
+def set_digest(blob: bytes) -> str:
+    return hashlib.sha256(b"fedpriv-record-set/v1\n" + blob).hexdigest()
+
+
+def signatures(membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group records by which sets they belong to.
+
+    ``membership`` is a (records x sets) boolean matrix. Returns ``(patterns, inverse)``: the
+    distinct rows (one per group of records with the same history) and, for each record, the index
+    of its row. Records with the same row have the same epsilon, so the accountant runs once a group.
+    """
+    if membership.shape[1] == 0:
+        return np.zeros((1, 0), dtype=bool), np.zeros(membership.shape[0], dtype=np.int64)
+    packed = np.packbits(membership, axis=1)
+    unique, inverse = np.unique(packed, axis=0, return_inverse=True)
+    patterns = np.unpackbits(unique, axis=1, count=membership.shape[1]).astype(bool)
+    return patterns, inverse.reshape(-1)

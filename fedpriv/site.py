@@ -1,0 +1,107 @@
+"""How a hospital is assembled: its settings, its records and its model, simulated or deployed.
+
+A simulated hospital is the partition-id-th hospital of the experiment in the run config; a
+deployed one takes everything that must stay under its control (data, budget, ledger, limits) from
+its own SuperNode's node config (:mod:`fedpriv.deployment.node`). Both end up as a
+:class:`HospitalSite`, and every handler of the ClientApp works on that alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config, config_to_json
+from fedpriv.config import FedprivConfig
+from fedpriv.data import LabeledImages
+from fedpriv.experiment import Experiment, ledger_folder, prepare_experiment
+from fedpriv.hospital import HospitalSettings
+from fedpriv.models import build_model
+
+
+@dataclass
+class HospitalSite:
+    """Everything one hospital's handlers need: its settings, data and model factory."""
+
+    settings: HospitalSettings
+    train: LabeledImages
+    validation: LabeledImages
+    config: FedprivConfig
+    in_channels: int
+    num_classes: int
+    image_size: int
+
+    def new_model(self) -> torch.nn.Module:
+        return build_model(self.config.model.name, in_channels=self.in_channels, num_classes=self.num_classes,
+                           image_size=self.image_size, width=self.config.model.width,
+                           activation=self.config.model.activation)
+
+
+# Ray actors serve many messages: keep each prepared experiment (data + partition) per process.
+_EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def _experiment(cfg: FedprivConfig) -> Experiment:
+    key = config_to_json(cfg)
+    if key not in _EXPERIMENTS:
+        _EXPERIMENTS.clear()
+        _EXPERIMENTS[key] = prepare_experiment(cfg)
+    return _EXPERIMENTS[key]
+
+
+def simulation_ledger_path(cfg: FedprivConfig, run_dir: str | Path | None) -> Path:
+    """The ledger every simulated hospital of this data source shares.
+
+    One file per data source, not per hospital or partition: a record's spend must follow it into
+    whichever simulated hospital holds it next run (another `num_hospitals`, seed or partition).
+    """
+    return ledger_folder(cfg, run_dir) / f"simulated-{cfg.dataset.name}.db"
+
+
+# A Ray worker plays many hospitals, each many times a run. Parsing and checking the run's config
+# alone takes ~15 ms, so each hospital's site is built once per run (its ledger is still opened
+# from disk for every message: the budget state is never cached).
+_SITES: dict[tuple[str, str, int], HospitalSite] = {}
+
+
+def simulated_site(run_config: dict[str, Any], partition_id: int) -> HospitalSite:
+    """The hospital this simulated node plays: the partition-id-th hospital of the experiment."""
+    run = (str(run_config.get(CONFIG_KEY, "")), str(run_config.get(RUN_DIR_KEY, "")))
+    key = (*run, partition_id)
+    site = _SITES.get(key)
+    if site is None:
+        if any(cached[:2] != run for cached in _SITES):  # another run: forget the last one's sites
+            _SITES.clear()
+        site = _SITES[key] = _new_simulated_site(run_config, partition_id)
+    torch.set_num_threads(site.config.federation.client_cpus)
+    return site
+
+
+def _new_simulated_site(run_config: dict[str, Any], index: int) -> HospitalSite:
+    cfg = config_from_run_config(run_config)
+    experiment = _experiment(cfg)
+    hospital = experiment.hospitals[index]
+    run_dir = str(run_config.get(RUN_DIR_KEY, "") or "outputs/flwr")
+    ledger = simulation_ledger_path(cfg, run_dir)
+    # A throw-away ledger keeps its key beside it (it dies with the run); a persistent one uses the
+    # key folder, apart from the ledger (fedpriv.privacy.chain).
+    key = ledger.parent / "keys" / f"{ledger.stem}.key" if cfg.federation.ledger_scope == "run" else None
+    settings = HospitalSettings(
+        name=hospital.name,
+        budget_epsilon=hospital.epsilon,
+        delta=hospital.delta,
+        ledger_path=ledger,
+        accountant=cfg.privacy.accountant,
+        # privacy=none is the explicit request for non-private training: its records' epsilon
+        # becomes infinity in the same ledger, and they never train again.
+        allow_non_private=not cfg.privacy.enabled,
+        noise_seed=cfg.privacy.noise_seed,
+        ledger_key=key,
+        ledger_budget_epsilon=max(h.epsilon for h in experiment.hospitals),
+    )
+    dataset = experiment.dataset
+    return HospitalSite(settings, experiment.hospital_data(index), experiment.hospital_validation(index), cfg,
+                        dataset.in_channels, dataset.num_classes, dataset.image_size)

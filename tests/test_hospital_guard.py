@@ -1,0 +1,91 @@
+"""A hostile server cannot make a hospital leak, burn or lock its budget, or misreport what it did."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from flwr.app import ConfigRecord, MetricRecord
+from test_federation import federate, hospital_records, ledger_of
+
+from fedpriv import client_app
+from fedpriv.privacy.ledger import read_ledger
+
+
+def _chain(run_dir, index):
+    with read_ledger(ledger_of(run_dir)) as ledger:
+        return ledger.status(hospital_records(run_dir, index))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_grad_norm", 0.0), ("max_physical_batch_size", 0), ("batch_size", 0), ("local_epochs", 400),
+    ("noise_multiplier", 0.01), ("lr", float("nan")), ("momentum", 1.5),
+])
+def test_a_crafted_training_request_is_refused_and_charges_nothing(tmp_path, field, value):
+    def craft(grid):
+        real = grid.send_and_receive
+
+        def send(messages, timeout=None):
+            for message in messages:
+                if message.metadata.message_type == "train" and message.content["config"]["server_round"] == 2:
+                    message.content["config"][field] = value
+            return real(messages, timeout=timeout)
+
+        grid.send_and_receive = send
+
+    strategy, _, run_dir = federate(tmp_path, "strategy.num_rounds=3", grid_hook=craft)
+    second = strategy.history[1]
+    assert all(row["status"] == "refused" for row in second.hospitals.values())
+    assert all("nothing was trained or charged" in row["message"] for row in second.hospitals.values())
+    with read_ledger(ledger_of(run_dir)) as ledger:
+        assert {e.round for e in ledger.events()} == {1}  # round 2 charged nothing, anywhere
+        assert not ledger.status().locked
+
+
+def test_a_ledger_rolled_back_behind_the_servers_back_is_reported_and_excluded(tmp_path):
+    def roll_back(grid):
+        node = grid.node_ids[1]
+
+        def shorter(reply):  # what a hospital whose ledger file was replaced by an older copy reports
+            metrics = dict(reply.content["metrics"])
+            metrics["chain-length"] = 2
+            reply.content["metrics"] = MetricRecord(metrics)
+            return reply
+
+        grid.tamper[(node, 2)] = shorter
+
+    strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=3", grid_hook=roll_back)
+    assert strategy.history[1].hospitals["hospital-2"]["status"] == "rejected"
+    assert "ledger went backwards" in strategy.excluded["hospital-2"]
+    assert "hospital-2" not in strategy.history[2].order  # not asked again
+    assert "ledger went backwards" in (run_dir / "summary.md").read_text()
+
+
+def test_the_report_says_what_the_hospitals_did_not_what_the_run_config_asked(tmp_path, monkeypatch):
+    # The run config asks for RDP and seeded noise; these hospitals' own settings say PRV and fresh
+    # entropy (as a deployed hospital's node config would).
+    real = client_app.simulated_site
+
+    def own_settings(run_config, partition_id):
+        site = real(run_config, partition_id)
+        return dataclasses.replace(site, settings=dataclasses.replace(site.settings, accountant="prv",
+                                                                      noise_seed=None))
+
+    monkeypatch.setattr(client_app, "simulated_site", own_settings)
+    strategy, _, run_dir = federate(tmp_path, "privacy.accountant=rdp", "privacy.noise_seed=1234",
+                                    "strategy.num_rounds=1")
+    summary = (run_dir / "summary.md").read_text()
+    assert "accountant prv" in summary and "asked for rdp" in summary
+    assert "WARNING" not in summary and "no hospital used it" in summary
+    result = __import__("json").loads((run_dir / "result.json").read_text())
+    assert result["noise_seeded"] is False and set(result["accountants"].values()) == {"prv"}
+    assert all(h.accountant == "prv" and not h.noise_seeded for h in strategy.hospitals)
+    assert _chain(run_dir, 0).accountant == "prv"
+
+
+def test_a_status_record_cannot_smuggle_more_than_its_fields(tmp_path):
+    strategy, grid, _ = federate(tmp_path, "strategy.num_rounds=1")
+    for _, reply in grid.train_exchanges():
+        assert set(dict(reply.content["status"])) == {"hospital", "status", "message", "chain-head", "accountant"}
+        assert isinstance(reply.content["status"], ConfigRecord)
+        assert not any("loss" in key for key in dict(reply.content["metrics"]))
