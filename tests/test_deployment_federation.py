@@ -36,7 +36,7 @@ from fedpriv.simulation import processes_mentioning, terminate_tree
 
 pytestmark = pytest.mark.slow
 
-BUDGETS = [40.0, 40.0, 0.05]  # the third hospital cannot afford one round: it must lock
+BUDGETS = [40.0, 40.0, 0.05]  # the third hospital cannot afford one round: it must refuse, spending nothing
 RUN_OVERRIDES = [
     "dataset=synthetic", "dataset.num_samples=300", "federation=iid", "strategy.num_rounds=2",
     "train.batch_size=16", "train.local_epochs=1", "train.momentum=0.0", "model.width=4",
@@ -161,9 +161,10 @@ def test_a_parallel_run_spends_each_hospitals_own_budget(federation, spent):
     outcome = federation.run(federation.run_cfg, "parallel", timeout=400)
     spent.update(_check_run(federation, outcome.run_dir, spent))
     rounds = json.loads((outcome.run_dir / "metrics.json").read_text())["rounds"]
-    locked = federation.hospitals[2].name
-    assert rounds[0]["hospitals"][locked]["status"] == "locked"
-    assert locked not in rounds[1]["order"]  # a locked hospital is not asked again
+    # The third hospital's budget cannot afford a round: it refuses every one, charging and locking nothing.
+    poor = federation.hospitals[2].name
+    assert all(r["hospitals"][poor]["status"] == "refused" for r in rounds)
+    assert all("nothing charged" in r["hospitals"][poor]["message"] for r in rounds)
 
 
 def test_a_sequential_run_on_the_same_federation(federation, spent):
@@ -173,7 +174,8 @@ def test_a_sequential_run_on_the_same_federation(federation, spent):
     spent.update(_check_run(federation, outcome.run_dir, spent))
     rounds = json.loads((outcome.run_dir / "metrics.json").read_text())["rounds"]
     trained = [h.name for h in federation.hospitals[:2]]
-    assert all(r["order"] == trained for r in rounds)  # one hospital after the other, locked one skipped
+    assert all(r["order"][:2] == trained for r in rounds)  # one hospital after the other
+    assert all([n for n in r["order"] if r["hospitals"][n]["status"] == "trained"] == trained for r in rounds)
     assert "sequential" in (outcome.run_dir / "summary.md").read_text()
 
 

@@ -78,16 +78,17 @@ def test_one_hospital_trains_until_its_ledger_refuses(executed):
     notebook, out = executed
     text = _text(notebook)
     assert "round 1: trained" in text and "round 2: trained" in text
-    assert re.search(r"round \d+: locked +epsilon", text) and "privacy budget exhausted" in text  # the refusal
-    assert "another run: locked" in text  # a new run on the same records is refused too
-    assert "LOCKED since" in text  # `fedpriv-ledger show`
-    assert "ok: " in text and "hash chain intact" in text  # `fedpriv-ledger verify`
+    assert re.search(r"round \d+: refused +epsilon", text) and "nothing charged" in text  # the refusal
+    assert "spend what remains: trained" in text
+    assert "another run: locked" in text  # then every record is exhausted: a new run is refused too
+    assert "LOCKED" in text  # `fedpriv-ledger show`
+    assert "ok: " in text and "chain and witness intact" in text  # `fedpriv-ledger verify`
     from fedpriv.privacy import read_ledger
 
     with read_ledger(out / "one-hospital" / "ledger.db") as ledger:
         status = ledger.status()
         assert status.locked and 0 < status.epsilon_spent <= status.budget_epsilon == 3.0
-        assert len(ledger.entries()) >= 2
+        assert len(ledger.events()) >= 3
 
 
 @pytest.mark.slow
