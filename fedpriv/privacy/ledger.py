@@ -591,11 +591,12 @@ class PrivacyLedger:
         else:
             history.locks.append((str(body["record_set"]), str(body["reason"]), str(body["at"])))
 
-    def _append(self, conn, history: _History, kind: str, body: dict[str, Any]) -> _History:
-        """Append one authenticated entry and apply it to ``history``."""
+    def _append(self, conn, history: _History, kind: str, body: dict[str, Any], at: str | None = None) -> _History:
+        """Append one authenticated entry and apply it to ``history`` (``at``: its time, default now;
+        a migration keeps the old entry's own)."""
         assert self._key is not None
         entry_id = history.length + 1
-        body = {**body, "at": now()}
+        body = {**body, "at": at or now()}
         previous = history.head or self._key.genesis(self._store.ledger_id)
         tag = self._key.tag(previous, {"id": entry_id, "kind": kind, "body": body})
         self._store.append(conn, entry_id, kind, json.dumps(body, sort_keys=True, allow_nan=True), tag)

@@ -309,30 +309,30 @@ def _write(ledger: PrivacyLedger, old: OldLedger, ids: np.ndarray, key: ChainKey
               "migrated_at": migrated_at}
     with ledger._store.transaction() as conn:
         history = ledger._history(conn)
-        history = _append_at(ledger, conn, history, OPEN, old.created_at, {
+        history = ledger._append(conn, history, OPEN, {
             "budget_epsilon": old.initial_budget_epsilon, "delta": old.delta, "accountant": old.accountant,
-            "migrated_from": source})
+            "migrated_from": source}, at=old.created_at)
         ledger._store.save_set(conn, records)
         first_use = None
         for entry in old.entries:
-            history = _append_at(ledger, conn, history, CHARGE, entry.created_at, {
+            history = ledger._append(conn, history, CHARGE, {
                 "run_id": entry.run_id, "round": entry.round, "hospital": "",
                 "private": entry.noise_multiplier != 0, "noise_multiplier": entry.noise_multiplier,
                 "sample_rate": entry.sample_rate, "steps": entry.charged_steps, "accountant": old.accountant,
                 "record_set": records.digest, "set_size": len(records), "projected_epsilon": entry.epsilon_after,
-                "migrated_from": {"entry": entry.id, "entry_hash": entry.entry_hash, "status": entry.status}})
+                "migrated_from": {"entry": entry.id, "entry_hash": entry.entry_hash, "status": entry.status}}, at=entry.created_at)
             charge_id = history.length
             first_use = first_use or charge_id
             if entry.status == "confirmed":
-                history = _append_at(ledger, conn, history, CONFIRM, migrated_at, {
-                    "charge": charge_id, "steps": entry.steps, "migrated_from": {"entry": entry.id}})
+                history = ledger._append(conn, history, CONFIRM, {
+                    "charge": charge_id, "steps": entry.steps, "migrated_from": {"entry": entry.id}}, at=migrated_at)
         if old.budget_epsilon < old.initial_budget_epsilon:
-            history = _append_at(ledger, conn, history, BUDGET, old.budget_lowered_at or migrated_at, {
-                "budget_epsilon": old.budget_epsilon, "migrated_from": {"budget": "lowered in the old ledger"}})
+            history = ledger._append(conn, history, BUDGET, {
+                "budget_epsilon": old.budget_epsilon, "migrated_from": {"budget": "lowered in the old ledger"}}, at=old.budget_lowered_at or migrated_at)
         if old.locked_at is not None:
             reason = f"{old.lock_reason or 'locked'} (carried over from the first-format ledger {old.path})"
-            history = _append_at(ledger, conn, history, EXHAUST, old.locked_at, {
-                "record_set": records.digest, "reason": reason})
+            history = ledger._append(conn, history, EXHAUST, {
+                "record_set": records.digest, "reason": reason}, at=old.locked_at)
             first_use = first_use or history.length
         ledger._store.add_records(conn, keys, ids, first_use or 1)
     ledger._after_write(history)
@@ -346,20 +346,6 @@ def _write(ledger: PrivacyLedger, old: OldLedger, ids: np.ndarray, key: ChainKey
         budget_epsilon=status.budget_epsilon, initial_budget_epsilon=old.initial_budget_epsilon, delta=old.delta,
         accountant=old.accountant, epsilon=status.epsilon_spent, old_epsilon=old.cumulative_epsilon(),
         entries=report.entries)
-
-
-def _append_at(ledger: PrivacyLedger, conn: sqlite3.Connection, history: _History, kind: str, at: str,
-               body: dict[str, Any]) -> _History:
-    """:meth:`PrivacyLedger._append`, but with the old entry's own time as the entry's ``at``."""
-    assert ledger._key is not None
-    entry_id = history.length + 1
-    body = {**body, "at": str(at)}
-    previous = history.head or ledger._key.genesis(ledger._store.ledger_id)
-    tag = ledger._key.tag(previous, {"id": entry_id, "kind": kind, "body": body})
-    ledger._store.append(conn, entry_id, kind, json.dumps(body, sort_keys=True, allow_nan=True), tag)
-    ledger._apply(history, entry_id, kind, body)
-    history.length, history.head = entry_id, tag
-    return history
 
 
 def _remove_new(out: Path, key: ChainKey, key_existed: bool, witness_existed: bool) -> None:
