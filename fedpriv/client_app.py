@@ -3,7 +3,8 @@
 - train: local training under the hospital's own ledger, or a clear locked/refused status. The
   reply carries the weights, the hospital's privacy figures and its ledger's chain head, nothing
   else computed from its records (no training loss: it would leak outside epsilon).
-- evaluate: metrics on the hospital's private validation split (NOT covered by the DP guarantee).
+- evaluate: metrics on the hospital's private validation split (NOT covered by the DP guarantee),
+  only where the hospital opted in (``share_validation_metrics``); otherwise a "declined" status.
 - query: the hospital's name and budget state, so the server can map node ids to hospitals.
 
 Who the hospital is comes from fedpriv.site: a simulated node's partition id, or a deployed node's
@@ -30,6 +31,8 @@ app = ClientApp()
 log = logging.getLogger("fedpriv")
 
 NOT_COVERED = "computed on the hospital's private validation data: NOT covered by the DP guarantee"
+DECLINED = ("validation metrics not shared: they would be computed on private records without noise "
+            "(the hospital opts in with share-validation-metrics)")
 
 
 def _site(context: Context) -> HospitalSite:
@@ -119,6 +122,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         model = _global_model(site, msg)
     except FedprivError as error:
         return _unusable_site(msg, context, error)
+    if not site.settings.share_validation_metrics:
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0, "dp-covered": 0.0}),
+                                           "status": ConfigRecord({"hospital": site.settings.name,
+                                                                   "status": "declined", "message": DECLINED})}),
+                       reply_to=msg)
     metrics = {"num-examples": 0}
     started = time.perf_counter()
     if len(site.validation):

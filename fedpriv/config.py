@@ -104,7 +104,9 @@ class StrategyConfig:
     num_rounds: int = 40  # with train.local_epochs=1: 40 passes over each hospital's data
     shuffle_order: bool = False  # sequential: shuffle the hospital order each round (by seed)
     round_timeout: float = 1800.0  # seconds to wait for hospitals' replies before skipping them
-    client_evaluate: bool = True  # also ask hospitals to evaluate on their private validation split
+    # Ask hospitals for metrics on their private validation splits: NOT covered by epsilon (computed
+    # without noise), so off by default; a deployed hospital answers only with share-validation-metrics.
+    client_evaluate: bool = False
     spend_remaining: bool = False  # hospitals train the steps that still fit, then lock
     max_update_norm_ratio: float = 10.0  # reject updates whose norm exceeds this many times the median
     # Parallel mode: the global model moves server_lr times the averaged update (1.0 = plain FedAvg).
@@ -122,6 +124,12 @@ class HospitalConfig:
     epsilon: Optional[float] = None
     delta: Optional[float] = None
     share: Optional[float] = None  # fraction of the training split (quantity partition)
+    # The hospital's own limits (as a deployed hospital's node config sets them); the server's
+    # request can only ask for less. None: fedpriv's defaults (no epsilon caps, sigma >= 0.3, <= 20 epochs).
+    max_epsilon_per_round: Optional[float] = None
+    max_epsilon_per_run: Optional[float] = None
+    min_noise_multiplier: Optional[float] = None
+    max_local_epochs: Optional[int] = None
 
 
 @dataclass
@@ -378,6 +386,16 @@ def _validate_hospitals(cfg: FedprivConfig) -> None:
         if hospital.delta is not None and not 0 < hospital.delta < 1:
             raise ConfigError(f"federation.hospitals[{i}].delta", hospital.delta, "must be between 0 and 1",
                               "use e.g. 1e-5")
+        for cap in ("max_epsilon_per_round", "max_epsilon_per_run"):
+            if getattr(hospital, cap) is not None:
+                _positive(f"federation.hospitals[{i}].{cap}", getattr(hospital, cap), f"give a positive cap, e.g. {cap}=1")
+        if hospital.min_noise_multiplier is not None and not hospital.min_noise_multiplier >= 0.3:
+            raise ConfigError(f"federation.hospitals[{i}].min_noise_multiplier", hospital.min_noise_multiplier,
+                              "must be at least 0.3 (fedpriv's own floor)", "use e.g. min_noise_multiplier=0.5")
+        if hospital.max_local_epochs is not None and not (
+                isinstance(hospital.max_local_epochs, int) and 1 <= hospital.max_local_epochs <= 20):
+            raise ConfigError(f"federation.hospitals[{i}].max_local_epochs", hospital.max_local_epochs,
+                              "must be a whole number in 1..20", "use e.g. max_local_epochs=5")
     shares = [h.share for h in hospitals]
     if any(s is not None for s in shares):
         if any(s is None or not s > 0 for s in shares):

@@ -28,7 +28,7 @@ from torch import nn
 from fedpriv.data import LabeledImages
 from fedpriv.errors import BudgetExhausted, ConfigError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon, noise_multiplier_for
-from fedpriv.privacy.ledger import BudgetStatus, PrivacyLedger
+from fedpriv.privacy.ledger import BudgetStatus, PrivacyLedger, largest_fitting
 from fedpriv.privacy.plan import PrivacyPlan, steps_per_epoch
 from fedpriv.training import train_local
 
@@ -65,11 +65,24 @@ class HospitalSettings:
     min_records: int = MIN_RECORDS
     max_local_epochs: int = MAX_LOCAL_EPOCHS
     min_noise_multiplier: float = MIN_NOISE_MULTIPLIER
+    # The hospital's own caps on what one round, and one run, may cost (None: only the budget). A
+    # round's cost is the epsilon of its event alone; a run's is that of all its events at this
+    # hospital composed. They bound what a cooperating server takes per run; a server that starts
+    # many runs is still held by the budget, which is per record over every use.
+    max_epsilon_per_round: float | None = None
+    max_epsilon_per_run: float | None = None
+    # Answer evaluation requests with metrics on the private validation split. Off by default: those
+    # metrics are computed from private records without noise and are NOT covered by epsilon.
+    share_validation_metrics: bool = False
 
     def __post_init__(self) -> None:
         check_accountant(self.accountant)
         if not (isinstance(self.budget_epsilon, int | float) and self.budget_epsilon > 0):
             raise PrivacyError(f"hospital {self.name}: a privacy budget must be a positive number")
+        for label, cap in (("per-round", self.max_epsilon_per_round), ("per-run", self.max_epsilon_per_run)):
+            if cap is not None and not (_finite(cap) and cap > 0):
+                raise PrivacyError(f"hospital {self.name}: its {label} epsilon cap must be a number above 0, "
+                                   f"got {cap!r}")
         if self.ledger_path is None:
             raise PrivacyError(f"hospital {self.name}: every hospital needs a ledger path")
 
@@ -204,6 +217,8 @@ class RoundOutcome:
     chain_head: str = ""
     accountant: str = ""  # the accountant the hospital's ledger uses (not what the run config asked)
     noise_seeded: bool = False  # its noise came from its own noise_seed, not fresh entropy
+    max_epsilon_per_round: float = math.inf  # the hospital's own caps (inf: none)
+    max_epsilon_per_run: float = math.inf
     ledger_seconds: float = 0.0  # time spent on the budget check and ledger writes
     train_seconds: float = 0.0  # time spent in local training itself
 
@@ -216,6 +231,7 @@ class RoundOutcome:
             "locked": int(self.locked), "trained": int(self.status == TRAINED),
             "records": self.records, "exhausted-records": self.exhausted, "epsilon-median": self.epsilon_median,
             "chain-length": self.chain_length, "noise-seeded": int(self.noise_seeded),
+            "max-epsilon-per-round": self.max_epsilon_per_round, "max-epsilon-per-run": self.max_epsilon_per_run,
             "ledger-seconds": self.ledger_seconds, "train-seconds": self.train_seconds,
         }
 
@@ -225,6 +241,13 @@ class RoundOutcome:
         self.records, self.exhausted, self.epsilon_median = status.records, status.exhausted, status.epsilon_median
         self.chain_length, self.chain_head = status.chain_length, status.chain_head
         self.accountant = status.accountant
+        return self
+
+    def with_caps(self, settings: HospitalSettings) -> RoundOutcome:
+        """Carry the hospital's own caps, so the server reports what the hospital enforced."""
+        for name in ("max_epsilon_per_round", "max_epsilon_per_run"):
+            cap = getattr(settings, name)
+            setattr(self, name, math.inf if cap is None else float(cap))
         return self
 
 
@@ -238,7 +261,7 @@ def budget_state(settings: HospitalSettings, records: LabeledImages) -> RoundOut
     """The hospital's current privacy state over its records, without training (queries, evaluation)."""
     with open_ledger(settings) as ledger:
         return RoundOutcome(settings.name, "idle", "", noise_seeded=settings.noise_seed is not None).with_status(
-            ledger.status(records.ids(), budget=settings.budget_epsilon))
+            ledger.status(records.ids(), budget=settings.budget_epsilon)).with_caps(settings)
 
 
 def train_round(
@@ -252,6 +275,11 @@ def train_round(
     before training (fault injection).
     """
     request.check(num_classes if num_classes is not None else int(records.labels.max()) + 1, settings)
+    return _train_round(model, records, settings, request, after_charge).with_caps(settings)
+
+
+def _train_round(model: nn.Module, records: LabeledImages, settings: HospitalSettings, request: RoundRequest,
+                 after_charge: Callable[[], None] | None) -> RoundOutcome:
     if not request.private and not settings.allow_non_private:
         return RoundOutcome(settings.name, REFUSED,
                             f"non-private training refused: hospital {settings.name} requires DP-SGD",
@@ -269,17 +297,21 @@ def train_round(
             steps = request.local_epochs * steps_per_epoch(request.batch_size / open_records)
             sigma = (_noise_multiplier(ledger, settings, request, prior, open_records, steps)
                      if request.private else None)
+            caps = hospital_caps(ledger, settings, request)
             if sigma is not None and request.spend_remaining:
                 steps = min(steps, ledger.max_affordable_steps(ids, noise_multiplier=sigma,
                                                                batch_size=request.batch_size,
                                                                max_epsilon=request.max_epsilon,
                                                                budget=settings.budget_epsilon))
+                if caps is not None and steps > 0:
+                    rate, most = request.batch_size / open_records, steps
+                    steps = largest_fitting(lambda n: n <= most and caps(PrivacyEvent(sigma, rate, n)) is None)
                 if steps == 0:
                     raise BudgetExhausted("privacy budget exhausted for this request: no further step fits")
             charge = ledger.charge(ids, noise_multiplier=sigma, batch_size=request.batch_size, steps=steps,
                                    run_id=request.run_id, round=request.server_round, hospital=settings.name,
                                    max_epsilon=request.max_epsilon, min_records=needed,
-                                   budget=settings.budget_epsilon)
+                                   budget=settings.budget_epsilon, limit=caps)
         except BudgetExhausted as refusal:
             return _refused(ledger, settings, ids, str(refusal), started)
         ledger_seconds = time.perf_counter() - started
@@ -345,10 +377,56 @@ def _noise_multiplier(ledger: PrivacyLedger, settings: HospitalSettings, request
         spent = epsilon(prior, ledger.delta, ledger.accountant)
         if cap - spent < 0.01 * cap:
             raise PrivacyError(f"epsilon {spent:.4g} of {cap:g} is already spent")
-        return noise_multiplier_for(target_epsilon=cap, delta=ledger.delta, sample_rate=sample_rate,
-                                    steps=steps * remaining_rounds, accountant=ledger.accountant, prior_events=prior)
+        # The least noise that meets every target: the budget over the rounds left, and the
+        # hospital's own caps on one round and on this run (no earlier events: sigma is fixed at
+        # the hospital's first round of a run).
+        targets = [(cap, steps * remaining_rounds, prior)]
+        if settings.max_epsilon_per_round is not None:
+            targets.append((settings.max_epsilon_per_round, steps, []))
+        if settings.max_epsilon_per_run is not None:
+            targets.append((settings.max_epsilon_per_run, steps * remaining_rounds, []))
+        return max(noise_multiplier_for(target_epsilon=target, delta=ledger.delta, sample_rate=sample_rate,
+                                        steps=planned, accountant=ledger.accountant, prior_events=history)
+                   for target, planned, history in targets)
     except PrivacyError as error:
         raise BudgetExhausted(f"privacy budget exhausted for this request: {error}") from error
+
+
+def hospital_caps(ledger: PrivacyLedger, settings: HospitalSettings,
+                  request: RoundRequest) -> Callable[[PrivacyEvent], str | None] | None:
+    """The check of a round's final event against the hospital's per-round and per-run caps.
+
+    Returns the reason a round breaks a cap (nothing is then charged), or None. The run's earlier
+    events at this hospital are read once, before the charge.
+    """
+    per_round, per_run = settings.max_epsilon_per_round, settings.max_epsilon_per_run
+    if per_round is None and per_run is None:
+        return None
+    this_run = [e.event() for e in ledger.events()
+                if e.run_id == request.run_id and e.hospital == settings.name and e.steps > 0]
+
+    def check(event: PrivacyEvent) -> str | None:
+        if per_round is not None:
+            value = _cost([event], ledger)
+            if value > per_round:
+                return (f"privacy budget exhausted for this request: this round alone would cost epsilon "
+                        f"{value:.4g}, over hospital {settings.name}'s per-round cap of {per_round:g}")
+        if per_run is not None:
+            value = _cost([*this_run, event], ledger)
+            if value > per_run:
+                return (f"privacy budget exhausted for this request: run {request.run_id} would cost epsilon "
+                        f"{value:.4g} at hospital {settings.name}, over its per-run cap of {per_run:g}")
+        return None
+
+    return check
+
+
+def _cost(events: list[PrivacyEvent], ledger: PrivacyLedger) -> float:
+    """Epsilon of `events` alone with the ledger's accountant; an accountant failure fails closed."""
+    try:
+        return epsilon(events, ledger.delta, ledger.accountant)
+    except PrivacyError:
+        return math.inf
 
 
 def _refused(ledger: PrivacyLedger, settings: HospitalSettings, ids: np.ndarray, message: str,

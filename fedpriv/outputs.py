@@ -120,7 +120,8 @@ class RunRecorder:
                            "epsilon_is_lower_bound": h.unreported_since is not None,
                            "unreported_since_round": h.unreported_since, "accountant": h.accountant,
                            "noise_seeded": h.noise_seeded, "chain_length": h.chain_length,
-                           "chain_head": h.chain_head} for h in hospitals],
+                           "chain_head": h.chain_head, "max_epsilon_per_round": h.max_epsilon_per_round,
+                           "max_epsilon_per_run": h.max_epsilon_per_run} for h in hospitals],
             "excluded_hospitals": excluded, "dataset": self.dataset_description, "seed": cfg.seed,
             # "run": a throw-away ledger, so every epsilon here was enforced within this run only.
             "ledger_scope": cfg.federation.ledger_scope,
@@ -176,14 +177,18 @@ class RunRecorder:
               and not any(h.noise_seeded for h in hospitals) and self.rounds else []),
             f"- final test AUC: {last.get('auc', math.nan):.4f}, accuracy: {last.get('accuracy', math.nan):.4f}, "
             f"sensitivity: {last.get('sensitivity', math.nan):.4f}, specificity: {last.get('specificity', math.nan):.4f}",
-            "", "| hospital | records | epsilon spent | delta | budget | locked |", "|---|---:|---:|---:|---:|---|",
         ]
+        capped = any(math.isfinite(h.max_epsilon_per_round) or math.isfinite(h.max_epsilon_per_run) for h in hospitals)
+        lines += ["", "| hospital | records | epsilon spent | delta | budget | locked |" + (" caps: round / run |" * capped),
+                  "|---|---:|---:|---:|---:|---|" + ("---|" * capped)]
         for h in hospitals:
             spent = "inf" if math.isinf(h.epsilon) else f"{h.epsilon:.3f}"
             if h.unreported_since is not None:  # it may have charged since, without being able to say so
                 spent = f">= {spent} (no report since round {h.unreported_since}; its ledger holds the figure)"
             budget = "none" if math.isinf(h.budget_epsilon) else f"{h.budget_epsilon:g}"
-            lines.append(f"| {h.name} | {h.num_examples} | {spent} | {h.delta:g} | {budget} | {'yes' if h.locked else 'no'} |")
+            caps = f" {_cap(h.max_epsilon_per_round)} / {_cap(h.max_epsilon_per_run)} |" * capped
+            lines.append(f"| {h.name} | {h.num_examples} | {spent} | {h.delta:g} | {budget} | "
+                         f"{'yes' if h.locked else 'no'} |{caps}")
         if excluded:
             lines += ["", "Hospitals that refused to take part (nothing was trained or spent on their data):"]
             lines += [f"- {name}: {reason}" for name, reason in sorted(excluded.items())]
@@ -191,6 +196,10 @@ class RunRecorder:
                   "Hospital validation metrics are computed on private data and are not covered by the DP guarantee.",
                   ""]
         return "\n".join(lines)
+
+
+def _cap(value: float) -> str:
+    return "none" if math.isinf(value) else f"{value:g}"
 
 
 def privacy_line(cfg: FedprivConfig, hospitals: list[HospitalState]) -> str:

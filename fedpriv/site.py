@@ -89,6 +89,10 @@ def _new_simulated_site(run_config: dict[str, Any], index: int) -> HospitalSite:
     # A throw-away ledger keeps its key beside it (it dies with the run); a persistent one uses the
     # key folder, apart from the ledger (fedpriv.privacy.chain).
     key = ledger.parent / "keys" / f"{ledger.stem}.key" if cfg.federation.ledger_scope == "run" else None
+    own = cfg.federation.hospitals[index] if cfg.federation.hospitals else None
+    limits = {name: getattr(own, name) for name in ("max_epsilon_per_round", "max_epsilon_per_run",
+                                                     "min_noise_multiplier", "max_local_epochs")
+              if own is not None and getattr(own, name) is not None}
     settings = HospitalSettings(
         name=hospital.name,
         budget_epsilon=hospital.epsilon,
@@ -101,6 +105,10 @@ def _new_simulated_site(run_config: dict[str, Any], index: int) -> HospitalSite:
         noise_seed=cfg.privacy.noise_seed,
         ledger_key=key,
         ledger_budget_epsilon=max(h.epsilon for h in experiment.hospitals),
+        # One user configures every simulated hospital and the server: asking for hospital-side
+        # evaluation is that user's opt-in to metrics on private validation data.
+        share_validation_metrics=cfg.strategy.client_evaluate,
+        **limits,
     )
     dataset = experiment.dataset
     return HospitalSite(settings, experiment.hospital_data(index), experiment.hospital_validation(index), cfg,

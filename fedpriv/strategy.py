@@ -66,6 +66,8 @@ class HospitalState:
     # What the hospital says it did, from its replies (never from the run config).
     accountant: str = ""
     noise_seeded: bool = False
+    max_epsilon_per_round: float = math.inf  # its own caps (inf: none)
+    max_epsilon_per_run: float = math.inf
     # The head of its ledger's chain as last reported: a witness. A later reply with a shorter
     # chain, or another head at the same length, means its ledger was rolled back or replaced.
     chain_length: int = 0
@@ -102,7 +104,7 @@ class BudgetAwareStrategy(Strategy):
         expected_hospitals: int,
         shuffle_order: bool = False,
         seed: int = 0,
-        client_evaluate: bool = True,
+        client_evaluate: bool = False,
         discovery_timeout: float = 300.0,
         max_update_norm_ratio: float = 10.0,
         server_lr: float = 1.0,
@@ -506,6 +508,8 @@ def _update_state(state: HospitalState, metrics: MetricRecord, status: str, reco
     if "chain-length" in metrics:
         state.chain_length = int(metrics["chain-length"])
         state.noise_seeded = bool(metrics.get("noise-seeded", 0))
+        state.max_epsilon_per_round = float(metrics.get("max-epsilon-per-round", math.inf))
+        state.max_epsilon_per_run = float(metrics.get("max-epsilon-per-run", math.inf))
     if record is not None:
         state.chain_head = str(record.get("chain-head", state.chain_head))
         state.accountant = str(record.get("accountant", "")) or state.accountant

@@ -38,7 +38,7 @@ from fedpriv.client_app import app as client_app
 from fedpriv.data.synthetic import make_synthetic
 from fedpriv.deployment import node as node_module
 from fedpriv.deployment.credentials import make_credentials, placement
-from fedpriv.deployment.node import deployed_site, parse_node_config
+from fedpriv.deployment.node import deployed_site, hospital_settings, parse_node_config
 from fedpriv.deployment.processes import node_config_string, supernode_command
 from fedpriv.deployment.rehearsal import write_share
 from fedpriv.errors import ConfigError
@@ -193,13 +193,25 @@ def test_a_missing_node_config_key_is_named(node_config, key):
     ("budget-epsilon", -1.0), ("budget-epsilon", "lots"), ("budget-epsilon", math.inf), ("budget-epsilon", True),
     ("delta", 1.5), ("delta", 0), ("dataset", "notamedmnistflag"), ("accountant", "gdp"),
     ("allow-non-private", "maybe"), ("threads", 0), ("data", "/no/such/folder"), ("ledger", "/no/such/dir/l.db"),
-    ("name", ""),
+    ("name", ""), ("max-epsilon-per-round", 0), ("max-epsilon-per-run", "inf"), ("max-epsilon-per-run", -2),
+    ("min-noise-multiplier", 0.1), ("max-local-epochs", 0), ("share-validation-metrics", "perhaps"),
 ])
 def test_an_invalid_node_config_value_is_named(node_config, key, value):
     node_config[key] = value
     with pytest.raises(ConfigError) as error:
         parse_node_config(node_config)
     assert error.value.key == key
+
+
+def test_a_hospitals_own_limits_come_from_its_node_config(node_config):
+    settings = hospital_settings(parse_node_config({
+        **node_config, "max-epsilon-per-round": 0.4, "max-epsilon-per-run": "1.5", "min-noise-multiplier": 0.8,
+        "max-local-epochs": 3, "share-validation-metrics": "true"}))
+    assert (settings.max_epsilon_per_round, settings.max_epsilon_per_run) == (0.4, 1.5)
+    assert (settings.min_noise_multiplier, settings.max_local_epochs, settings.share_validation_metrics) == (0.8, 3, True)
+    plain = hospital_settings(parse_node_config(node_config))
+    assert plain.max_epsilon_per_round is None and plain.max_epsilon_per_run is None
+    assert not plain.share_validation_metrics  # metrics on private validation data: opt-in only
 
 
 def test_a_ledger_path_that_is_a_folder_is_refused(node_config, tmp_path):
@@ -276,7 +288,8 @@ def _assert_only_scalars_leave(reply: Message, allowed: set[str]) -> None:
     assert set(reply.content.keys()) <= allowed
     assert {type(value) for value in dict(reply.content["metrics"]).values()} <= {int, float}
     assert {type(value) for value in dict(reply.content["status"]).values()} <= {str}
-    assert set(dict(reply.content["status"])) <= {"hospital", "status", "message", "chain-head"}
+    # The accountant's name is the hospital's own setting, not a function of its records.
+    assert set(dict(reply.content["status"])) <= {"hospital", "status", "message", "chain-head", "accountant"}
 
 
 def test_a_train_reply_carries_weights_scalar_metrics_and_status_only(node_config, run_cfg, task_identity):
@@ -303,7 +316,15 @@ def test_evaluate_and_query_replies_carry_scalar_metrics_and_status_only(node_co
     arrays = train.content["arrays"]
     evaluate = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server_round": 1})}), dst_node_id=5,
                        message_type=MessageType.EVALUATE)
-    _assert_only_scalars_leave(_deliver(evaluate, context), {"metrics", "status"})
+    declined = _deliver(evaluate, context)
+    _assert_only_scalars_leave(declined, {"metrics", "status"})
+    # By default a hospital shares no metric computed on its private validation split (not DP-covered).
+    assert declined.content["status"]["status"] == "declined"
+    assert dict(declined.content["metrics"]) == {"num-examples": 0, "dp-covered": 0.0}
+    shared = _deliver(evaluate, _context({**node_config, "share-validation-metrics": "true"}, _run_config(run_cfg)))
+    _assert_only_scalars_leave(shared, {"metrics", "status"})
+    assert shared.content["metrics"]["num-examples"] > 0 and shared.content["metrics"]["dp-covered"] == 0.0
+    assert "NOT covered" in shared.content["status"]["message"]
     query = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=5, message_type=MessageType.QUERY)
     reply = _deliver(query, context)
     _assert_only_scalars_leave(reply, {"metrics", "status"})

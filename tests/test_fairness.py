@@ -93,5 +93,8 @@ def test_missing_hospital_metrics_are_explained():
     off = hospital_fairness(_metrics({}), client_evaluate=False)
     assert not off.available and "client_evaluate=false" in off.missing_reason
     silent = hospital_fairness(_metrics({}), client_evaluate=True)
-    assert "no hospital returned" in silent.missing_reason
+    assert "no hospital shared" in silent.missing_reason
+    # Hospitals that declined (the default for a deployed hospital) send no examples: not a row of zeros.
+    declined = hospital_fairness(_metrics({"A": {"num-examples": 0, "dp-covered": 0.0}}), client_evaluate=True)
+    assert not declined.available and "share-validation-metrics" in declined.missing_reason
     assert "no round finished" in hospital_fairness({"rounds": []}).missing_reason

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fedpriv.data import LabeledImages
-from fedpriv.errors import LedgerError
+from fedpriv.errors import LedgerError, PrivacyError
 from fedpriv.hospital import (
     LOCKED,
     REFUSED,
@@ -21,6 +21,7 @@ from fedpriv.hospital import (
     train_round,
 )
 from fedpriv.privacy.ledger import read_ledger
+from independent_accounting import events_epsilon
 
 
 @pytest.fixture(autouse=True)
@@ -211,3 +212,73 @@ def test_a_hospitals_own_noise_seed_repeats_its_experiment_and_differs_between_h
     assert not torch.allclose(first, _update(tmp_path, "four", noise_seed=3, server_round=2))
     # The server's seed plays no part either way.
     assert torch.equal(first, _update(tmp_path, "five", noise_seed=3, seed=99))
+
+
+# ----------------------------------------------------------------- the hospital's own caps
+
+
+def _run_events(settings: HospitalSettings, run_id: str) -> list:
+    with read_ledger(settings.ledger_path) as ledger:
+        return [e for e in ledger.events() if e.run_id == run_id]
+
+
+def test_a_round_over_the_hospitals_per_round_cap_is_refused_and_charges_nothing(tmp_path):
+    settings = _settings(tmp_path, budget=10.0, max_epsilon_per_round=0.5)
+    # sigma 1 for 10 steps at q = 0.1 costs about 1.1 alone: over the hospital's cap of 0.5.
+    refused = train_round(_model(), _data(), settings, _request(noise_multiplier=1.0))
+    assert refused.status == REFUSED and "per-round cap of 0.5" in refused.message
+    assert _chain_length(settings) == 1 and not refused.locked  # only the opening entry: nothing charged
+    assert refused.max_epsilon_per_round == 0.5 and refused.metrics()["max-epsilon-per-round"] == 0.5
+    # "auto" calibrates to the cap, and the round's own cost (recomputed independently) stays under it.
+    trained = train_round(_model(), _data(), settings, _request(num_rounds=40))
+    assert trained.status == TRAINED
+    (event,) = _run_events(settings, "run-1")
+    assert 0.4 < events_epsilon([event], settings.delta, settings.accountant) <= 0.5 * 1.03
+
+
+def test_the_hospitals_per_run_cap_holds_over_the_run_and_not_beyond_it(tmp_path):
+    settings = _settings(tmp_path, budget=10.0, max_epsilon_per_run=1.5)
+    costs = []
+    for server_round in (1, 2, 3):
+        outcome = train_round(_model(), _data(), settings,
+                              _request(server_round=server_round, num_rounds=3, noise_multiplier=2.0))
+        costs.append(outcome.status)
+    # sigma 2, q 0.1, 10 steps a round: one round costs ~0.45, two ~0.65 ... the run's composition
+    # passes 1.5 within a few rounds; then the run's rounds are refused, and nothing more is charged.
+    rounds = 2
+    while costs[-1] == TRAINED and rounds < 12:
+        rounds += 1
+        costs.append(train_round(_model(), _data(), settings,
+                                 _request(server_round=rounds, num_rounds=12, noise_multiplier=2.0)).status)
+    assert costs[-1] == REFUSED and costs.count(TRAINED) >= 2
+    events = _run_events(settings, "run-1")
+    assert events_epsilon(events, settings.delta, settings.accountant) <= 1.5 * 1.03
+    refused = train_round(_model(), _data(), settings, _request(server_round=rounds + 1, num_rounds=12,
+                                                                noise_multiplier=2.0))
+    assert refused.status == REFUSED and "per-run cap of 1.5" in refused.message and not refused.locked
+    assert len(_run_events(settings, "run-1")) == len(events)
+    # Another run starts its own cap (the per-record budget of 10 is what holds over every run).
+    assert train_round(_model(), _data(), settings, _request(run_id="run-2", noise_multiplier=2.0)).status == TRAINED
+
+
+def test_auto_sigma_spreads_the_per_run_cap_over_the_planned_rounds(tmp_path):
+    settings = _settings(tmp_path, budget=10.0, max_epsilon_per_run=1.0)
+    for server_round in (1, 2, 3):
+        outcome = train_round(_model(), _data(), settings, _request(server_round=server_round, num_rounds=3))
+        assert outcome.status == TRAINED
+    cost = events_epsilon(_run_events(settings, "run-1"), settings.delta, settings.accountant)
+    assert 0.8 < cost <= 1.0 * 1.03
+
+
+def test_spend_remaining_stops_at_the_hospitals_per_round_cap(tmp_path):
+    settings = _settings(tmp_path, budget=10.0, max_epsilon_per_round=0.8)
+    outcome = train_round(_model(), _data(), settings,
+                          _request(noise_multiplier=2.0, spend_remaining=True, local_epochs=20))
+    assert outcome.status == TRAINED and 0 < outcome.steps < 200
+    (event,) = _run_events(settings, "run-1")
+    assert events_epsilon([event], settings.delta, settings.accountant) <= 0.8 * 1.03
+
+
+def test_a_hospital_cap_that_is_not_a_positive_number_is_rejected(tmp_path):
+    with pytest.raises(PrivacyError, match="per-run epsilon cap"):
+        _settings(tmp_path, max_epsilon_per_run=0.0)

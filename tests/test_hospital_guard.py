@@ -10,6 +10,7 @@ from test_federation import federate, hospital_records, ledger_of
 
 from fedpriv import client_app
 from fedpriv.privacy.ledger import read_ledger
+from independent_accounting import events_epsilon
 
 
 def _chain(run_dir, index):
@@ -89,3 +90,25 @@ def test_a_status_record_cannot_smuggle_more_than_its_fields(tmp_path):
         assert set(dict(reply.content["status"])) == {"hospital", "status", "message", "chain-head", "accountant"}
         assert isinstance(reply.content["status"], ConfigRecord)
         assert not any("loss" in key for key in dict(reply.content["metrics"]))
+
+
+def test_simulated_hospitals_enforce_and_report_their_own_limits(tmp_path):
+    # Each hospital's own entry in the hospital list sets its limits; the server's fixed sigma 2 and
+    # four rounds ask for more than hospital a's per-run cap and less noise than hospital c accepts.
+    strategy, _, run_dir = federate(
+        tmp_path, "privacy.noise_multiplier=2.0", "privacy.epsilon=50", "strategy.num_rounds=4",
+        "federation.hospitals=[{name: a, max_epsilon_per_run: 2.0}, {name: b}, {name: c, min_noise_multiplier: 3.0}]")
+    rows = {name: [record.hospitals[name] for record in strategy.history] for name in ("a", "b", "c")}
+    assert all(row["status"] == "trained" for row in rows["b"])
+    assert all(row["status"] == "refused" and "privacy.noise_multiplier" in row["message"] for row in rows["c"])
+    assert rows["a"][0]["status"] == "trained" and rows["a"][-1]["status"] == "refused"
+    assert "per-run cap of 2" in rows["a"][-1]["message"]
+    with read_ledger(ledger_of(run_dir)) as ledger:
+        events = ledger.events()
+        assert {e.hospital for e in events} == {"a", "b"}  # c's refusals charged nothing
+        a_events = [e for e in events if e.hospital == "a"]
+        assert events_epsilon(a_events, ledger.delta, ledger.accountant) <= 2.0 * 1.03
+    summary = (run_dir / "summary.md").read_text()
+    assert "caps: round / run" in summary and "| a |" in summary and "none / 2 |" in summary
+    result = __import__("json").loads((run_dir / "result.json").read_text())
+    assert {h["hospital"]: h["max_epsilon_per_run"] for h in result["hospitals"]}["a"] == 2.0

@@ -199,7 +199,7 @@ def test_a_non_private_run_with_attributes(tmp_path):
     assert html.index('class="banner danger">NOT PRIVATE: epsilon = infinity') < html.index("<h2>Summary</h2>")
     text = Page(run_dir / "report.html").text
     assert "epsilon spent (max over hospitals) inf (NOT PRIVATE)" in text
-    assert "Per-hospital metrics are NOT available: hospital-side evaluation was switched off" in text
+    assert "Per-hospital metrics are NOT available: hospital-side evaluation is off" in text
     subgroups = json.loads((run_dir / "subgroups.json").read_text())
     by_name = {a["attribute"]: a for a in subgroups["attributes"]}
     assert sorted(by_name) == ["sex", "site"]

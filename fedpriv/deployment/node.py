@@ -21,6 +21,11 @@ key                    meaning
 ``min-records``        fewest open records a round may use (default 10)
 ``max-local-epochs``   most local epochs a server may ask for in one round (default 20)
 ``min-noise-multiplier``  smallest fixed sigma a server may ask for (default 0.3)
+``max-epsilon-per-round``  most epsilon one round may cost, its event alone (default: no cap)
+``max-epsilon-per-run``  most epsilon one run may cost at this hospital, its events composed
+                       (default: no cap; the budget still holds over every run)
+``share-validation-metrics``  answer evaluation requests with metrics on the ``val`` split;
+                       default ``false``: those metrics are NOT covered by epsilon
 ``allow-non-private``  accept non-private rounds (epsilon = inf); default ``false``
 ``threads``            torch CPU threads for training (default: torch's choice)
 =====================  ======================================================================
@@ -58,7 +63,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "pneumoniamnist"
 KNOWN_KEYS = ("name", "data", "dataset", "budget-epsilon", "delta", "ledger", "ledger-key", "accountant",
-              "allow-non-private", "threads", "min-records", "max-local-epochs", "min-noise-multiplier")
+              "allow-non-private", "threads", "min-records", "max-local-epochs", "min-noise-multiplier",
+              "max-epsilon-per-round", "max-epsilon-per-run", "share-validation-metrics")
 REQUIRED_KEYS = ("name", "data", "budget-epsilon", "delta", "ledger")
 
 
@@ -79,6 +85,9 @@ class NodeSettings:
     min_records: int = 10
     max_local_epochs: int = 20
     min_noise_multiplier: float = 0.3
+    max_epsilon_per_round: float | None = None
+    max_epsilon_per_run: float | None = None
+    share_validation_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,7 +207,20 @@ def parse_node_config(config: Mapping[str, Any]) -> NodeSettings:
                         allow_non_private=_flag(config, "allow-non-private"), threads=_threads(config),
                         ledger_key=key_path, min_records=_limit(config, "min-records", 10, 1),
                         max_local_epochs=_limit(config, "max-local-epochs", 20, 1),
-                        min_noise_multiplier=float(_limit(config, "min-noise-multiplier", 0.3, 0.3, whole=False)))
+                        min_noise_multiplier=float(_limit(config, "min-noise-multiplier", 0.3, 0.3, whole=False)),
+                        max_epsilon_per_round=_cap(config, "max-epsilon-per-round"),
+                        max_epsilon_per_run=_cap(config, "max-epsilon-per-run"),
+                        share_validation_metrics=_flag(config, "share-validation-metrics"))
+
+
+def _cap(config: Mapping[str, Any], key: str) -> float | None:
+    """An epsilon cap of the hospital's own: absent means none."""
+    if config.get(key) in (None, ""):
+        return None
+    value = _number(config, key, "1")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(key, config[key], "must be a finite number above 0", _fix(key, "1"))
+    return value
 
 
 def _limit(config: Mapping[str, Any], key: str, default: float, lowest: float, whole: bool = True) -> Any:
@@ -289,7 +311,10 @@ def hospital_settings(settings: NodeSettings) -> HospitalSettings:
                             ledger_path=settings.ledger, accountant=settings.accountant,
                             allow_non_private=settings.allow_non_private, ledger_key=settings.ledger_key,
                             min_records=settings.min_records, max_local_epochs=settings.max_local_epochs,
-                            min_noise_multiplier=settings.min_noise_multiplier)
+                            min_noise_multiplier=settings.min_noise_multiplier,
+                            max_epsilon_per_round=settings.max_epsilon_per_round,
+                            max_epsilon_per_run=settings.max_epsilon_per_run,
+                            share_validation_metrics=settings.share_validation_metrics)
 
 
 def deployed_site(context: Context) -> HospitalSite:

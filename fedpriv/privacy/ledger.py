@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -375,7 +375,7 @@ class PrivacyLedger:
             except PrivacyError:  # an accountant failure counts as "does not fit" (fail closed)
                 return False
 
-        return _largest_fitting(fits)
+        return largest_fitting(fits)
 
     # ----------------------------------------------------------------- spending
 
@@ -383,6 +383,7 @@ class PrivacyLedger:
         self, record_ids: Sequence[str] | np.ndarray, *, noise_multiplier: float | None, batch_size: int,
         steps: int, run_id: str, round: int, hospital: str = "", max_epsilon: float | None = None,
         min_records: int = 1, budget: float | None = None,
+        limit: Callable[[PrivacyEvent], str | None] | None = None,
     ) -> Charge:
         """Durably charge a round on the records of ``record_ids`` that can afford it, before training.
 
@@ -390,7 +391,9 @@ class PrivacyLedger:
         exhausted by it (epsilon = infinity). A private round leaves out the records it would take
         over the cap (the budget, or ``max_epsilon`` where lower) and samples at
         ``batch_size / records left``. Fewer than ``max(min_records, batch_size)`` records left:
-        :class:`BudgetExhausted`, and nothing is written.
+        :class:`BudgetExhausted`, and nothing is written. ``limit`` is the caller's own check of the
+        round's final event (a hospital's per-round and per-run caps): a reason it returns refuses the
+        charge the same way.
         """
         self._check_writable()
         if not isinstance(run_id, str) or not run_id:
@@ -408,6 +411,8 @@ class PrivacyLedger:
             history = self._history(conn)
             outcome = self._select(conn, history, keys, noise_multiplier, batch_size, steps, max_epsilon,
                                    min_records, budget)
+            if limit is not None and not isinstance(outcome, str):
+                outcome = limit(outcome[1]) or outcome
             if isinstance(outcome, str):
                 refusal = outcome
             else:
@@ -733,7 +738,7 @@ def _cap(budget_epsilon: float, max_epsilon: float | None) -> float:
     return budget_epsilon if max_epsilon is None else min(budget_epsilon, max_epsilon)
 
 
-def _largest_fitting(fits) -> int:
+def largest_fitting(fits) -> int:
     """The largest n in [0, MAX_SEARCH_STEPS] with fits(n), assuming fits is monotone decreasing."""
     if not fits(1):
         return 0

@@ -91,10 +91,14 @@ def hospital_fairness(metrics: dict[str, Any] | None, *, client_evaluate: bool =
     if not rounds:
         return HospitalFairness(None, [], [], "no round finished, so there is no final model to evaluate")
     last = rounds[-1]
-    evaluation = last.get("client_evaluation") or {}
+    # A hospital that declined (its validation metrics are not DP-covered) answers with no examples.
+    evaluation = {name: values for name, values in (last.get("client_evaluation") or {}).items()
+                  if values.get("num-examples", 0) > 0}
     if not evaluation:
-        reason = ("hospital-side evaluation was switched off (strategy.client_evaluate=false)" if not client_evaluate
-                  else f"no hospital returned validation metrics in the last round (round {last['round']})")
+        reason = ("hospital-side evaluation is off (strategy.client_evaluate=false, the default: metrics on "
+                  "private validation data are not covered by the DP guarantee)" if not client_evaluate
+                  else f"no hospital shared validation metrics in the last round (round {last['round']}); "
+                       "a deployed hospital shares them only with share-validation-metrics=true")
         return HospitalFairness(last["round"], [], [], reason)
     rows = [_hospital_row(name, values) for name, values in sorted(evaluation.items())]
     return HospitalFairness(last["round"], rows, metric_gaps(rows, "hospital", HOSPITAL_METRICS))
