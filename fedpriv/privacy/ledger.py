@@ -35,10 +35,13 @@ accountant are fixed when the ledger is created.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +80,12 @@ MAX_SEARCH_STEPS = 10**7
 
 OPEN, BUDGET, CHARGE, CONFIRM, EXHAUST = "open", "budget", "charge", "confirm", "exhaust"
 _KINDS = (OPEN, BUDGET, CHARGE, CONFIRM, EXHAUST)
+
+# Per process: (ledger path, genesis tag) -> (the entries' stored rows, their replayed state). The
+# genesis tag depends on the key and the ledger's id, so another key or another file never matches.
+_REPLAYS: OrderedDict[tuple[str, str], tuple[list[tuple[int, str, str, str]], _History]] = OrderedDict()
+_REPLAYS_SIZE = 16
+_REPLAYS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,9 @@ class _History:
     length: int = 0
     head: str = ""
 
+    def copy(self) -> _History:
+        return dataclasses.replace(self, events=dict(self.events), locks=list(self.locks))
+
     def status_fields(self) -> dict[str, Any]:
         return {"budget_epsilon": self.budget_epsilon, "delta": self.delta, "accountant": self.accountant,
                 "chain_length": self.length, "chain_head": self.head}
@@ -270,6 +282,7 @@ class PrivacyLedger:
     def _adopt(self, budget_epsilon: float, delta: float, accountant: str) -> None:
         with self._store.transaction() as conn:
             history = self._history(conn)
+            length = history.length
             if history.length == 0:
                 body = {"budget_epsilon": budget_epsilon, "delta": delta, "accountant": accountant}
                 history = self._append(conn, history, OPEN, body)
@@ -279,7 +292,8 @@ class PrivacyLedger:
                 old = history.budget_epsilon
                 history = self._append(conn, history, BUDGET, {"budget_epsilon": budget_epsilon})
                 log.info("ledger %s: budget epsilon lowered from %g to %g", self.path, old, budget_epsilon)
-        self._after_write(history)
+        if history.length > length:  # nothing written: the witness already covers the chain
+            self._after_write(history)
         if budget_epsilon > history.budget_epsilon:
             log.warning("ledger %s: requested budget epsilon %g is higher than the ledger's %g; keeping %g "
                         "(a budget only goes down through its ledger; raising it needs a new ledger)",
@@ -524,14 +538,26 @@ class PrivacyLedger:
     # ----------------------------------------------------------------- replay
 
     def _history(self, conn) -> _History:
-        """Replay every entry, checking each tag, the witness and the entries' consistency."""
+        """Replay every entry, checking each tag, the witness and the entries' consistency.
+
+        Every entry's stored bytes are read and compared on every call. Entries this process has
+        already authenticated (byte for byte the same as then, under the same key) are not
+        re-tagged: their replayed state is reused, so a round costs the new entries, not the history.
+        """
         rows = self._store.entries(conn)
-        history = _History()
         if self._key is None:
             raise LedgerError(f"ledger {self.path}: its key was not found, so its entries cannot be authenticated",
                               reason="its ledger key is missing")
-        previous = self._key.genesis(self._store.ledger_id)
-        for position, (entry_id, kind, body, tag) in enumerate(rows, start=1):
+        genesis = self._key.genesis(self._store.ledger_id)
+        cache_key = (str(self.path), genesis)
+        with _REPLAYS_LOCK:
+            known = _REPLAYS.get(cache_key)
+        if known is not None and len(rows) >= len(known[0]) and rows[:len(known[0])] == known[0]:
+            history, start = known[1].copy(), len(known[0])
+        else:
+            history, start = _History(), 0
+        previous = history.head or genesis
+        for position, (entry_id, kind, body, tag) in enumerate(rows[start:], start=start + 1):
             where = f"ledger {self.path} failed its integrity check at entry {entry_id}"
             if entry_id != position:
                 raise _tampered(f"{where}: expected entry {position} (an entry was removed or inserted)", self.path)
@@ -560,6 +586,12 @@ class PrivacyLedger:
         if rows and math.isnan(history.budget_epsilon):
             raise _tampered(f"ledger {self.path} has no opening entry", self.path)
         self.budget_epsilon, self.delta, self.accountant = history.budget_epsilon, history.delta, history.accountant
+        if start < len(rows):
+            with _REPLAYS_LOCK:
+                _REPLAYS[cache_key] = (rows, history.copy())
+                _REPLAYS.move_to_end(cache_key)
+                while len(_REPLAYS) > _REPLAYS_SIZE:
+                    _REPLAYS.popitem(last=False)
         return history
 
     def _apply(self, history: _History, entry_id: int, kind: str, body: dict[str, Any]) -> None:
