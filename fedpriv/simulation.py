@@ -164,11 +164,16 @@ def _watch(parent_fd: int, link_fd: int, link_pid: int, home: str = "") -> None:
     readable, _, _ = select.select([parent_fd, link_fd], [], [])
     if link_fd in readable:  # the SuperLink ended first: stopped as usual, nothing left to do
         return
-    print(f"fedpriv: the process that started flower-superlink (pid {link_pid}) died; stopping the "
-          "SuperLink and every process it started", file=sys.stderr, flush=True)
+    # Stop first, speak after: the stderr inherited from the dead starter may be a closed pipe, and
+    # a write to it (BrokenPipeError) must not stop the watchdog before it has done its job.
     terminate_tree(link_pid)
     if home:
         shutil.rmtree(home, ignore_errors=True)
+    try:
+        print(f"fedpriv: the process that started flower-superlink (pid {link_pid}) died; stopped the "
+              "SuperLink and every process it started", file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _process_table() -> dict[int, tuple[int, str, int, int]]:
