@@ -23,7 +23,8 @@ from flwr.clientapp import ClientApp
 
 from fedpriv.errors import ConfigError, FedprivError, LedgerError
 from fedpriv.faults import injected_corruption, injected_fault
-from fedpriv.hospital import REFUSED, RoundOutcome, RoundRequest, budget_state, train_round
+from fedpriv.hospital import RoundOutcome, RoundRequest, budget_state, train_round
+from fedpriv.protocol import Status
 from fedpriv.site import HospitalSite, simulated_site
 from fedpriv.training import evaluate
 
@@ -45,7 +46,7 @@ def _site(context: Context) -> HospitalSite:
 
 
 def _reply(msg: Message, outcome: RoundOutcome, status: str | None = None) -> Message:
-    record = ConfigRecord({"hospital": outcome.hospital, "status": status or outcome.status,
+    record = ConfigRecord({"hospital": outcome.hospital, "status": str(status or outcome.status),
                            "message": outcome.message, "chain-head": outcome.chain_head,
                            "accountant": outcome.accountant})
     return Message(content=RecordDict({"metrics": MetricRecord(outcome.metrics()), "status": record}),
@@ -56,7 +57,7 @@ def _unusable_site(msg: Message, context: Context, error: FedprivError) -> Messa
     """The reply of a hospital whose own setup (node config, data) is wrong: refused, with the one-line cause."""
     name = str(context.node_config.get("name", f"node-{context.node_id}"))
     log.error("hospital %s cannot take part: %s", name, error)
-    return _reply(msg, RoundOutcome(name, REFUSED, str(error), epsilon=math.nan))
+    return _reply(msg, RoundOutcome(name, Status.REFUSED, str(error), epsilon=math.nan))
 
 
 def _global_model(site: HospitalSite, msg: Message) -> torch.nn.Module:
@@ -110,7 +111,7 @@ def budget_failure(site: HospitalSite, message: str) -> RoundOutcome:
     Epsilon is NaN (unknown): a ledger that failed its checks is not read again, and the server
     keeps the figures it last received.
     """
-    return RoundOutcome(site.settings.name, REFUSED, message, epsilon=math.nan, delta=site.settings.delta,
+    return RoundOutcome(site.settings.name, Status.REFUSED, message, epsilon=math.nan, delta=site.settings.delta,
                         budget_epsilon=site.settings.budget_epsilon)
 
 
@@ -125,7 +126,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     if not site.settings.share_validation_metrics:
         return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0, "dp-covered": 0.0}),
                                            "status": ConfigRecord({"hospital": site.settings.name,
-                                                                   "status": "declined", "message": DECLINED})}),
+                                                                   "status": str(Status.DECLINED), "message": DECLINED})}),
                        reply_to=msg)
     metrics = {"num-examples": 0}
     started = time.perf_counter()
@@ -135,7 +136,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     metrics = {key: float(value) for key, value in metrics.items() if not math.isnan(value)}
     metrics["dp-covered"] = 0.0
     return Message(content=RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(
-        {"hospital": site.settings.name, "status": "evaluated", "message": NOT_COVERED})}), reply_to=msg)
+        {"hospital": site.settings.name, "status": str(Status.EVALUATED), "message": NOT_COVERED})}), reply_to=msg)
 
 
 @app.query()
@@ -147,9 +148,9 @@ def query(msg: Message, context: Context) -> Message:
         return _unusable_site(msg, context, error)
     try:
         state = budget_state(site.settings, site.train)
-        status = "locked" if state.locked else "open"
+        status = Status.LOCKED if state.locked else Status.OPEN
     except FedprivError as error:
         log.error("hospital %s: %s", site.settings.name, error)
-        state, status = budget_failure(site, told_to_server(error)), "refused"
+        state, status = budget_failure(site, told_to_server(error)), Status.REFUSED
     state.num_examples = len(site.train)
     return _reply(msg, state, status)

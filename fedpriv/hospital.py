@@ -30,11 +30,12 @@ from fedpriv.errors import BudgetExhausted, ConfigError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon, noise_multiplier_for
 from fedpriv.privacy.ledger import BudgetStatus, PrivacyLedger, largest_fitting
 from fedpriv.privacy.plan import PrivacyPlan, steps_per_epoch
+from fedpriv.protocol import Status
 from fedpriv.training import train_local
 
 log = logging.getLogger(__name__)
 
-TRAINED, LOCKED, REFUSED = "trained", "locked", "refused"
+TRAINED, LOCKED, REFUSED = Status.TRAINED, Status.LOCKED, Status.REFUSED
 
 # The hospital's own limits on what a server may ask (HospitalSettings can tighten them).
 MAX_LOCAL_EPOCHS = 20
@@ -260,7 +261,7 @@ def open_ledger(settings: HospitalSettings) -> PrivacyLedger:
 def budget_state(settings: HospitalSettings, records: LabeledImages) -> RoundOutcome:
     """The hospital's current privacy state over its records, without training (queries, evaluation)."""
     with open_ledger(settings) as ledger:
-        return RoundOutcome(settings.name, "idle", "", noise_seeded=settings.noise_seed is not None).with_status(
+        return RoundOutcome(settings.name, Status.IDLE, "", noise_seeded=settings.noise_seed is not None).with_status(
             ledger.status(records.ids(), budget=settings.budget_epsilon)).with_caps(settings)
 
 

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedpriv.config import SEQUENTIAL_STEPS
 from fedpriv.errors import ConfigError
+from fedpriv.protocol import Status
 from fedpriv.update_checks import (
     metrics_problem,
     norm_outliers,
@@ -88,7 +89,7 @@ class RoundRecord:
 
     @property
     def trained(self) -> list[str]:
-        return [name for name, h in self.hospitals.items() if h.get("status") == "trained"]
+        return [name for name, h in self.hospitals.items() if h.get("status") == Status.TRAINED]
 
 
 RoundCallback = Callable[[RoundRecord, ArrayRecord, list[HospitalState]], None]
@@ -152,7 +153,7 @@ class BudgetAwareStrategy(Strategy):
                 log.warning("node %s did not answer the hospital query: %s", node, reply.error.reason)
                 continue
             status = reply.content["status"]
-            if status["status"] == "refused":  # e.g. its ledger belongs to other data, or its disk is full
+            if status["status"] == Status.REFUSED:  # e.g. its ledger belongs to other data, or its disk is full
                 log.warning("hospital %s (node %s) cannot take part in this run: %s", status["hospital"], node,
                             status["message"])
                 self.excluded[str(status["hospital"])] = str(status["message"])
@@ -272,7 +273,7 @@ class BudgetAwareStrategy(Strategy):
             if self.on_round_end is not None:
                 self.on_round_end(record, arrays, self.hospitals)
             if not record.trained and record.hospitals and all(
-                    row.get("status") in ("locked", "refused") for row in record.hospitals.values()):
+                    row.get("status") in (Status.LOCKED, Status.REFUSED) for row in record.hospitals.values()):
                 # Every hospital refused this run's request (nothing was charged) or is locked; the
                 # next round would ask the same, so the run ends rather than repeat the refusals.
                 self.stop_reason = (f"stopped after round {server_round}: no hospital can train this run's rounds "
@@ -291,7 +292,7 @@ class BudgetAwareStrategy(Strategy):
         A crash after the charge spends budget without a reply that says so; without this, the
         privacy table would show the hospital's last reported (too low) epsilon.
         """
-        crashed = [h for h in self.hospitals if record.hospitals.get(h.name, {}).get("status") == "failed"]
+        crashed = [h for h in self.hospitals if record.hospitals.get(h.name, {}).get("status") == Status.FAILED]
         if not crashed:
             return
         queries = [_query(h.node_id) for h in crashed]
@@ -364,11 +365,11 @@ class BudgetAwareStrategy(Strategy):
                 continue
             answered.add(hospital.node_id)
             if reply.has_error():
-                self._reject(record, hospital, "failed", reply.error.reason)
+                self._reject(record, hospital, Status.FAILED, reply.error.reason)
                 continue
             problem = self._metrics_problem(reply, hospital) or _chain_problem(reply, hospital)
             if problem:  # its privacy figures cannot be believed either: what it spent is unknown
-                self._reject(record, hospital, "rejected", problem, figures_lost=True)
+                self._reject(record, hospital, Status.REJECTED, problem, figures_lost=True)
                 if problem.startswith(ROLLED_BACK):
                     hospital.rolled_back = problem
                     self.excluded[hospital.name] = problem
@@ -379,18 +380,18 @@ class BudgetAwareStrategy(Strategy):
                 _update_state(hospital, reply.content["metrics"], str(status["status"]), status)
             problem = self._weights_problem(reply, reference)
             if problem:
-                self._reject(record, hospital, "rejected", problem)
+                self._reject(record, hospital, Status.REJECTED, problem)
                 continue
             record.hospitals[hospital.name] = {"status": str(status["status"]), "message": str(status["message"]),
                                                **dict(reply.content["metrics"])}
-            if status["status"] == "trained":
+            if status["status"] == Status.TRAINED:
                 candidates[hospital.name] = reply
             else:
                 log.warning("round %d: hospital %s did not train (%s): %s", record.round, hospital.name,
                             status["status"], status["message"])
         for message in messages:
             if message.metadata.dst_node_id not in answered:
-                self._reject(record, self._by_node(message.metadata.dst_node_id), "timeout",
+                self._reject(record, self._by_node(message.metadata.dst_node_id), Status.TIMEOUT,
                              f"no reply within {self.timeout}s; skipped")
         return self._drop_norm_outliers(record, candidates, reference)
 
@@ -399,14 +400,14 @@ class BudgetAwareStrategy(Strategy):
         if "metrics" not in content or "status" not in content:
             return "reply lacks its metrics or status"
         metrics = dict(content["metrics"])
-        if content["status"]["status"] != "trained" and not _figures_known(metrics):
+        if content["status"]["status"] != Status.TRAINED and not _figures_known(metrics):
             return None  # a refusal from a hospital whose ledger is unreadable: nothing to check or use
         return metrics_problem(metrics, declared_examples=hospital.num_examples, last_epsilon=hospital.epsilon,
                                last_budget=hospital.budget_epsilon, last_delta=hospital.delta)
 
     @staticmethod
     def _weights_problem(reply: Message, reference: dict[str, torch.Tensor]) -> str | None:
-        if reply.content["status"]["status"] != "trained":
+        if reply.content["status"]["status"] != Status.TRAINED:
             return None
         if "arrays" not in reply.content:
             return "a trained reply without weights"
@@ -418,16 +419,16 @@ class BudgetAwareStrategy(Strategy):
                  for name, reply in candidates.items()}
         outliers = norm_outliers(norms, self.accepted_norms, self.max_update_norm_ratio)
         for name, reason in outliers.items():
-            self._reject(record, next(h for h in self.hospitals if h.name == name), "rejected", reason)
+            self._reject(record, next(h for h in self.hospitals if h.name == name), Status.REJECTED, reason)
         self.accepted_norms += [norm for name, norm in norms.items() if name not in outliers]
         return [reply for name, reply in candidates.items() if name not in outliers]
 
-    def _reject(self, record: RoundRecord, hospital: HospitalState, status: str, reason: str, *,
+    def _reject(self, record: RoundRecord, hospital: HospitalState, status: Status, reason: str, *,
                 figures_lost: bool = False) -> None:
         hospital.failures += 1
-        if (figures_lost or status in ("failed", "timeout")) and hospital.unreported_since is None:
+        if (figures_lost or status in (Status.FAILED, Status.TIMEOUT)) and hospital.unreported_since is None:
             hospital.unreported_since = record.round  # it may have charged without a believable report
-        record.hospitals[hospital.name] = {"status": status, "message": reason}
+        record.hospitals[hospital.name] = {"status": str(status), "message": reason}
         log.warning("round %d: hospital %s %s: %s (the round goes on without it)", record.round, hospital.name,
                     status, reason)
 
@@ -516,7 +517,7 @@ def _update_state(state: HospitalState, metrics: MetricRecord, status: str, reco
     state.epsilon = float(metrics["epsilon"])
     state.delta = float(metrics["delta"])
     state.budget_epsilon = float(metrics["budget-epsilon"])
-    state.locked = bool(metrics["locked"]) or status == "locked"
+    state.locked = bool(metrics["locked"]) or status == Status.LOCKED
     if "num-examples" in metrics and metrics["num-examples"]:
         state.num_examples = int(metrics["num-examples"])
 
