@@ -164,6 +164,7 @@ class RunRecorder:
             f"- mode: {cfg.strategy.mode}, rounds run: {len(self.rounds)} of {cfg.strategy.num_rounds}",
             f"- stopped because: {stop_reason}",
             privacy_line(cfg, hospitals),
+            *budget_lines(cfg, hospitals),
             ledger_line,
             *([f"- every hospital's records are spent in the persistent ledger {self.ledger_folder}. To run a "
                "throw-away experiment on public benchmark data instead, add federation.ledger_scope=run (its "
@@ -196,6 +197,19 @@ class RunRecorder:
                   "Hospital validation metrics are computed on private data and are not covered by the DP guarantee.",
                   ""]
         return "\n".join(lines)
+
+
+def budget_lines(cfg: FedprivConfig, hospitals: list[HospitalState]) -> list[str]:
+    """Say so where a hospital's own budget is not the one the run config asked for (deployment)."""
+    if not cfg.privacy.enabled:
+        return []
+    asked = {h.name: h.epsilon for h in cfg.federation.hospitals if h.epsilon is not None}
+    differ = [h for h in hospitals if math.isfinite(h.budget_epsilon)
+              and not math.isclose(h.budget_epsilon, asked.get(h.name, cfg.privacy.epsilon), rel_tol=1e-9)]
+    if not differ:
+        return []
+    return [f"- budgets are the hospitals' own, not the run config's privacy.epsilon={cfg.privacy.epsilon:g}: "
+            + ", ".join(f"{h.name} {h.budget_epsilon:g}" for h in differ)]
 
 
 def _cap(value: float) -> str:

@@ -69,8 +69,9 @@ def test_the_report_says_what_the_hospitals_did_not_what_the_run_config_asked(tm
 
     def own_settings(run_config, partition_id):
         site = real(run_config, partition_id)
+        budget = 2.5 if partition_id == 0 else site.settings.budget_epsilon  # its own budget, not the config's 3
         return dataclasses.replace(site, settings=dataclasses.replace(site.settings, accountant="prv",
-                                                                      noise_seed=None))
+                                                                      noise_seed=None, budget_epsilon=budget))
 
     monkeypatch.setattr(client_app, "simulated_site", own_settings)
     strategy, _, run_dir = federate(tmp_path, "privacy.accountant=rdp", "privacy.noise_seed=1234",
@@ -78,6 +79,7 @@ def test_the_report_says_what_the_hospitals_did_not_what_the_run_config_asked(tm
     summary = (run_dir / "summary.md").read_text()
     assert "accountant prv" in summary and "asked for rdp" in summary
     assert "WARNING" not in summary and "no hospital used it" in summary
+    assert "budgets are the hospitals' own, not the run config's privacy.epsilon=3: hospital-1 2.5\n" in summary
     result = __import__("json").loads((run_dir / "result.json").read_text())
     assert result["noise_seeded"] is False and set(result["accountants"].values()) == {"prv"}
     assert all(h.accountant == "prv" and not h.noise_seeded for h in strategy.hospitals)
