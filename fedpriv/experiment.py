@@ -83,7 +83,15 @@ def prepare_experiment(cfg: FedprivConfig) -> Experiment:
     """Validate `cfg`, load its dataset and split the training records among its hospitals."""
     validate_config(cfg)
     check_ledger_dir(cfg)
-    dataset = load_dataset(cfg.dataset, cfg.seed)
+    return partition_experiment(cfg, load_dataset(cfg.dataset, cfg.seed))
+
+
+def partition_experiment(cfg: FedprivConfig, dataset: MedicalImageDataset) -> Experiment:
+    """Split an already loaded dataset among `cfg`'s hospitals, as :func:`prepare_experiment` does.
+
+    It neither checks nor touches the ledger folder: the run report uses it to name each simulated
+    hospital's records when it only reads their ledger.
+    """
     fed = cfg.federation
     shares = [h.share for h in fed.hospitals] if fed.hospitals and fed.hospitals[0].share is not None else None
     labels = dataset.train.labels.numpy()

@@ -61,6 +61,15 @@ def simulation_ledger_path(cfg: FedprivConfig, run_dir: str | Path | None) -> Pa
     return ledger_folder(cfg, run_dir) / f"simulated-{cfg.dataset.name}.db"
 
 
+def simulation_ledger_key(cfg: FedprivConfig, ledger: Path) -> Path | None:
+    """The key of that ledger: None for the default one (fedpriv.privacy.chain.key_path_for).
+
+    A throw-away ledger keeps its key beside it (it dies with the run); a persistent one uses the
+    key folder, apart from the ledger.
+    """
+    return ledger.parent / "keys" / f"{ledger.stem}.key" if cfg.federation.ledger_scope == "run" else None
+
+
 # A Ray worker plays many hospitals, each many times a run. Parsing and checking the run's config
 # alone takes ~15 ms, so each hospital's site is built once per run (its ledger is still opened
 # from disk for every message: the budget state is never cached).
@@ -86,9 +95,7 @@ def _new_simulated_site(run_config: dict[str, Any], index: int) -> HospitalSite:
     hospital = experiment.hospitals[index]
     run_dir = str(run_config.get(RUN_DIR_KEY, "") or "outputs/flwr")
     ledger = simulation_ledger_path(cfg, run_dir)
-    # A throw-away ledger keeps its key beside it (it dies with the run); a persistent one uses the
-    # key folder, apart from the ledger (fedpriv.privacy.chain).
-    key = ledger.parent / "keys" / f"{ledger.stem}.key" if cfg.federation.ledger_scope == "run" else None
+    key = simulation_ledger_key(cfg, ledger)
     own = cfg.federation.hospitals[index] if cfg.federation.hospitals else None
     limits = {name: getattr(own, name) for name in ("max_epsilon_per_round", "max_epsilon_per_run",
                                                      "min_noise_multiplier", "max_local_epochs")

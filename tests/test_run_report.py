@@ -17,10 +17,16 @@ from PIL import Image
 
 from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, compose_config, config_to_json
 from fedpriv.cli.report import main as report_main
+from fedpriv.config import to_config
 from fedpriv.data import load_dataset
 from fedpriv.errors import DataError
+from fedpriv.experiment import prepare_experiment
+from fedpriv.privacy.chain import ChainKey, key_path_for
+from fedpriv.privacy.ledger import read_ledger
+from fedpriv.report import figures
 from fedpriv.report.run_report import write_run_report
 from fedpriv.server_app import run_federation
+from fedpriv.site import simulation_ledger_path
 
 TINY = ["federation=iid", "train.batch_size=16", "train.local_epochs=1", "model.width=4"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -94,7 +100,7 @@ def test_the_report_shows_the_runs_key_figures(private_run):
 
 def test_the_html_is_self_contained_with_embedded_plots(private_run):
     page = Page(private_run / "report.html")
-    ids = {"learning_curves", "privacy", "reliability", "hospitals"}
+    ids = {"learning_curves", "privacy", "record_epsilon", "reliability", "hospitals"}
     assert len(page.images) == len(ids)
     for image in page.images:
         prefix = "data:image/png;base64,"
@@ -108,10 +114,67 @@ def test_the_html_is_self_contained_with_embedded_plots(private_run):
 def test_the_markdown_links_figures_that_exist(private_run):
     markdown = (private_run / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert sorted(links) == sorted(f"figures/{n}.png" for n in ("learning_curves", "privacy", "reliability",
-                                                                "hospitals"))
+    assert sorted(links) == sorted(f"figures/{n}.png" for n in ("learning_curves", "privacy", "record_epsilon",
+                                                                "reliability", "hospitals"))
     assert all((private_run / link).read_bytes().startswith(PNG) for link in links)
     assert "| alpha |" in markdown
+
+
+def _ledger_spreads(run_dir: Path) -> tuple[Path, dict[str, object]]:
+    """The run's simulated ledger and each hospital's status in it (its records, its budget)."""
+    from omegaconf import OmegaConf
+
+    cfg = to_config(OmegaConf.load(run_dir / "config.yaml"))
+    experiment = prepare_experiment(cfg)
+    path = simulation_ledger_path(cfg, run_dir)
+    with read_ledger(path) as ledger:
+        return path, {h.name: ledger.status(experiment.hospital_data(h.index).ids(), budget=h.epsilon)
+                      for h in experiment.hospitals}
+
+
+def test_the_report_plots_each_hospitals_per_record_epsilon_from_its_ledger(private_run):
+    path, statuses = _ledger_spreads(private_run)
+    witness = ChainKey.load(key_path_for(path)).witness_path
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (path, witness)}
+    text = Page(write_run_report(private_run).html).text
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (path, witness)} == before  # read-only
+    assert f"read (read-only) from the simulated hospitals' ledger {path}" in text
+    for name, status in statuses.items():
+        assert status.records == 51
+        assert (f"{name} {status.records} {status.budget_epsilon:g} {status.epsilon_min:.3f} "
+                f"{status.epsilon_median:.3f} {status.epsilon_spent:.3f} {status.exhausted} of {status.records}") in text
+    assert "Per-record epsilon is not plotted" not in text
+    assert 'id="record_epsilon"' in (private_run / "report.html").read_text()
+
+
+def test_without_the_ledger_the_report_shows_what_the_hospitals_reported(private_run, tmp_path, monkeypatch):
+    run = shutil.copytree(private_run, tmp_path / "copy")
+    monkeypatch.setenv("FEDPRIV_KEY_DIR", str(tmp_path / "no-keys"))  # the ledger's key is not where it was
+    text = Page(write_run_report(run).html).text
+    assert re.search(r"Per-record epsilon is not plotted: the ledger \S+ cannot be read \(.*its key was not found",
+                     text)
+    assert "`fedpriv-ledger show LEDGER` on the machine that holds it" in text
+    result = {h["hospital"]: h for h in json.loads((run / "result.json").read_text())["hospitals"]}
+    # alpha and beta last reported in round 3 (refusing), at the epsilon they had reached; nobody exhausted.
+    for name, budget in (("alpha", 6), ("beta", 8), ("gamma", 10)):
+        spent = f"{result[name]['epsilon']:.3f}"
+        assert f"{name} 51 {budget} not reported {spent} {spent} 0 of 51 round 3" in text
+    assert 'id="record_epsilon"' not in (run / "report.html").read_text()
+
+    # A deployment: the server holds no ledger at all (the hospitals keep theirs).
+    elsewhere = tmp_path / "coordinator-ledgers"
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace(str(private_run.parent / "ledgers"), str(elsewhere)))
+    text = Page(write_run_report(run).html).text
+    assert (f"Per-record epsilon is not plotted: the server holds no ledger for this run (none at "
+            f"{elsewhere / 'simulated-synthetic.db'}): the hospitals keep their ledgers on their own machines") in text
+    assert "alpha 51 6 not reported" in text and not elsewhere.exists()  # the report created nothing
+
+
+def test_the_per_record_plot_draws_finite_records_and_names_infinite_ones():
+    mixed = figures.record_epsilon([("a", np.array([1.0, 2.0, np.inf]), 3.0), ("b", np.array([np.inf]), 3.0)])
+    assert mixed is not None and mixed.startswith(PNG)
+    assert figures.record_epsilon([("a", np.array([np.inf, np.inf]), 3.0)]) is None  # nothing finite to draw
 
 
 def _break_data_loading(monkeypatch):
@@ -128,7 +191,11 @@ def test_fedpriv_report_rebuilds_from_the_files_without_touching_the_data(privat
     _break_data_loading(monkeypatch)  # calibration.json and subgroups.json exist: no data needed
     assert report_main([str(run)]) == 0
     assert capsys.readouterr().out.split() == [str(run / "report.html"), str(run / "report.md")]
-    assert "Calibration was not computed" not in Page(run / "report.html").text
+    text = Page(run / "report.html").text
+    assert "Calibration was not computed" not in text
+    # Naming each hospital's records in the ledger needs the data: without it, the reported figures.
+    assert "needs the data (record ids are content ids), and it cannot be loaded (dataset file moved)" in text
+    assert re.search(r"alpha 51 6 not reported 5\.606 5\.606 0 of 51 round 3", text)
 
     (run / "calibration.json").unlink()  # now it must load the data, which fails: still a report
     assert report_main([str(run)]) == 0
@@ -199,6 +266,11 @@ def test_a_non_private_run_with_attributes(tmp_path):
     assert html.index('class="banner danger">NOT PRIVATE: epsilon = infinity') < html.index("<h2>Summary</h2>")
     text = Page(run_dir / "report.html").text
     assert "epsilon spent (max over hospitals) inf (NOT PRIVATE)" in text
+    # Every record the ledger charged non-privately is at infinity: said so, not plotted.
+    assert "No plot: every record of every hospital has epsilon = infinity (not private" in text
+    assert re.search(r"hospital-1 \d+ \S+ infinity \(not private\) infinity \(not private\) infinity "
+                     r"\(not private\) (\d+) of \1", text)
+    assert 'id="record_epsilon"' not in html
     assert "Per-hospital metrics are NOT available: hospital-side evaluation is off" in text
     subgroups = json.loads((run_dir / "subgroups.json").read_text())
     by_name = {a["attribute"]: a for a in subgroups["attributes"]}

@@ -4,7 +4,9 @@ The report is rebuilt from the run's files. Calibration and subgroup metrics are
 calibration.json and subgroups.json. When either file is missing, or with ``--recompute``, they are
 computed from model.pt and the data that config.yaml names. If that data cannot be loaded (e.g. the
 npz moved; set FEDPRIV_DATA_DIR or dataset.root), the report is still written, with a warning where
-calibration would be.
+calibration would be. The per-record epsilon of simulated hospitals is read, read-only, from their
+ledger, naming each hospital's records from the data; without the ledger (a deployment), its key or
+the data, the report shows the hospitals' reported figures instead and says why.
 
 Exit codes: 0 when the report was written (a warning on stderr if calibration could not be
 computed), 2 when RUN_DIR is not a readable run directory (one ``fedpriv-report: error: ...`` line).

@@ -10,6 +10,7 @@ import io
 import math
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from fedpriv.report.calibration import CalibrationMetrics, CalibrationReport
@@ -76,6 +77,42 @@ def privacy_spend(rounds: list[dict[str, Any]]) -> bytes | None:
     axis.set_xticks([r["round"] for r in rounds] if len(rounds) <= 20 else axis.get_xticks())
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(figure)
+
+
+def record_epsilon(hospitals: list[tuple[str, np.ndarray, float]]) -> bytes | None:
+    """One panel per hospital: its records' epsilon, sorted, against its budget (dashed).
+
+    ``hospitals`` holds (name, per-record epsilon, budget). Records at infinity (non-private use)
+    cannot be drawn on the axis; each panel says how many there are. None when no record of any
+    hospital has a finite epsilon (a non-private run: nothing to plot).
+    """
+    if not any(np.isfinite(epsilon).any() for _, epsilon, _ in hospitals):
+        return None
+    columns = min(len(hospitals), 3)
+    rows = math.ceil(len(hospitals) / columns)
+    figure = Figure(figsize=(3.4 * columns + 0.6, 2.9 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, (name, epsilon, budget) in zip(axes, hospitals, strict=False):
+        finite = np.sort(epsilon[np.isfinite(epsilon)])
+        infinite = len(epsilon) - len(finite)
+        if len(finite):
+            axis.plot(np.arange(1, len(finite) + 1), finite, color="tab:blue", drawstyle="steps-post",
+                      marker="o" if len(finite) == 1 else None, label="epsilon per record")
+        if math.isfinite(budget):
+            axis.axhline(budget, color="tab:red", linestyle="--", linewidth=1.2, label=f"budget {budget:g}")
+        top = max([budget if math.isfinite(budget) else 0.0, *finite[-1:]]) or 1.0
+        axis.set(ylim=(0, top * 1.15), xlabel="records, sorted by epsilon", ylabel="epsilon",
+                 title=f"{name} ({len(epsilon)} records)")
+        axis.title.set_fontsize(10)
+        if infinite:  # off the axis: say it in the panel rather than clip them to its top
+            axis.text(0.5, 0.5, f"{infinite} records: epsilon = infinity\n(not private)", ha="center",
+                      va="center", transform=axis.transAxes, fontsize=9, color="tab:red",
+                      bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "tab:red"})
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+    for axis in axes[len(hospitals):]:
+        axis.set_visible(False)
     return _png(figure)
 
 

@@ -1,7 +1,9 @@
 """The run report: ``report.html`` (self-contained) and ``report.md`` (with ``figures/*.png``) in a run directory.
 
-It is built from the run's files only (config.yaml, metrics.json, result.json, partition.json,
-calibration.json, subgroups.json), so ``fedpriv-report RUN_DIR`` can rebuild it at any time.
+It is built from the run's files (config.yaml, metrics.json, result.json, partition.json,
+calibration.json, subgroups.json), so ``fedpriv-report RUN_DIR`` can rebuild it at any time. The
+per-record epsilon of simulated hospitals is read (read-only) from their ledger, which needs the
+data to name each hospital's records; without either, the report shows what the hospitals reported.
 The one step that needs the model and the data, calibration plus subgroup metrics, runs only when
 calibration.json or subgroups.json is missing (or ``recompute=True``). The ServerApp passes the
 dataset it already holds, so the report costs two forward passes (validation and test split)
@@ -25,6 +27,7 @@ import numpy as np
 from fedpriv.config import FedprivConfig
 from fedpriv.data import MedicalImageDataset
 from fedpriv.errors import FedprivError
+from fedpriv.privacy.ledger import SPENT_FRACTION
 from fedpriv.report import figures
 from fedpriv.report.calibration import CalibrationReport
 from fedpriv.report.document import (
@@ -56,6 +59,7 @@ from fedpriv.report.fairness import (
     SubgroupFairness,
     hospital_fairness,
 )
+from fedpriv.report.record_privacy import LedgerSpreads, RecordSpread, ledger_spreads, reported_spreads
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +140,7 @@ def write_run_report(run_dir: str | Path, *, dataset: MedicalImageDataset | None
     files = RunFiles.load(run_dir)
     evaluation, problem = _evaluation(files, dataset, recompute)
     warnings = [f"calibration and subgroup metrics not computed: {problem}"] if problem else []
-    blocks = build_report(files, evaluation, problem, warnings)
+    blocks = build_report(files, evaluation, problem, warnings, dataset=dataset)
     title = f"fedpriv run report: {files.run_id}"
     save_figures(blocks, files.run_dir / FIGURE_DIR)
     written = WrittenReport(files.run_dir / REPORT_HTML, files.run_dir / REPORT_MD, warnings)
@@ -159,8 +163,11 @@ def _evaluation(files: RunFiles, dataset: MedicalImageDataset | None, recompute:
 
 
 def build_report(files: RunFiles, evaluation: Evaluation | None, problem: str = "",
-                 warnings: list[str] | None = None) -> list[Block]:
-    """Every section of the report, in reading order; sections that fail are noted in ``warnings``."""
+                 warnings: list[str] | None = None, dataset: MedicalImageDataset | None = None) -> list[Block]:
+    """Every section of the report, in reading order; sections that fail are noted in ``warnings``.
+
+    ``dataset`` (else loaded as config.yaml says) names the simulated hospitals' records in their ledger.
+    """
     calibration, subgroups = evaluation if evaluation else (None, None)
     hospitals = hospital_fairness(files.metrics, client_evaluate=files.config.strategy.client_evaluate)
     sections: list[tuple[str, Callable[[], list[Block]]]] = [
@@ -169,6 +176,7 @@ def build_report(files: RunFiles, evaluation: Evaluation | None, problem: str = 
         ("Data and partition", lambda: _data(files)),
         ("Learning curves", lambda: _learning(files)),
         ("Privacy spent per hospital", lambda: _privacy(files)),
+        ("Per-record epsilon per hospital", lambda: _record_privacy(files, dataset)),
         ("Calibration", lambda: _calibration(calibration, problem)),
         ("Fairness across hospitals", lambda: _hospitals(hospitals)),
         ("Fairness across subgroups", lambda: _subgroups(subgroups, problem)),
@@ -445,6 +453,58 @@ def _locks(rounds: list[dict[str, Any]]) -> list[list[str]]:
             rows.append([name, str(record["round"]), fmt_epsilon(privacy["epsilon"]),
                          str(reply.get("message") or reply.get("status") or "")])
     return rows
+
+
+def _record_privacy(files: RunFiles, dataset: MedicalImageDataset | None) -> list[Block]:
+    """Each hospital's per-record epsilon against its budget: from the ledger, else as reported."""
+    blocks: list[Block] = [Heading("Per-record epsilon per hospital")]
+    found = ledger_spreads(files.config, files.run_dir, files.run_id, dataset)
+    if isinstance(found, str):
+        spreads = reported_spreads(files.rounds, _final_privacy(files))
+        return [*blocks,
+                Paragraph(f"Per-record epsilon is not plotted: {found}. Each hospital's per-record distribution is "
+                          "held in its own ledger: `fedpriv-ledger show LEDGER` on the machine that holds it (a "
+                          "deployed hospital's own machine) shows it.", strong=True),
+                Paragraph("Below: what each hospital reported in its last reply: its largest and median epsilon "
+                          "over its records and how many are exhausted (it does not report the smallest)."),
+                _spread_table(spreads, reported=True)]
+    return [*blocks, *_ledger_blocks(found)]
+
+
+def _ledger_blocks(found: LedgerSpreads) -> list[Block]:
+    spreads = found.spreads
+    blocks: list[Block] = [Paragraph(
+        f"Every record's epsilon, read (read-only) from the simulated hospitals' ledger {found.path} when this "
+        "report was built: the records each hospital trains on, accounted over every use of them, against that "
+        f"hospital's budget. A record is exhausted (it never trains again) when less than {SPENT_FRACTION:.0%} of its "
+        "budget is left or after a non-private use.")]
+    if found.later_charges:
+        blocks.append(Banner(f"The ledger holds {found.later_charges} charge(s) by later runs: these figures include "
+                             "them (they are as of this report, not of the end of this run).", "warning"))
+    plot = figures.record_epsilon([(s.hospital, s.epsilon, s.budget) for s in spreads if s.epsilon is not None])
+    if plot:
+        blocks.append(Figure("record_epsilon", plot, "Each hospital's records sorted by epsilon (solid) against "
+                             "its budget (dashed)."))
+    else:  # nothing finite to draw: every record is at infinity
+        blocks.append(Paragraph("No plot: every record of every hospital has epsilon = infinity (not private: it "
+                                "was used without differential privacy).", strong=True))
+    return [*blocks, _spread_table(spreads, reported=False)]
+
+
+def _spread_table(spreads: list[RecordSpread], *, reported: bool) -> Table:
+    rows = [[s.hospital, "not reported" if s.records is None else str(s.records), fmt_budget(s.budget),
+             *(_record_epsilon(v) for v in (s.minimum, s.median, s.maximum)),
+             "not reported" if s.exhausted is None else f"{s.exhausted} of {s.records}",
+             *([f"round {s.reported_round}" if s.reported_round is not None else "result.json"] if reported else [])]
+            for s in spreads]
+    headers = ["hospital", "records", "budget", "min epsilon", "median epsilon", "max epsilon", "exhausted"]
+    return Table([*headers, *(["reported in"] if reported else [])], rows)
+
+
+def _record_epsilon(value: float) -> str:
+    if math.isnan(value):
+        return "not reported"
+    return "infinity (not private)" if math.isinf(value) else fmt(value, 3)
 
 
 def _calibration(calibration: CalibrationReport | None, problem: str) -> list[Block]:
