@@ -20,13 +20,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import tomli_w
 from cryptography.hazmat.primitives import serialization
 
 from fedpriv.app_config import compose_config
+from fedpriv.deployment.approval import app_hash
 from fedpriv.deployment.credentials import make_ca, make_supernode_keys
 from fedpriv.deployment.processes import (
     ManagedProcess,
     online_nodes,
+    run_command,
     supernode_command,
 )
 from fedpriv.deployment.rehearsal import LocalFederation, free_port
@@ -119,6 +122,63 @@ def test_a_certificate_from_another_ca_is_not_trusted(federation):
     spoof = _supernode(federation, "other-ca", root_certificates=folder / "ca.crt", auth_key=registered.private_key,
                        max_retries=2, max_wait_time=20)
     assert spoof.wait(timeout=90) != 0
+
+
+ROGUE_APP = '''
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.query()
+def steal(msg, context):  # what an outsider's app would do at a hospital: read its settings, report back
+    Path(MARKER).write_text(repr(dict(context.node_config)))
+    return Message(RecordDict({"config": ConfigRecord({"node-config": repr(dict(context.node_config))})}),
+                   reply_to=msg)
+
+
+@server.main()
+def main(grid, context):
+    nodes = list(grid.get_node_ids())
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="query")
+                for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=30))
+    Path(REPORT).write_text(f"{len(nodes)} {sum(not reply.has_error() for reply in replies)}")
+'''
+
+
+def test_an_app_the_hospitals_did_not_approve_never_runs_there(federation, tmp_path):
+    """Anyone who reaches the Control API can submit a run; no hospital runs its ClientApp."""
+    app = tmp_path / "rogue"
+    app.mkdir()
+    marker, report = tmp_path / "stolen.txt", tmp_path / "rogue-report.txt"
+    (app / "rogue_app.py").write_text(f"MARKER = {str(marker)!r}\nREPORT = {str(report)!r}\n" + ROGUE_APP)
+    (app / "pyproject.toml").write_text(tomli_w.dumps({
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "rogue-app", "version": "1.0.0", "license": "Apache-2.0", "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "outsider", "config": {"note": ""},
+                                  "components": {"serverapp": "rogue_app:server", "clientapp": "rogue_app:client"}}}},
+    }))
+    rogue_hash = app_hash(app)
+    ledgers = {h.name: h.ledger.read_bytes() if h.ledger.exists() else None for h in federation.hospitals}
+    run_config = tmp_path / "rogue.toml"
+    run_config.write_text('note = "rogue"\n')
+    runner = federation.processes.start("rogue run", run_command(app, run_config), tmp_path / "rogue-run.log",
+                                        cwd=tmp_path)
+    assert runner.wait(timeout=240) == 0, runner.log_tail(40)
+    assert report.read_text() == "3 0"  # its ServerApp reached all three hospitals; none answered
+    assert not marker.exists()  # its ClientApp ran nowhere
+    for hospital in federation.hospitals:
+        refused = (hospital.folder / "hospital-exec.log").read_text()
+        assert f"its app {rogue_hash} is not one this hospital approved" in refused
+        assert "fedpriv-approved-clientapp: refused run" in refused  # refused on the bytes it pulled
+        current = hospital.ledger.read_bytes() if hospital.ledger.exists() else None
+        assert current == ledgers[hospital.name]  # nothing read into a run, nothing spent
 
 
 def _check_run(federation: LocalFederation, run_dir: Path, previous: dict[str, float]) -> dict[str, float]:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,12 +119,20 @@ def supernode_command(*, superlink: str, node_config: Mapping[str, Any], root_ce
         command += ["--root-certificates", str(root_certificates)]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
-    command += ["--port", str(port), "--node-config", node_config_string(node_config)]
+    # Process isolation: the SuperNode starts no app code itself; fedpriv-hospital-exec (next to it)
+    # starts only the apps the hospital approved (fedpriv.deployment.approval).
+    command += ["--isolation", "process", "--port", str(port), "--node-config", node_config_string(node_config)]
     if max_retries is not None:
         command += ["--max-retries", str(max_retries)]
     if max_wait_time is not None:
         command += ["--max-wait-time", str(max_wait_time)]
     return command
+
+
+def hospital_exec_command(*, approved_apps: Iterable[str], port: int = DEFAULT_SUPERNODE_PORT) -> list[str]:
+    """`fedpriv-hospital-exec`: the hospital's SuperExec, on its SuperNode's local Runtime API (loopback)."""
+    return [executable("fedpriv-hospital-exec"), "--approved-apps", ",".join(approved_apps),
+            "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
 
 
 def register_command(public_key: Path, name: str, connection: str = CONNECTION) -> list[str]:

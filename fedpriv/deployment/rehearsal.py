@@ -33,12 +33,14 @@ import numpy as np
 from fedpriv.app_config import config_to_json, write_app
 from fedpriv.config import FedprivConfig
 from fedpriv.data import NORMALISATION_MEAN, NORMALISATION_STD, LabeledImages
+from fedpriv.deployment.approval import app_hash
 from fedpriv.deployment.credentials import Credentials, make_credentials
 from fedpriv.deployment.processes import (
     DeploymentError,
     ManagedProcess,
     ProcessSet,
     flower_env,
+    hospital_exec_command,
     online_nodes,
     register_supernode,
     run_command,
@@ -122,7 +124,9 @@ class RehearsalHospital:
     ca_certificate: Path
     node_id: int = 0
     process: ManagedProcess | None = None
+    launcher: ManagedProcess | None = None  # its fedpriv-hospital-exec (runs approved apps only)
     threads: int | None = 1
+    approved_apps: tuple[str, ...] = ()
 
     def node_config(self) -> dict[str, object]:
         """What this hospital's SuperNode gets as `--node-config`: its own settings only."""
@@ -197,7 +201,10 @@ class LocalFederation:
                 ledger_key=folder / "ledger-key" / "ledger.key",
                 budget_epsilon=float(budget), delta=hospital.delta, port=free_port(), private_key=keys.private_key,
                 public_key=keys.registered_key, ca_certificate=keys.ca_certificate, threads=self.threads))
-        write_app(self.coordinator / "app")
+        # Each hospital approves the hash of the app the coordinator will submit (fedpriv's own).
+        approved = (app_hash(write_app(self.coordinator / "app")),)
+        for hospital in self.hospitals:
+            hospital.approved_apps = approved
 
     # ---------------------------------------------------------------- processes
 
@@ -222,13 +229,22 @@ class LocalFederation:
         self.wait_until_online()
 
     def start_supernode(self, hospital: RehearsalHospital) -> ManagedProcess:
-        """Start one hospital's SuperNode (its own FLWR_HOME, port, key and node config)."""
+        """Start one hospital's SuperNode (its own FLWR_HOME, port, key and node config) and its launcher.
+
+        The launcher follows the SuperNode (``--parent-pid``): it ends when the SuperNode does.
+        """
         assert self.processes is not None
         command = supernode_command(superlink=self.address, node_config=hospital.node_config(),
                                     root_certificates=hospital.ca_certificate, auth_key=hospital.private_key,
                                     port=hospital.port)
-        return self.processes.start(f"supernode {hospital.name}", command, hospital.folder / "supernode.log",
-                                    cwd=hospital.folder, env=flower_env(hospital.folder / "flwr-home"))
+        env = flower_env(hospital.folder / "flwr-home")
+        node = self.processes.start(f"supernode {hospital.name}", command, hospital.folder / "supernode.log",
+                                    cwd=hospital.folder, env=env)
+        launcher = hospital_exec_command(approved_apps=hospital.approved_apps, port=hospital.port)
+        hospital.launcher = self.processes.start(f"hospital-exec {hospital.name}",
+                                                 [*launcher, "--parent-pid", str(node.process.pid)],
+                                                 hospital.folder / "hospital-exec.log", cwd=hospital.folder, env=env)
+        return node
 
     def wait_until_online(self) -> None:
         expected = {hospital.node_id for hospital in self.hospitals}
