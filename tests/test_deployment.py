@@ -376,6 +376,13 @@ def test_cli_credentials_and_node_print_command(tmp_path, share):
     assert printed.returncode == 0, printed.stderr
     assert "flower-supernode --superlink link.example.org:8000" in printed.stdout
     assert "--auth-supernode-private-key" in printed.stdout and "budget-epsilon=3.0" in printed.stdout
+    # The SuperNode runs no app code itself; its launcher runs only fedpriv's own app (by default).
+    assert "--isolation process" in printed.stdout
+    own = _cli("app-hash")
+    assert own.returncode == 0 and len(own.stdout.strip()) == 64
+    assert f"fedpriv-hospital-exec --approved-apps {own.stdout.strip()} --runtime-api-address 127.0.0.1:9101" \
+        in printed.stdout
+    assert _cli(*node, "--approved-apps", "not-a-hash", "--print-command").returncode == 2
 
     bad = _cli(*[arg if arg != "1e-5" else "2" for arg in node], "--print-command")
     assert bad.returncode == 2 and "delta=2.0" in bad.stderr

@@ -19,6 +19,7 @@ import logging
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,7 +77,8 @@ def node_config_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 def _node(args: argparse.Namespace) -> int:
     from fedpriv.deployment.node import parse_node_config
-    from fedpriv.deployment.processes import supernode_command
+    from fedpriv.deployment.approval import fedpriv_app_hash, parse_approved
+    from fedpriv.deployment.processes import hospital_exec_command, supernode_command
 
     node_config = node_config_from_args(args)
     parse_node_config(node_config)  # fail here, with the key named, rather than at the first round
@@ -87,7 +89,21 @@ def _node(args: argparse.Namespace) -> int:
                                 root_certificates=Path(args.root_certificates).resolve(),
                                 auth_key=Path(args.auth_key).resolve(), port=args.port,
                                 max_retries=args.max_retries)
-    return _exec(command, args.print_command)
+    approved = sorted(parse_approved(args.approved_apps or fedpriv_app_hash()))
+    launcher = hospital_exec_command(approved_apps=approved, port=args.port)
+    if args.print_command:
+        print(shlex.join(launcher) + "  # next to the SuperNode: runs only the approved apps", flush=True)
+        return _exec(command, True)
+    # The launcher follows this PID, which exec() hands on to the SuperNode: one ends, both end.
+    subprocess.Popen([*launcher, "--parent-pid", str(os.getpid())], stdin=subprocess.DEVNULL)
+    return _exec(command, False)
+
+
+def _app_hash(args: argparse.Namespace) -> int:
+    from fedpriv.deployment.approval import fedpriv_app_hash
+
+    print(fedpriv_app_hash())
+    return 0
 
 
 def _app(args: argparse.Namespace) -> int:
@@ -170,8 +186,14 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--auth-key", required=True, help="the hospital's private key (NAME.key)")
     node.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (distinct per node)")
     node.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
-    node.add_argument("--print-command", action="store_true", help="print the flower-supernode command only")
+    node.add_argument("--approved-apps", help="comma-separated sha256 hashes of the Flower apps this hospital "
+                                              "runs (default: fedpriv's own, `fedpriv-deploy app-hash`)")
+    node.add_argument("--print-command", action="store_true",
+                      help="print the fedpriv-hospital-exec and flower-supernode commands only")
     node.set_defaults(handler=_node)
+
+    digest = commands.add_parser("app-hash", help="print the hash of fedpriv's Flower app (what a hospital approves)")
+    digest.set_defaults(handler=_app_hash)
 
     app = commands.add_parser("app", help="write the Flower app folder that `flwr run` uploads")
     app.add_argument("--out", required=True, help="folder for the app (a pyproject.toml is written there)")
