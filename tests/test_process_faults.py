@@ -100,14 +100,17 @@ BUDGET = 40.0
 ROUND_TIMEOUT = 40
 
 
-def _kill_supernode(managed: ManagedProcess) -> list[int]:
-    """SIGKILL a SuperNode and the ClientApp processes it spawned (PIDs checked by start time)."""
-    managed.note_descendants()
-    children = [(pid, start_time(pid)) for pid in descendants(managed.pid)]
-    _kill_by_pid([managed.pid])  # first, so that it cannot start another ClientApp
+def _kill_supernode(managed: ManagedProcess, launcher: ManagedProcess) -> list[int]:
+    """SIGKILL a SuperNode, its launcher and the ClientApp processes the launcher spawned (PIDs checked
+    by start time), as a machine that loses power would."""
+    for process in (managed, launcher):
+        process.note_descendants()
+    children = [(pid, start_time(pid)) for process in (managed, launcher) for pid in descendants(process.pid)]
+    _kill_by_pid([managed.pid, launcher.pid])  # first, so that neither can start another ClientApp
     _kill_by_pid([pid for pid, started in children if started is not None and alive((pid, started))])
-    managed.process.wait(timeout=10)
-    return [managed.pid, *(pid for pid, _ in children)]
+    for process in (managed, launcher):
+        process.process.wait(timeout=10)
+    return [managed.pid, launcher.pid, *(pid for pid, _ in children)]
 
 
 def _wait_for_unconfirmed_charge(ledger: Path, key: Path, run: threading.Thread, timeout: float) -> LedgerEvent:
@@ -155,7 +158,7 @@ def test_a_hospital_killed_between_charge_and_confirm_is_skipped_and_keeps_its_c
 
         # Kill the victim while it trains: after its ledger charge, before the confirmation.
         charge = _wait_for_unconfirmed_charge(victim.ledger, victim.ledger_key, runner, timeout=300)
-        killed = _kill_supernode(victim.process)
+        killed = _kill_supernode(victim.process, victim.launcher)
         left = _wait_until_gone(f"{victim.folder}{os.sep}", timeout=10)  # its FLWR_HOME, ledger, data
         assert not left, f"killed {killed}, still running:\n{_describe(left)}"
         after_kill = _events(victim.ledger, victim.ledger_key)
