@@ -87,13 +87,13 @@ def train(msg: Message, context: Context) -> Message:
         return _unusable_site(msg, context, error)
     try:
         outcome = train_round(model, site.train, site.settings, request, num_classes=site.num_classes,
-                              after_charge=injected_fault(context, site.config, request.server_round))
+                              after_charge=injected_fault(context.node_config, site.config, request.server_round))
     except FedprivError as error:  # e.g. a corrupt ledger or a full disk: refuse (fail closed), say why
         log.error("hospital %s: %s", site.settings.name, error)
         outcome = budget_failure(site, told_to_server(error))
     reply = _reply(msg, outcome)
     if outcome.state_dict is not None:
-        reply.content["arrays"] = ArrayRecord(injected_corruption(context, site.config, request.server_round,
+        reply.content["arrays"] = ArrayRecord(injected_corruption(context.node_config, site.config, request.server_round,
                                                                   outcome.state_dict))
     return reply
 

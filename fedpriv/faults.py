@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
-from flwr.app import Context
 
 from fedpriv.config import FedprivConfig
 
@@ -23,12 +23,12 @@ class InjectedFault(RuntimeError):
     """A crash injected by `faults.train_failure_rate` (reliability tests only)."""
 
 
-def injected_fault(context: Context, cfg: FedprivConfig, server_round: int) -> Callable[[], None] | None:
+def injected_fault(node_config: Mapping[str, Any], cfg: FedprivConfig, server_round: int) -> Callable[[], None] | None:
     """For simulated hospitals only: maybe crash right after the charge, as a killed node would."""
     rate = cfg.faults.train_failure_rate
-    if not rate or "partition-id" not in context.node_config:
+    if not rate or "partition-id" not in node_config:
         return None
-    hospital = int(context.node_config["partition-id"])
+    hospital = int(node_config["partition-id"])
     if not fault_drawn(cfg.seed, hospital, server_round, rate):
         return None
 
@@ -38,13 +38,13 @@ def injected_fault(context: Context, cfg: FedprivConfig, server_round: int) -> C
     return crash
 
 
-def injected_corruption(context: Context, cfg: FedprivConfig, server_round: int,
+def injected_corruption(node_config: Mapping[str, Any], cfg: FedprivConfig, server_round: int,
                         state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """For simulated hospitals only: maybe poison the weights with NaN, as a buggy site would."""
     rate = cfg.faults.corrupt_update_rate
-    if not rate or "partition-id" not in context.node_config:
+    if not rate or "partition-id" not in node_config:
         return state
-    hospital = int(context.node_config["partition-id"])
+    hospital = int(node_config["partition-id"])
     if not fault_drawn(cfg.seed, hospital, server_round, rate, kind="corrupt"):
         return state
     poisoned = dict(state)

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord
 
 from fedpriv.config import FedprivConfig, to_config
 from fedpriv.errors import ConfigError
-from fedpriv.strategy import HospitalState, RoundRecord
+from fedpriv.roster import HospitalState, RoundRecord
 
 CHECKPOINTS = "checkpoints"
 # Settings that decide the model's shape or which records each hospital holds: a resumed run must
@@ -62,9 +61,8 @@ class RunRecorder:
 
         OmegaConf.save(OmegaConf.structured(config), self.run_dir / "config.yaml")
 
-    def round_end(self, record: RoundRecord, arrays: ArrayRecord, hospitals: list[HospitalState]) -> None:
+    def round_end(self, record: RoundRecord, state: dict[str, torch.Tensor], hospitals: list[HospitalState]) -> None:
         """Save this round's checkpoint and append its metrics and privacy table."""
-        state = arrays.to_torch_state_dict()
         # Written whole, then renamed: a coordinator killed mid-write leaves no truncated checkpoint.
         final = self.run_dir / CHECKPOINTS / f"round-{record.round:03d}.pt"
         partial = final.with_suffix(".pt.partial")
@@ -98,14 +96,14 @@ class RunRecorder:
                                      server.get("sensitivity", ""), server.get("specificity", ""),
                                      server.get("loss", "")])
 
-    def finish(self, final_arrays: ArrayRecord, hospitals: list[HospitalState], stop_reason: str,
+    def finish(self, final_state: dict[str, torch.Tensor], hospitals: list[HospitalState], stop_reason: str,
                excluded: dict[str, str] | None = None) -> str:
         """Save the final model and write summary.md; returns the summary text.
 
         `excluded` names the hospitals that refused to take part at the start, with their reasons.
         """
         excluded = excluded or {}
-        torch.save(final_arrays.to_torch_state_dict(), self.run_dir / "model.pt")
+        torch.save(final_state, self.run_dir / "model.pt")
         cfg = self.config
         result = {
             "run_id": self.run_id, "mode": cfg.strategy.mode, "private": cfg.privacy.enabled,

@@ -97,14 +97,16 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
         mode=cfg.strategy.mode, expected_hospitals=cfg.federation.num_hospitals,
         shuffle_order=cfg.strategy.shuffle_order, seed=cfg.seed, client_evaluate=cfg.strategy.client_evaluate,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio, server_lr=cfg.strategy.server_lr,
-        sequential_step=cfg.strategy.sequential_step, on_round_end=recorder.round_end,
+        sequential_step=cfg.strategy.sequential_step,
+        on_round_end=lambda record, arrays, hospitals: recorder.round_end(record, arrays.to_torch_state_dict(),
+                                                                          hospitals),
     )
     result = strategy.start(
         grid, ArrayRecord(state), num_rounds=cfg.strategy.num_rounds, timeout=cfg.strategy.round_timeout,
         train_config=ConfigRecord(round_request(cfg, run_id, dataset.num_classes).to_record()),
         evaluate_fn=evaluate_on_test, first_round=first_round,
     )
-    summary = recorder.finish(result.arrays, strategy.hospitals, strategy.stop_reason, strategy.excluded)
+    summary = recorder.finish(result.arrays.to_torch_state_dict(), strategy.hospitals, strategy.stop_reason, strategy.excluded)
     write_run_report(run_dir, dataset=dataset)  # calibration on the public splits, fairness, report.html
     log.info("run finished: %s\n%s", strategy.stop_reason, summary)
     return strategy

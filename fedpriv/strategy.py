@@ -13,7 +13,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import torch
 from flwr.app import (
@@ -30,6 +29,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedpriv.config import SEQUENTIAL_STEPS
 from fedpriv.errors import ConfigError
 from fedpriv.protocol import Status
+from fedpriv.roster import HospitalState, RoundRecord
 from fedpriv.update_checks import (
     metrics_problem,
     norm_outliers,
@@ -46,50 +46,6 @@ PARALLEL, SEQUENTIAL = "parallel", "sequential"
 
 # Sequential mode: "full" takes each hospital's returned weights as they are (see sequential_weight).
 FULL_STEP = SEQUENTIAL_STEPS[0]
-
-
-@dataclass
-class HospitalState:
-    """What the server knows about one hospital (from its replies; the hospital is the authority)."""
-
-    node_id: int
-    name: str
-    num_examples: int = 0
-    epsilon: float = 0.0
-    delta: float = 0.0
-    budget_epsilon: float = math.inf
-    locked: bool = False
-    failures: int = 0
-    # The round from which this hospital may have spent budget it has not reported (it crashed or
-    # went silent after being asked to train, and no later report came): its epsilon is then a
-    # lower bound, and its own ledger holds the true figure. None when the figures are current.
-    unreported_since: int | None = None
-    # What the hospital says it did, from its replies (never from the run config).
-    accountant: str = ""
-    noise_seeded: bool = False
-    max_epsilon_per_round: float = math.inf  # its own caps (inf: none)
-    max_epsilon_per_run: float = math.inf
-    # The head of its ledger's chain as last reported: a witness. A later reply with a shorter
-    # chain, or another head at the same length, means its ledger was rolled back or replaced.
-    chain_length: int = 0
-    chain_head: str = ""
-    rolled_back: str | None = None  # why it was excluded from the run
-
-
-@dataclass
-class RoundRecord:
-    """Everything that happened in one round, for logs, metrics files and checkpoints."""
-
-    round: int
-    hospitals: dict[str, dict] = field(default_factory=dict)  # name -> status, message, metrics
-    order: list[str] = field(default_factory=list)  # who was asked to train, in order
-    server_metrics: dict[str, float] = field(default_factory=dict)
-    client_evaluation: dict[str, dict] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def trained(self) -> list[str]:
-        return [name for name, h in self.hospitals.items() if h.get("status") == Status.TRAINED]
 
 
 RoundCallback = Callable[[RoundRecord, ArrayRecord, list[HospitalState]], None]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
 
 from fedpriv import experiment
 from fedpriv.app_config import compose_config
@@ -19,7 +18,7 @@ from fedpriv.experiment import LEDGER_DIR_ENV, check_ledger_dir, ledger_folder, 
 from fedpriv.outputs import RunRecorder
 from fedpriv.report.run_report import write_run_report
 from fedpriv.report.sweep import write_sweep_report
-from fedpriv.strategy import HospitalState
+from fedpriv.roster import HospitalState
 
 TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "model.width=4"]
 
@@ -155,7 +154,7 @@ def _hospitals() -> list[HospitalState]:
 def _finished_run(run_dir: Path, *overrides: str) -> tuple[RunRecorder, str]:
     cfg = absolute_paths(compose_config([*TINY, *overrides]), run_dir)
     recorder = RunRecorder(run_dir, cfg, run_dir.name, "SYNTHETIC test images")
-    summary = recorder.finish(ArrayRecord(torch.nn.Linear(2, 2).state_dict()), _hospitals(), "all rounds run")
+    summary = recorder.finish(torch.nn.Linear(2, 2).state_dict(), _hospitals(), "all rounds run")
     return recorder, summary
 
 

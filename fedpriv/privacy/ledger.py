@@ -85,6 +85,9 @@ _KINDS = (OPEN, BUDGET, CHARGE, CONFIRM, EXHAUST)
 # genesis tag depends on the key and the ledger's id, so another key or another file never matches.
 _REPLAYS: OrderedDict[tuple[str, str], tuple[list[tuple[int, str, str, str]], _History]] = OrderedDict()
 _REPLAYS_SIZE = 16
+# Per process: the record keys already in a ledger's records table (id lookup only), so that a
+# charge writes the new ones instead of re-inserting every offered record.
+_LISTED_KEYS: dict[tuple[str, str], np.ndarray] = {}
 _REPLAYS_LOCK = threading.Lock()
 
 
@@ -438,10 +441,18 @@ class PrivacyLedger:
                         "steps": event.steps, "accountant": history.accountant, "record_set": chosen.digest,
                         "set_size": len(chosen), "projected_epsilon": projected}
                 history = self._append(conn, history, CHARGE, body)
-                self._store.add_records(conn, keys, ids, history.length)
+                place = (str(self.path), self._store.ledger_id)
+                listed = _LISTED_KEYS.get(place)
+                new = np.ones(len(keys), dtype=bool) if listed is None else ~np.isin(keys, listed)
+                if new.any():
+                    self._store.add_records(conn, keys[new], ids[new], history.length)
                 refusal = None
         if refusal is not None:
             raise BudgetExhausted(refusal)
+        # Committed: these keys are in the records table now (it only ever grows).
+        if len(_LISTED_KEYS) > 16 and place not in _LISTED_KEYS:
+            _LISTED_KEYS.clear()
+        _LISTED_KEYS[place] = keys if listed is None else np.union1d(listed, keys)
         self._after_write(history)
         log.info("ledger %s: charged run %s round %d (%s): %d steps at sigma %g, q %.4g on %d of %d records; "
                  "largest epsilon now %.4g of %g", self.path, run_id, round, hospital or "-", event.steps,

@@ -14,6 +14,8 @@ round after round) is stored once, and any change to a stored set is detected.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,8 +30,25 @@ def record_key(record_id: str) -> int:
 
 
 def record_keys(record_ids: Sequence[str] | np.ndarray) -> np.ndarray:
-    """The keys of ``record_ids``, in the same order, as an unsigned 64-bit array."""
-    return np.fromiter((record_key(str(i)) for i in record_ids), dtype=KEY_DTYPE, count=len(record_ids))
+    """The keys of ``record_ids``, in the same order, as an unsigned 64-bit array (read-only)."""
+    ids = np.asarray(record_ids, dtype=str)
+    # A round asks for the same ids' keys several times (budget check, charge, status): one digest of
+    # the whole array names them, far cheaper than a digest per id.
+    name = hashlib.sha256(ids.dtype.str.encode() + ids.tobytes()).digest()
+    with _KEYS_LOCK:
+        known = _KEYS.get(name)
+    if known is None:
+        known = np.fromiter((record_key(str(i)) for i in ids), dtype=KEY_DTYPE, count=len(ids))
+        known.setflags(write=False)
+        with _KEYS_LOCK:
+            _KEYS[name] = known
+            while len(_KEYS) > 8:
+                _KEYS.popitem(last=False)
+    return known
+
+
+_KEYS: OrderedDict[bytes, np.ndarray] = OrderedDict()
+_KEYS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -58,8 +77,11 @@ class RecordSet:
         return len(self.keys)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
-        """A boolean mask: which of ``keys`` are in this set."""
-        return np.isin(keys, self.keys, assume_unique=False)
+        """A boolean mask: which of ``keys`` are in this set (a binary search: the set is sorted)."""
+        if not len(self.keys):
+            return np.zeros(len(keys), dtype=bool)
+        at = np.searchsorted(self.keys, keys).clip(max=len(self.keys) - 1)
+        return self.keys[at] == keys
 
 
 def set_digest(blob: bytes) -> str:
