@@ -185,9 +185,3 @@ def test_cli_prints_the_composed_config(tmp_path):
     assert "epsilon: 1.0" in result.stdout and "name: pneumoniamnist" in result.stdout
 
 
-def test_cli_saves_the_partition_table(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_cli(*TINY, "strategy.num_rounds=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    table = (run_dir / "partition.md").read_text()
-    assert "SYNTHETIC" in table and all(f"hospital-{i}" in table for i in (1, 2, 3))

@@ -219,6 +219,10 @@ def test_an_interrupted_smoke_run_resumes_its_last_round_on_its_own_ledgers(tmp_
     # before the interruption, so the resumed run would rightly find every hospital locked).
     fedpriv("experiment=smoke", "strategy.num_rounds=2", "privacy.noise_multiplier=1.0", "privacy.epsilon=100",
             f"hydra.run.dir={first}")
+    table = (first / "partition.md").read_text()  # the CLI saves the partition beside the run's outputs
+    assert "SYNTHETIC" in table and all(f"hospital-{i}" in table for i in (1, 2, 3))
+    assert [row["hospital"] for row in json.loads((first / "partition.json").read_text())] == [
+        "hospital-1", "hospital-2", "hospital-3"]
     ledgers = sorted(path.name for path in (first / "ledgers").glob("*.db"))
     assert ledgers  # smoke keeps throw-away ledgers in its run directory
     (first / CHECKPOINTS / "round-002.pt").unlink()  # as if the run had been stopped during round 2
