@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -206,3 +207,16 @@ def test_the_sweep_table_says_when_budgets_held_within_each_run_only(tmp_path):
     _finished_run(persistent_only / "0")
     text = write_sweep_report(persistent_only).read_text()
     assert "cumulative epsilon" in text and "throw-away" not in text
+
+
+def test_the_sweep_table_never_rounds_an_epsilon_spent_up_to_the_budget(tmp_path):
+    sweep = tmp_path / "sweep"
+    cfg = absolute_paths(compose_config([*TINY, "federation.ledger_scope=run"]), sweep / "0")
+    spent = [HospitalState(node_id=1, name="hospital-1", epsilon=2.99512, delta=1e-5, budget_epsilon=3.0),
+             HospitalState(node_id=2, name="hospital-2", epsilon=math.inf, delta=1e-5, budget_epsilon=3.0)]
+    RunRecorder(sweep / "0", cfg, "0", "SYNTHETIC test images").finish(torch.nn.Linear(2, 2).state_dict(), spent,
+                                                                      "all rounds run")
+    row = next(line for line in write_sweep_report(sweep).read_text().splitlines() if line.startswith("| 3 |"))
+    assert "| 2.9951, inf (not private) |" in row  # 2.99512 of 3 must not read "3"
+    csv_row = (sweep / "sweep.csv").read_text().splitlines()[1]
+    assert "2.99512 inf" in csv_row  # the CSV keeps every digit

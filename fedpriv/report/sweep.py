@@ -47,7 +47,14 @@ def _number(value: Any) -> float:
 
 
 def _fmt(value: float) -> str:
-    return "inf (not private)" if math.isinf(value) else f"{value:.3g}"
+    return "inf (not private)" if math.isinf(value) else f"{value:g}"
+
+
+def _spent(value: float) -> str:
+    """An epsilon spent, to 4 decimals and never rounded up (2.9951 of 3 must not read "3")."""
+    if math.isinf(value) or math.isnan(value):
+        return _fmt(value)
+    return f"{math.floor(value * 1e4) / 1e4:.4f}"
 
 
 def write_sweep_report(sweep_dir: str | Path) -> Path:
@@ -62,13 +69,13 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
                          "epsilon_spent_per_hospital", "rounds_run", "seed"])
         for r in rows:
             writer.writerow([r["run"], r["mode"], r["epsilon_budget"], r["auc"], r["accuracy"],
-                             r["epsilon_spent_max"], " ".join(f"{e:.4g}" for e in r["epsilon_spent"]),
+                             r["epsilon_spent_max"], " ".join(str(e) for e in r["epsilon_spent"]),
                              r["rounds_run"], r["seed"]])
     lines = ["# Sweep: privacy against utility", "",
              "| epsilon budget | mode | test AUC | test accuracy | epsilon spent per hospital | rounds | run |",
              "|---:|---|---:|---:|---|---:|---|"]
     for r in rows:
-        spent = ", ".join(_fmt(e) for e in r["epsilon_spent"])
+        spent = ", ".join(_spent(e) for e in r["epsilon_spent"])
         lines.append(f"| {_fmt(r['epsilon_budget'])} | {r['mode']} | {r['auc']:.4f} | {r['accuracy']:.4f} | "
                      f"{spent} | {r['rounds_run']} | {r['run']} |")
     lines += ["", *_ledger_sentences(rows), "![privacy-utility](privacy_utility.png)", ""]
