@@ -117,26 +117,27 @@ def budget_failure(site: HospitalSite, message: str) -> RoundOutcome:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the received model on the hospital's private validation split."""
+    """Evaluate the received model on the hospital's private validation split, if the hospital shares that."""
     try:
         site = _site(context)
+        if not site.settings.share_validation_metrics:
+            return _evaluation_reply(msg, site, Status.DECLINED, DECLINED, {"num-examples": 0})
         model = _global_model(site, msg)
     except FedprivError as error:
         return _unusable_site(msg, context, error)
-    if not site.settings.share_validation_metrics:
-        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0, "dp-covered": 0.0}),
-                                           "status": ConfigRecord({"hospital": site.settings.name,
-                                                                   "status": str(Status.DECLINED), "message": DECLINED})}),
-                       reply_to=msg)
     metrics = {"num-examples": 0}
     started = time.perf_counter()
     if len(site.validation):
         metrics = evaluate(model, site.validation.as_dataset()).metrics()
     metrics["eval-seconds"] = time.perf_counter() - started
     metrics = {key: float(value) for key, value in metrics.items() if not math.isnan(value)}
-    metrics["dp-covered"] = 0.0
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(
-        {"hospital": site.settings.name, "status": str(Status.EVALUATED), "message": NOT_COVERED})}), reply_to=msg)
+    return _evaluation_reply(msg, site, Status.EVALUATED, NOT_COVERED, metrics)
+
+
+def _evaluation_reply(msg: Message, site: HospitalSite, status: Status, message: str, metrics: dict) -> Message:
+    """Validation metrics are never covered by the DP guarantee: every reply says so (dp-covered 0)."""
+    return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "dp-covered": 0.0}), "status": ConfigRecord(
+        {"hospital": site.settings.name, "status": str(status), "message": message})}), reply_to=msg)
 
 
 @app.query()

@@ -18,12 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from dp_accounting import dp_event, pld, rdp
+from torch import nn
 
 from fedpriv.privacy.chain import key_path_for
 from fedpriv.privacy.ledger import PrivacyLedger
 
 DELTA = 1e-5
+
+
+def tiny_model() -> nn.Module:
+    """A model for 8x8 single-channel records, the same weights every call."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
 
 
 def record_ids(prefix: str, count: int) -> np.ndarray:

@@ -36,6 +36,9 @@ def test_defaults_are_the_documented_ones():
     assert cfg.privacy.enabled and cfg.privacy.accountant == "prv"
     assert (cfg.model.activation, cfg.train.logit_adjustment, cfg.dataset.class_prior) == (
         "tanh", 3.0, [0.258, 0.742])
+    # Metrics on hospitals' private validation data are not DP-covered: the server must ask by name.
+    assert cfg.strategy.client_evaluate is False
+    assert cfg.federation.ledger_scope == "persistent"
 
 
 def test_the_logit_shift_is_tau_times_the_log_prior_and_needs_one_share_per_class():

@@ -22,8 +22,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ledger_helpers import DELTA, chain_length, check_against_dp_accounting, open_ledger, raw_entries, record_ids
-from torch import nn
+from ledger_helpers import (
+    DELTA,
+    chain_length,
+    check_against_dp_accounting,
+    open_ledger,
+    raw_entries,
+    record_ids,
+    tiny_model,
+)
 
 from fedpriv.data.synthetic import make_synthetic
 from fedpriv.errors import BudgetExhausted, ConfigError, FedprivError, LedgerError, PrivacyError
@@ -455,11 +462,6 @@ def test_an_empty_or_foreign_sqlite_file_is_not_a_ledger(tmp_path):
 @pytest.fixture(scope="module")
 def hospital_records():
     return make_synthetic(num_samples=120, size=8, seed=0, val_fraction=0.1, test_fraction=0.1).train
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
 
 
 def hospital(tmp_path, budget: float = 1.2, **kwargs) -> HospitalSettings:

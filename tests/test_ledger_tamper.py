@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ledger_helpers import DELTA, key_file, raw_entries, sql, witness_file
-from torch import nn
+from ledger_helpers import DELTA, key_file, raw_entries, sql, tiny_model, witness_file
 
 from fedpriv.data.synthetic import make_synthetic
 from fedpriv.errors import LedgerError
@@ -47,11 +46,6 @@ def _key_dir_and_fresh_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def records():
     return make_synthetic(num_samples=100, size=8, seed=1, val_fraction=0.1, test_fraction=0.1).train
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
 
 
 def settings_for(tmp_path: Path) -> HospitalSettings:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_data_loaders import COUNTS, medmnist_arrays, write_grey, write_npz
 
-from fedpriv.data import LabeledImages, content_record_ids
+from fedpriv.data import LabeledImages, content_record_ids, dataset_fingerprint
 from fedpriv.data.base import normalise
 from fedpriv.data.imagefolder import file_record_id, load_image_folder
 from fedpriv.data.medmnist import load_medmnist
@@ -69,15 +69,17 @@ def test_content_ids_are_deterministic_hex_and_unique() -> None:
     assert content_record_ids(records.images, records.labels).tolist() == ids.tolist()
 
 
-def test_content_ids_are_the_same_in_a_fresh_process() -> None:
+def test_content_ids_and_the_fingerprint_are_the_same_in_a_fresh_process() -> None:
     code = (
-        "import torch; from fedpriv.data import LabeledImages;"
-        "print(','.join(LabeledImages(torch.linspace(-1, 1, 128).reshape(2, 1, 8, 8),"
-        " torch.tensor([0, 1])).ids()))"
+        "import torch; from fedpriv.data import LabeledImages, dataset_fingerprint;"
+        "records = LabeledImages(torch.linspace(-1, 1, 128).reshape(2, 1, 8, 8), torch.tensor([0, 1]));"
+        "print(','.join(records.ids())); print(dataset_fingerprint(records))"
     )
     records = LabeledImages(torch.linspace(-1, 1, 128).reshape(2, 1, 8, 8), torch.tensor([0, 1]))
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert other.stdout.strip().split(",") == records.ids().tolist()
+    ids, fingerprint = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout.split()
+    assert ids.split(",") == records.ids().tolist()
+    assert fingerprint == dataset_fingerprint(records)
 
 
 def test_one_pixel_or_one_label_changes_only_that_records_id() -> None:
