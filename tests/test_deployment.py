@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -37,9 +38,12 @@ from fedpriv.app_config import CONFIG_KEY, compose_config, config_to_json
 from fedpriv.client_app import app as client_app
 from fedpriv.data.synthetic import make_synthetic
 from fedpriv.deployment import node as node_module
+from fedpriv.deployment import proxy as proxy_module
+from fedpriv.deployment.client_tls import client_context
 from fedpriv.deployment.credentials import make_credentials, placement
 from fedpriv.deployment.node import deployed_site, hospital_settings, parse_node_config
-from fedpriv.deployment.processes import node_config_string, supernode_command
+from fedpriv.deployment.processes import DeploymentError, node_config_string, supernode_command
+from fedpriv.deployment.proxy import ProxySettings, check_proxy_config, nginx_config, write_proxy_config
 from fedpriv.deployment.rehearsal import write_share
 from fedpriv.errors import ConfigError
 from fedpriv.models import build_model
@@ -130,11 +134,23 @@ def test_credentials_are_a_ca_a_server_certificate_and_openssh_p384_keys(tmp_pat
         assert hospital.registered_key.read_bytes() == hospital.public_key.read_bytes()
         assert hospital.ca_certificate.read_bytes() == credentials.ca_certificate.read_bytes()
         assert hospital.private_key.parent.name == name
+        # Its TLS client certificate: issued by the CA, for client authentication only, named after it.
+        tls = x509.load_pem_x509_certificate(hospital.tls_certificate.read_bytes())
+        tls.verify_directly_issued_by(ca)
+        usage = tls.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+        assert not tls.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        assert tls.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == name
+        tls_key = serialization.load_pem_private_key(hospital.tls_key.read_bytes(), None)
+        assert tls_key.public_key().public_numbers() == tls.public_key().public_numbers()
+        client_context(credentials.ca_certificate, hospital.tls_certificate, hospital.tls_key)  # loads as a pair
     for secret in (credentials.ca_key, credentials.server_key,
-                   *(h.private_key for h in credentials.hospitals.values())):
+                   *(h.private_key for h in credentials.hospitals.values()),
+                   *(h.tls_key for h in credentials.hospitals.values())):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     text = placement(credentials)
     assert "--ssl-certfile" in text and "--auth-supernode-private-key" in text and "--name B" in text
+    assert "--tls-client-certificate" in text and "--client-ca" in text
 
 
 def test_credentials_keys_are_accepted_by_flowers_own_loaders(tmp_path):
@@ -173,11 +189,68 @@ def test_node_config_string_round_trips_through_flowers_parser(tmp_path):
 
 
 def test_supernode_command_has_tls_and_authentication(tmp_path):
-    command = supernode_command(superlink="link:8000", node_config={"name": "A"}, root_certificates=tmp_path / "ca",
-                                auth_key=tmp_path / "A.key", port=9100)
+    command = supernode_command(superlink="link:8443", node_config={"name": "A"}, root_certificates=tmp_path / "ca",
+                                auth_key=tmp_path / "A.key", port=9100, client_certificate=tmp_path / "A-tls.crt",
+                                client_key=tmp_path / "A-tls.key")
+    assert Path(command[0]).is_absolute() and Path(command[0]).name == "fedpriv-supernode"
     flags = dict(zip(command[1::2], command[2::2]))
     assert flags["--root-certificates"].endswith("ca") and flags["--auth-supernode-private-key"].endswith("A.key")
+    assert flags["--tls-client-certificate"].endswith("A-tls.crt") and flags["--tls-client-key"].endswith("A-tls.key")
     assert flags["--port"] == "9100" and "--insecure" not in command
+    with pytest.raises(ValueError, match="needs its key"):
+        supernode_command(superlink="link:8443", node_config={}, root_certificates=None, auth_key=None,
+                          client_certificate=tmp_path / "A-tls.crt")
+
+
+# ------------------------------------------------------------------------------------ the proxy
+
+
+@pytest.fixture(scope="module")
+def proxy_credentials(tmp_path_factory):
+    return make_credentials(tmp_path_factory.mktemp("proxy-creds"), ["A"])
+
+
+def _proxy_settings(credentials, prefix: Path, **changes) -> ProxySettings:
+    values = dict(prefix=prefix, listen="0.0.0.0:8443", superlink="127.0.0.1:8000",
+                  certificate=credentials.server_certificate, key=credentials.server_key,
+                  client_ca=credentials.ca_certificate)
+    return ProxySettings(**{**values, **changes})
+
+
+def test_the_proxy_config_demands_client_certificates_and_forwards_only_the_fleet_api(proxy_credentials, tmp_path):
+    settings = _proxy_settings(proxy_credentials, tmp_path / "proxy")
+    text = write_proxy_config(settings).read_text()
+    check_proxy_config(settings)  # nginx itself accepts it (`nginx -t`)
+    assert "ssl_verify_client on;" in text
+    assert f'ssl_client_certificate "{proxy_credentials.ca_certificate}";' in text
+    assert "listen 0.0.0.0:8443 ssl;" in text and "server 127.0.0.1:8000;" in text
+    locations = [line.strip() for line in text.splitlines() if line.strip().startswith("location")]
+    assert locations == ["location /v1/fleet/ {", "location / {"]
+    fleet, rest = text.split("location /v1/fleet/ {")[1].split("location / {")
+    assert "proxy_pass https://superlink/v1/fleet/;" in fleet and "proxy_ssl_verify on;" in fleet
+    assert "limit_except POST" in fleet
+    assert "return 403;" in rest and "proxy_pass" not in rest
+    # Everything nginx writes stays under its own prefix (no /var/log, /run or /var/lib needed).
+    directives = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert not any(line.startswith("daemon") for line in directives)  # `-g 'daemon off;'` sets it
+    assert str(settings.prefix / "nginx.pid") in text
+    assert "/var/" not in text and "/run/" not in text
+
+
+def test_the_proxy_refuses_bad_settings_and_missing_files_with_one_clear_error(proxy_credentials, tmp_path):
+    with pytest.raises(DeploymentError, match="is not HOST:PORT"):
+        nginx_config(_proxy_settings(proxy_credentials, tmp_path, listen="8443"))
+    with pytest.raises(DeploymentError, match="TLS file not found"):
+        write_proxy_config(_proxy_settings(proxy_credentials, tmp_path, key=tmp_path / "missing.key"))
+    with pytest.raises(DeploymentError, match="may not contain"):
+        nginx_config(_proxy_settings(proxy_credentials, tmp_path / "a;b"))
+
+
+def test_without_nginx_the_proxy_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(proxy_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(proxy_module, "_SBIN", ())
+    with pytest.raises(DeploymentError, match="apt-get install nginx-light"):
+        proxy_module.find_nginx()
 
 
 @pytest.mark.parametrize("key", ["name", "data", "budget-epsilon", "delta", "ledger"])
@@ -365,27 +438,61 @@ def test_cli_credentials_and_node_print_command(tmp_path, share):
     made = _cli("credentials", "--hospitals", "A,B", "--out", str(tmp_path / "creds"), "--hosts", "link.example.org")
     assert made.returncode == 0, made.stderr
     assert "Hospital B" in made.stdout and (tmp_path / "creds" / "hospitals" / "B" / "B.key").is_file()
+    assert (tmp_path / "creds" / "hospitals" / "B" / "B-tls.crt").is_file()
     assert _cli("credentials", "--hospitals", "A", "--out", str(tmp_path / "creds")).returncode == 2
 
+    hospital = tmp_path / "creds" / "hospitals" / "A"
     (tmp_path / "ledgers").mkdir()
     node = ["node", "--name", "A", "--data", str(share), "--budget-epsilon", "3", "--delta", "1e-5",
-            "--ledger", str(tmp_path / "ledgers" / "A.db"), "--superlink", "link.example.org:8000",
-            "--root-certificates", str(tmp_path / "creds" / "hospitals" / "A" / "ca.crt"),
-            "--auth-key", str(tmp_path / "creds" / "hospitals" / "A" / "A.key"), "--port", "9101"]
+            "--ledger", str(tmp_path / "ledgers" / "A.db"), "--superlink", "link.example.org:8443",
+            "--root-certificates", str(hospital / "ca.crt"), "--auth-key", str(hospital / "A.key"),
+            "--tls-certificate", str(hospital / "A-tls.crt"), "--tls-key", str(hospital / "A-tls.key"),
+            "--port", "9101"]
     printed = _cli(*node, "--print-command")
     assert printed.returncode == 0, printed.stderr
-    assert "flower-supernode --superlink link.example.org:8000" in printed.stdout
+    bin_dir = Path(sys.executable).parent
+    # Works as printed without the environment on PATH (a systemd unit): PATH set, executables absolute.
+    assert f"/usr/bin/env PATH={bin_dir}:" in printed.stdout
+    assert f"{bin_dir / 'fedpriv-supernode'} --tls-client-certificate {hospital / 'A-tls.crt'}" in printed.stdout
+    assert "--superlink link.example.org:8443" in printed.stdout
     assert "--auth-supernode-private-key" in printed.stdout and "budget-epsilon=3.0" in printed.stdout
     # The SuperNode runs no app code itself; its launcher runs only fedpriv's own app (by default).
     assert "--isolation process" in printed.stdout
     own = _cli("app-hash")
     assert own.returncode == 0 and len(own.stdout.strip()) == 64
-    assert f"fedpriv-hospital-exec --approved-apps {own.stdout.strip()} --runtime-api-address 127.0.0.1:9101" \
-        in printed.stdout
+    assert f"{bin_dir / 'fedpriv-hospital-exec'} --approved-apps {own.stdout.strip()} " \
+        "--runtime-api-address 127.0.0.1:9101" in printed.stdout
     assert _cli(*node, "--approved-apps", "not-a-hash", "--print-command").returncode == 2
 
     bad = _cli(*[arg if arg != "1e-5" else "2" for arg in node], "--print-command")
     assert bad.returncode == 2 and "delta=2.0" in bad.stderr
+    missing = _cli(*[arg if not arg.endswith("A-tls.key") else str(tmp_path / "nope.key") for arg in node],
+                   "--print-command")
+    assert missing.returncode == 2 and "nope.key" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_cli_superlink_and_proxy_print_their_commands(tmp_path):
+    creds = tmp_path / "creds" / "coordinator"
+    assert _cli("credentials", "--hospitals", "A", "--out", str(tmp_path / "creds")).returncode == 0
+    tls = ["--ssl-certfile", str(creds / "server.pem"), "--ssl-keyfile", str(creds / "server.key")]
+    link = _cli("superlink", "--ssl-ca-certfile", str(creds / "ca.crt"), *tls, "--print-command")
+    assert link.returncode == 0, link.stderr
+    bin_dir = Path(sys.executable).parent
+    assert f"/usr/bin/env PATH={bin_dir}:" in link.stdout  # flower-superlink starts flower-superexec by name
+    assert f"{bin_dir / 'flower-superlink'} " in link.stdout and "--host 127.0.0.1 " in link.stdout
+    assert "--enable-supernode-auth" in link.stdout and link.stderr == ""
+    exposed = _cli("superlink", "--ssl-ca-certfile", str(creds / "ca.crt"), *tls, "--host", "0.0.0.0",
+                   "--print-command")
+    assert exposed.returncode == 0 and "exposes the Control API" in exposed.stderr
+
+    proxy = _cli("proxy", *tls, "--client-ca", str(creds / "ca.crt"), "--prefix", str(tmp_path / "proxy"),
+                 "--listen", "0.0.0.0:9443", "--print-command")
+    assert proxy.returncode == 0, proxy.stderr
+    assert f"-c {tmp_path / 'proxy' / 'nginx.conf'} -p {tmp_path / 'proxy'}/ -g 'daemon off;'" in proxy.stdout
+    assert "listen 0.0.0.0:9443 ssl;" in (tmp_path / "proxy" / "nginx.conf").read_text()
+    bad = _cli("proxy", *tls, "--client-ca", str(tmp_path / "no-ca.crt"), "--prefix", str(tmp_path / "p2"),
+               "--print-command")
+    assert bad.returncode == 1 and "TLS file not found" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_local_checks_the_config_before_starting_anything(tmp_path):

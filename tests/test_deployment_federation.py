@@ -1,17 +1,25 @@
-"""A real deployment on loopback: a TLS SuperLink with SuperNode authentication and 3 hospital SuperNodes.
+"""A real deployment on loopback: a TLS SuperLink with SuperNode authentication behind nginx, 3 hospitals.
 
-One federation (processes started once for the module, stopped by PID at the end) serves every test:
-intruders are refused (unregistered key, plain HTTP, an untrusted certificate), then a parallel and a
-sequential run of 2 rounds each train on tiny synthetic shares. Each hospital's budget, delta, data and
-ledger come from its own node config; the run config asks for a huge budget and another ledger folder
-and is ignored. The last test stops everything and checks, by PID, that no process is left.
+One federation (processes started once for the module, stopped by PID at the end) serves every test.
+The SuperLink listens on loopback; hospitals reach it only through the proxy (mutual TLS, Fleet API
+only), presenting their TLS client certificates (`fedpriv-supernode`). Intruders are refused
+(unregistered key, plain HTTP, an untrusted certificate); the outsider's attack of issue 19 is
+replayed against the public port with Flower's own Control client and `flwr run`, holding only
+`ca.crt` (refused at the TLS layer) and then a hospital's valid client certificate (the Control and
+Runtime APIs answer 403); an unapproved app submitted by someone with loopback access runs at no
+hospital. Then a parallel and a sequential run of 2 rounds each train on tiny synthetic shares.
+Each hospital's budget, delta, data and ledger come from its own node config; the run config asks
+for a huge budget and another ledger folder and is ignored. The last test stops everything and
+checks, by PID, that no process is left.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -19,18 +27,35 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 import tomli_w
 from cryptography.hazmat.primitives import serialization
+from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+from flwr.proto.control_pb2 import (  # pylint: disable=E0611
+    ListNodesRequest,
+    ListRunsRequest,
+    RegisterNodeRequest,
+    StartRunRequest,
+    UnregisterNodeRequest,
+)
+from flwr.proto.run_pb2 import GetRunRequest  # pylint: disable=E0611
+from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from flwr.supernode.fleet_http_client import FleetHttpClient
 
 from fedpriv.app_config import compose_config
 from fedpriv.deployment.approval import app_hash
-from fedpriv.deployment.credentials import make_ca, make_supernode_keys
+from fedpriv.deployment.client_tls import client_context
+from fedpriv.deployment.credentials import make_ca, make_client_certificate, make_supernode_keys
 from fedpriv.deployment.processes import (
     ManagedProcess,
+    flower_env,
     online_nodes,
     run_command,
     supernode_command,
+    write_flwr_config,
 )
 from fedpriv.deployment.rehearsal import LocalFederation, free_port
 from fedpriv.experiment import prepare_experiment
@@ -73,7 +98,8 @@ def _supernode(federation: LocalFederation, name: str, **kwargs) -> ManagedProce
     (folder / "ledger").mkdir(parents=True, exist_ok=True)
     node_config = {**federation.hospitals[0].node_config(), "name": name, "ledger": str(folder / "ledger" / "l.db"),
                    "ledger-key": str(folder / "ledger-key" / "l.key")}
-    command = supernode_command(superlink=federation.address, node_config=node_config, port=free_port(), **kwargs)
+    command = supernode_command(superlink=federation.public_address, node_config=node_config, port=free_port(),
+                                **kwargs)
     return federation.processes.start(name, command, folder / "supernode.log", cwd=folder)
 
 
@@ -86,6 +112,25 @@ def _intruder_key(folder: Path) -> Path:
     return path
 
 
+def _listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket `pid` listens on (from /proc: its sockets' inodes)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                if width == 8:
+                    address = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                found.add((address, int(port, 16)))
+    return found
+
+
 def test_every_hospital_is_registered_and_online_with_its_own_settings(federation):
     assert {h.node_id for h in federation.hospitals} <= online_nodes(federation.env)
     assert len({h.port for h in federation.hospitals}) == 3
@@ -95,10 +140,26 @@ def test_every_hospital_is_registered_and_online_with_its_own_settings(federatio
         assert hospital.data.parent == hospital.folder
 
 
+def test_the_superlink_listens_on_loopback_and_hospitals_come_in_through_the_proxy(federation):
+    port = int(federation.superlink_address.rsplit(":", 1)[1])
+    listening = _listening_addresses(federation.link.pid)
+    assert ("127.0.0.1", port) in listening
+    assert all(address == "127.0.0.1" for address, _ in listening)  # nothing on 0.0.0.0 or another interface
+    assert federation.public_address != federation.superlink_address
+    # Every hospital's SuperNode talked to the Fleet API through nginx, with its own client certificate.
+    access = (federation.coordinator / "proxy" / "logs" / "access.log").read_text()
+    for hospital in federation.hospitals:
+        assert f'"POST /v1/fleet/pull-messages HTTP/1.1" 200' in access
+        assert f'client="CN={hospital.name},O=fedpriv federation" verify=SUCCESS' in access
+
+
 def test_a_supernode_with_an_unregistered_key_is_refused(federation):
+    """Behind the proxy, SuperNode authentication still decides: a valid TLS client certificate is not enough."""
     before = online_nodes(federation.env)
+    holder = federation.hospitals[0]
     intruder = _supernode(federation, "intruder", root_certificates=federation.credentials.ca_certificate,
-                          auth_key=_intruder_key(federation.out / "intruder"))
+                          auth_key=_intruder_key(federation.out / "intruder"),
+                          client_certificate=holder.tls_certificate, client_key=holder.tls_key)
     code = intruder.wait(timeout=90)
     assert code != 0
     assert "Failed to" in intruder.log_tail(40)
@@ -106,8 +167,9 @@ def test_a_supernode_with_an_unregistered_key_is_refused(federation):
 
 
 def test_a_plain_connection_to_the_tls_superlink_fails(federation):
-    with pytest.raises((urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen(f"http://{federation.address}/health", timeout=5)
+    for address in (federation.superlink_address, federation.public_address):
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://{address}/health", timeout=5)
     plain = _supernode(federation, "plain", root_certificates=None, auth_key=None, insecure=True, max_retries=2,
                        max_wait_time=20)
     assert plain.wait(timeout=90) != 0
@@ -120,6 +182,7 @@ def test_a_certificate_from_another_ca_is_not_trusted(federation):
     (folder / "ca.crt").write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
     registered = federation.hospitals[0]
     spoof = _supernode(federation, "other-ca", root_certificates=folder / "ca.crt", auth_key=registered.private_key,
+                       client_certificate=registered.tls_certificate, client_key=registered.tls_key,
                        max_retries=2, max_wait_time=20)
     assert spoof.wait(timeout=90) != 0
 
@@ -152,11 +215,11 @@ def main(grid, context):
 '''
 
 
-def test_an_app_the_hospitals_did_not_approve_never_runs_there(federation, tmp_path):
-    """Anyone who reaches the Control API can submit a run; no hospital runs its ClientApp."""
-    app = tmp_path / "rogue"
-    app.mkdir()
-    marker, report = tmp_path / "stolen.txt", tmp_path / "rogue-report.txt"
+def _rogue_app(folder: Path) -> tuple[Path, Path, Path]:
+    """The outsider's app under `folder`: (app folder, the file its ClientApp writes, its ServerApp's report)."""
+    app = folder / "rogue"
+    app.mkdir(parents=True)
+    marker, report = folder / "stolen.txt", folder / "rogue-report.txt"
     (app / "rogue_app.py").write_text(f"MARKER = {str(marker)!r}\nREPORT = {str(report)!r}\n" + ROGUE_APP)
     (app / "pyproject.toml").write_text(tomli_w.dumps({
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
@@ -164,11 +227,17 @@ def test_an_app_the_hospitals_did_not_approve_never_runs_there(federation, tmp_p
         "tool": {"flwr": {"app": {"publisher": "outsider", "config": {"note": ""},
                                   "components": {"serverapp": "rogue_app:server", "clientapp": "rogue_app:client"}}}},
     }))
+    run_config = folder / "rogue.toml"
+    run_config.write_text('note = "rogue"\n')
+    return app, marker, report
+
+
+def test_an_app_the_hospitals_did_not_approve_never_runs_there(federation, tmp_path):
+    """Whoever reaches the Control API (on the coordinator: loopback) can submit a run; no hospital runs it."""
+    app, marker, report = _rogue_app(tmp_path)
     rogue_hash = app_hash(app)
     ledgers = {h.name: h.ledger.read_bytes() if h.ledger.exists() else None for h in federation.hospitals}
-    run_config = tmp_path / "rogue.toml"
-    run_config.write_text('note = "rogue"\n')
-    runner = federation.processes.start("rogue run", run_command(app, run_config), tmp_path / "rogue-run.log",
+    runner = federation.processes.start("rogue run", run_command(app, tmp_path / "rogue.toml"), tmp_path / "rogue-run.log",
                                         cwd=tmp_path)
     assert runner.wait(timeout=240) == 0, runner.log_tail(40)
     assert report.read_text() == "3 0"  # its ServerApp reached all three hospitals; none answered
@@ -179,6 +248,116 @@ def test_an_app_the_hospitals_did_not_approve_never_runs_there(federation, tmp_p
         assert "fedpriv-approved-clientapp: refused run" in refused  # refused on the bytes it pulled
         current = hospital.ledger.read_bytes() if hospital.ledger.exists() else None
         assert current == ledgers[hospital.name]  # nothing read into a run, nothing spent
+
+
+# ------------------------------------------------------------------ the outsider's attack (issue 19)
+
+
+def _control(address: str, verify: ssl.SSLContext) -> ControlHttpClient:
+    """Flower's own Control API client, with the headers the `flwr` CLI sends."""
+    return ControlHttpClient(f"https://{address}", verify=verify, timeout=15,
+                             interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+
+
+def _attack_steps(federation: LocalFederation) -> dict:
+    """Every Control API step of the attack: list runs and nodes, register a key, unregister a hospital, run."""
+    _, public = make_supernode_keys("outsider")
+    key = public_key_to_bytes(serialization.load_ssh_public_key(public))
+    victim = federation.hospitals[0].node_id
+    return {
+        "list runs": lambda client: client.ListRuns(ListRunsRequest()),
+        "list nodes": lambda client: client.ListNodes(ListNodesRequest()),
+        "register a key": lambda client: client.RegisterNode(RegisterNodeRequest(public_key=key, name="outsider")),
+        "unregister a hospital": lambda client: client.UnregisterNode(UnregisterNodeRequest(node_id=victim)),
+        "start a run": lambda client: client.StartRun(StartRunRequest()),
+    }
+
+
+def _state(federation: LocalFederation) -> tuple[dict[int, str], set[int]]:
+    """(node id -> status, run ids), read over loopback as the coordinator's researcher would."""
+    with _control(federation.superlink_address, ssl.create_default_context(
+            cafile=str(federation.credentials.ca_certificate))) as client:
+        nodes = {info.node_id: info.status for info in client.ListNodes(ListNodesRequest()).nodes_info}
+        runs = set(client.ListRuns(ListRunsRequest()).run_dict)
+    return nodes, runs
+
+
+def _raw_status(address: str, context: ssl.SSLContext, method: str, path: str) -> int:
+    """The status answering `method path`, the path sent exactly as written (no client-side clean-up)."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=15)
+    try:
+        connection.request(method, path, body=b"", headers={"content-type": "application/protobuf"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def _refused(call, client) -> httpx.Response:
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        call(client)
+    return refused.value.response
+
+
+def test_an_outsider_holding_only_the_ca_certificate_is_refused_at_every_step(federation, tmp_path):
+    """Issue 19's attack against the public port, with `ca.crt` alone: nginx forwards nothing."""
+    before = _state(federation)
+    assert {h.node_id for h in federation.hospitals} <= set(before[0])  # the coordinator does see them
+    ca = federation.credentials.ca_certificate
+    outsider = ssl.create_default_context(cafile=str(ca))  # trusts the server; presents no certificate
+    with _control(federation.public_address, outsider) as client:
+        for step, call in _attack_steps(federation).items():
+            response = _refused(call, client)
+            assert response.status_code == 400, step
+            assert "No required SSL certificate was sent" in response.text, step
+    # A client certificate the outsider made itself (another CA) does not pass either.
+    other_key, other_ca = make_ca(days=1)
+    key, certificate = make_client_certificate(other_key, other_ca, "hospital-1", days=1)
+    (tmp_path / "own.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "own.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    forged = client_context(ca, tmp_path / "own.crt", tmp_path / "own.key")
+    with _control(federation.public_address, forged) as client:
+        response = _refused(_attack_steps(federation)["list nodes"], client)
+        assert response.status_code == 400 and "SSL certificate error" in response.text
+    # Not even the Fleet API answers without a certificate: nothing reaches the SuperLink.
+    with FleetHttpClient(f"https://{federation.public_address}", verify=outsider) as fleet:
+        assert _refused(lambda c: c.GetRun(GetRunRequest(run_id=1)), fleet).status_code == 400
+
+    # `flwr run` itself, pointed at the public port (a connection holding only ca.crt): refused.
+    app, marker, report = _rogue_app(tmp_path)
+    home = tmp_path / "outsider-flwr-home"
+    write_flwr_config(home, federation.public_address, ca)
+    submitted = subprocess.run(run_command(app, tmp_path / "rogue.toml"), env=flower_env(home), capture_output=True,
+                               text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode != 0, output
+    assert "400 Bad Request" in output and "/v1/control/start-run" in output  # the proxy's answer
+    assert not marker.exists() and not report.exists()
+    assert _state(federation) == before  # no run, no node registered or unregistered
+
+
+def test_a_hospitals_client_certificate_reaches_the_fleet_api_and_nothing_else(federation):
+    """A hospital (or whoever stole its TLS key) gets the Fleet API only: Control and Runtime answer 403."""
+    before = _state(federation)
+    hospital = federation.hospitals[1]
+    verify = client_context(federation.credentials.ca_certificate, hospital.tls_certificate, hospital.tls_key)
+    with _control(federation.public_address, verify) as client:
+        for step, call in _attack_steps(federation).items():
+            assert _refused(call, client).status_code == 403, step
+    forbidden = ["/v1/control/list-nodes", "/v1/runtime/create-task", "/v1/runtime/pull-task-input", "/health",
+                 "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs",
+                 "/v1/fleet/..%2fcontrol/list-nodes", "/v1/fleetx/list-runs"]
+    for path in forbidden:
+        assert _raw_status(federation.public_address, verify, "POST", path) == 403, path
+    assert _raw_status(federation.public_address, verify, "GET", "/v1/fleet/get-run") == 403  # Fleet calls are POSTs
+    # The Fleet API is forwarded, and the SuperLink's SuperNode authentication still judges the call.
+    with FleetHttpClient(f"https://{federation.public_address}", verify=verify) as fleet:
+        response = _refused(lambda c: c.GetRun(GetRunRequest(run_id=1)), fleet)
+        assert response.status_code == 401 and "SuperNode authentication" in response.text
+    # The same Control calls work over loopback (the coordinator's side): the refusals are the proxy's.
+    assert {h.node_id for h in federation.hospitals} <= set(before[0])
+    assert _state(federation) == before
 
 
 def _check_run(federation: LocalFederation, run_dir: Path, previous: dict[str, float]) -> dict[str, float]:

@@ -2,14 +2,17 @@
 
 Subcommands:
 
-* ``credentials``: a CA, the SuperLink's TLS certificate and one SuperNode key pair per hospital;
-* ``superlink``: start the coordinator's SuperLink with TLS and SuperNode authentication on;
+* ``credentials``: a CA, the server's TLS certificate, and per hospital a SuperNode key pair and a
+  TLS client certificate;
+* ``superlink``: start the coordinator's SuperLink (loopback, TLS, SuperNode authentication on);
+* ``proxy``: write the nginx configuration in front of it (mutual TLS, Fleet API only) and start nginx;
 * ``node``: start one hospital's SuperNode with its own data, budget, delta and ledger;
 * ``app``: write the Flower app folder (and a run-config template) that `flwr run` uploads;
-* ``local``: a one-machine rehearsal: TLS SuperLink, registered SuperNodes, a real run, clean stop.
+* ``local``: a one-machine rehearsal: SuperLink, proxy, registered SuperNodes, a real run, clean stop.
 
-`superlink` and `node` print the raw Flower command they run (use ``--print-command`` to print it
-without running it), so every step can also be done with Flower's own tools (docs/deployment.md).
+`superlink`, `proxy` and `node` print the raw command they run (use ``--print-command`` to print it
+without running it), so every step can also be done by hand or in a service unit (docs/deployment.md).
+The printed lines set PATH themselves and name executables by absolute path.
 """
 
 from __future__ import annotations
@@ -44,14 +47,18 @@ def _credentials(args: argparse.Namespace) -> int:
 
 def _exec(command: list[str], print_only: bool) -> int:
     """Print `command`; unless `print_only`, replace this process with it (same PID, same signals)."""
-    print(shlex.join(command), flush=True)
+    from fedpriv.deployment.processes import flower_env, printable
+
+    print(shlex.join(printable(command)), flush=True)
     if print_only:
         return 0
-    from fedpriv.deployment.processes import flower_env
 
     env = flower_env(Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")))
     os.execve(command[0], command, env)
     return EXIT_FAILED  # not reached
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _superlink(args: argparse.Namespace) -> int:
@@ -60,11 +67,29 @@ def _superlink(args: argparse.Namespace) -> int:
     for path in (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile):
         if not Path(path).is_file():
             raise FedprivError(f"TLS file not found: {path} (see `fedpriv-deploy credentials`)")
+    if args.host not in LOOPBACK:
+        print(f"fedpriv-deploy: warning: --host {args.host} exposes the Control API (`flwr run`, `flwr supernode "
+              "register/unregister`), which has no authentication, to the network; keep the SuperLink on "
+              "127.0.0.1 and let hospitals in through `fedpriv-deploy proxy`", file=sys.stderr, flush=True)
     command = superlink_command(ca_certificate=Path(args.ssl_ca_certfile).resolve(),
                                 certificate=Path(args.ssl_certfile).resolve(), key=Path(args.ssl_keyfile).resolve(),
                                 host=args.host, port=args.port,
                                 database=Path(args.database).resolve() if args.database else None)
     return _exec(command, args.print_command)
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from fedpriv.deployment.proxy import ProxySettings, check_proxy_config, find_nginx, proxy_command, write_proxy_config
+
+    settings = ProxySettings(prefix=Path(args.prefix).expanduser().resolve(), listen=args.listen,
+                             superlink=args.superlink, certificate=Path(args.ssl_certfile).expanduser().resolve(),
+                             key=Path(args.ssl_keyfile).expanduser().resolve(),
+                             client_ca=Path(args.client_ca).expanduser().resolve(), max_body=args.max_body)
+    nginx = find_nginx()
+    config = write_proxy_config(settings)
+    check_proxy_config(settings, nginx)
+    print(f"# nginx configuration written to {config} (checked with nginx -t)", flush=True)
+    return _exec(proxy_command(settings, nginx), args.print_command)
 
 
 def node_config_from_args(args: argparse.Namespace) -> dict[str, object]:
@@ -82,17 +107,20 @@ def _node(args: argparse.Namespace) -> int:
 
     node_config = node_config_from_args(args)
     parse_node_config(node_config)  # fail here, with the key named, rather than at the first round
-    for path in (args.root_certificates, args.auth_key):
+    for path in (args.root_certificates, args.auth_key, args.tls_certificate, args.tls_key):
         if not Path(path).is_file():
             raise FedprivError(f"credential file not found: {path} (see `fedpriv-deploy credentials`)")
     command = supernode_command(superlink=args.superlink, node_config=node_config,
                                 root_certificates=Path(args.root_certificates).resolve(),
                                 auth_key=Path(args.auth_key).resolve(), port=args.port,
-                                max_retries=args.max_retries)
+                                max_retries=args.max_retries, client_certificate=Path(args.tls_certificate).resolve(),
+                                client_key=Path(args.tls_key).resolve())
     approved = sorted(parse_approved(args.approved_apps or fedpriv_app_hash()))
     launcher = hospital_exec_command(approved_apps=approved, port=args.port)
     if args.print_command:
-        print(shlex.join(launcher) + "  # next to the SuperNode: runs only the approved apps", flush=True)
+        from fedpriv.deployment.processes import printable
+
+        print(shlex.join(printable(launcher)) + "  # next to the SuperNode: runs only the approved apps", flush=True)
         return _exec(command, True)
     # The launcher follows this PID, which exec() hands on to the SuperNode: one ends, both end.
     subprocess.Popen([*launcher, "--parent-pid", str(os.getpid())], stdin=subprocess.DEVNULL)
@@ -139,7 +167,9 @@ def _local(args: argparse.Namespace) -> int:
             print(f"  hospital {hospital.name}: node {hospital.node_id}, port {hospital.port}, "
                   f"budget {hospital.budget_epsilon:g} (delta {hospital.delta:g}), ledger {hospital.ledger}",
                   flush=True)
-        print(f"  SuperLink (TLS, SuperNode authentication) at {federation.address}", flush=True)
+        print(f"  SuperLink (TLS, SuperNode authentication) on loopback at {federation.superlink_address}; "
+              f"hospitals reach only its Fleet API, through nginx (mutual TLS) at {federation.public_address}",
+              flush=True)
         outcome = federation.run(cfg, timeout=args.timeout)
     print((outcome.run_dir / "summary.md").read_text())
     print(f"Server artifacts in {outcome.run_dir}; every process started was stopped.")
@@ -165,11 +195,24 @@ def _parser() -> argparse.ArgumentParser:
     link.add_argument("--ssl-ca-certfile", required=True, help="coordinator/ca.crt")
     link.add_argument("--ssl-certfile", required=True, help="coordinator/server.pem")
     link.add_argument("--ssl-keyfile", required=True, help="coordinator/server.key")
-    link.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    link.add_argument("--host", default="127.0.0.1",
+                      help="interface to listen on (default: loopback; hospitals come in through the proxy)")
     link.add_argument("--port", type=int, default=8000, help="the SuperLink's one HTTPS port")
     link.add_argument("--database", help="keep SuperLink state (registered nodes, runs) in this file")
     link.add_argument("--print-command", action="store_true", help="print the flower-superlink command only")
     link.set_defaults(handler=_superlink)
+
+    proxy = commands.add_parser("proxy", help="start nginx in front of the SuperLink: mutual TLS, Fleet API only")
+    proxy.add_argument("--ssl-certfile", required=True, help="coordinator/server.pem (SANs: the names hospitals use)")
+    proxy.add_argument("--ssl-keyfile", required=True, help="coordinator/server.key")
+    proxy.add_argument("--client-ca", required=True,
+                       help="coordinator/ca.crt: hospitals' client certificates must be issued by it")
+    proxy.add_argument("--listen", default="0.0.0.0:8443", help="the public HOST:PORT hospitals connect to")
+    proxy.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's HOST:PORT (loopback)")
+    proxy.add_argument("--prefix", required=True, help="nginx's folder: nginx.conf, nginx.pid, logs/, temp/")
+    proxy.add_argument("--max-body", default="64m", help="largest request body (Flower sends up to 5 MiB chunks)")
+    proxy.add_argument("--print-command", action="store_true", help="write and check the config, print the command only")
+    proxy.set_defaults(handler=_proxy)
 
     node = commands.add_parser("node", help="start a hospital's SuperNode with its own settings")
     node.add_argument("--name", required=True, help="the hospital's display name")
@@ -181,15 +224,17 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--accountant", default="prv", choices=("prv", "rdp"))
     node.add_argument("--allow-non-private", action="store_true", help="accept non-private rounds (epsilon = inf)")
     node.add_argument("--threads", type=int, help="torch CPU threads for training")
-    node.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
+    node.add_argument("--superlink", required=True, help="the coordinator's public HOST:PORT (its proxy)")
     node.add_argument("--root-certificates", required=True, help="the federation's CA certificate (ca.crt)")
     node.add_argument("--auth-key", required=True, help="the hospital's private key (NAME.key)")
+    node.add_argument("--tls-certificate", required=True, help="the hospital's TLS client certificate (NAME-tls.crt)")
+    node.add_argument("--tls-key", required=True, help="its key (NAME-tls.key)")
     node.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (distinct per node)")
     node.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
     node.add_argument("--approved-apps", help="comma-separated sha256 hashes of the Flower apps this hospital "
                                               "runs (default: fedpriv's own, `fedpriv-deploy app-hash`)")
     node.add_argument("--print-command", action="store_true",
-                      help="print the fedpriv-hospital-exec and flower-supernode commands only")
+                      help="print the fedpriv-hospital-exec and fedpriv-supernode commands only")
     node.set_defaults(handler=_node)
 
     digest = commands.add_parser("app-hash", help="print the hash of fedpriv's Flower app (what a hospital approves)")
@@ -201,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
     app.add_argument("overrides", nargs="*", help="Hydra overrides for the run, e.g. strategy=sequential")
     app.set_defaults(handler=_app)
 
-    local = commands.add_parser("local", help="rehearse a TLS, authenticated deployment on this machine")
+    local = commands.add_parser("local", help="rehearse the deployment on this machine (SuperLink, proxy, SuperNodes)")
     local.add_argument("--hospitals", type=int, default=3, help="number of hospitals (SuperNodes)")
     local.add_argument("--rounds", type=int, default=2, help="federated rounds")
     local.add_argument("--mode", choices=("parallel", "sequential"), help="strategy mode (default: the config's)")

@@ -7,7 +7,10 @@ Everything is made with `cryptography` (no hand-rolled crypto):
   IP address hospitals (and the coordinator's own ServerApp) use to reach it;
 * one SuperNode authentication key pair per hospital (ECDSA P-384): the private key in OpenSSH
   format (what `flower-supernode --auth-supernode-private-key` reads) and the public key as an
-  OpenSSH line (what `flwr supernode register` reads).
+  OpenSSH line (what `flwr supernode register` reads);
+* one TLS client certificate per hospital (clientAuth, its name as the common name), signed by the
+  CA: what the coordinator's reverse proxy demands before it forwards anything to the Fleet API
+  (mutual TLS, :mod:`fedpriv.deployment.proxy`; presented by `fedpriv-supernode`).
 
 Private keys are written with mode 0600. Existing files are never overwritten unless asked.
 """
@@ -48,6 +51,8 @@ class HospitalCredentials:
     public_key: Path  # OpenSSH public key line, at the hospital (for reference)
     registered_key: Path  # copy of the public key, at the coordinator (for `flwr supernode register`)
     ca_certificate: Path  # copy of the CA certificate, at the hospital (--root-certificates)
+    tls_certificate: Path  # its TLS client certificate (fedpriv-supernode --tls-client-certificate)
+    tls_key: Path  # its TLS client key, at the hospital only (fedpriv-supernode --tls-client-key)
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,9 @@ class Credentials:
 
     root: Path
     ca_key: Path  # keep offline: only needed to issue new certificates
-    ca_certificate: Path  # coordinator: --ssl-ca-certfile and the flwr connection's root-certificates
-    server_certificate: Path  # coordinator: --ssl-certfile
-    server_key: Path  # coordinator: --ssl-keyfile
+    ca_certificate: Path  # coordinator: --ssl-ca-certfile, the flwr connection's root-certificates, the proxy's client CA
+    server_certificate: Path  # coordinator: --ssl-certfile (SuperLink) and the proxy's certificate
+    server_key: Path  # coordinator: --ssl-keyfile (SuperLink) and the proxy's key
     hosts: tuple[str, ...]
     hospitals: dict[str, HospitalCredentials] = field(default_factory=dict)
 
@@ -133,6 +138,25 @@ def make_server_certificate(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certifi
     return key, certificate
 
 
+def make_client_certificate(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, name: str,
+                            days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A hospital's TLS client certificate: clientAuth only, the hospital's name as its common name."""
+    key = _new_key()
+    builder = _validity(x509.CertificateBuilder(), days).subject_name(_subject(name)).issuer_name(ca.subject)
+    certificate = (
+        builder.public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, certificate
+
+
 def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; refusing to overwrite credentials (use --force to replace them)")
@@ -164,10 +188,13 @@ def make_supernode_keys(name: str) -> tuple[bytes, bytes]:
     return private, public + f" fedpriv-{name}\n".encode()
 
 
-def write_hospital_keys(out: Path, name: str, ca_certificate: Path, *, overwrite: bool = False) -> HospitalCredentials:
-    """One hospital's key pair under OUT/hospitals/NAME, its public key also under OUT/coordinator."""
+def write_hospital_keys(out: Path, name: str, ca_certificate: Path, *, ca_key: ec.EllipticCurvePrivateKey,
+                        ca: x509.Certificate, days: int, overwrite: bool = False) -> HospitalCredentials:
+    """One hospital's key pair and TLS client certificate under OUT/hospitals/NAME; its public key
+    also under OUT/coordinator."""
     check_hospital_name(name)
     private, public = make_supernode_keys(name)
+    tls_key, tls_certificate = make_client_certificate(ca_key, ca, name, days)
     folder = out / "hospitals" / name
     registered = _write(out / "coordinator" / "supernode-keys" / f"{name}.pub", public, private=False,
                         overwrite=overwrite)
@@ -181,12 +208,16 @@ def write_hospital_keys(out: Path, name: str, ca_certificate: Path, *, overwrite
         public_key=_write(folder / f"{name}.pub", public, private=False, overwrite=overwrite),
         registered_key=registered,
         ca_certificate=ca_copy,
+        tls_certificate=_write(folder / f"{name}-tls.crt", _pem_certificate(tls_certificate), private=False,
+                               overwrite=overwrite),
+        tls_key=_write(folder / f"{name}-tls.key", _pem_key(tls_key), private=True, overwrite=overwrite),
     )
 
 
 def make_credentials(out: str | Path, hospitals: list[str], hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS, *,
                      days: int = 365, overwrite: bool = False) -> Credentials:
-    """Write a CA, the SuperLink certificate for `hosts` and a key pair per hospital under `out`.
+    """Write a CA, the server certificate for `hosts`, and a key pair and TLS client certificate per
+    hospital under `out`.
 
     127.0.0.1 and localhost are always added to `hosts`. Existing files raise FileExistsError
     (before anything is written) unless `overwrite`.
@@ -215,7 +246,8 @@ def make_credentials(out: str | Path, hospitals: list[str], hosts: list[str] | t
         hosts=hosts,
     )
     for name in names:
-        credentials.hospitals[name] = write_hospital_keys(root, name, credentials.ca_certificate, overwrite=overwrite)
+        credentials.hospitals[name] = write_hospital_keys(root, name, credentials.ca_certificate, ca_key=ca_key, ca=ca,
+                                                          days=days, overwrite=overwrite)
     log.info("credentials for %d hospitals written under %s", len(names), root)
     return credentials
 
@@ -225,7 +257,7 @@ def _refuse_existing(root: Path, names: list[str]) -> None:
     targets = [root / "ca" / "ca.key", *(root / "coordinator" / f for f in ("ca.crt", "server.pem", "server.key"))]
     for name in names:
         targets += [root / "coordinator" / "supernode-keys" / f"{name}.pub",
-                    root / "hospitals" / name / f"{name}.key", root / "hospitals" / name / f"{name}.pub"]
+                    *(root / "hospitals" / name / f"{name}{suffix}" for suffix in (".key", ".pub", "-tls.crt", "-tls.key"))]
     existing = [path for path in targets if path.exists()]
     if existing:
         raise FileExistsError(f"{existing[0]} exists; refusing to overwrite credentials (use --force to replace them)")
@@ -239,10 +271,11 @@ def placement(credentials: Credentials) -> str:
         "CA (keep OFFLINE; only needed to issue new certificates):",
         f"  {credentials.ca_key}  (secret)",
         "",
-        f"Coordinator (SuperLink machine; certificate valid for: {', '.join(credentials.hosts)}):",
-        f"  {credentials.ca_certificate}  -> flower-superlink --ssl-ca-certfile, flwr connection root-certificates",
-        f"  {credentials.server_certificate}  -> flower-superlink --ssl-certfile",
-        f"  {credentials.server_key}  -> flower-superlink --ssl-keyfile  (secret)",
+        f"Coordinator (SuperLink and proxy machine; certificate valid for: {', '.join(credentials.hosts)}):",
+        f"  {credentials.ca_certificate}  -> flower-superlink --ssl-ca-certfile, flwr connection root-certificates, "
+        "fedpriv-deploy proxy --client-ca",
+        f"  {credentials.server_certificate}  -> flower-superlink --ssl-certfile, fedpriv-deploy proxy --ssl-certfile",
+        f"  {credentials.server_key}  -> flower-superlink --ssl-keyfile, fedpriv-deploy proxy --ssl-keyfile  (secret)",
     ]
     for hospital in credentials.hospitals.values():
         lines.append(f"  {hospital.registered_key}  -> flwr supernode register ... --name {hospital.name}")
@@ -250,8 +283,10 @@ def placement(credentials: Credentials) -> str:
         lines += [
             "",
             f"Hospital {hospital.name} (its SuperNode machine only):",
-            f"  {hospital.ca_certificate}  -> flower-supernode --root-certificates",
-            f"  {hospital.private_key}  -> flower-supernode --auth-supernode-private-key  (secret, never copy elsewhere)",
+            f"  {hospital.ca_certificate}  -> fedpriv-supernode --root-certificates",
+            f"  {hospital.private_key}  -> fedpriv-supernode --auth-supernode-private-key  (secret, never copy elsewhere)",
+            f"  {hospital.tls_certificate}  -> fedpriv-supernode --tls-client-certificate",
+            f"  {hospital.tls_key}  -> fedpriv-supernode --tls-client-key  (secret, never copy elsewhere)",
             f"  {hospital.public_key}  (public; the coordinator registers its copy)",
         ]
     return "\n".join(lines)

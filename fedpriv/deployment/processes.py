@@ -50,6 +50,16 @@ def flower_env(home: Path) -> dict[str, str]:
     return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
+def printable(command: Sequence[str]) -> list[str]:
+    """`command` as a line that works without this environment on PATH (e.g. in a systemd unit).
+
+    Flower's processes start `flower-superexec`, `flwr-clientapp` and fedpriv's launchers by name, so
+    the line sets PATH to this environment's bin folder first; the executables are absolute already.
+    """
+    path = os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
+    return ["/usr/bin/env", f"PATH={path}", *command]
+
+
 def write_flwr_config(home: Path, address: str, root_certificates: Path, connection: str = CONNECTION) -> Path:
     """`$FLWR_HOME/config.toml` naming one TLS connection to the SuperLink (used by `flwr ...`)."""
     home.mkdir(parents=True, exist_ok=True)
@@ -98,7 +108,11 @@ def node_config_string(values: Mapping[str, Any]) -> str:
 
 def superlink_command(*, ca_certificate: Path, certificate: Path, key: Path, host: str = "127.0.0.1",
                       port: int = DEFAULT_SUPERLINK_PORT, database: Path | None = None) -> list[str]:
-    """`flower-superlink` with TLS and SuperNode authentication on, using this environment's packages."""
+    """`flower-superlink` with TLS and SuperNode authentication on, using this environment's packages.
+
+    It listens on loopback by default: its one port also serves the Control API, which open-source
+    Flower does not authenticate, so hospitals reach it only through the proxy (proxy.py).
+    """
     command = [executable("flower-superlink"),
                "--ssl-ca-certfile", str(ca_certificate), "--ssl-certfile", str(certificate), "--ssl-keyfile", str(key),
                "--enable-supernode-auth", "--host", host, "--port", str(port),
@@ -110,9 +124,22 @@ def superlink_command(*, ca_certificate: Path, certificate: Path, key: Path, hos
 
 def supernode_command(*, superlink: str, node_config: Mapping[str, Any], root_certificates: Path | None,
                       auth_key: Path | None, port: int = DEFAULT_SUPERNODE_PORT, insecure: bool = False,
-                      max_retries: int | None = None, max_wait_time: float | None = None) -> list[str]:
-    """`flower-supernode` for one hospital: TLS to the SuperLink, authenticated by its private key."""
-    command = [executable("flower-supernode"), "--superlink", superlink]
+                      max_retries: int | None = None, max_wait_time: float | None = None,
+                      client_certificate: Path | None = None, client_key: Path | None = None) -> list[str]:
+    """One hospital's SuperNode: TLS to the coordinator's proxy, authenticated by its private key.
+
+    With `client_certificate` and `client_key` it is `fedpriv-supernode` (flower-supernode that
+    presents the hospital's TLS client certificate, which the proxy demands); without them plain
+    `flower-supernode`.
+    """
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("a TLS client certificate needs its key, and the other way round")
+    if client_certificate is not None:
+        command = [executable("fedpriv-supernode"), "--tls-client-certificate", str(client_certificate),
+                   "--tls-client-key", str(client_key)]
+    else:
+        command = [executable("flower-supernode")]
+    command += ["--superlink", superlink]
     if insecure:
         command.append("--insecure")
     if root_certificates is not None:

@@ -1,15 +1,19 @@
-"""A one-machine rehearsal of a real deployment: TLS SuperLink, authenticated SuperNodes, real runs.
+"""A one-machine rehearsal of a real deployment: TLS SuperLink behind an mTLS proxy, authenticated SuperNodes.
 
 :class:`LocalFederation` prepares credentials, gives every hospital its own folder (its data share
 as a MedMNIST-layout npz, its ledger, its budget in its own node config), starts a TLS SuperLink with
-SuperNode authentication on loopback, registers each hospital's public key by name, starts one
-SuperNode per hospital on its own port, and runs federations with `flwr run ... --stream`. Leaving
-the context (normally, on error or on Ctrl-C) stops every process it started, by PID.
+SuperNode authentication on loopback, puts nginx in front of it (the public port: mutual TLS, only
+`/v1/fleet/` forwarded, see proxy.py), registers each hospital's public key by name over loopback,
+starts one SuperNode per hospital on its own port, connected through the proxy with its TLS client
+certificate (`fedpriv-supernode`), and runs federations with `flwr run ... --stream` over loopback,
+as the coordinator's researcher would. Leaving the context (normally, on error or on Ctrl-C) stops
+every process it started, by PID.
 
 Layout under OUT::
 
-    credentials/            CA, SuperLink certificate, hospital key pairs (see credentials.py)
-    coordinator/            flwr-home/, app/, run-config-*.toml, superlink.log
+    credentials/            CA, server certificate, hospital key pairs and TLS client certificates
+    coordinator/            flwr-home/, app/, run-config-*.toml, superlink.log, proxy.log
+    coordinator/proxy/      nginx.conf, nginx.pid, logs/access.log (who asked for what)
     coordinator/runs/NAME/  the server's artifacts of each run (metrics.json, summary.md, model.pt, ...)
     <hospital>/data/        the hospital's share: <flag>.npz (train = the records it trains on,
                             val = the records it holds out for its own validation, test = the
@@ -49,6 +53,14 @@ from fedpriv.deployment.processes import (
     wait_for_superlink,
     write_flwr_config,
     write_run_config,
+)
+from fedpriv.deployment.proxy import (
+    ProxySettings,
+    check_proxy_config,
+    find_nginx,
+    proxy_command,
+    wait_for_proxy,
+    write_proxy_config,
 )
 from fedpriv.errors import ConfigError
 from fedpriv.experiment import Experiment
@@ -122,6 +134,8 @@ class RehearsalHospital:
     private_key: Path
     public_key: Path
     ca_certificate: Path
+    tls_certificate: Path  # its TLS client certificate, presented to the proxy
+    tls_key: Path
     node_id: int = 0
     process: ManagedProcess | None = None
     launcher: ManagedProcess | None = None  # its fedpriv-hospital-exec (runs approved apps only)
@@ -146,7 +160,11 @@ class RunOutcome:
 
 @dataclass
 class LocalFederation:
-    """A TLS, authenticated SuperLink plus one SuperNode per hospital on loopback (a context manager)."""
+    """A TLS, authenticated SuperLink behind an mTLS proxy, plus one SuperNode per hospital (a context manager).
+
+    `superlink_address` is the SuperLink's own port (loopback: Control, Runtime and Fleet APIs; what
+    the `flwr` CLI and the ServerApp use); `public_address` is the proxy's (what hospitals use).
+    """
 
     experiment: Experiment
     out: Path
@@ -156,7 +174,9 @@ class LocalFederation:
     hospitals: list[RehearsalHospital] = field(default_factory=list)
     processes: ProcessSet | None = None
     link: ManagedProcess | None = None
-    address: str = ""
+    proxy: ManagedProcess | None = None
+    superlink_address: str = ""
+    public_address: str = ""
     credentials: Credentials | None = None
     _runs: int = 0
 
@@ -173,6 +193,7 @@ class LocalFederation:
     def prepare(self) -> None:
         """Credentials, every hospital's folder (data share, ledger folder), the app and flwr's config."""
         self.out = self.out.resolve()
+        find_nginx()  # before anything is written: without nginx there is no rehearsal
         names = [hospital.name for hospital in self.experiment.hospitals]
         budgets = self.budgets or [hospital.epsilon for hospital in self.experiment.hospitals]
         if len(budgets) != len(names):
@@ -200,7 +221,8 @@ class LocalFederation:
                 name=hospital.name, folder=folder, data=data, dataset=flag, ledger=folder / "ledger" / "ledger.db",
                 ledger_key=folder / "ledger-key" / "ledger.key",
                 budget_epsilon=float(budget), delta=hospital.delta, port=free_port(), private_key=keys.private_key,
-                public_key=keys.registered_key, ca_certificate=keys.ca_certificate, threads=self.threads))
+                public_key=keys.registered_key, ca_certificate=keys.ca_certificate, tls_certificate=keys.tls_certificate,
+                tls_key=keys.tls_key, threads=self.threads))
         # Each hospital approves the hash of the app the coordinator will submit (fedpriv's own).
         approved = (app_hash(write_app(self.coordinator / "app")),)
         for hospital in self.hospitals:
@@ -209,18 +231,21 @@ class LocalFederation:
     # ---------------------------------------------------------------- processes
 
     def start(self) -> None:
-        """Start the SuperLink, register every hospital, start their SuperNodes; wait until all are online."""
+        """Start the SuperLink (loopback) and its proxy, register every hospital, start their SuperNodes
+        (through the proxy); wait until all are online."""
         assert self.credentials is not None
         credentials = self.credentials
         port = free_port()
-        self.address = f"127.0.0.1:{port}"
-        write_flwr_config(self.coordinator / "flwr-home", self.address, credentials.ca_certificate)
+        self.superlink_address = f"127.0.0.1:{port}"
+        write_flwr_config(self.coordinator / "flwr-home", self.superlink_address, credentials.ca_certificate)
         self.processes = ProcessSet(self.env)
         self.link = self.processes.start("superlink", superlink_command(
             ca_certificate=credentials.ca_certificate, certificate=credentials.server_certificate,
             key=credentials.server_key, host="127.0.0.1", port=port), self.coordinator / "superlink.log",
             cwd=self.coordinator)
-        wait_for_superlink(self.link, self.address, credentials.ca_certificate, self.startup_timeout)
+        wait_for_superlink(self.link, self.superlink_address, credentials.ca_certificate, self.startup_timeout)
+        self.proxy = self.start_proxy()
+        wait_for_proxy(self.proxy, self.public_address, credentials.ca_certificate, self.startup_timeout)
         for hospital in self.hospitals:
             hospital.node_id = register_supernode(hospital.public_key, hospital.name, self.env)
             log.info("registered hospital %s as node %d", hospital.name, hospital.node_id)
@@ -228,15 +253,29 @@ class LocalFederation:
             hospital.process = self.start_supernode(hospital)
         self.wait_until_online()
 
+    def start_proxy(self) -> ManagedProcess:
+        """Write the proxy's nginx.conf (checked with `nginx -t`) and start nginx on a free public port."""
+        assert self.credentials is not None and self.processes is not None
+        self.public_address = f"127.0.0.1:{free_port()}"
+        settings = ProxySettings(prefix=self.coordinator / "proxy", listen=self.public_address,
+                                 superlink=self.superlink_address, certificate=self.credentials.server_certificate,
+                                 key=self.credentials.server_key, client_ca=self.credentials.ca_certificate)
+        write_proxy_config(settings)
+        nginx = find_nginx()
+        check_proxy_config(settings, nginx)
+        return self.processes.start("proxy", proxy_command(settings, nginx), self.coordinator / "proxy.log",
+                                    cwd=self.coordinator)
+
     def start_supernode(self, hospital: RehearsalHospital) -> ManagedProcess:
         """Start one hospital's SuperNode (its own FLWR_HOME, port, key and node config) and its launcher.
 
         The launcher follows the SuperNode (``--parent-pid``): it ends when the SuperNode does.
         """
         assert self.processes is not None
-        command = supernode_command(superlink=self.address, node_config=hospital.node_config(),
+        command = supernode_command(superlink=self.public_address, node_config=hospital.node_config(),
                                     root_certificates=hospital.ca_certificate, auth_key=hospital.private_key,
-                                    port=hospital.port)
+                                    port=hospital.port, client_certificate=hospital.tls_certificate,
+                                    client_key=hospital.tls_key)
         env = flower_env(hospital.folder / "flwr-home")
         node = self.processes.start(f"supernode {hospital.name}", command, hospital.folder / "supernode.log",
                                     cwd=hospital.folder, env=env)
@@ -293,7 +332,7 @@ class LocalFederation:
         return runner.process.returncode
 
     def stop(self) -> None:
-        """Stop every process this federation started (SuperNodes, runs, the SuperLink), by PID."""
+        """Stop every process this federation started (SuperNodes, runs, the proxy, the SuperLink), by PID."""
         if self.processes is not None:
             self.processes.stop_all()
 
