@@ -233,7 +233,7 @@ def clear_caches() -> None:
 
     accounting._epsilon_of_history.cache_clear()
     accounting._one_step_rdp.cache_clear()
-    prv._cdf_integral.cache_clear()
+    prv.clear_caches()  # grids, spectra and their powers, PRV integrals
     with store._SET_CACHE_LOCK:
         store._SET_CACHE.clear()
 
@@ -336,11 +336,11 @@ def percentile(values: list[float], share: float) -> float:
 # can nest (the chain replay holds its SELECT; "sqlite execute" is every statement's own time,
 # COMMIT's fsync included), so the rows do not add up to the round.
 BREAKDOWN = {
-    "PRV accountant (Opacus get_epsilon)": ("accounting.py", "_opacus_epsilon", "cumtime"),
-    "  of it: discretising each (sigma, q)": ("prv.py", "_discretize", "cumtime"),
-    "  of it: self-composition by FFT": ("prv.py", "_self_compose", "cumtime"),
-    "  of it: composing the distinct (sigma, q) (convolution tree)": ("compose.py", "_compose_convolution_tree",
-                                                                      "cumtime"),
+    "PRV accountant (fedpriv.privacy.prv)": ("accounting.py", "_opacus_epsilon", "cumtime"),
+    "  of it: discretising each (sigma, q) on a new grid": ("prv.py", "_discretize", "cumtime"),
+    "  of it: powers of cached spectra (new step counts)": ("prv.py", "_power", "cumtime"),
+    "  of it: composing (product of spectra, inverse FFT)": ("prv.py", "compose", "cumtime"),
+    "  of it: epsilon from the composed pmf": ("prv.py", "upper_epsilon", "cumtime"),
     "record keys (sha256 of every record id)": ("records.py", "record_keys", "cumtime"),
     "chain replay (_history: read, JSON, HMAC of every entry)": ("ledger.py", "_history", "cumtime"),
     "record-set membership (numpy isin)": ("records.py", "contains", "cumtime"),

@@ -132,11 +132,13 @@ def _one_step_rdp(sample_rate: float, sigma: float, orders: tuple[float, ...]) -
 
 
 def _opacus_epsilon(history, delta: float, accountant: str, **kwargs) -> float:
+    if accountant == "prv":
+        from fedpriv.privacy.prv import prv_epsilon
+
+        return prv_epsilon(tuple(history), delta, **kwargs)
     from opacus.accountants import create_accountant
 
-    from fedpriv.privacy.prv import CachedDomainPRVAccountant
-
-    engine = CachedDomainPRVAccountant() if accountant == "prv" else create_accountant(mechanism=accountant)
+    engine = create_accountant(mechanism=accountant)
     engine.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -1,67 +1,210 @@
-"""Opacus's PRV accountant (Gopi et al. 2021), computed the same way, only faster.
+"""Opacus's PRV accountant (Gopi et al. 2021), computed so that a ledger's rounds reuse each other's work.
 
 Used by :mod:`fedpriv.privacy.accounting` for every PRV epsilon; kept in a module of its own because
 it builds on Opacus's internals, which take ~1.4 s to import.
+
+A PRV epsilon discretises each (sigma, q) of a history on a grid, composes them in Fourier space
+and reads epsilon off the result (Opacus's `PRVAccountant.get_epsilon`, step by step). Opacus
+derives the grid from the exact history, so every new round changes the grid and everything is
+computed again. A ledger asks for the epsilon of one history plus one more round, every round, for
+every group of records; here the grid is chosen from the history rounded *up*:
+
+- the mesh is Opacus's for the total step count rounded up to a power of sqrt(2), so it is at most
+  as coarse as Opacus's (Gopi et al.'s error bound needs it at most this coarse; finer is safe);
+- the half-width is Opacus's safe domain size (remark 5.6 of Gopi et al., computed from the same
+  RDP bound, with the single-step term taken at the rounded-up step count) rounded up to a multiple
+  of 1/2, then widened to an FFT-friendly length: at least as wide as Opacus's (wider truncates
+  less).
+
+So the grid stays the same for many rounds, and what depends only on (sigma, q, grid) is cached:
+the discretised PRV's spectrum, and its n-fold powers (a later round's power is the last one
+times the spectrum to the difference). A round then costs, per group of records, a product of
+cached spectra, one inverse FFT and Opacus's own epsilon search. Epsilon is Opacus's upper bound
+(estimate + eps_error) on a grid that satisfies the same conditions; it differs from Opacus's
+figure on Opacus's own grid by far less than eps_error (tests/test_accounting.py bounds it, and
+checks both against Google's dp_accounting).
+
+The caches hold at most `FEDPRIV_PRV_CACHE_MB` (default 512) MiB of spectra per process.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import threading
+import warnings
+from collections import OrderedDict
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.prv import DiscretePRV, PoissonSubsampledGaussianPRV
-from opacus.accountants.analysis.prv.compose import _compose_convolution_tree
 from opacus.accountants.analysis.prv.domain import Domain
 from scipy import integrate
 from scipy.fft import irfft, next_fast_len, rfft
 
 from fedpriv.privacy.accounting import _rdp_epsilon
 
+EPS_ERROR = 0.01  # Opacus's default: the reported epsilon is the estimate plus this
 
-class CachedDomainPRVAccountant(PRVAccountant):
-    """Opacus's PRV accountant (Gopi et al. 2021), computed the same way, only faster.
 
-    Opacus sizes the PRV domain with an RDP accountant (remark 5.6 of Gopi et al., in
-    `compute_safe_domain_size`), and that RDP computation is ~80% of a PRV call. Here the same
-    bound is computed from the cached one-step RDP curves (`_one_step_rdp`), so a ledger whose
-    (sigma, q) repeat every round pays it once.
+def prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, eps_error: float = EPS_ERROR,
+                delta_error: float | None = None) -> float:
+    """Opacus's PRV upper bound on epsilon for ``history`` ((sigma, q, steps), ...) at ``delta``."""
+    delta_error = delta / 1000 if delta_error is None else delta_error
+    history = tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0)
+    if not history:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # RDP's "optimal order is the largest alpha"
+        return upper_epsilon(compose(history, eps_error, delta_error), delta, delta_error, eps_error)
 
-    The composition is one FFT over the domain's grid, and the grid's size falls where it may:
-    often a number with a large prime factor (e.g. 180,798 = 2 x 3 x 30,133), on which the FFT is
-    ~10x slower than on a nearby product of small primes. The grid is therefore widened, by whole
-    mesh steps on both sides, to the next such size. A wider domain truncates less of the privacy
-    loss distribution, so the bound stays valid (Gopi et al. need the domain at least this wide),
-    and epsilon matches Opacus's to ~1e-8 relative (tests/test_accounting.py checks it).
 
-    Discretisation and composition follow Opacus's `discretize` and `_compose_fourier` step by step,
-    with three savings that change results only at floating-point level: the CDF is evaluated once
-    per grid edge instead of twice, the integrals behind the truncated mean are cached per (sigma, q)
-    and interval (a ledger evaluates one (sigma, q) every round), and the n-fold power of the
-    spectrum is taken by repeated squaring.
+def upper_epsilon(dprv: DiscretePRV, delta: float, delta_error: float, eps_error: float) -> float:
+    """Opacus's `DiscretePRV.compute_epsilon(...)[2]`, over the grid's upper half where it can be.
+
+    Opacus computes tail sums of the pmf over the whole grid and takes the first point where the
+    privacy profile falls to delta - delta_error. Tail sums from a point depend only on the grid
+    beyond it, so when that point lies above t = 0 (every history worth accounting), the same sums
+    over the upper half give the same answer, bit for bit, at half the cost.
     """
+    ts, pmf = dprv.domain.ts, dprv.pmf
+    start = int(np.searchsorted(ts, 0.0))
+    target = delta - delta_error
+    if 0 < start < len(ts) - 1 and np.finfo(np.longdouble).eps * dprv.domain.size <= target:
+        t, p = ts[start:], pmf[start:]
+        d1 = np.flip(np.flip(p).cumsum())
+        d2 = np.flip(np.flip(p * np.exp(-t)).cumsum())
+        ndelta = np.exp(t) * d2 - d1
+        i = int(np.searchsorted(ndelta, -target, side="left"))
+        if 0 < i < len(t):
+            return float(np.log((d1[i] - target) / d2[i]) + eps_error)
+    return float(dprv.compute_epsilon(delta, delta_error, eps_error)[2])
 
-    def _get_dprv(self, eps_error, delta_error):
-        prvs = [PoissonSubsampledGaussianPRV(sample_rate, sigma) for sigma, sample_rate, _ in self.history]
-        counts = [steps for _, _, steps in self.history]
-        domain = self._get_domain(prvs=prvs, num_self_compositions=counts, eps_error=eps_error,
-                                  delta_error=delta_error)
-        return _compose_convolution_tree([_self_compose(_discretize(prv, domain), n) for prv, n in zip(prvs, counts)])
 
-    def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error):
-        total = sum(num_self_compositions)
-        alphas = tuple(RDPAccountant.DEFAULT_ALPHAS)
-        history = [(prv.noise_multiplier, prv.sample_rate, steps) for prv, steps in zip(prvs, num_self_compositions)]
-        bound = _rdp_epsilon(history, delta_error / 4, alphas)
-        for prv in prvs:
-            bound = max(bound, _rdp_epsilon([(prv.noise_multiplier, prv.sample_rate, 1)],
-                                            delta_error / (8 * total), alphas))
-        half_width = max(bound, eps_error) + 3
-        mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
-        domain = Domain.create_aligned(-half_width, half_width, mesh_size)
-        size = _fast_even_length(domain.size)
-        extra, dt = size - domain.size, domain.dt
-        return Domain(domain.t_min - (extra // 2) * dt, domain.t_max + (extra - extra // 2) * dt, size)
+def compose(history: tuple[tuple[float, float, int], ...], eps_error: float, delta_error: float) -> DiscretePRV:
+    """The discrete PRV of the whole ``history`` on its rounded-up grid (see the module's docstring)."""
+    grid = ledger_grid(history, eps_error, delta_error)
+    domain = _domain(*grid)
+    product, total, shift = None, 0, 0.0
+    for sigma, sample_rate, steps in history:
+        power = _power(sigma, sample_rate, grid, steps)
+        product = power if product is None else product * power
+        total += steps
+        shift += steps * _spectrum(sigma, sample_rate, grid)[1]
+    pmf = irfft(product, domain.size)
+    # Index k of the composed pmf is the sum of the factors' indices (mod size); this roll puts it
+    # back on the grid (Opacus's `_compose_fourier` does the same for one (sigma, q)).
+    roll = total - 1 + (domain.size // 2 if total % 2 == 0 else 0)
+    return DiscretePRV(pmf=np.roll(pmf, roll), domain=domain.shift_right(shift))
+
+
+def ledger_grid(history, eps_error: float, delta_error: float) -> tuple[float, int, float, float]:
+    """(half-width, step count) rounded up, with the errors: what the grid is built from."""
+    total = sum(steps for _, _, steps in history)
+    rounded_total = max(1, math.ceil(2 ** (math.ceil(2 * math.log2(total)) / 2))) if total > 1 else 1
+    alphas = tuple(RDPAccountant.DEFAULT_ALPHAS)
+    bound = _rdp_epsilon(history, delta_error / 4, alphas)
+    for sigma, sample_rate, _ in history:
+        bound = max(bound, _rdp_epsilon([(sigma, sample_rate, 1)], delta_error / (8 * rounded_total), alphas))
+    half_width = math.ceil(2 * (max(bound, eps_error) + 3)) / 2
+    return half_width, rounded_total, eps_error, delta_error
+
+
+@functools.lru_cache(maxsize=64)
+def _domain(half_width: float, total: int, eps_error: float, delta_error: float) -> Domain:
+    """Opacus's aligned grid for this half-width and step count, widened to an FFT-friendly size.
+
+    Widened by whole mesh steps on both sides, so the grid keeps its alignment (t_min = -(n/2 - 1) dt)
+    and truncates less: an FFT of a size with a large prime factor is ~10x slower.
+    """
+    mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+    domain = Domain.create_aligned(-half_width, half_width, mesh_size)
+    size = _fast_even_length(domain.size)
+    extra, dt = size - domain.size, domain.dt
+    return Domain(domain.t_min - (extra // 2) * dt, domain.t_max + (extra - extra // 2) * dt, size)
+
+
+class _SpectrumCache:
+    """A least-recently-used cache of numpy arrays, bounded by their total size in bytes."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.items: OrderedDict[tuple, tuple] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple):
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: tuple) -> None:
+        nbytes = sum(v.nbytes for v in value if isinstance(v, np.ndarray))
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = value
+            self.size += nbytes
+            while self.size > self.limit and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                self.size -= sum(v.nbytes for v in old if isinstance(v, np.ndarray))
+
+    def largest_power_below(self, sigma: float, sample_rate: float, grid: tuple, steps: int):
+        """The cached (count, power) of this (sigma, q, grid) with the largest count <= ``steps``."""
+        with self.lock:
+            best = None
+            for key, value in self.items.items():
+                if key[0] == "power" and key[1:4] == (sigma, sample_rate, grid) and key[4] <= steps:
+                    if best is None or key[4] > best[0]:
+                        best = (key[4], value[0])
+            return best
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+            self.size = 0
+
+
+CACHE = _SpectrumCache(int(float(os.environ.get("FEDPRIV_PRV_CACHE_MB", "512")) * 2**20))
+
+
+def _spectrum(sigma: float, sample_rate: float, grid: tuple) -> tuple[np.ndarray, float]:
+    """(the spectrum of the discretised PRV of one step, its mean-correction shift), cached."""
+    key = ("spectrum", sigma, sample_rate, grid)
+    cached = CACHE.get(key)
+    if cached is None:
+        dprv = _discretize(PoissonSubsampledGaussianPRV(sample_rate, sigma), _domain(*grid))
+        spectrum = rfft(dprv.pmf)
+        spectrum.setflags(write=False)
+        cached = (spectrum, float(dprv.domain.shifts))
+        CACHE.put(key, cached)
+    return cached
+
+
+def _power(sigma: float, sample_rate: float, grid: tuple, steps: int) -> np.ndarray:
+    """The spectrum to the power ``steps``: from the largest cached power below, times the rest."""
+    key = ("power", sigma, sample_rate, grid, steps)
+    cached = CACHE.get(key)
+    if cached is not None:
+        return cached[0]
+    spectrum = _spectrum(sigma, sample_rate, grid)[0]
+    start = CACHE.largest_power_below(sigma, sample_rate, grid, steps)
+    done, result = start if start is not None else (0, None)
+    base, exponent = spectrum, steps - done
+    while exponent:  # repeated squaring: ~2 log2(exponent) products
+        if exponent & 1:
+            result = base if result is None else result * base
+        exponent >>= 1
+        if exponent:
+            base = base * base
+    if result is spectrum:
+        return spectrum
+    result.setflags(write=False)
+    CACHE.put(key, (result,))
+    return result
 
 
 def _discretize(prv: PoissonSubsampledGaussianPRV, domain: Domain) -> DiscretePRV:
@@ -104,27 +247,16 @@ def _cdf_integral(sample_rate: float, sigma: float, left: float, right: float) -
     return value
 
 
-def _self_compose(dprv: DiscretePRV, count: int) -> DiscretePRV:
-    """Opacus's `_compose_fourier`: the `count`-fold composition of `dprv` with itself, by FFT."""
-    if len(dprv) % 2 != 0:
-        raise ValueError("Can only compose evenly sized discrete PRVs")
-    spectrum, power = rfft(dprv.pmf), None
-    base, exponent = spectrum, count
-    while exponent:  # repeated squaring: ~2 log2(count) products instead of a complex power
-        if exponent & 1:
-            power = base if power is None else power * base
-        exponent >>= 1
-        if exponent:
-            base = base * base
-    composed = irfft(power, len(dprv.pmf))
-    shift = count - 1 + (len(composed) // 2 if count % 2 == 0 else 0)
-    domain = dprv.domain.shift_right(dprv.domain.shifts * (count - 1))
-    return DiscretePRV(pmf=np.roll(composed, shift), domain=domain)
-
-
 def _fast_even_length(n: int) -> int:
     """The smallest even n' >= n whose prime factors are all small (fast for the FFT)."""
     size = next_fast_len(n, real=True)
     while size % 2:
         size = next_fast_len(size + 1, real=True)
     return size
+
+
+def clear_caches() -> None:
+    """Forget every cached grid, spectrum and integral (tests and benchmarks of a cold process)."""
+    CACHE.clear()
+    _domain.cache_clear()
+    _cdf_integral.cache_clear()
