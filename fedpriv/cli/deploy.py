@@ -45,11 +45,14 @@ def _credentials(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec(command: list[str], print_only: bool) -> int:
-    """Print `command`; unless `print_only`, replace this process with it (same PID, same signals)."""
+def _exec(command: list[str], print_only: bool, *, flower: bool = True) -> int:
+    """Print `command`; unless `print_only`, replace this process with it (same PID, same signals).
+
+    A Flower command is printed with this environment's PATH set (it starts others by name).
+    """
     from fedpriv.deployment.processes import flower_env, printable
 
-    print(shlex.join(printable(command)), flush=True)
+    print(shlex.join(printable(command) if flower else command), flush=True)
     if print_only:
         return 0
 
@@ -89,7 +92,7 @@ def _proxy(args: argparse.Namespace) -> int:
     config = write_proxy_config(settings)
     check_proxy_config(settings, nginx)
     print(f"# nginx configuration written to {config} (checked with nginx -t)", flush=True)
-    return _exec(proxy_command(settings, nginx), args.print_command)
+    return _exec(proxy_command(settings, nginx), args.print_command, flower=False)
 
 
 def node_config_from_args(args: argparse.Namespace) -> dict[str, object]:
