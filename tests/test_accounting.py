@@ -187,11 +187,14 @@ def test_prv_epsilon_search_over_the_upper_half_is_opacuss_bit_for_bit():
             assert upper_epsilon(dprv, delta, delta / 1000, 0.01) == dprv.compute_epsilon(delta, delta / 1000, 0.01)[2]
 
 
-def test_the_spectrum_cache_stays_within_its_bound():
+def test_the_spectrum_cache_stays_within_its_bound_and_keeps_spectra_longest():
     from fedpriv.privacy import prv
 
-    cache = prv._SpectrumCache(limit_bytes=3 * 8 * 1000)
+    cache = prv._SpectrumCache(limit_bytes=4 * 8 * 1000)
+    cache.put(("spectrum", "a"), (np.zeros(1000), 0.0))
     for i in range(10):
         cache.put(("power", i), (np.zeros(1000),))
-    assert cache.size <= cache.limit and len(cache.items) == 3
-    assert cache.get(("power", 9)) is not None and cache.get(("power", 0)) is None
+    assert cache.size <= cache.limit and len(cache.items) == 4
+    # the oldest entry is the spectrum, but powers (cheap to recompute from it) went first
+    assert cache.get(("spectrum", "a")) is not None
+    assert cache.get(("power", 9)) is not None and cache.get(("power", 6)) is None

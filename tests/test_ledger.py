@@ -555,3 +555,15 @@ def test_a_hospital_locks_once_every_record_is_spent_and_new_records_still_train
     assert more.status == TRAINED and more.num_examples == len(extra)
     with read_ledger(settings.ledger_path) as ledger:
         check_against_dp_accounting(ledger, grown.ids())
+
+
+@pytest.mark.parametrize("sets", [1, 3, 64, 65, 130])
+def test_records_are_grouped_exactly_by_the_sets_that_hold_them(sets):
+    from fedpriv.privacy.records import signatures
+
+    rng = np.random.default_rng(sets)
+    membership = rng.random((400, sets)) < 0.5
+    membership[:200] = membership[0]  # half the records share one history
+    patterns, inverse = signatures(membership)
+    assert (patterns[inverse] == membership).all()  # every record gets its own row back
+    assert len({row.tobytes() for row in patterns}) == len(patterns)  # one pattern per distinct history

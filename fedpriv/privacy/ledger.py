@@ -52,7 +52,7 @@ import numpy as np
 from fedpriv.errors import BudgetExhausted, LedgerError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon
 from fedpriv.privacy.chain import ChainKey, Witness, key_path_for
-from fedpriv.privacy.records import RecordSet, record_keys, signatures
+from fedpriv.privacy.records import RecordSet, all_distinct, record_keys, signatures, sorted_contains
 from fedpriv.privacy.store import (
     BUSY_TIMEOUT_S,
     SCHEMA_VERSION,
@@ -421,7 +421,7 @@ class PrivacyLedger:
         _check_max_epsilon(max_epsilon)
         ids = np.asarray(record_ids, dtype=str)
         keys = record_keys(ids)
-        if len(np.unique(keys)) != len(keys):
+        if not all_distinct(keys):
             # A record offered twice would be sampled twice as often as it is charged for.
             raise PrivacyError("a charge needs distinct records; the same record id (or key) appears twice")
         with self._store.transaction() as conn:
@@ -443,7 +443,7 @@ class PrivacyLedger:
                 history = self._append(conn, history, CHARGE, body)
                 place = (str(self.path), self._store.ledger_id)
                 listed = _LISTED_KEYS.get(place)
-                new = np.ones(len(keys), dtype=bool) if listed is None else ~np.isin(keys, listed)
+                new = np.ones(len(keys), dtype=bool) if listed is None else ~sorted_contains(listed, keys)
                 if new.any():
                     self._store.add_records(conn, keys[new], ids[new], history.length)
                 refusal = None
@@ -452,7 +452,10 @@ class PrivacyLedger:
         # Committed: these keys are in the records table now (it only ever grows).
         if len(_LISTED_KEYS) > 16 and place not in _LISTED_KEYS:
             _LISTED_KEYS.clear()
-        _LISTED_KEYS[place] = keys if listed is None else np.union1d(listed, keys)
+        if listed is None:
+            _LISTED_KEYS[place] = np.sort(keys)
+        elif new.any():
+            _LISTED_KEYS[place] = np.union1d(listed, keys[new])
         self._after_write(history)
         log.info("ledger %s: charged run %s round %d (%s): %d steps at sigma %g, q %.4g on %d of %d records; "
                  "largest epsilon now %.4g of %g", self.path, run_id, round, hospital or "-", event.steps,
@@ -668,9 +671,14 @@ class PrivacyLedger:
         """Group ``keys`` by history: (patterns, inverse, the events of each pattern)."""
         events = [e for e in history.events.values() if e.steps > 0]
         digests = sorted({e.record_set for e in events})
-        columns = [self._store.load_set(conn, digest).contains(keys) for digest in digests]
-        membership = np.column_stack(columns) if columns else np.zeros((len(keys), 0), dtype=bool)
-        patterns, inverse = signatures(membership)
+        sets = tuple(self._store.load_set(conn, digest) for digest in digests)  # read and checked once a process
+        grouping = _remembered_grouping(keys, sets)
+        if grouping is None:
+            columns = [record_set.contains(keys) for record_set in sets]
+            membership = np.column_stack(columns) if columns else np.zeros((len(keys), 0), dtype=bool)
+            grouping = signatures(membership)
+            _remember_grouping(keys, sets, grouping)
+        patterns, inverse = grouping
         by_set: dict[str, list[PrivacyEvent]] = {}
         for event in events:
             by_set.setdefault(event.record_set, []).append(event.event())
@@ -708,6 +716,30 @@ class PrivacyLedger:
     def _check_writable(self) -> None:
         if self._read_only:
             raise LedgerError(f"ledger {self.path} was opened read-only; use PrivacyLedger.open to spend")
+
+
+# Per process: how the records of a round fall into groups, for the (read-only) key arrays that
+# `record_keys` hands out. A round groups the same records against the same record sets three
+# times (budget check, charge, status). A grouping is reused only with the very set objects it was
+# computed from, as the store hands them out after reading and checking them: a set read again
+# from the file (after its cache was emptied) is grouped again.
+_GROUPINGS: list[tuple[np.ndarray, tuple[RecordSet, ...], tuple[np.ndarray, np.ndarray]]] = []
+
+
+def _remembered_grouping(keys: np.ndarray, sets: tuple[RecordSet, ...]):
+    with _REPLAYS_LOCK:
+        for known, known_sets, grouping in _GROUPINGS:
+            if known is keys and len(known_sets) == len(sets) and all(a is b for a, b in zip(known_sets, sets)):
+                return grouping
+    return None
+
+
+def _remember_grouping(keys: np.ndarray, sets: tuple[RecordSet, ...], grouping) -> None:
+    if keys.flags.writeable:  # an array that may change cannot keep its grouping
+        return
+    with _REPLAYS_LOCK:
+        _GROUPINGS.append((keys, sets, grouping))
+        del _GROUPINGS[:-8]
 
 
 def read_ledger(path: str | Path, *, key_path: str | Path | None = None) -> PrivacyLedger:

@@ -78,10 +78,15 @@ class RecordSet:
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """A boolean mask: which of ``keys`` are in this set (a binary search: the set is sorted)."""
-        if not len(self.keys):
-            return np.zeros(len(keys), dtype=bool)
-        at = np.searchsorted(self.keys, keys).clip(max=len(self.keys) - 1)
-        return self.keys[at] == keys
+        return sorted_contains(self.keys, keys)
+
+
+def sorted_contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """A boolean mask: which of ``keys`` are in the sorted array ``sorted_keys`` (binary search)."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.searchsorted(sorted_keys, keys).clip(max=len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
 
 
 def set_digest(blob: bytes) -> str:
@@ -95,9 +100,34 @@ def signatures(membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     distinct rows (one per group of records with the same history) and, for each record, the index
     of its row. Records with the same row have the same epsilon, so the accountant runs once a group.
     """
-    if membership.shape[1] == 0:
-        return np.zeros((1, 0), dtype=bool), np.zeros(membership.shape[0], dtype=np.int64)
-    packed = np.packbits(membership, axis=1)
-    unique, inverse = np.unique(packed, axis=0, return_inverse=True)
-    patterns = np.unpackbits(unique, axis=1, count=membership.shape[1]).astype(bool)
+    records, sets = membership.shape
+    if sets == 0:
+        return np.zeros((1, 0), dtype=bool), np.zeros(records, dtype=np.int64)
+    packed = np.packbits(membership, axis=1, bitorder="little")
+    if sets <= 64:
+        # Up to 64 sets, a row is one 64-bit number: a 1-D unique, far faster than unique rows.
+        codes = np.zeros((records, 8), dtype=np.uint8)
+        codes[:, :packed.shape[1]] = packed
+        unique, inverse = np.unique(codes.view("<u8").reshape(-1), return_inverse=True)
+        unique_rows = unique.astype("<u8").view(np.uint8).reshape(-1, 8)
+    else:
+        unique_rows, inverse = np.unique(packed, axis=0, return_inverse=True)
+    patterns = np.unpackbits(unique_rows, axis=1, count=sets, bitorder="little").astype(bool)
     return patterns, inverse.reshape(-1)
+
+
+def all_distinct(keys: np.ndarray) -> bool:
+    """Whether ``keys`` has no repeats (remembered for the read-only arrays `record_keys` returns)."""
+    with _KEYS_LOCK:
+        for known, answer in _DISTINCT:
+            if known is keys:
+                return answer
+    answer = len(np.unique(keys)) == len(keys)
+    if not keys.flags.writeable:  # an array that cannot change keeps its answer
+        with _KEYS_LOCK:
+            _DISTINCT.append((keys, answer))
+            del _DISTINCT[:-8]
+    return answer
+
+
+_DISTINCT: list[tuple[np.ndarray, bool]] = []
