@@ -184,7 +184,9 @@ def test_prv_epsilon_search_over_the_upper_half_is_opacuss_bit_for_bit():
     for history in HISTORIES:
         dprv = compose(tuple(sorted(history)), 0.01, 1e-8)
         for delta in (1e-5, 1e-3):
-            assert upper_epsilon(dprv, delta, delta / 1000, 0.01) == dprv.compute_epsilon(delta, delta / 1000, 0.01)[2]
+            opacus = dprv.compute_epsilon(delta, delta / 1000, 0.01)[2]
+            for guess in (0.0, 0.5, opacus / 2, opacus + 1):  # a guess too high is retried lower
+                assert upper_epsilon(dprv, delta, delta / 1000, 0.01, guess) == opacus
 
 
 def test_the_spectrum_cache_stays_within_its_bound_and_keeps_spectra_longest():

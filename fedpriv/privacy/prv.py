@@ -45,7 +45,7 @@ from opacus.accountants.analysis.prv.domain import Domain
 from scipy import integrate
 from scipy.fft import irfft, next_fast_len, rfft
 
-from fedpriv.privacy.accounting import _rdp_epsilon
+from fedpriv.privacy.accounting import _QUICK_RDP_ORDERS, _rdp_epsilon
 
 EPS_ERROR = 0.01  # Opacus's default: the reported epsilon is the estimate plus this
 
@@ -59,28 +59,39 @@ def prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, eps
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # RDP's "optimal order is the largest alpha"
-        return upper_epsilon(compose(history, eps_error, delta_error), delta, delta_error, eps_error)
+        # Half a valid RDP bound at this delta (PRV is tighter, but not by half) starts the search.
+        guess = 0.5 * _rdp_epsilon(history, delta, _QUICK_RDP_ORDERS)
+        return upper_epsilon(compose(history, eps_error, delta_error), delta, delta_error, eps_error, guess)
 
 
-def upper_epsilon(dprv: DiscretePRV, delta: float, delta_error: float, eps_error: float) -> float:
-    """Opacus's `DiscretePRV.compute_epsilon(...)[2]`, over the grid's upper half where it can be.
+def upper_epsilon(dprv: DiscretePRV, delta: float, delta_error: float, eps_error: float,
+                  above: float = 0.0) -> float:
+    """Opacus's `DiscretePRV.compute_epsilon(...)[2]`, over the top of the grid where it can be.
 
     Opacus computes tail sums of the pmf over the whole grid and takes the first point where the
     privacy profile falls to delta - delta_error. Tail sums from a point depend only on the grid
-    beyond it, so when that point lies above t = 0 (every history worth accounting), the same sums
-    over the upper half give the same answer, bit for bit, at half the cost.
+    beyond it, so when that point lies above ``above`` (a guess under the answer; 0 is under every
+    history worth accounting), the same sums over the grid from there give the same answer, bit for
+    bit, for a fraction of the cost. A guess that was too high is retried from 0, then over the
+    whole grid, as Opacus does.
     """
-    ts, pmf = dprv.domain.ts, dprv.pmf
-    start = int(np.searchsorted(ts, 0.0))
+    domain, pmf = dprv.domain, dprv.pmf
     target = delta - delta_error
-    if 0 < start < len(ts) - 1 and np.finfo(np.longdouble).eps * dprv.domain.size <= target:
-        t, p = ts[start:], pmf[start:]
-        d1 = np.flip(np.flip(p).cumsum())
-        d2 = np.flip(np.flip(p * np.exp(-t)).cumsum())
-        ndelta = np.exp(t) * d2 - d1
-        i = int(np.searchsorted(ndelta, -target, side="left"))
-        if 0 < i < len(t):
-            return float(np.log((d1[i] - target) / d2[i]) + eps_error)
+    if np.finfo(np.longdouble).eps * domain.size <= target:
+        step = (domain.t_max - domain.t_min) / (domain.size - 1)  # np.linspace's own step
+        for lowest in dict.fromkeys((max(above, 0.0), 0.0)):
+            start = max(0, math.ceil((lowest - domain.t_min) / step))
+            if not 0 < start < domain.size - 1:
+                continue
+            t = np.arange(start, domain.size) * step + domain.t_min  # = domain.ts[start:], as linspace makes it
+            t[-1] = domain.t_max
+            p = pmf[start:]
+            d1 = np.flip(np.flip(p).cumsum())
+            d2 = np.flip(np.flip(p * np.exp(-t)).cumsum())
+            ndelta = np.exp(t) * d2 - d1
+            i = int(np.searchsorted(ndelta, -target, side="left"))
+            if 0 < i < len(t):
+                return float(np.log((d1[i] - target) / d2[i]) + eps_error)
     return float(dprv.compute_epsilon(delta, delta_error, eps_error)[2])
 
 
