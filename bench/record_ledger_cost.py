@@ -385,6 +385,9 @@ def main() -> None:
         args.records, args.rounds, args.repeats = [2_000], 40, 3
     folder = Path(tempfile.mkdtemp(prefix="fedpriv-record-ledger-cost-"))
     os.environ["FEDPRIV_KEY_DIR"] = str(folder / "keys")  # never the user's own key folder
+    # A hospital's process holds one ledger; here up to four share one process and its PRV cache,
+    # so the cache gets room for all of them (the default, 1 GiB, is sized for one).
+    os.environ.setdefault("FEDPRIV_PRV_CACHE_MB", "4096")
 
     from fedpriv.privacy.accounting import PrivacyEvent, epsilon
     from fedpriv.privacy.ledger import read_ledger

@@ -220,26 +220,33 @@ def _spectrum(sigma: float, sample_rate: float, grid: tuple) -> tuple[np.ndarray
 
 
 def _power(sigma: float, sample_rate: float, grid: tuple, steps: int) -> np.ndarray:
-    """The spectrum to the power ``steps``: from the largest cached power below, times the rest."""
+    """The spectrum to the power ``steps``, cached.
+
+    A ledger's next round asks for the power of this round's count plus one round's steps: that is
+    the cached power times the (also cached) power of the difference, one product per round.
+    """
     key = ("power", sigma, sample_rate, grid, steps)
     cached = CACHE.get(key)
     if cached is not None:
         return cached[0]
     spectrum = _spectrum(sigma, sample_rate, grid)[0]
-    start = CACHE.largest_power_below(sigma, sample_rate, grid, steps)
-    done, result = start if start is not None else (0, None)
-    base, exponent = spectrum, steps - done
-    while exponent:  # repeated squaring: ~2 log2(exponent) products
-        if exponent & 1:
-            result = base if result is None else result * base
-        exponent >>= 1
-        if exponent:
-            base = base * base
-    if result is spectrum:
+    if steps == 1:
         return spectrum
-    result.setflags(write=False)
-    if start is not None:  # a run's count only grows: the last round's power is rarely asked for again
+    start = CACHE.largest_power_below(sigma, sample_rate, grid, steps)
+    if start is not None and 2 * start[0] >= steps:
+        done, below = start
+        result = below * _power(sigma, sample_rate, grid, steps - done)
+        # a run's count only grows: the last round's power is rarely asked for again
         CACHE.pop(("power", sigma, sample_rate, grid, done))
+    else:
+        result, base, exponent = None, spectrum, steps
+        while exponent:  # repeated squaring: ~2 log2(steps) products
+            if exponent & 1:
+                result = base if result is None else result * base
+            exponent >>= 1
+            if exponent:
+                base = base * base
+    result.setflags(write=False)
     CACHE.put(key, (result,))
     return result
 
