@@ -18,7 +18,8 @@ class HospitalState:
     """What the server knows about one hospital (from its replies; the hospital is the authority)."""
 
     node_id: int
-    name: str
+    name: str  # as registered with its key (deployment), or its own (simulation): see strategy.hospital_names
+    claimed_name: str = ""  # what the node calls itself (its node config's name)
     num_examples: int = 0
     epsilon: float = 0.0
     delta: float = 0.0

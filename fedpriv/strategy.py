@@ -1,6 +1,10 @@
 """A budget-aware Flower strategy: parallel (FedAvg) or sequential (cyclic weight transfer) rounds.
 
-The strategy learns which node is which hospital by asking (QUERY), never asks a locked hospital
+The strategy learns each node's budget state by asking (QUERY). A hospital's name is the one the
+coordinator registered its SuperNode key under (`flwr supernode register KEY --name NAME`; the
+SuperLink binds that name to the node id it authenticates, and the ServerApp reads it with
+`grid.get_nodes()`), never the name a node calls itself; only where no node carries a registered name
+(simulation) does the node's own name count (:func:`hospital_names`). It never asks a locked hospital
 again, and ends the run early, saying why, when no hospital can train. Privacy figures are reported
 per hospital and as a maximum: a weighted average of epsilons would mean nothing. A hospital that
 fails or times out is logged and skipped; the round goes on with the rest.
@@ -27,7 +31,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedpriv.config import SEQUENTIAL_STEPS
-from fedpriv.errors import ConfigError
 from fedpriv.protocol import Status
 from fedpriv.roster import HospitalState, RoundRecord
 from fedpriv.update_checks import (
@@ -101,23 +104,27 @@ class BudgetAwareStrategy(Strategy):
         if len(node_ids) < self.expected_hospitals:
             log.warning("only %d of %d hospitals connected within %.0fs; continuing with them",
                         len(node_ids), self.expected_hospitals, self.discovery_timeout)
+        registered = registered_names(grid)
         queries = [_query(node) for node in node_ids]
-        hospitals = []
+        answers = []
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             node = _answered_node(reply, queries)
             if reply.has_error():
                 log.warning("node %s did not answer the hospital query: %s", node, reply.error.reason)
                 continue
-            status = reply.content["status"]
+            answers.append((node, reply))
+        names = hospital_names({node: str(reply.content["status"]["hospital"]) for node, reply in answers},
+                               registered)
+        hospitals = []
+        for node, reply in answers:
+            status, name = reply.content["status"], names[node]
             if status["status"] == Status.REFUSED:  # e.g. its ledger belongs to other data, or its disk is full
-                log.warning("hospital %s (node %s) cannot take part in this run: %s", status["hospital"], node,
-                            status["message"])
-                self.excluded[str(status["hospital"])] = str(status["message"])
+                log.warning("hospital %s (node %s) cannot take part in this run: %s", name, node, status["message"])
+                self.excluded[name] = str(status["message"])
                 continue
-            state = HospitalState(node, str(status["hospital"]))
+            state = HospitalState(node, name, claimed_name=str(status["hospital"]))
             _update_state(state, reply.content["metrics"], str(status["status"]), status)
             hospitals.append(state)
-        _refuse_duplicate_names(hospitals)
         self.hospitals = sorted(hospitals, key=lambda h: h.name)
         log.info("hospitals: %s", ", ".join(f"{h.name} ({'LOCKED' if h.locked else 'open'}, "
                                             f"epsilon {h.epsilon:.3g}/{h.budget_epsilon:g})" for h in self.hospitals))
@@ -409,16 +416,47 @@ class BudgetAwareStrategy(Strategy):
                  num_rounds, len(record.trained), len(record.order), auc, spent, record.seconds)
 
 
-def _refuse_duplicate_names(hospitals: list[HospitalState]) -> None:
-    """Two nodes with one name would share one row of every table: stop before anything is spent."""
-    nodes: dict[str, list[int]] = {}
-    for hospital in hospitals:
-        nodes.setdefault(hospital.name, []).append(hospital.node_id)
-    for name, ids in nodes.items():
-        if len(ids) > 1:
-            raise ConfigError("name", name, f"{len(ids)} connected nodes ({', '.join(map(str, ids))}) call "
-                              "themselves by this hospital name", "give each hospital's SuperNode its own "
-                              "--node-config name=... and restart the run")
+def registered_names(grid: Grid) -> dict[int, str]:
+    """node id -> the name its key was registered under (`flwr supernode register ... --name`), for the
+    nodes that have one. Empty in simulation (nodes carry no registered name) and for grids without
+    `get_nodes`."""
+    get_nodes = getattr(grid, "get_nodes", None)
+    if get_nodes is None:
+        return {}
+    return {int(info.node_id): str(info.name) for info in get_nodes() if getattr(info, "name", "")}
+
+
+def hospital_names(claimed: dict[int, str], registered: dict[int, str]) -> dict[int, str]:
+    """The name each node is reported under: node id -> name, every name distinct.
+
+    Where any node has a registered name, every node is named by its registration (the key it
+    authenticated with), whatever it calls itself: a node registered without a name is ``node-<id>``.
+    Only where none has one (simulation) does a node's own name count. Two nodes left with one name
+    (two keys registered under it, or two simulated nodes calling themselves alike) are both kept, as
+    ``NAME#<node id>``: the run goes on, and neither can take the other's row.
+    """
+    names: dict[int, str] = {}
+    for node, claim in claimed.items():
+        if registered:
+            names[node] = registered.get(node) or f"node-{node}"
+            if node not in registered:
+                log.warning("node %s has no registered name (register its key with `flwr supernode register KEY "
+                            "<connection> --name NAME`); it is reported as %s", node, names[node])
+            elif claim != names[node]:
+                log.warning("node %s, registered as %s, calls itself %r in its node config; it is reported as %s",
+                            node, names[node], claim, names[node])
+        else:
+            names[node] = claim
+    taken: dict[str, list[int]] = {}
+    for node, name in names.items():
+        taken.setdefault(name, []).append(node)
+    for name, nodes in taken.items():
+        if len(nodes) > 1:
+            log.warning("%d nodes (%s) go by the hospital name %s; each is reported as %s#<node id> (give each "
+                        "hospital its own name)", len(nodes), ", ".join(map(str, nodes)), name, name)
+            for node in nodes:
+                names[node] = f"{name}#{node}"
+    return names
 
 
 def _figures_known(metrics) -> bool:

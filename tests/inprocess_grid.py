@@ -10,6 +10,7 @@ import itertools
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpriv.client_app import app as client_app
@@ -30,11 +31,17 @@ class InProcessGrid:
         self.fail: set[tuple[int, int]] = set()  # (node id, server round) pairs that raise in train
         self.silent: set[tuple[int, int]] = set()  # (node id, server round) pairs that never reply
         self.tamper: dict[tuple[int, int], Callable[[Message], Message]] = {}  # rewrite a train reply
+        self.registered: dict[int, str] = {}  # node id -> name its key was registered under (deployment)
         self._ids = itertools.count(1)
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        """As the SuperLink answers: a registered name only for nodes registered with one."""
+        return [NodeInfo(node_id=node, name=self.registered[node]) if node in self.registered else
+                NodeInfo(node_id=node) for node in self.node_ids]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []

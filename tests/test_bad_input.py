@@ -40,19 +40,43 @@ def _trained(grid) -> list:
     return [r for _, r in grid.train_exchanges() if r is not None and r.content["metrics"]["trained"] == 1]
 
 
-def test_two_nodes_with_one_hospital_name_stop_the_run_before_any_training(tmp_path, monkeypatch):
+def test_two_nodes_with_one_hospital_name_do_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    """Simulation (no registered names): nodes calling themselves alike are kept apart by node id."""
     _rename_sites(monkeypatch, lambda i, s: dataclasses.replace(s, name="St-Marys"))
-    seen = {}
+    with caplog.at_level(logging.WARNING, logger="fedpriv"):
+        strategy, grid, run_dir = federate(tmp_path)
+    names = sorted(h.name for h in strategy.hospitals)
+    assert names == sorted(f"St-Marys#{node}" for node in grid.node_ids)
+    assert "3 nodes" in caplog.text and "go by the hospital name St-Marys" in caplog.text
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert set(rounds[-1]["hospitals"]) == set(names) and _trained(grid)
 
-    def keep(grid):
-        seen["grid"] = grid
 
-    with pytest.raises(ConfigError, match="3 connected nodes .* call themselves by this hospital name") as error:
-        federate(tmp_path, grid_hook=keep)
-    assert error.value.key == "name" and "node-config name=" in error.value.fix
-    assert seen["grid"].train_exchanges() == []  # nothing was asked to train
-    ledgers = list((tmp_path / "run" / "ledgers").glob("*.db"))
-    assert all(read_ledger(path).entries() == [] for path in ledgers)
+def test_a_hospital_is_reported_under_its_registered_name_whatever_it_calls_itself(tmp_path, monkeypatch, caplog):
+    """Deployment: the SuperLink binds each registered name to the node its key authenticates.
+
+    Node 2 (registered as "rogue") calls itself hospital-1 in its node config, and two keys were
+    registered under one name: the run goes on, every row is the registered node's own.
+    """
+    _rename_sites(monkeypatch, lambda i, s: dataclasses.replace(s, name="hospital-1" if i == 2 else s.name))
+
+    def register(grid):
+        first, second, third = grid.node_ids
+        grid.registered.update({first: "hospital-1", second: "twin", third: "twin"})
+
+    with caplog.at_level(logging.WARNING, logger="fedpriv"):
+        strategy, grid, run_dir = federate(tmp_path, grid_hook=register)
+    first, second, third = grid.node_ids
+    by_node = {h.node_id: h for h in strategy.hospitals}
+    assert by_node[first].name == "hospital-1" and by_node[first].claimed_name == "hospital-1"
+    assert (by_node[second].name, by_node[third].name) == (f"twin#{second}", f"twin#{third}")
+    assert by_node[third].claimed_name == "hospital-1"  # its claim is recorded, never used as its name
+    assert f"registered as twin, calls itself 'hospital-1'" in caplog.text
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert set(rounds[-1]["hospitals"]) == {"hospital-1", f"twin#{second}", f"twin#{third}"}
+    assert len(_trained(grid)) == 3 * len(rounds)  # nobody was stopped or merged
+    summary = (run_dir / "summary.md").read_text()
+    assert f"| twin#{third} |" in summary and summary.count("| hospital-1 |") == 1
 
 
 def test_duplicate_hospital_names_in_the_config_are_refused_before_data_is_read():

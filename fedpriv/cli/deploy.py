@@ -2,8 +2,10 @@
 
 Subcommands:
 
-* ``credentials``: a CA, the server's TLS certificate, and per hospital a SuperNode key pair and a
-  TLS client certificate;
+* ``credentials``: (coordinator) a CA and the server's TLS certificate;
+* ``hospital-keys``: (each hospital, at its own site) its SuperNode key pair, TLS key and a
+  certificate signing request; the private keys never leave the hospital;
+* ``sign``: (coordinator) sign a hospital's certificate request with the CA;
 * ``superlink``: start the coordinator's SuperLink (loopback, TLS, SuperNode authentication on);
 * ``proxy``: write the nginx configuration in front of it (mutual TLS, Fleet API only) and start nginx;
 * ``node``: start one hospital's SuperNode with its own data, budget, delta and ledger;
@@ -33,15 +35,45 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _credentials(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.credentials import make_credentials, placement
+    from fedpriv.deployment.credentials import make_authority, make_credentials, placement
 
-    hospitals = [name for name in args.hospitals.split(",") if name.strip()]
     hosts = [host for host in args.hosts.split(",") if host.strip()]
     try:
-        credentials = make_credentials(args.out, hospitals, hosts, days=args.days, overwrite=args.force)
+        if args.hospitals is None:
+            credentials = make_authority(args.out, hosts, days=args.days, overwrite=args.force)
+        else:
+            print("fedpriv-deploy: warning: --hospitals makes every hospital's private keys here, so this machine "
+                  "holds them all; for test setups only (hospitals make their own with `fedpriv-deploy "
+                  "hospital-keys`)", file=sys.stderr, flush=True)
+            hospitals = [name for name in args.hospitals.split(",") if name.strip()]
+            credentials = make_credentials(args.out, hospitals, hosts, days=args.days, overwrite=args.force)
     except FileExistsError as error:
         raise FedprivError(str(error)) from None
     print(placement(credentials))
+    return 0
+
+
+def _hospital_keys(args: argparse.Namespace) -> int:
+    from fedpriv.deployment.credentials import hospital_placement, write_hospital_request
+
+    try:
+        request = write_hospital_request(args.out, args.name, overwrite=args.force)
+    except FileExistsError as error:
+        raise FedprivError(str(error)) from None
+    print(hospital_placement(request))
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from fedpriv.deployment.credentials import sign_request
+
+    try:
+        certificate = sign_request(args.csr, ca_key=args.ca_key, ca_certificate=args.ca_cert, out=args.out,
+                                   days=args.days, expected_name=args.name, overwrite=args.force)
+    except FileExistsError as error:
+        raise FedprivError(str(error)) from None
+    print(f"Signed {args.csr}: client certificate written to {certificate}; send it and "
+          f"{Path(args.ca_cert).resolve()} back to the hospital")
     return 0
 
 
@@ -184,8 +216,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is started and stopped")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    creds = commands.add_parser("credentials", help="make a CA, the SuperLink certificate and hospital keys")
-    creds.add_argument("--hospitals", required=True, help="comma-separated hospital names, e.g. A,B,C")
+    creds = commands.add_parser("credentials", help="(coordinator) make the CA and the server certificate")
+    creds.add_argument("--hospitals", help="TEST SETUPS ONLY: also make these hospitals' keys here (comma-separated); "
+                                          "by default each hospital runs `hospital-keys` itself")
     creds.add_argument("--out", required=True, help="folder to write the credentials into")
     creds.add_argument("--hosts", default="127.0.0.1,localhost",
                        help="comma-separated host names/IPs hospitals use to reach the SuperLink "
@@ -193,6 +226,22 @@ def _parser() -> argparse.ArgumentParser:
     creds.add_argument("--days", type=int, default=365, help="certificate validity in days")
     creds.add_argument("--force", action="store_true", help="overwrite existing credential files")
     creds.set_defaults(handler=_credentials)
+
+    keys = commands.add_parser("hospital-keys", help="(hospital) make this hospital's keys and certificate request")
+    keys.add_argument("--name", required=True, help="the hospital's name (the coordinator registers it by this name)")
+    keys.add_argument("--out", required=True, help="folder for NAME.key, NAME.pub, NAME-tls.key, NAME-tls.csr")
+    keys.add_argument("--force", action="store_true", help="replace existing keys (they must be registered again)")
+    keys.set_defaults(handler=_hospital_keys)
+
+    sign = commands.add_parser("sign", help="(coordinator) sign a hospital's TLS certificate request with the CA")
+    sign.add_argument("--csr", required=True, help="the hospital's NAME-tls.csr")
+    sign.add_argument("--ca-key", required=True, help="ca/ca.key")
+    sign.add_argument("--ca-cert", required=True, help="coordinator/ca.crt")
+    sign.add_argument("--out", required=True, help="where to write the certificate (NAME-tls.crt)")
+    sign.add_argument("--name", help="refuse unless the request is for this hospital name")
+    sign.add_argument("--days", type=int, default=365, help="certificate validity in days")
+    sign.add_argument("--force", action="store_true", help="overwrite an existing certificate file")
+    sign.set_defaults(handler=_sign)
 
     link = commands.add_parser("superlink", help="start the SuperLink with TLS and SuperNode authentication")
     link.add_argument("--ssl-ca-certfile", required=True, help="coordinator/ca.crt")

@@ -1,5 +1,14 @@
 """Credentials for a real deployment: a CA, the SuperLink's TLS certificate, one key pair per hospital.
 
+Who makes what (docs/deployment.md, section 1). By default a hospital's private keys never leave its
+site: the hospital runs :func:`write_hospital_request` (`fedpriv-deploy hospital-keys`), which writes
+its SuperNode key pair, its TLS key and a certificate signing request (CSR); it sends the coordinator
+only the public key and the CSR. The coordinator runs :func:`make_authority` (`fedpriv-deploy
+credentials`) once, registers each public key with `flwr supernode register ... --name`, and signs
+each CSR with :func:`sign_request` (`fedpriv-deploy sign`), which reads the request and the CA,
+never a hospital's private key. :func:`make_credentials` with hospital names (the coordinator makes
+every hospital's keys too) remains for throw-away test setups.
+
 Everything is made with `cryptography` (no hand-rolled crypto):
 
 * a private certificate authority (ECDSA P-384, self-signed) that hospitals trust as their root;
@@ -140,21 +149,26 @@ def make_server_certificate(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certifi
 
 def make_client_certificate(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, name: str,
                             days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A hospital's TLS client certificate: clientAuth only, the hospital's name as its common name."""
+    """A fresh key and its TLS client certificate (clientAuth only, `name` as the common name)."""
     key = _new_key()
+    return key, issue_client_certificate(ca_key, ca, name, key.public_key(), days)
+
+
+def issue_client_certificate(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, name: str,
+                             public_key: ec.EllipticCurvePublicKey, days: int) -> x509.Certificate:
+    """A hospital's TLS client certificate for `public_key`: clientAuth only, not a CA, CN=`name`."""
     builder = _validity(x509.CertificateBuilder(), days).subject_name(_subject(name)).issuer_name(ca.subject)
-    certificate = (
-        builder.public_key(key.public_key()).serial_number(x509.random_serial_number())
+    return (
+        builder.public_key(public_key).serial_number(x509.random_serial_number())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
                                      content_commitment=False, key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    return key, certificate
 
 
 def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> Path:
@@ -214,10 +228,42 @@ def write_hospital_keys(out: Path, name: str, ca_certificate: Path, *, ca_key: e
     )
 
 
+def _hosts(hosts: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*(host.strip() for host in hosts if host.strip()), *DEFAULT_HOSTS]))
+
+
+def make_authority(out: str | Path, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS, *, days: int = 365,
+                   overwrite: bool = False) -> Credentials:
+    """The coordinator's side: a CA (OUT/ca/ca.key, kept offline) and the server certificate for `hosts`
+    (OUT/coordinator/). No hospital key: hospitals make their own (:func:`write_hospital_request`).
+
+    127.0.0.1 and localhost are always added to `hosts`. Existing files raise FileExistsError
+    (before anything is written) unless `overwrite`.
+    """
+    if days < 1:
+        raise ConfigError("days", days, "certificates must be valid for at least one day", "use e.g. --days 365")
+    root = Path(out).expanduser().resolve()
+    if not overwrite:
+        _refuse_existing(root, [])
+    hosts = _hosts(hosts)
+    ca_key, ca = make_ca(days)
+    server_key, server = make_server_certificate(ca_key, ca, hosts, days)
+    coordinator = root / "coordinator"
+    return Credentials(
+        root=root,
+        ca_key=_write(root / "ca" / "ca.key", _pem_key(ca_key), private=True, overwrite=overwrite),
+        ca_certificate=_write(coordinator / "ca.crt", _pem_certificate(ca), private=False, overwrite=overwrite),
+        server_certificate=_write(coordinator / "server.pem", _pem_certificate(server), private=False,
+                                  overwrite=overwrite),
+        server_key=_write(coordinator / "server.key", _pem_key(server_key), private=True, overwrite=overwrite),
+        hosts=hosts,
+    )
+
+
 def make_credentials(out: str | Path, hospitals: list[str], hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS, *,
                      days: int = 365, overwrite: bool = False) -> Credentials:
     """Write a CA, the server certificate for `hosts`, and a key pair and TLS client certificate per
-    hospital under `out`.
+    hospital under `out` (the coordinator then holds every hospital's private keys: test setups only).
 
     127.0.0.1 and localhost are always added to `hosts`. Existing files raise FileExistsError
     (before anything is written) unless `overwrite`.
@@ -227,29 +273,133 @@ def make_credentials(out: str | Path, hospitals: list[str], hosts: list[str] | t
         raise ConfigError("hospitals", hospitals, "at least one hospital is needed", "use e.g. --hospitals A,B,C")
     if len(set(names)) != len(names):
         raise ConfigError("hospitals", ",".join(names), "hospital names must be unique", "give each its own name")
-    hosts = tuple(dict.fromkeys([*(host.strip() for host in hosts if host.strip()), *DEFAULT_HOSTS]))
     if days < 1:
         raise ConfigError("days", days, "certificates must be valid for at least one day", "use e.g. --days 365")
     root = Path(out).expanduser().resolve()
     if not overwrite:
         _refuse_existing(root, names)
-    ca_key, ca = make_ca(days)
-    server_key, server = make_server_certificate(ca_key, ca, hosts, days)
-    coordinator = root / "coordinator"
-    credentials = Credentials(
-        root=root,
-        ca_key=_write(root / "ca" / "ca.key", _pem_key(ca_key), private=True, overwrite=overwrite),
-        ca_certificate=_write(coordinator / "ca.crt", _pem_certificate(ca), private=False, overwrite=overwrite),
-        server_certificate=_write(coordinator / "server.pem", _pem_certificate(server), private=False,
-                                  overwrite=overwrite),
-        server_key=_write(coordinator / "server.key", _pem_key(server_key), private=True, overwrite=overwrite),
-        hosts=hosts,
-    )
+    credentials = make_authority(root, hosts, days=days, overwrite=overwrite)
+    ca_key = serialization.load_pem_private_key(credentials.ca_key.read_bytes(), None)
+    ca = x509.load_pem_x509_certificate(credentials.ca_certificate.read_bytes())
     for name in names:
         credentials.hospitals[name] = write_hospital_keys(root, name, credentials.ca_certificate, ca_key=ca_key, ca=ca,
                                                           days=days, overwrite=overwrite)
     log.info("credentials for %d hospitals written under %s", len(names), root)
     return credentials
+
+
+# ------------------------------------------------------------------ hospital-owned keys
+
+
+@dataclass(frozen=True)
+class HospitalRequest:
+    """What a hospital makes at its own site: two private keys (they stay), a public key and a CSR (they go)."""
+
+    name: str
+    folder: Path
+    private_key: Path  # OpenSSH, --auth-supernode-private-key (secret, never leaves the site)
+    public_key: Path  # OpenSSH line: to the coordinator, for `flwr supernode register ... --name NAME`
+    tls_key: Path  # PKCS#8 PEM, --tls-client-key (secret, never leaves the site)
+    certificate_request: Path  # PEM CSR (CN=NAME): to the coordinator, for `fedpriv-deploy sign`
+
+    @property
+    def tls_certificate(self) -> Path:
+        """Where the certificate the coordinator signs is expected back (NAME-tls.crt next to the key)."""
+        return self.folder / f"{self.name}-tls.crt"
+
+
+def write_hospital_request(folder: str | Path, name: str, *, overwrite: bool = False) -> HospitalRequest:
+    """A hospital's own key material under `folder`: SuperNode key pair (ECDSA P-384, OpenSSH), TLS key
+    and a certificate signing request for it (CN=`name`). Private keys are written 0600."""
+    check_hospital_name(name, "name")
+    root = Path(folder).expanduser().resolve()
+    files = {suffix: root / f"{name}{suffix}" for suffix in (".key", ".pub", "-tls.key", "-tls.csr")}
+    existing = [path for path in files.values() if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; refusing to overwrite the hospital's keys (use --force to "
+                              "replace them; the coordinator must then register and sign the new ones)")
+    private, public = make_supernode_keys(name)
+    tls_key = _new_key()
+    request = (x509.CertificateSigningRequestBuilder().subject_name(_subject(name))
+               .sign(tls_key, hashes.SHA384()))
+    return HospitalRequest(
+        name=name, folder=root,
+        private_key=_write(files[".key"], private, private=True, overwrite=overwrite),
+        public_key=_write(files[".pub"], public, private=False, overwrite=overwrite),
+        tls_key=_write(files["-tls.key"], _pem_key(tls_key), private=True, overwrite=overwrite),
+        certificate_request=_write(files["-tls.csr"], request.public_bytes(serialization.Encoding.PEM),
+                                   private=False, overwrite=overwrite),
+    )
+
+
+def _read_pem(path: Path, what: str, fix: str, loader):
+    if not path.is_file():
+        raise ConfigError(what, str(path), "no such file", fix)
+    try:
+        return loader(path.read_bytes())
+    except (ValueError, TypeError) as error:
+        raise ConfigError(what, str(path), f"is not a valid PEM {what} ({error})", fix) from None
+
+
+def sign_request(request: str | Path, *, ca_key: str | Path, ca_certificate: str | Path, out: str | Path,
+                 days: int = 365, expected_name: str | None = None, overwrite: bool = False) -> Path:
+    """The coordinator signs a hospital's CSR: a clientAuth certificate for the CSR's own public key.
+
+    Reads the CSR and the CA only. The CSR must be validly self-signed with an ECDSA P-384 key, and
+    its common name a hospital name (equal to `expected_name` when given). Nothing the CSR asks for
+    besides its name and key is copied: the certificate is always clientAuth-only, never a CA.
+    """
+    if days < 1:
+        raise ConfigError("days", days, "certificates must be valid for at least one day", "use e.g. --days 365")
+    request_path = Path(request).expanduser().resolve()
+    csr = _read_pem(request_path, "certificate request", "pass the NAME-tls.csr a hospital made with "
+                    "`fedpriv-deploy hospital-keys`", x509.load_pem_x509_csr)
+    if not csr.is_signature_valid:
+        raise ConfigError("csr", str(request_path), "its signature does not match its key (altered in transit?)",
+                          "ask the hospital to send its NAME-tls.csr again")
+    public_key = csr.public_key()
+    if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, CURVE)):
+        raise ConfigError("csr", str(request_path), "its key is not ECDSA P-384",
+                          "make the request with `fedpriv-deploy hospital-keys`")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = str(names[0].value) if len(names) == 1 else ""
+    if not _NAME.match(name):
+        raise ConfigError("csr", str(request_path), f"its common name {name!r} is not a hospital name",
+                          "make the request with `fedpriv-deploy hospital-keys --name NAME`")
+    if expected_name is not None and name != expected_name:
+        raise ConfigError("name", expected_name, f"the request {request_path.name} is for {name!r}",
+                          "sign the request the hospital of that name sent, or pass its own name")
+    key = _read_pem(Path(ca_key).expanduser(), "CA key", "pass ca/ca.key from `fedpriv-deploy credentials`",
+                    lambda data: serialization.load_pem_private_key(data, None))
+    ca = _read_pem(Path(ca_certificate).expanduser(), "CA certificate",
+                   "pass coordinator/ca.crt from `fedpriv-deploy credentials`", x509.load_pem_x509_certificate)
+    if key.public_key().public_numbers() != ca.public_key().public_numbers():
+        raise ConfigError("ca-key", str(ca_key), "does not belong to the CA certificate",
+                          "pass the ca.key and ca.crt made together by `fedpriv-deploy credentials`")
+    certificate = issue_client_certificate(key, ca, name, public_key, days)
+    return _write(Path(out).expanduser().resolve(), _pem_certificate(certificate), private=False, overwrite=overwrite)
+
+
+def hospital_placement(request: HospitalRequest) -> str:
+    """What the hospital keeps, what it sends to the coordinator, and what comes back."""
+    return "\n".join([
+        f"Hospital {request.name}: keys written under {request.folder}",
+        "",
+        "Keep here (secret, never copy elsewhere):",
+        f"  {request.private_key}  -> fedpriv-supernode --auth-supernode-private-key",
+        f"  {request.tls_key}  -> fedpriv-supernode --tls-client-key",
+        "",
+        "Send to the coordinator (public):",
+        f"  {request.public_key}  -> flwr supernode register {request.public_key.name} <connection> "
+        f"--name {request.name}",
+        f"  {request.certificate_request}  -> fedpriv-deploy sign --csr {request.certificate_request.name} ...",
+        "",
+        "Receive from the coordinator and place here:",
+        f"  {request.tls_certificate}  (the signed certificate) -> fedpriv-supernode --tls-client-certificate",
+        f"  {request.folder / 'ca.crt'}  (the federation's CA certificate) -> --root-certificates",
+        "Check the CA certificate's fingerprint with the coordinator over another channel "
+        "(`openssl x509 -noout -fingerprint -sha256 -in ca.crt`).",
+    ])
 
 
 def _refuse_existing(root: Path, names: list[str]) -> None:
@@ -279,6 +429,14 @@ def placement(credentials: Credentials) -> str:
     ]
     for hospital in credentials.hospitals.values():
         lines.append(f"  {hospital.registered_key}  -> flwr supernode register ... --name {hospital.name}")
+    if not credentials.hospitals:
+        lines += [
+            "",
+            "Hospitals make their own keys: each runs `fedpriv-deploy hospital-keys --name NAME --out DIR` and sends",
+            "you NAME.pub and NAME-tls.csr. Register the first (`flwr supernode register NAME.pub <connection> --name NAME`),",
+            f"sign the second (`fedpriv-deploy sign --csr NAME-tls.csr --ca-key {credentials.ca_key} "
+            f"--ca-cert {credentials.ca_certificate} --out NAME-tls.crt`), and send back NAME-tls.crt and ca.crt.",
+        ]
     for hospital in credentials.hospitals.values():
         lines += [
             "",
