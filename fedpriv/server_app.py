@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.app_config import RUN_DIR_KEY, config_from_run_config
 from fedpriv.config import FedprivConfig, logit_shift, resolve_noise_multiplier, validate_config
-from fedpriv.data import load_dataset
+from fedpriv.data import load_server_dataset
 from fedpriv.errors import ConfigError
 from fedpriv.hospital import RoundRequest
 from fedpriv.models import build_model
@@ -63,7 +63,7 @@ def round_request(cfg: FedprivConfig, run_id: str, num_classes: int) -> RoundReq
 def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str) -> BudgetAwareStrategy:
     """Run the configured federation on `grid`, writing outputs into `run_dir`."""
     validate_config(cfg)
-    dataset = load_dataset(cfg.dataset, cfg.seed)
+    dataset = load_server_dataset(cfg.dataset, cfg.seed)  # the test split; train and val only if present
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, in_channels=dataset.in_channels, num_classes=dataset.num_classes,
                         image_size=dataset.image_size, width=cfg.model.width,

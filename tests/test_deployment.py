@@ -36,6 +36,7 @@ from PIL import Image
 
 from fedpriv.app_config import CONFIG_KEY, compose_config, config_to_json
 from fedpriv.client_app import app as client_app
+from fedpriv.data import load_server_dataset
 from fedpriv.data.synthetic import make_synthetic
 from fedpriv.deployment import node as node_module
 from fedpriv.deployment import proxy as proxy_module
@@ -45,7 +46,7 @@ from fedpriv.deployment.node import deployed_site, hospital_settings, parse_node
 from fedpriv.deployment.processes import DeploymentError, node_config_string, supernode_command
 from fedpriv.deployment.proxy import ProxySettings, check_proxy_config, nginx_config, write_proxy_config
 from fedpriv.deployment.rehearsal import write_share
-from fedpriv.errors import ConfigError
+from fedpriv.errors import ConfigError, DataError
 from fedpriv.models import build_model
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.server_app import round_request
@@ -65,10 +66,12 @@ def run_cfg():
 
 @pytest.fixture(scope="module")
 def share(tmp_path_factory) -> Path:
-    """A hospital's data folder holding pneumoniamnist.npz (MedMNIST layout) of tiny synthetic images."""
+    """A hospital's data folder holding pneumoniamnist.npz (MedMNIST layout, train and val arrays only:
+    a hospital needs no test split) of tiny synthetic images."""
     data = make_synthetic(num_samples=120, size=28, seed=3, val_fraction=0.2, test_fraction=0.2)
     folder = tmp_path_factory.mktemp("share") / "data"
-    write_share(folder, "pneumoniamnist", 28, data.train, data.val, data.test)
+    write_share(folder, "pneumoniamnist", 28, data.train, data.val)
+    assert "test_images" not in np.load(folder / "pneumoniamnist.npz").files
     return folder
 
 
@@ -338,7 +341,31 @@ def test_deployed_site_reads_an_npz_file_and_an_image_folder(node_config, share,
             Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
     site = deployed_site(_context({**node_config, "data": str(tmp_path / "images")}, _run_config(run_cfg)))
     assert (site.num_classes, site.image_size) == (2, 28)
-    assert len(site.train) + len(site.validation) < 20  # the folder's own test split stays unused
+    assert (len(site.train), len(site.validation)) == (20, 0)  # every image trains: nothing held out silently
+    held = deployed_site(_context({**node_config, "data": str(tmp_path / "images"), "val-fraction": 0.2},
+                                  _run_config(run_cfg)))
+    assert (len(held.train), len(held.validation)) == (16, 4)  # the hospital's own, stratified hold-out
+    assert set(held.validation.labels.tolist()) == {0, 1}
+    assert not set(held.train.ids()) & set(held.validation.ids())
+    with pytest.raises(ConfigError) as error:  # an npz brings its own val split
+        parse_node_config({**node_config, "val-fraction": 0.2, "data": str(share / "pneumoniamnist.npz")})
+    assert error.value.key == "val-fraction"
+
+
+def test_a_hospital_npz_needs_train_only_and_the_coordinator_test_only(node_config, share, run_cfg, tmp_path):
+    data = make_synthetic(num_samples=120, size=28, seed=4, val_fraction=0.2, test_fraction=0.2)
+    only_train = write_share(tmp_path / "hospital", "pneumoniamnist", 28, data.train, None)
+    site = deployed_site(_context({**node_config, "data": str(only_train)}, _run_config(run_cfg)))
+    assert (len(site.train), len(site.validation)) == (72, 0)  # no val arrays: no validation split
+    only_test = write_share(tmp_path / "coordinator", "pneumoniamnist", 28, None, None, data.test)
+    cfg = compose_config(["dataset=pneumoniamnist", f"dataset.root={only_test.parent}"])
+    coordinator = load_server_dataset(cfg.dataset, cfg.seed)
+    assert (len(coordinator.train), len(coordinator.val), len(coordinator.test)) == (0, 0, 24)
+    assert (coordinator.in_channels, coordinator.image_size) == (1, 28)
+    assert coordinator.describe().startswith("pneumoniamnist: 24 test images, 1x28x28")  # no "0/0/24"
+    with pytest.raises(DataError, match="lacks the key 'test_images'"):  # the coordinator does need its test split
+        cfg = compose_config(["dataset=pneumoniamnist", f"dataset.root={only_train.parent}"])
+        load_server_dataset(cfg.dataset, cfg.seed)
 
 
 def test_deployed_site_refuses_records_the_runs_model_cannot_take(node_config, share):

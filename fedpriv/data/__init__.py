@@ -17,7 +17,7 @@ from fedpriv.data.base import (
     dataset_fingerprint,
     default_data_dir,
 )
-from fedpriv.data.loading import load_dataset
+from fedpriv.data.loading import load_dataset, load_server_dataset
 from fedpriv.data.partition import (
     format_partition_table,
     partition_indices,
@@ -35,6 +35,7 @@ __all__ = [
     "default_data_dir",
     "format_partition_table",
     "load_dataset",
+    "load_server_dataset",
     "partition_indices",
     "partition_summary",
 ]

@@ -220,19 +220,30 @@ class MedicalImageDataset:
     @property
     def in_channels(self) -> int:
         """Channels per image (1 for greyscale, 3 for RGB)."""
-        return int(self.train.images.shape[1])
+        return int(self._shaped.images.shape[1])
 
     @property
     def image_size(self) -> int:
         """Side of the (square) images in pixels."""
-        return int(self.train.images.shape[-1])
+        return int(self._shaped.images.shape[-1])
+
+    @property
+    def _shaped(self) -> LabeledImages:
+        # A coordinator holds only test (and val) images, a hospital only train (and val): any split
+        # tells the shape, every split has it even when empty.
+        return self.train if len(self.train) else self.test if len(self.test) else self.val
 
     def describe(self) -> str:
         """One line saying what the data is; synthetic data is flagged in capitals."""
         classes = ", ".join(self.class_names)
         shape = f"{self.in_channels}x{self.image_size}x{self.image_size}"
+        held = [(split, len(getattr(self, split))) for split in ("train", "val", "test")]
+        if any(count == 0 for _, count in held):  # only some splits loaded: name those, not 0s
+            counts = ", ".join(f"{count} {split}" for split, count in held if count) + " images"
+        else:
+            counts = f"{len(self.train)}/{len(self.val)}/{len(self.test)} train/val/test images"
         line = (
-            f"{self.name}: {len(self.train)}/{len(self.val)}/{len(self.test)} train/val/test images, "
+            f"{self.name}: {counts}, "
             f"{shape}, {self.num_classes} classes ({classes}), from {self.source}"
         )
         if self.synthetic:

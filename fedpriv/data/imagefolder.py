@@ -54,6 +54,23 @@ def load_image_folder(
     images, a single class, an unreadable image, a bad attributes CSV, or too few images to split.
     """
     check_fractions(val_fraction, test_fraction)
+    everything = load_image_records(path, size, attributes_csv=attributes_csv)
+    root = Path(path).expanduser()
+    labels = everything.train.labels.numpy()
+    train, val, test = stratified_split(labels, val_fraction, test_fraction, seed, where=f"image folder {root}")
+    dataset = MedicalImageDataset(
+        name="imagefolder", train=everything.train.subset(train), val=everything.train.subset(val),
+        test=everything.train.subset(test), class_names=everything.class_names, synthetic=False, source=str(root),
+    )
+    logger.info("Loaded %s", dataset.describe())
+    return dataset
+
+
+def load_image_records(path: str, size: int, *, attributes_csv: str | None = None) -> MedicalImageDataset:
+    """Every image of ``path/<class>/**/<image>`` as the train split, val and test empty (no split made).
+
+    What a deployed hospital loads: it decides itself what, if anything, to hold out.
+    """
     root = Path(path).expanduser()
     class_names, files, labels = _scan(root)
     pictures, ids = [], []
@@ -72,13 +89,8 @@ def load_image_folder(
                        repeats, root)
     everything = LabeledImages(normalise(torch.from_numpy(images).unsqueeze(1)),
                                torch.from_numpy(labels), attributes, record_ids)
-    train, val, test = stratified_split(labels, val_fraction, test_fraction, seed, where=f"image folder {root}")
-    dataset = MedicalImageDataset(
-        name="imagefolder", train=everything.subset(train), val=everything.subset(val),
-        test=everything.subset(test), class_names=class_names, synthetic=False, source=str(root),
-    )
-    logger.info("Loaded %s", dataset.describe())
-    return dataset
+    return MedicalImageDataset(name="imagefolder", train=everything, val=everything.subset([]),
+                               test=everything.subset([]), class_names=class_names, synthetic=False, source=str(root))
 
 
 def _scan(root: Path) -> tuple[list[str], list[Path], np.ndarray]:

@@ -35,3 +35,19 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> MedicalImageDataset:
     from fedpriv.data.medmnist import load_medmnist
 
     return load_medmnist(cfg.name, cfg.size, cfg.root, cfg.download)
+
+
+
+def load_server_dataset(cfg: DatasetConfig, seed: int) -> MedicalImageDataset:
+    """What the ServerApp loads: the test split it evaluates on is required; nothing else is.
+
+    A MedMNIST npz needs only ``test_images``/``test_labels`` (a deployment's coordinator holds no
+    training data); ``val`` (the public split the run report's calibration is fitted on) and
+    ``train`` (simulation: the report names the simulated hospitals' records) are read when
+    present, and empty otherwise. A synthetic or image-folder dataset is split as in simulation.
+    """
+    if cfg.name in ("synthetic", "imagefolder"):
+        return load_dataset(cfg, seed)
+    from fedpriv.data.medmnist import load_medmnist
+
+    return load_medmnist(cfg.name, cfg.size, cfg.root, cfg.download, required=("test",), optional=("val", "train"))

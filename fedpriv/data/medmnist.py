@@ -50,7 +50,8 @@ def npz_filename(flag: str, size: int) -> str:
 
 
 def load_medmnist(
-    flag: str, size: int, root: str | None, download: bool, *, record_ids: str = "index"
+    flag: str, size: int, root: str | None, download: bool, *, record_ids: str = "index",
+    required: tuple[str, ...] = SPLITS, optional: tuple[str, ...] = (),
 ) -> MedicalImageDataset:
     """Load the MedMNIST 2D dataset ``flag`` at ``size`` pixels from ``root`` (or the default folder).
 
@@ -59,6 +60,10 @@ def load_medmnist(
     array when present, else content ids. Raises :class:`DataError` when the file is missing (and
     ``download`` is false), unreadable or malformed, when its ids are unusable, or when the flag is
     unknown, 3D or multi-label.
+
+    ``required`` splits must be in the file; ``optional`` ones are read when present; any other split
+    is never read, and every split not read is empty (a hospital needs no ``test`` arrays, the
+    coordinator no ``train`` arrays).
     """
     if record_ids not in RECORD_ID_KINDS:
         raise ValueError(f"record_ids must be one of {', '.join(map(repr, RECORD_ID_KINDS))}, got {record_ids!r}")
@@ -69,7 +74,7 @@ def load_medmnist(
         if not download:
             raise DataError(_missing_message(file))
         _download(flag, size, folder, info)
-    splits = _read_npz(file, info, size, flag, record_ids)
+    splits = _read_npz(file, info, size, flag, record_ids, required, optional)
     class_names = [info["label"][key] for key in sorted(info["label"], key=int)]
     dataset = MedicalImageDataset(
         name=flag, train=splits["train"], val=splits["val"], test=splits["test"],
@@ -120,13 +125,18 @@ def _download(flag: str, size: int, folder: Path, info: dict[str, Any]) -> None:
         ) from exc
 
 
-def _read_npz(file: Path, info: dict[str, Any], size: int, flag: str, record_ids: str) -> dict[str, LabeledImages]:
+def _read_npz(file: Path, info: dict[str, Any], size: int, flag: str, record_ids: str,
+              required: tuple[str, ...] = SPLITS, optional: tuple[str, ...] = ()) -> dict[str, LabeledImages]:
     try:
         archive = np.load(file, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
             raise DataError(f"{file} is not a valid npz archive (it holds a single array); {_FIX}")
         with archive:  # members are read lazily, so corruption inside the zip surfaces here too
-            return {split: _read_split(file, archive, split, info, size, flag, record_ids) for split in SPLITS}
+            present = [split for split in optional if f"{split}_images" in archive.files]
+            splits = {split: _read_split(file, archive, split, info, size, flag, record_ids)
+                      for split in (*required, *present)}
+        some = next(iter(splits.values()))
+        return {split: splits[split] if split in splits else some.subset([]) for split in SPLITS}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError) as exc:
         raise DataError(f"{file} is not a valid npz archive ({type(exc).__name__}: {exc}); {_FIX}") from exc
 

@@ -24,17 +24,23 @@ key                    meaning
 ``max-epsilon-per-round``  most epsilon one round may cost, its event alone (default: no cap)
 ``max-epsilon-per-run``  most epsilon one run may cost at this hospital, its events composed
                        (default: no cap; the budget still holds over every run)
-``share-validation-metrics``  answer evaluation requests with metrics on the ``val`` split;
+``share-validation-metrics``  answer evaluation requests with metrics on the validation split;
                        default ``false``: those metrics are NOT covered by epsilon
+``val-fraction``       image folders only: the share of images (stratified by class, fixed
+                       order) held out as the validation split; default 0: every image trains
 ``allow-non-private``  accept non-private rounds (epsilon = inf); default ``false``
 ``threads``            torch CPU threads for training (default: torch's choice)
 =====================  ======================================================================
 
 From the run config (the server's side) only the model architecture and the image size are taken;
 budget, delta, data and ledger path never are. Records whose channels, classes or size the run's
-model cannot take are refused with a ConfigError naming ``data``. For an npz the hospital trains on its ``train`` split
-and evaluates on its ``val`` split; for an image folder on ``load_image_folder``'s train and val
-splits (the folder's test split stays unused).
+model cannot take are refused with a ConfigError naming ``data``.
+
+Where the validation split comes from (it is used only to answer evaluation requests, and only
+with ``share-validation-metrics=true``): an npz trains on its ``train`` arrays and validates on its
+``val`` arrays when it has them (no validation split otherwise); its ``test`` arrays are never
+read and need not exist. An image folder trains on every image unless ``val-fraction`` holds some
+out. Nothing is held out silently: the split sizes are logged when the data is loaded.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DATASET = "pneumoniamnist"
 KNOWN_KEYS = ("name", "data", "dataset", "budget-epsilon", "delta", "ledger", "ledger-key", "accountant",
               "allow-non-private", "threads", "min-records", "max-local-epochs", "min-noise-multiplier",
-              "max-epsilon-per-round", "max-epsilon-per-run", "share-validation-metrics")
+              "max-epsilon-per-round", "max-epsilon-per-run", "share-validation-metrics", "val-fraction")
 REQUIRED_KEYS = ("name", "data", "budget-epsilon", "delta", "ledger")
 
 
@@ -88,6 +94,7 @@ class NodeSettings:
     max_epsilon_per_round: float | None = None
     max_epsilon_per_run: float | None = None
     share_validation_metrics: bool = False
+    val_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,22 @@ def parse_node_config(config: Mapping[str, Any]) -> NodeSettings:
                         min_noise_multiplier=float(_limit(config, "min-noise-multiplier", 0.3, 0.3, whole=False)),
                         max_epsilon_per_round=_cap(config, "max-epsilon-per-round"),
                         max_epsilon_per_run=_cap(config, "max-epsilon-per-run"),
-                        share_validation_metrics=_flag(config, "share-validation-metrics"))
+                        share_validation_metrics=_flag(config, "share-validation-metrics"),
+                        val_fraction=_val_fraction(config, data))
+
+
+def _val_fraction(config: Mapping[str, Any], data: Path) -> float:
+    """The image folder's validation hold-out (0: none); an npz brings its own val split."""
+    if config.get("val-fraction") in (None, ""):
+        return 0.0
+    value = _number(config, "val-fraction", "0.1")
+    if not 0 <= value < 1:
+        raise ConfigError("val-fraction", config["val-fraction"], "must be at least 0 and below 1",
+                          _fix("val-fraction", "0.1"))
+    if value and data.is_file():
+        raise ConfigError("val-fraction", value, "applies to image folders only; an npz brings its own val split",
+                          "drop val-fraction, or store val_images/val_labels in the npz")
+    return value
 
 
 def _cap(config: Mapping[str, Any], key: str) -> float | None:
@@ -246,24 +268,55 @@ def _npz_size(file: Path, flag: str) -> int:
 
 
 def load_hospital_data(settings: NodeSettings, image_size: int) -> HospitalData:
-    """Load the hospital's records from `settings.data` (npz file, npz folder or image folder)."""
-    from fedpriv.data.imagefolder import load_image_folder
+    """Load the hospital's records from `settings.data` (npz file, npz folder or image folder).
+
+    An npz: ``train`` required, ``val`` read when present, ``test`` never read. An image folder: every
+    image trains, except the ``val-fraction`` held out for validation. No test split is made.
+    """
     from fedpriv.data.medmnist import load_medmnist, npz_filename
 
     data = settings.data
+    npz = None
     if data.is_file():
-        # Content ids: the hospital's own file may gain scans or be re-ordered; ids follow the images.
-        dataset = load_medmnist(settings.dataset, _npz_size(data, settings.dataset), str(data.parent), False,
-                                record_ids="content")
-        train, validation = dataset.train, dataset.val
+        npz = (_npz_size(data, settings.dataset), data.parent)
     elif (data / npz_filename(settings.dataset, image_size)).is_file():
-        dataset = load_medmnist(settings.dataset, image_size, str(data), False, record_ids="content")
+        npz = (image_size, data)
+    if npz is not None:
+        # Content ids: the hospital's own file may gain scans or be re-ordered; ids follow the images.
+        dataset = load_medmnist(settings.dataset, npz[0], str(npz[1]), False, record_ids="content",
+                                required=("train",), optional=("val",))
         train, validation = dataset.train, dataset.val
+        where = f"its val arrays ({len(validation)} images)" if len(validation) else "none: the npz has no val arrays"
     else:
-        dataset = load_image_folder(str(data), image_size)
-        train, validation = dataset.train, dataset.val
+        dataset, train, validation = _image_folder(data, image_size, settings.val_fraction)
+        where = (f"{settings.val_fraction:g} of the folder's images, held out ({len(validation)} images)"
+                 if len(validation) else "none: every image trains (set val-fraction to hold some out)")
+    log.info("hospital %s: training on %d images from %s; validation split: %s", settings.name, len(train),
+             dataset.source, where)
     return HospitalData(train, validation, dataset.in_channels,
                         dataset.num_classes, dataset.image_size, dataset.source)
+
+
+def _image_folder(data: Path, image_size: int, val_fraction: float):
+    """(dataset, train, validation) of an image folder: all images, less a stratified validation hold-out."""
+    import numpy as np
+
+    from fedpriv.data.imagefolder import load_image_records
+
+    dataset = load_image_records(str(data), image_size)
+    everything = dataset.train
+    if not val_fraction:
+        return dataset, everything, everything.subset([])
+    from sklearn.model_selection import train_test_split
+
+    labels = everything.labels.numpy()
+    try:
+        train, validation = train_test_split(np.arange(len(labels)), test_size=val_fraction, stratify=labels,
+                                             random_state=0)
+    except ValueError as error:
+        raise ConfigError("val-fraction", val_fraction, f"cannot hold out a stratified validation split from "
+                          f"{data} ({error})", "lower val-fraction, add images, or set val-fraction=0") from None
+    return dataset, everything.subset(np.sort(train)), everything.subset(np.sort(validation))
 
 
 # Flower may serve many messages from one process (`--isolation process`): load the data once.

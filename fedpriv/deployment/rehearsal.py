@@ -103,15 +103,20 @@ def npz_flag(cfg: FedprivConfig, experiment: Experiment) -> str:
     return FALLBACK_FLAG
 
 
-def write_share(folder: Path, flag: str, size: int, train: LabeledImages, val: LabeledImages,
-                test: LabeledImages) -> Path:
-    """One hospital's data as a MedMNIST-layout npz under `folder`; the file's path."""
+def write_share(folder: Path, flag: str, size: int, train: LabeledImages | None, val: LabeledImages | None,
+                test: LabeledImages | None = None) -> Path:
+    """Data as a MedMNIST-layout npz under `folder` (only the splits given); the file's path.
+
+    A hospital's share holds train (and val) only; the coordinator's test (and val) only.
+    """
     from fedpriv.data.medmnist import npz_filename
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / npz_filename(flag, size)
     arrays = {}
     for split, images in (("train", train), ("val", val), ("test", test)):
+        if images is None or not len(images):
+            continue
         arrays[f"{split}_images"] = _uint8_images(images)
         arrays[f"{split}_labels"] = images.labels.numpy().astype(np.uint8)[:, None]
     np.savez_compressed(path, **arrays)
@@ -202,17 +207,13 @@ class LocalFederation:
         self.credentials = make_credentials(self.out / "credentials", names, LOOPBACK_HOSTS, overwrite=True)
         cfg = self.experiment.config
         flag = npz_flag(cfg, self.experiment)
-        test = self.experiment.dataset.test
         self.hospitals = []
         for index, (hospital, budget) in enumerate(zip(self.experiment.hospitals, budgets)):
             folder = self.out / hospital.name
             data = folder / "data"
-            validation = self.experiment.hospital_validation(index)
-            if not len(validation):
-                raise ConfigError("federation.local_val_fraction", cfg.federation.local_val_fraction,
-                                  f"hospital {hospital.name} holds out no validation records, and a MedMNIST npz "
-                                  "needs a non-empty val split", "use e.g. federation.local_val_fraction=0.1")
-            write_share(data, flag, cfg.dataset.size, self.experiment.hospital_data(index), validation, test)
+            # Its partition as train and its validation share as val; no test split: a hospital needs none.
+            write_share(data, flag, cfg.dataset.size, self.experiment.hospital_data(index),
+                        self.experiment.hospital_validation(index))
             (folder / "ledger").mkdir(parents=True, exist_ok=True)
             # The ledger's key in a folder of its own (on a real machine: another disk or OS user).
             (folder / "ledger-key").mkdir(parents=True, exist_ok=True, mode=0o700)
