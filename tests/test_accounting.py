@@ -200,3 +200,20 @@ def test_the_spectrum_cache_stays_within_its_bound_and_keeps_spectra_longest():
     # the oldest entry is the spectrum, but powers (cheap to recompute from it) went first
     assert cache.get(("spectrum", "a")) is not None
     assert cache.get(("power", 9)) is not None and cache.get(("power", 6)) is None
+
+
+def test_the_prv_cache_size_is_set_by_environment_and_a_bad_value_says_how_to_fix_it():
+    import os
+    import subprocess
+    import sys
+
+    code = "from fedpriv.privacy import prv; print(prv.CACHE.limit)"
+    for value, expected in (("2", str(2 * 2**20)), (None, str(1024 * 2**20))):
+        env = {k: v for k, v in os.environ.items() if k != "FEDPRIV_PRV_CACHE_MB"}
+        if value is not None:
+            env["FEDPRIV_PRV_CACHE_MB"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == expected, out.stderr
+    env = {**os.environ, "FEDPRIV_PRV_CACHE_MB": "lots"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "FEDPRIV_PRV_CACHE_MB='lots' is not a size in MiB" in out.stderr

@@ -45,6 +45,7 @@ from opacus.accountants.analysis.prv.domain import Domain
 from scipy import integrate
 from scipy.fft import irfft, next_fast_len, rfft
 
+from fedpriv.errors import PrivacyError
 from fedpriv.privacy.accounting import _QUICK_RDP_ORDERS, _rdp_epsilon
 
 EPS_ERROR = 0.01  # Opacus's default: the reported epsilon is the estimate plus this
@@ -203,7 +204,19 @@ def _nbytes(value: tuple) -> int:
     return sum(v.nbytes for v in value if isinstance(v, np.ndarray))
 
 
-CACHE = _SpectrumCache(int(float(os.environ.get("FEDPRIV_PRV_CACHE_MB", "1024")) * 2**20))
+def _cache_limit() -> int:
+    text = os.environ.get("FEDPRIV_PRV_CACHE_MB", "1024")
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = math.nan
+    if not (math.isfinite(megabytes) and megabytes >= 0):
+        raise PrivacyError(f"FEDPRIV_PRV_CACHE_MB={text!r} is not a size in MiB; set it to a number such as "
+                           "1024 (smaller caches less and recomputes more), or unset it")
+    return int(megabytes * 2**20)
+
+
+CACHE = _SpectrumCache(_cache_limit())
 
 
 def _spectrum(sigma: float, sample_rate: float, grid: tuple) -> tuple[np.ndarray, float]:
