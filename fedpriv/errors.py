@@ -26,6 +26,10 @@ class DataError(FedprivError):
     """Raised when a data file or folder is missing, unreadable, corrupt or unusable."""
 
 
+class RunFilesError(FedprivError):
+    """Raised when a run directory lacks a file the command needs, or holds one it cannot read."""
+
+
 class ModelNotPrivateError(FedprivError):
     """Raised when a model cannot be trained with DP-SGD (Opacus's ModuleValidator rejected it)."""
 

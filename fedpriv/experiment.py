@@ -7,7 +7,6 @@ the checks that need the partition (batch size, delta) — all before any traini
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpriv import rundir
 from fedpriv.config import FedprivConfig, validate_against_data, validate_config
 from fedpriv.data import (
     LabeledImages,
@@ -66,11 +66,8 @@ class Experiment:
 
     def save_partition(self, run_dir: str | Path) -> None:
         """Write the partition summary next to the run's other outputs (Markdown and JSON)."""
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         header = f"# Partition\n\n{self.dataset.describe()}\n\n"
-        (run_dir / "partition.md").write_text(header + self.partition_table() + "\n")
-        (run_dir / "partition.json").write_text(json.dumps(self.partition_rows, indent=2, default=float))
+        rundir.write_partition(run_dir, header + self.partition_table() + "\n", self.partition_rows)
 
 
 def hospital_names(cfg: FedprivConfig) -> list[str]:
@@ -167,7 +164,7 @@ def ledger_folder(cfg: FedprivConfig, run_dir: str | Path | None) -> Path:
             raise ConfigError("federation.ledger_run_dir", None, "scope 'run' keeps its ledgers in the run "
                               "directory, and no run directory is known", "run through the fedpriv CLI or give "
                               "the run directory (run-dir in Flower's run config)")
-        return Path(run).expanduser() / "ledgers"
+        return Path(run).expanduser() / rundir.LEDGERS
     if fed.ledger_dir:
         return Path(fed.ledger_dir).expanduser()
     if os.environ.get(LEDGER_DIR_ENV):

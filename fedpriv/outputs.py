@@ -6,8 +6,6 @@ directory that `fedpriv resume=RUN_DIR` can continue from.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import time
@@ -17,11 +15,11 @@ from typing import Any
 
 import torch
 
+from fedpriv import rundir
 from fedpriv.config import FedprivConfig, to_config
 from fedpriv.errors import ConfigError
 from fedpriv.roster import HospitalState, RoundRecord
 
-CHECKPOINTS = "checkpoints"
 # Settings that decide the model's shape or which records each hospital holds: a resumed run must
 # keep them, or its checkpoint would continue another experiment. The rest (rounds, epsilon,
 # learning rate, mode, ledger folder) may change on resume.
@@ -31,19 +29,6 @@ RESUME_MUST_MATCH = (
     "federation.num_hospitals", "federation.partition", "federation.alpha", "federation.hospitals",
     "federation.local_val_fraction", "seed",
 )
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no infinity: write it as the string "inf" (epsilon of a non-private run)."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 class RunRecorder:
@@ -56,15 +41,13 @@ class RunRecorder:
         self.dataset_description = dataset_description
         self.rounds: list[dict] = []
         self.started = time.perf_counter()
-        (self.run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        from omegaconf import OmegaConf
-
-        OmegaConf.save(OmegaConf.structured(config), self.run_dir / "config.yaml")
+        (self.run_dir / rundir.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        rundir.write_config(self.run_dir, config)
 
     def round_end(self, record: RoundRecord, state: dict[str, torch.Tensor], hospitals: list[HospitalState]) -> None:
         """Save this round's checkpoint and append its metrics and privacy table."""
         # Written whole, then renamed: a coordinator killed mid-write leaves no truncated checkpoint.
-        final = self.run_dir / CHECKPOINTS / f"round-{record.round:03d}.pt"
+        final = rundir.checkpoint(self.run_dir, record.round)
         partial = final.with_suffix(".pt.partial")
         torch.save({"round": record.round, "run_id": self.run_id, "state_dict": state,
                     "hospitals": [asdict(h) for h in hospitals]}, partial)
@@ -80,21 +63,7 @@ class RunRecorder:
         self._write_metrics()
 
     def _write_metrics(self) -> None:
-        (self.run_dir / "metrics.json").write_text(json.dumps(
-            {"run_id": self.run_id, "dataset": self.dataset_description, "rounds": _finite(self.rounds)}, indent=2))
-        with open(self.run_dir / "metrics.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["round", "hospital", "status", "epsilon", "budget_epsilon", "locked",
-                             "test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_loss"])
-            for row in self.rounds:
-                server = row["server"]
-                for privacy in row["privacy"]:
-                    detail = row["hospitals"].get(privacy["hospital"], {})
-                    writer.writerow([row["round"], privacy["hospital"], detail.get("status", "not asked"),
-                                     privacy["epsilon"], privacy["budget_epsilon"], privacy["locked"],
-                                     server.get("auc", ""), server.get("accuracy", ""),
-                                     server.get("sensitivity", ""), server.get("specificity", ""),
-                                     server.get("loss", "")])
+        rundir.write_metrics(self.run_dir, self.run_id, self.dataset_description, self.rounds)
 
     def finish(self, final_state: dict[str, torch.Tensor], hospitals: list[HospitalState], stop_reason: str,
                excluded: dict[str, str] | None = None) -> str:
@@ -103,7 +72,7 @@ class RunRecorder:
         `excluded` names the hospitals that refused to take part at the start, with their reasons.
         """
         excluded = excluded or {}
-        torch.save(final_state, self.run_dir / "model.pt")
+        torch.save(final_state, self.run_dir / rundir.MODEL)
         cfg = self.config
         result = {
             "run_id": self.run_id, "mode": cfg.strategy.mode, "private": cfg.privacy.enabled,
@@ -126,9 +95,8 @@ class RunRecorder:
             "ledger_folder": str(self.ledger_folder),
             "server_seconds": time.perf_counter() - self.started,
         }
-        (self.run_dir / "result.json").write_text(json.dumps(_finite(result), indent=2))
         summary = self.summary(hospitals, stop_reason, excluded)
-        (self.run_dir / "summary.md").write_text(summary)
+        rundir.write_result(self.run_dir, result, summary)
         return summary
 
     @property
@@ -229,24 +197,21 @@ def privacy_line(cfg: FedprivConfig, hospitals: list[HospitalState]) -> str:
 def resume_checkpoint(cfg: FedprivConfig) -> Path:
     """The checkpoint `resume=` continues from; ConfigError if there is none or its run differs."""
     run_dir = Path(str(cfg.resume))
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = rundir.latest_checkpoint(run_dir)
     if checkpoint is None:
         raise ConfigError("resume", str(run_dir), "no checkpoint found in that run directory",
-                          "point resume= at a previous run directory holding checkpoints/round-*.pt")
-    from omegaconf import OmegaConf
-
-    saved = run_dir / "config.yaml"
+                          f"point resume= at a previous run directory holding {rundir.CHECKPOINTS}/round-*.pt")
     try:
-        previous = to_config(OmegaConf.merge(OmegaConf.structured(FedprivConfig), OmegaConf.load(saved)))
+        previous = to_config(rundir.read_config_yaml(run_dir))
     except Exception as exc:  # missing, unreadable or from another version: its settings are unknown
-        raise ConfigError("resume", str(run_dir), f"its config.yaml cannot be read ({type(exc).__name__})",
-                          "resume only a run directory written by fedpriv, with its config.yaml") from None
+        raise ConfigError("resume", str(run_dir), f"its {rundir.CONFIG} cannot be read ({type(exc).__name__})",
+                          f"resume only a run directory written by fedpriv, with its {rundir.CONFIG}") from None
     differences = [f"{key} was {then!r}, now {now!r}" for key in RESUME_MUST_MATCH
                    if (then := _setting(previous, key)) != (now := _setting(cfg, key))]
     if differences:
         raise ConfigError("resume", str(run_dir), "that run used other data or model settings ("
                           + "; ".join(differences) + ")",
-                          "resume with the settings in its config.yaml, or start a new run without resume=")
+                          f"resume with the settings in its {rundir.CONFIG}, or start a new run without resume=")
     return checkpoint
 
 
@@ -256,7 +221,3 @@ def _setting(cfg: FedprivConfig, dotted: str) -> Any:
         value = getattr(value, part)
     return [asdict(item) for item in value] if isinstance(value, list) else value
 
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    checkpoints = sorted((Path(run_dir) / CHECKPOINTS).glob("round-*.pt"))
-    return checkpoints[-1] if checkpoints else None

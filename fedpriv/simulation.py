@@ -29,6 +29,7 @@ from pathlib import Path
 
 import tomli_w
 
+from fedpriv import rundir
 from fedpriv.errors import FedprivError
 
 log = logging.getLogger("fedpriv")
@@ -278,10 +279,10 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
                        "--federation-config", f"num-supernodes={num_hospitals} client-resources-num-cpus={client_cpus}",
                        "--stream"]
             completed = subprocess.run(command, env=link.env, cwd=home)
-            if completed.returncode != 0 or not (run_dir / "summary.md").is_file():
-                shutil.copy(link.log_path, run_dir / "superlink.log")
+            log_copy = run_dir / rundir.SUPERLINK_LOG
+            shutil.copy(link.log_path, log_copy)
+            if completed.returncode != 0 or not rundir.finished(run_dir):
                 raise SimulationError(f"the federated run did not finish (flwr run exited {completed.returncode}); "
-                                      f"see {run_dir / 'superlink.log'}")
-            shutil.copy(link.log_path, run_dir / "superlink.log")
+                                      f"see {log_copy}")
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -254,11 +254,15 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 512, device: 
     predictions = probabilities.argmax(axis=1)
     num_classes = probabilities.shape[1]
     sensitivity, specificity = _sensitivity_specificity(y, predictions, num_classes)
-    return EvalResult(loss, _auc(y, probabilities), float((predictions == y).mean()), sensitivity,
+    return EvalResult(loss, roc_auc(y, probabilities), float((predictions == y).mean()), sensitivity,
                       specificity, len(y), probabilities, y)
 
 
-def _auc(y: np.ndarray, probabilities: np.ndarray) -> float:
+def roc_auc(y: np.ndarray, probabilities: np.ndarray) -> float:
+    """ROC-AUC of class probabilities ``(N, classes)``: binary, or one-vs-rest macro; NaN where undefined.
+
+    Undefined: a single class in ``y``, or (multi-class) a class absent from it.
+    """
     # scikit-learn is imported where it is used (here and below): it takes ~1 s to import, and a
     # deployed hospital starts a fresh process for every message: training and budget queries never evaluate.
     from sklearn.metrics import roc_auc_score

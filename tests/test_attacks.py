@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedpriv import rundir
 from fedpriv.attacks.bounds import (
     PrivacyCeiling,
     check_attack,
@@ -228,12 +229,13 @@ def _audit(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 def test_fedpriv_audit_end_to_end(tmp_path):
     done = _audit(tmp_path, *TINY)
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "audit.json").read_text())
+    report = rundir.read_audit(tmp_path)
     assert report["ok"] is True
     assert [level["label"] for level in report["membership"]["levels"]] == ["non-private", "ε=4"]
     assert {case["batch_size"] for case in report["inversion"]["cases"]} == {1, 2}
     assert {"auc", "tpr_at_fpr"} <= set(report["membership"]["levels"][1]["attacks"]["lira"])
-    assert report["membership"]["levels"][0]["epsilon_spent"] is None  # infinity: no guarantee
+    assert report["membership"]["levels"][0]["epsilon_spent"] == math.inf  # no guarantee
+    assert json.loads((tmp_path / "audit.json").read_text())["membership"]["levels"][0]["epsilon_spent"] == "inf"
     for name in ("audit.md", "inversion_batch1.png", "inversion_batch2.png", "membership_roc.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "## In plain words" in (tmp_path / "audit.md").read_text()

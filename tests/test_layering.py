@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fedpriv"
 FLOWER_MODULES = {"client_app", "server_app", "strategy", "simulation", "deployment"}
 # The core stages know nothing of Flower, the apps or the reports.
 CORE = {"config", "errors", "data", "privacy", "training", "hospital", "protocol", "roster", "outputs", "faults",
-        "experiment", "site", "models", "resnet", "report"}
+        "experiment", "site", "models", "resnet", "report", "rundir"}
 LATER_STAGES = {"client_app", "server_app", "strategy", "simulation", "cli"}
 
 
@@ -48,3 +48,9 @@ def test_the_core_never_imports_the_apps_the_strategy_or_the_cli():
                    for name in _imports(path) if name.split(".")[:2][-1] in LATER_STAGES
                    and name.startswith("fedpriv."))
     assert wrong == []
+
+
+def test_the_run_directory_module_stands_on_the_config_and_the_errors_alone():
+    """Every stage reads and writes the run directory through rundir, so it may import none of them."""
+    own = {name for name in _imports(PACKAGE / "rundir.py") if name.startswith("fedpriv")}
+    assert own <= {"fedpriv.errors", "fedpriv.config"}, sorted(own)

@@ -13,13 +13,14 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from fedpriv import rundir
 from fedpriv.cli.predict import EXIT_ERROR, EXIT_NOTHING_READ, EXIT_OK, REFER, main
 from fedpriv.config import DatasetConfig, FedprivConfig, ModelConfig
 from fedpriv.data.base import normalise
 from fedpriv.data.imagefolder import read_image
 from fedpriv.models import build_model
 from fedpriv.report.calibration import softmax
-from fedpriv.report.evaluation import CALIBRATION_FILE, evaluate_final_model
+from fedpriv.report.evaluation import evaluate_final_model
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def images(tmp_path) -> dict[str, Path]:
 
 def expected_probabilities(run_dir: Path, file: Path) -> np.ndarray:
     """What the prediction must be: the model's softmax(logits / T), computed here independently."""
-    temperature = json.loads((run_dir / CALIBRATION_FILE).read_text())["temperature"]
+    temperature = json.loads((run_dir / rundir.CALIBRATION).read_text())["temperature"]
     model = build_model("cnn", in_channels=1, num_classes=2, image_size=28, width=4)
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     with torch.no_grad():
@@ -142,12 +143,10 @@ def test_without_calibration_the_probabilities_are_flagged_as_uncalibrated(run_d
 
 
 def test_a_run_saved_before_activations_were_configurable_is_rebuilt_with_relu(tmp_path):
-    from fedpriv.report.evaluation import load_run_config
-
     cfg = OmegaConf.structured(FedprivConfig(dataset=DatasetConfig(name="synthetic")))
     OmegaConf.save(cfg, tmp_path / "config.yaml")
-    assert load_run_config(tmp_path).model.activation == "tanh"  # written by this version: kept
+    assert rundir.read_config(tmp_path).model.activation == "tanh"  # written by this version: kept
     old = OmegaConf.to_container(cfg)
     del old["model"]["activation"]
     OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
-    assert load_run_config(tmp_path).model.activation == "relu"  # older runs all trained ReLU CNNs
+    assert rundir.read_config(tmp_path).model.activation == "relu"  # older runs all trained ReLU CNNs

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from fedpriv import rundir
 from fedpriv.app_config import compose_config
 from fedpriv.cli import main as cli
 from fedpriv.cli.main import absolute_paths, resumed_config
 from fedpriv.config import to_config, validate_config
 from fedpriv.errors import ConfigError
 from fedpriv.experiment import LEDGER_DIR_ENV, ledger_folder
-from fedpriv.outputs import CHECKPOINTS, RunRecorder, resume_checkpoint
+from fedpriv.outputs import RunRecorder, resume_checkpoint
 
 TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "model.width=4",
         "privacy.accountant=rdp"]
@@ -30,7 +31,7 @@ def _old_run(run_dir: Path, *overrides: str, pin: bool = True):
     if pin:  # the CLI's absolute_paths; a plain `flwr run` does not pin anything
         cfg = absolute_paths(cfg, run_dir)
     RunRecorder(run_dir, cfg, run_dir.name, "SYNTHETIC")
-    (run_dir / CHECKPOINTS / "round-001.pt").write_bytes(b"not read by these tests")
+    rundir.checkpoint(run_dir, 1).write_bytes(b"not read by these tests")
     return cfg
 
 
@@ -60,7 +61,7 @@ def test_a_resume_runs_the_old_runs_config_not_the_defaults(tmp_path):
     assert resumed.resume == str(tmp_path / "a")
     assert _without(_as_dict(resumed), "resume") == _without(_as_dict(old), "resume")
     validate_config(resumed)
-    assert resume_checkpoint(resumed) == tmp_path / "a" / CHECKPOINTS / "round-001.pt"
+    assert resume_checkpoint(resumed) == rundir.checkpoint(tmp_path / "a", 1)
 
 
 def test_only_what_the_command_line_sets_goes_on_top(tmp_path):
@@ -123,7 +124,7 @@ def test_repeating_the_original_command_line_with_resume_changes_nothing(tmp_pat
         received.append(config)
         if not config.resume:
             RunRecorder(run_dir, absolute_paths(to_config(config), run_dir), run_dir.name, "SYNTHETIC")
-            (run_dir / CHECKPOINTS / "round-001.pt").write_bytes(b"x")
+            rundir.checkpoint(run_dir, 1).write_bytes(b"x")
 
     received = []
     monkeypatch.setattr(cli, "run", record)
@@ -153,7 +154,7 @@ def test_a_resumed_throw_away_run_charges_the_old_runs_ledgers(tmp_path):
     validate_config(resumed)
     # b's config.yaml carries it on: resuming b again still charges a's ledgers.
     RunRecorder(tmp_path / "b", resumed, "a", "SYNTHETIC")
-    (tmp_path / "b" / CHECKPOINTS / "round-002.pt").write_bytes(b"x")
+    rundir.checkpoint(tmp_path / "b", 2).write_bytes(b"x")
     again = absolute_paths(resumed_config(tmp_path / "b", []), tmp_path / "c")
     assert ledger_folder(again, tmp_path / "c") == tmp_path / "a" / "ledgers"
 
@@ -225,7 +226,7 @@ def test_an_interrupted_smoke_run_resumes_its_last_round_on_its_own_ledgers(tmp_
         "hospital-1", "hospital-2", "hospital-3"]
     ledgers = sorted(path.name for path in (first / "ledgers").glob("*.db"))
     assert ledgers  # smoke keeps throw-away ledgers in its run directory
-    (first / CHECKPOINTS / "round-002.pt").unlink()  # as if the run had been stopped during round 2
+    rundir.checkpoint(first, 2).unlink()  # as if the run had been stopped during round 2
 
     fedpriv(f"resume={first}", f"hydra.run.dir={second}")
     metrics = json.loads((second / "metrics.json").read_text())

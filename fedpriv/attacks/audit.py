@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpriv import rundir
 from fedpriv.attacks.bounds import (
     CeilingCheck,
     PrivacyCeiling,
@@ -423,7 +424,7 @@ def save_figures(report: AuditReport, run_dir: Path) -> list[str]:
     for batch_size in sorted({case.batch_size for case in report.inversion}):
         cases = [c for c in report.inversion if c.batch_size == batch_size]
         rows = [("original", cases[0].originals)] + [(_short(c), _ordered(c)) for c in cases]
-        name = f"inversion_batch{batch_size}.png"
+        name = rundir.inversion_figure(batch_size)
         save_image_grid(run_dir / name, rows, title=f"Gradient inversion, one local step on {batch_size} image(s)")
         names.append(name)
     if report.membership:
@@ -441,8 +442,8 @@ def _save_roc(report: AuditReport, run_dir: Path) -> str:
         headline=m.ceiling.tpr_headline(grid) if m.ceiling.private else None,
         grid=grid,
     ) for m in report.membership]
-    save_roc_plot(run_dir / "membership_roc.png", panels, min_fpr=min_fpr)
-    return "membership_roc.png"
+    save_roc_plot(run_dir / rundir.MEMBERSHIP_ROC, panels, min_fpr=min_fpr)
+    return rundir.MEMBERSHIP_ROC
 
 
 def _ordered(case: InversionCase) -> np.ndarray:

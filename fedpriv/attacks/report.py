@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedpriv import rundir
 from fedpriv.attacks.membership import REPORTED_FPRS
 
 if TYPE_CHECKING:  # annotations only: report is imported by audit at call time, not the reverse
@@ -28,30 +28,16 @@ SCOPE = ("The audit measures ONE hospital: its update in one local step (gradien
 
 def write_report(report: AuditReport, run_dir: Path) -> tuple[Path, Path]:
     """Write audit.json and audit.md into `run_dir`; return their paths."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = run_dir / "audit.json", run_dir / "audit.md"
-    json_path.write_text(json.dumps(_finite(report_dict(report)), indent=2, ensure_ascii=False) + "\n")
-    md_path.write_text(markdown(report), encoding="utf-8")
+    json_path, md_path = rundir.write_audit(run_dir, report_dict(report), markdown(report))
     log.info("Wrote %s and %s", json_path, md_path)
     return json_path, md_path
-
-
-def _finite(value):
-    """JSON has no infinity: non-finite numbers become null (documented as 'no guarantee')."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
 
 
 # --- JSON ---------------------------------------------------------------------------------------
 
 
 def report_dict(report: AuditReport) -> dict:
-    """Every measured number, as plain JSON-ready data (infinity still as float('inf'))."""
+    """Every measured number, as plain data; no epsilon (no DP) is float('inf') (rundir encodes it)."""
     config = report.config
     return {
         "ok": report.ok,
@@ -65,7 +51,7 @@ def report_dict(report: AuditReport) -> dict:
             "lr": config.train.lr, "momentum": config.train.momentum,
             "model": {"name": config.model.name, "width": config.model.width}, "audit": asdict(config.audit),
         },
-        "levels": [{"label": level.label, "target_epsilon": level.target_epsilon,
+        "levels": [{"label": level.label, "target_epsilon": _infinite_if_none(level.target_epsilon),
                     "noise_multiplier": level.plan.noise_multiplier, "sample_rate": level.plan.sample_rate,
                     "steps": level.plan.steps} for level in report.levels],
         "inversion": {"attack_model": report.attack_model, "labels_known": True,
@@ -80,7 +66,7 @@ def report_dict(report: AuditReport) -> dict:
 def _inversion_dict(case: InversionCase) -> dict:
     return {"batch_size": case.batch_size, "setting": case.setting, "level": case.level,
             "noise_multiplier": case.noise_multiplier,
-            "epsilon": case.epsilon, "gradient_distance": case.gradient_distance, "mean_mse": case.mean_mse,
+            "epsilon": _infinite_if_none(case.epsilon), "gradient_distance": case.gradient_distance, "mean_mse": case.mean_mse,
             "mean_psnr": case.mean_psnr, "mean_ssim": case.mean_ssim,
             "images": [asdict(score) for score in case.scores]}
 
@@ -88,7 +74,8 @@ def _inversion_dict(case: InversionCase) -> dict:
 def _membership_dict(result: MembershipResult) -> dict:
     ceiling = result.ceiling
     return {
-        "label": result.level.label, "private": ceiling.private, "target_epsilon": result.level.target_epsilon,
+        "label": result.level.label, "private": ceiling.private,
+        "target_epsilon": _infinite_if_none(result.level.target_epsilon),
         "epsilon_spent": result.epsilon_spent, "delta": ceiling.delta,
         "noise_multiplier": result.level.plan.noise_multiplier, "steps": result.level.plan.steps,
         "members": result.members, "non_members": result.non_members,
@@ -99,6 +86,11 @@ def _membership_dict(result: MembershipResult) -> dict:
         "epsilon_lower_bound": result.epsilon_lower,
         "checks": [check.as_dict() for check in result.checks],
     }
+
+
+def _infinite_if_none(epsilon: float | None) -> float:
+    """An epsilon the audit keeps as None (no DP: no target, or a plain update) is infinity on file."""
+    return math.inf if epsilon is None else epsilon
 
 
 def _fprs(result: MembershipResult) -> list[float]:
@@ -288,7 +280,8 @@ def _membership_section(report: AuditReport) -> str:
     rows = [[r.level.label, _eps(r.epsilon_spent), name, f"{m.auc:.3f}", f"{m.tpr_at[0.001]:.4f}",
              f"{m.tpr_at[0.01]:.4f}", f"{float(r.ceiling.tpr(0.001)):.4f}", f"{float(r.ceiling.tpr(0.01)):.4f}"]
             for r in report.membership for name, m in r.attacks.items()]
-    figure = "\n![membership ROC](membership_roc.png)\n" if "membership_roc.png" in report.figures else ""
+    roc = rundir.MEMBERSHIP_ROC
+    figure = f"\n![membership ROC]({roc})\n" if roc in report.figures else ""
     return intro + "\n" + _table(head, rows) + figure + "\nCeiling checks:\n\n" + _checks_table(report)
 
 

@@ -17,7 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedpriv.cli.main import EXIT_BAD_INPUT, absolute_paths, config_dir
+from fedpriv import rundir
+from fedpriv.cli.main import CONFIG_NAME, EXIT_BAD_INPUT, absolute_paths, config_dir
 from fedpriv.config import register_configs, to_config
 from fedpriv.errors import FedprivError
 
@@ -38,7 +39,7 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
         # Opacus's hooks on a first layer whose input needs no gradient: harmless, and once per model.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         report = run_audit(config, run_dir)
-    log.info("Audit finished in %.0f s; report in %s", report.seconds, run_dir / "audit.md")
+    log.info("Audit finished in %.0f s; report in %s", report.seconds, run_dir / rundir.AUDIT_MD)
     if report.ok:
         log.info("PASS: no attack beat the ceiling that the spent epsilon allows")
         return 0
@@ -46,11 +47,11 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
                         for label, check in report.violations)
     log.error("BOUND VIOLATED: %s", message)
     print(f"fedpriv-audit: BOUND VIOLATED: an attack beat the differential-privacy ceiling ({message}). "
-          f"The privacy accounting or the training is wrong; see {run_dir / 'audit.md'}", file=sys.stderr)
+          f"The privacy accounting or the training is wrong; see {run_dir / rundir.AUDIT_MD}", file=sys.stderr)
     return EXIT_CEILING_EXCEEDED
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name=CONFIG_NAME)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         code = run(cfg, Path(HydraConfig.get().runtime.output_dir))

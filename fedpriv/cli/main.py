@@ -16,19 +16,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from fedpriv import rundir
 from fedpriv.config import FedprivConfig, register_configs, to_config
 from fedpriv.errors import ConfigError, FedprivError
 
 log = logging.getLogger("fedpriv")
 
 EXIT_BAD_INPUT = 2
+CONFIG_NAME = "config"  # Hydra's primary config, conf/config.yaml
 
 
 def config_dir() -> str:
     """The Hydra config folder: inside the installed package, or conf/ of a source checkout."""
     package = Path(__file__).resolve().parents[1]
     for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
+        if (candidate / f"{CONFIG_NAME}.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError(f"fedpriv's conf/ folder is missing next to {package}")
 
@@ -50,7 +52,7 @@ def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
     experiment.save_partition(run_dir)
     run_simulation(config_to_json(config), run_dir, num_hospitals=config.federation.num_hospitals,
                    client_cpus=config.federation.client_cpus)
-    log.info("Run finished; outputs in %s\n%s", run_dir, (run_dir / "summary.md").read_text())
+    log.info("Run finished; outputs in %s\n%s", run_dir, rundir.read_summary(run_dir))
 
 
 def absolute_paths(config: FedprivConfig, run_dir: str | Path | None = None) -> FedprivConfig:
@@ -101,18 +103,18 @@ def resumed_config(resume: str | Path, overrides: Sequence[str] = ()) -> Fedpriv
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     run_dir = Path(resume).expanduser().resolve()
-    saved = run_dir / "config.yaml"
+    saved = run_dir / rundir.CONFIG
     try:
-        raw = OmegaConf.load(saved)
+        raw = rundir.read_config_yaml(run_dir)
         previous = OmegaConf.merge(OmegaConf.structured(FedprivConfig), raw)
     except Exception as exc:  # missing, unreadable or from another version: its settings are unknown
-        raise ConfigError("resume", str(run_dir), f"its config.yaml cannot be read ({type(exc).__name__})",
-                          "resume only a run directory written by fedpriv, with its config.yaml") from None
+        raise ConfigError("resume", str(run_dir), f"its {rundir.CONFIG} cannot be read ({type(exc).__name__})",
+                          f"resume only a run directory written by fedpriv, with its {rundir.CONFIG}") from None
     fed = previous.federation
     if "ledger_scope" not in (raw.get("federation") or {}) and not fed.ledger_dir:
         fed.ledger_scope = "run"  # written before ledger_scope: without ledger_dir, ledgers lived in the run dir
     saved_scope = fed.ledger_scope
-    choices = _saved_group_choices(run_dir)
+    choices = rundir.read_hydra_choices(run_dir)
     overridden = set()
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
@@ -133,7 +135,7 @@ def resumed_config(resume: str | Path, overrides: Sequence[str] = ()) -> Fedpriv
         except Exception as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(key, override.value(), f"cannot be applied to the resumed run's config ({reason})",
-                              "check the key and value against that run's config.yaml") from None
+                              f"check the key and value against that run's {rundir.CONFIG}") from None
         overridden.add(key)
     if fed.ledger_scope != saved_scope:
         for key in ("ledger_dir", "ledger_run_dir"):
@@ -145,21 +147,12 @@ def resumed_config(resume: str | Path, overrides: Sequence[str] = ()) -> Fedpriv
     return to_config(previous)
 
 
-def _saved_group_choices(run_dir: Path) -> dict[str, object]:
-    """The config group options a run was composed with ({} if Hydra's record of them is missing)."""
-    try:
-        choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
-        return {str(group): option for group, option in choices.items()}
-    except Exception:  # not started by the fedpriv CLI (e.g. `flwr run`), or unreadable: none known
-        return {}
-
-
 def _fail(error: FedprivError) -> None:
     print(f"fedpriv: error: {error}", file=sys.stderr)
     raise SystemExit(EXIT_BAD_INPUT)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name=CONFIG_NAME)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         hydra_config = HydraConfig.get()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedpriv import rundir
 from fedpriv.errors import DataError, FedprivError
 
 if TYPE_CHECKING:  # annotations only: the model stack is imported when a command runs
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Classify images with a fedpriv run's model, with "
                                      "calibrated confidence; low-confidence images are flagged for a human.")
-    parser.add_argument("model", metavar="MODEL", help="a run directory, or a model.pt / checkpoint inside one")
+    parser.add_argument("model", metavar="MODEL", help=f"a run directory, or a {rundir.MODEL} / checkpoint inside one")
     parser.add_argument("images", metavar="IMAGES", nargs="+", help="PNG/JPEG/DICOM files or folders of them")
     parser.add_argument("--threshold", type=_probability, default=DEFAULT_THRESHOLD,
                         help=f"flag images whose calibrated probability is below this (default {DEFAULT_THRESHOLD})")

@@ -18,6 +18,7 @@ import argparse
 import logging
 import sys
 
+from fedpriv import rundir
 from fedpriv.errors import FedprivError
 
 PROG = "fedpriv-report"
@@ -44,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Write a finished run's report.html and report.md.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holding config.yaml, metrics.json, ...)")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=f"Write a finished run's {rundir.REPORT_HTML} and {rundir.REPORT_MD}.")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help=f"a run directory (holding {rundir.CONFIG}, {rundir.METRICS_JSON}, ...)")
     parser.add_argument("--recompute", action="store_true",
-                        help="recompute calibration and subgroup metrics from model.pt and the data even if "
-                             "calibration.json and subgroups.json exist")
+                        help=f"recompute calibration and subgroup metrics from {rundir.MODEL} and the data even if "
+                             f"{rundir.CALIBRATION} and {rundir.SUBGROUPS} exist")
     return parser
-
 
 if __name__ == "__main__":
     sys.exit(main())

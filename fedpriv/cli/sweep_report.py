@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from fedpriv.errors import FedprivError
 from fedpriv.report.sweep import write_sweep_report
 
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         report = write_sweep_report(args.directory)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, FedprivError) as error:  # no finished run, or an unreadable result.json
         print(f"fedpriv-sweep-report: error: {error}", file=sys.stderr)
         return 2
     print(report.read_text())

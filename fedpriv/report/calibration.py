@@ -27,6 +27,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
+from fedpriv.rundir import number
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 15
@@ -149,9 +151,9 @@ class CalibrationMetrics:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CalibrationMetrics:
-        bins = [ReliabilityBin(**{k: _number(v) if k != "count" else int(v) for k, v in b.items()})
+        bins = [ReliabilityBin(**{k: number(v) if k != "count" else int(v) for k, v in b.items()})
                 for b in data["bins"]]
-        return cls(*(_number(data[key]) for key in ("ece", "brier", "nll", "accuracy")), bins=bins)
+        return cls(*(number(data[key]) for key in ("ece", "brier", "nll", "accuracy")), bins=bins)
 
 
 @dataclass
@@ -172,8 +174,8 @@ class CalibrationReport:
         return _at_bound(self.temperature)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data (NaN becomes None)."""
-        return json_safe(asdict(self))
+        """Plain data for calibration.json (:mod:`fedpriv.rundir` encodes NaN and infinity)."""
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CalibrationReport:
@@ -200,18 +202,3 @@ def calibrate(calibration_logits: np.ndarray, calibration_labels: np.ndarray, te
 
 def _at_bound(temperature: float, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> bool:
     return min(abs(temperature - bound) / bound for bound in bounds) < 1e-3
-
-
-def _number(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN as None and infinities as "inf"/"-inf" (JSON has neither)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value

@@ -10,35 +10,27 @@ server holds) and measures calibration and subgroup metrics on the held-out test
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedpriv import rundir
 from fedpriv.config import FedprivConfig
 from fedpriv.data import MedicalImageDataset
-from fedpriv.errors import FedprivError
-from fedpriv.report.calibration import CalibrationReport, calibrate, json_safe, softmax
+from fedpriv.errors import RunFilesError
+from fedpriv.report.calibration import CalibrationReport, calibrate, softmax
 from fedpriv.report.fairness import SubgroupFairness, subgroup_fairness
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE, CONFIG_FILE = "model.pt", "config.yaml"
-CALIBRATION_FILE, SUBGROUPS_FILE = "calibration.json", "subgroups.json"
 
 
 def calibration_split(images: int) -> str:
     """How the report names the split the temperature is fitted on."""
     return f"the server's public calibration split (the dataset's official validation split, {images} images)"
-
-
-class RunFilesError(FedprivError):
-    """A run directory lacks a file the command needs, or holds one it cannot read."""
 
 
 @dataclass(frozen=True)
@@ -79,45 +71,17 @@ class RunModel:
 # ------------------------------------------------------------------------------ reading run files
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file's contents; :class:`RunFilesError` if it is unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunFilesError(f"cannot read {path}: {exc}") from exc
-
-
-def load_run_config(run_dir: Path) -> FedprivConfig:
-    """The run's resolved configuration (config.yaml), typed."""
-    from omegaconf import OmegaConf
-
-    from fedpriv.config import to_config
-
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise RunFilesError(f"{path} not found: is {run_dir} a fedpriv run directory?")
-    try:
-        raw = OmegaConf.load(path)
-        if "activation" not in raw.get("model", {}):
-            # Written before the activation was configurable: those CNNs all used ReLU. Activations
-            # have no weights, so the wrong one would load silently and predict nonsense.
-            OmegaConf.update(raw, "model.activation", "relu", force_add=True)
-        return to_config(raw)
-    except Exception as exc:  # OmegaConf raises many types for a bad or outdated file; say which file
-        raise RunFilesError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
-
-
 def resolve_model(path: str | Path) -> tuple[Path, Path]:
     """(model file, run directory) for a run directory or a model/checkpoint file inside one."""
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / MODEL_FILE
+        path = path / rundir.MODEL
     if not path.is_file():
-        raise RunFilesError(f"model not found: {path} (give a run directory or its model.pt)")
+        raise RunFilesError(f"model not found: {path} (give a run directory or its {rundir.MODEL})")
     for folder in (path.parent, path.parent.parent):  # model.pt, or checkpoints/round-NNN.pt
-        if (folder / CONFIG_FILE).is_file():
+        if (folder / rundir.CONFIG).is_file():
             return path, folder
-    raise RunFilesError(f"no {CONFIG_FILE} next to {path}: the model's architecture is unknown")
+    raise RunFilesError(f"no {rundir.CONFIG} next to {path}: the model's architecture is unknown")
 
 
 def load_state(model_file: Path) -> dict[str, torch.Tensor]:
@@ -179,21 +143,21 @@ def load_run_model(path: str | Path) -> RunModel:
     weights (its SHA-256 matches); otherwise T = 1 and ``uncalibrated_reason`` says why.
     """
     model_file, run_dir = resolve_model(path)
-    cfg = load_run_config(run_dir)
+    cfg = rundir.read_config(run_dir)
     state = load_state(model_file)
-    calibration_path = run_dir / CALIBRATION_FILE
-    saved = read_json(calibration_path) if calibration_path.is_file() else None
+    calibration_path = run_dir / rundir.CALIBRATION
+    saved = rundir.read_optional_json(calibration_path)
     names = (saved or {}).get("model", {}).get("class_names")
     info = model_info(cfg, state, names)
     model = info.build()
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise RunFilesError(f"{model_file} does not fit the {info.name} model of {run_dir / CONFIG_FILE}: "
+        raise RunFilesError(f"{model_file} does not fit the {info.name} model of {run_dir / rundir.CONFIG}: "
                             f"{str(exc).splitlines()[0]}") from exc
     loaded = RunModel(model.eval(), info, model_file)
     if saved is None:
-        loaded.uncalibrated_reason = f"no {CALIBRATION_FILE} in {run_dir} (run fedpriv-report {run_dir} to fit one)"
+        loaded.uncalibrated_reason = f"no {rundir.CALIBRATION} in {run_dir} (run fedpriv-report {run_dir} to fit one)"
     elif saved.get("model_sha256") != file_sha256(model_file):
         loaded.uncalibrated_reason = f"{calibration_path} was fitted for other weights than {model_file}"
     else:
@@ -220,12 +184,12 @@ def evaluate_final_model(run_dir: str | Path, dataset: MedicalImageDataset | Non
     is loaded from config.yaml.
     """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = rundir.read_config(run_dir)
     if dataset is None:
         from fedpriv.data import load_dataset
 
         dataset = load_dataset(cfg.dataset, cfg.seed)
-    model_file = run_dir / MODEL_FILE
+    model_file = run_dir / rundir.MODEL
     if not model_file.is_file():
         raise RunFilesError(f"{model_file} not found: the run has not finished")
     state = load_state(model_file)
@@ -241,21 +205,18 @@ def evaluate_final_model(run_dir: str | Path, dataset: MedicalImageDataset | Non
     subgroups = subgroup_fairness(softmax(test_logits), dataset.test.labels.numpy(), dataset.test.attributes,
                                   dataset.class_names, evaluated_on=calibration.evaluated_on,
                                   dataset_name=dataset.name)
-    _write(run_dir / CALIBRATION_FILE, {**calibration.to_dict(), "model": asdict(info), "model_file": MODEL_FILE,
-                                        "model_sha256": file_sha256(model_file)})
-    _write(run_dir / SUBGROUPS_FILE, subgroups.to_dict())
+    for name, data in ((rundir.CALIBRATION, {**calibration.to_dict(), "model": asdict(info),
+                                            "model_file": rundir.MODEL, "model_sha256": file_sha256(model_file)}),
+                       (rundir.SUBGROUPS, subgroups.to_dict())):
+        log.info("wrote %s", rundir.write_json(run_dir / name, data))
     return calibration, subgroups
-
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(json_safe(data), indent=2) + "\n")
-    log.info("wrote %s", path)
 
 
 def read_evaluation(run_dir: str | Path) -> tuple[CalibrationReport, SubgroupFairness] | None:
     """The saved calibration and subgroup results, or None when either file is missing."""
     run_dir = Path(run_dir)
-    paths = run_dir / CALIBRATION_FILE, run_dir / SUBGROUPS_FILE
+    paths = run_dir / rundir.CALIBRATION, run_dir / rundir.SUBGROUPS
     if not all(p.is_file() for p in paths):
         return None
-    return CalibrationReport.from_dict(read_json(paths[0])), SubgroupFairness.from_dict(read_json(paths[1]))
+    return (CalibrationReport.from_dict(rundir.read_json(paths[0])),
+            SubgroupFairness.from_dict(rundir.read_json(paths[1])))

@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+
+from fedpriv.rundir import number
+from fedpriv.training import roc_auc
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +169,8 @@ class SubgroupFairness:
         attributes = [
             AttributeFairness(
                 attribute=a["attribute"], groups=[GroupMetrics(**_numbers(g)) for g in a["groups"]],
-                equal_opportunity_difference=_number(a["equal_opportunity_difference"]),
-                demographic_parity_difference=_number(a["demographic_parity_difference"]),
+                equal_opportunity_difference=number(a["equal_opportunity_difference"]),
+                demographic_parity_difference=number(a["demographic_parity_difference"]),
                 missing=int(a.get("missing", 0)), skipped_reason=a.get("skipped_reason", ""))
             for a in data.get("attributes", [])
         ]
@@ -224,7 +226,7 @@ def _group(group: str, probabilities: np.ndarray, predictions: np.ndarray, label
     binary = num_classes == 2
     return GroupMetrics(
         group=group, count=len(labels), positives=int((labels == 1).sum()) if binary else -1,
-        auc=_auc(labels, probabilities), accuracy=float(np.mean(predictions == labels)),
+        auc=roc_auc(labels, probabilities), accuracy=float(np.mean(predictions == labels)),
         tpr=recall[1] if binary else _nanmean(recall), tnr=recall[0] if binary else _nanmean(specificity),
         selection_rate=float(np.mean(predictions == 1)) if binary else math.nan,
     )
@@ -246,24 +248,10 @@ def _largest_gap(per_class: list[list[float]]) -> float:
     return max(gaps) if gaps else math.nan
 
 
-def _auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    if len(np.unique(labels)) < 2:
-        return math.nan
-    if probabilities.shape[1] == 2:
-        return float(roc_auc_score(labels, probabilities[:, 1]))
-    if len(np.unique(labels)) < probabilities.shape[1]:
-        return math.nan
-    return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
-
-
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _number(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
 def _numbers(group: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if k in ("group", "count", "positives") else _number(v)) for k, v in group.items()}
+    return {k: (v if k in ("group", "count", "positives") else number(v)) for k, v in group.items()}

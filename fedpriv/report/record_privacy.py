@@ -22,6 +22,7 @@ from fedpriv.data import MedicalImageDataset
 from fedpriv.errors import FedprivError
 from fedpriv.experiment import Experiment, partition_experiment
 from fedpriv.privacy.ledger import read_ledger
+from fedpriv.rundir import number
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,11 @@ def reported_spreads(rounds: list[dict[str, Any]], final: dict[str, dict[str, An
                                     if "epsilon-median" in r["hospitals"].get(name, {})), ({}, None))
         records, exhausted = reply.get("records", state.get("records")), reply.get("exhausted-records")
         spreads.append(RecordSpread(
-            name, _number(reply.get("budget-epsilon", state.get("budget_epsilon"))),
+            name, number(reply.get("budget-epsilon", state.get("budget_epsilon"))),
             None if records is None else int(records), None if exhausted is None else int(exhausted),
-            math.nan, _number(reply.get("epsilon-median")), _number(reply.get("epsilon", state.get("epsilon"))),
+            math.nan, number(reply.get("epsilon-median")), number(reply.get("epsilon", state.get("epsilon"))),
             reported_round=round_number))
     return spreads
-
-
-def _number(value: Any) -> float:
-    return math.nan if value is None else float(value)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpriv import rundir
 from fedpriv.config import FedprivConfig
 from fedpriv.data import MedicalImageDataset
 from fedpriv.errors import FedprivError
@@ -42,15 +43,7 @@ from fedpriv.report.document import (
     to_html,
     to_markdown,
 )
-from fedpriv.report.evaluation import (
-    CALIBRATION_FILE,
-    CONFIG_FILE,
-    SUBGROUPS_FILE,
-    evaluate_final_model,
-    load_run_config,
-    read_evaluation,
-    read_json,
-)
+from fedpriv.report.evaluation import evaluate_final_model, read_evaluation
 from fedpriv.report.fairness import (
     PRIVATE_NOTE,
     AttributeFairness,
@@ -60,11 +53,10 @@ from fedpriv.report.fairness import (
     hospital_fairness,
 )
 from fedpriv.report.record_privacy import LedgerSpreads, RecordSpread, ledger_spreads, reported_spreads
+from fedpriv.rundir import number
 
 log = logging.getLogger(__name__)
 
-REPORT_HTML, REPORT_MD, FIGURE_DIR = "report.html", "report.md", "figures"
-SWEEP_PLOT = "privacy_utility.png"
 MAX_ROUND_COLUMNS = 12
 SMALL_GROUP = 30
 LABELS = {"auc": "AUC", "tpr": "TPR", "tnr": "TNR", "selection_rate": "selection rate"}
@@ -88,13 +80,9 @@ class RunFiles:
     @classmethod
     def load(cls, run_dir: str | Path) -> RunFiles:
         run_dir = Path(run_dir)
-        config = load_run_config(run_dir)
-
-        def optional(name: str) -> Any:
-            return read_json(run_dir / name) if (run_dir / name).is_file() else None
-
-        return cls(run_dir, config, (run_dir / CONFIG_FILE).read_text(), optional("metrics.json"),
-                   optional("result.json"), optional("partition.json"))
+        config = rundir.read_config(run_dir)
+        return cls(run_dir, config, rundir.read_config_text(run_dir), rundir.read_metrics(run_dir),
+                   rundir.read_result(run_dir), rundir.read_partition(run_dir))
 
     @property
     def rounds(self) -> list[dict[str, Any]]:
@@ -142,9 +130,9 @@ def write_run_report(run_dir: str | Path, *, dataset: MedicalImageDataset | None
     warnings = [f"calibration and subgroup metrics not computed: {problem}"] if problem else []
     blocks = build_report(files, evaluation, problem, warnings, dataset=dataset)
     title = f"fedpriv run report: {files.run_id}"
-    save_figures(blocks, files.run_dir / FIGURE_DIR)
-    written = WrittenReport(files.run_dir / REPORT_HTML, files.run_dir / REPORT_MD, warnings)
-    written.markdown.write_text(to_markdown(title, blocks, FIGURE_DIR), encoding="utf-8")
+    save_figures(blocks, files.run_dir / rundir.FIGURES)
+    written = WrittenReport(files.run_dir / rundir.REPORT_HTML, files.run_dir / rundir.REPORT_MD, warnings)
+    written.markdown.write_text(to_markdown(title, blocks, rundir.FIGURES), encoding="utf-8")
     written.html.write_text(to_html(title, blocks), encoding="utf-8")
     log.info("run report written to %s and %s", written.html, written.markdown)
     return written
@@ -201,27 +189,23 @@ def _guarded(title: str, section: Callable[[], list[Block]], warnings: list[str]
 # ------------------------------------------------------------------------------------- formatting
 
 
-def _number(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
 def fmt(value: Any, digits: int = 4) -> str:
     """A metric for a table: NaN/None as "n/a", infinity as "inf"."""
-    number = _number(value)
-    if math.isnan(number):
+    figure = number(value)
+    if math.isnan(figure):
         return "n/a"
-    return ("inf" if number > 0 else "-inf") if math.isinf(number) else f"{number:.{digits}f}"
+    return ("inf" if figure > 0 else "-inf") if math.isinf(figure) else f"{figure:.{digits}f}"
 
 
 def fmt_epsilon(value: Any) -> str:
     """An epsilon: three decimals, or "inf (NOT PRIVATE)"."""
-    number = _number(value)
-    return "inf (NOT PRIVATE)" if math.isinf(number) else fmt(number, 3)
+    figure = number(value)
+    return "inf (NOT PRIVATE)" if math.isinf(figure) else fmt(figure, 3)
 
 
 def fmt_budget(value: Any) -> str:
-    number = _number(value)
-    return "none" if math.isinf(number) else f"{number:g}"
+    figure = number(value)
+    return "none" if math.isinf(figure) else f"{figure:g}"
 
 
 # --------------------------------------------------------------------------------------- sections
@@ -235,7 +219,7 @@ def _summary(files: RunFiles, calibration: CalibrationReport | None, hospitals: 
         blocks.append(Banner("SYNTHETIC data (generated images, not patients): these results say nothing "
                              "clinical.", "warning"))
     if files.result is None:
-        blocks.append(Banner("This run has not finished (no result.json): figures are from the last "
+        blocks.append(Banner(f"This run has not finished (no {rundir.RESULT}): figures are from the last "
                              "finished round.", "warning"))
     if files.private and _throwaway_ledger(files):
         blocks.append(Banner(THROWAWAY_LEDGER, "warning"))
@@ -257,7 +241,7 @@ def _summary(files: RunFiles, calibration: CalibrationReport | None, hospitals: 
 
 def _max_epsilon(files: RunFiles) -> str:
     hospitals = (files.result or {}).get("hospitals") or (files.rounds[-1]["privacy"] if files.rounds else [])
-    spent = [_number(h["epsilon"]) for h in hospitals]
+    spent = [number(h["epsilon"]) for h in hospitals]
     if not spent:
         return "n/a"
     if not files.private or any(math.isinf(e) for e in spent):
@@ -311,7 +295,7 @@ def _configuration(files: RunFiles) -> list[Block]:
         ["seed", str(cfg.seed)],
     ]
     return [Heading("Configuration"), Table(["setting", "value"], rows),
-            Code(files.config_text, summary=f"Full resolved configuration ({CONFIG_FILE})")]
+            Code(files.config_text, summary=f"Full resolved configuration ({rundir.CONFIG})")]
 
 
 def _data(files: RunFiles) -> list[Block]:
@@ -326,7 +310,7 @@ def _data(files: RunFiles) -> list[Block]:
         blocks.append(Table(headers, rows))
     elif files.result:
         rows = [[h["hospital"], str(h["records"])] for h in files.result["hospitals"]]
-        blocks += [Paragraph("partition.json is not in this run directory (the fedpriv CLI writes it); "
+        blocks += [Paragraph(f"{rundir.PARTITION_JSON} is not in this run directory (the fedpriv CLI writes it); "
                              "training records as reported by the hospitals:"),
                    Table(["hospital", "training records"], rows)]
     return blocks
@@ -436,7 +420,7 @@ def _privacy_table(files: RunFiles) -> Table:
     rows = []
     for name, state in final.items():
         per_round = [next((p for p in rounds[i]["privacy"] if p["hospital"] == name), None) for i in shown]
-        rows.append([name, fmt_budget(state["budget_epsilon"]), f"{_number(state['delta']):g}",
+        rows.append([name, fmt_budget(state["budget_epsilon"]), f"{number(state['delta']):g}",
                      *(fmt_epsilon(p["epsilon"]) if p else "-" for p in per_round), fmt_epsilon(state["epsilon"]),
                      "yes" if state["locked"] else "no"])
     return Table(headers, rows)
@@ -495,7 +479,7 @@ def _spread_table(spreads: list[RecordSpread], *, reported: bool) -> Table:
     rows = [[s.hospital, "not reported" if s.records is None else str(s.records), fmt_budget(s.budget),
              *(_record_epsilon(v) for v in (s.minimum, s.median, s.maximum)),
              "not reported" if s.exhausted is None else f"{s.exhausted} of {s.records}",
-             *([f"round {s.reported_round}" if s.reported_round is not None else "result.json"] if reported else [])]
+             *([f"round {s.reported_round}" if s.reported_round is not None else rundir.RESULT] if reported else [])]
             for s in spreads]
     headers = ["hospital", "records", "budget", "min epsilon", "median epsilon", "max epsilon", "exhausted"]
     return Table([*headers, *(["reported in"] if reported else [])], rows)
@@ -522,7 +506,7 @@ def _calibration(calibration: CalibrationReport | None, problem: str) -> list[Bl
         Paragraph(f"Temperature scaling: T = {calibration.temperature:.3f}, fitted by minimising the "
                   f"negative log-likelihood on {calibration.fitted_on}, never on a hospital's private data. "
                   f"T > 1 means the model was over-confident. T changes neither the predicted class nor a binary "
-                  f"AUC. It is saved in {CALIBRATION_FILE} and fedpriv-predict applies it."),
+                  f"AUC. It is saved in {rundir.CALIBRATION} and fedpriv-predict applies it."),
         *_bound_warning(calibration),
         Table(["metric (test split)", "before (T = 1)", f"after (T = {calibration.temperature:.3f})"], rows),
         Figure("reliability", figures.reliability_diagram(calibration),
@@ -600,13 +584,13 @@ def _gap_line(attribute: AttributeFairness) -> str:
 
 def _sweep(files: RunFiles) -> list[Block]:
     parent = files.run_dir.parent
-    plot = parent / SWEEP_PLOT
+    plot = parent / rundir.SWEEP_PLOT
     if plot.is_file():
         return [Heading("Sweep"),
-                Paragraph(f"This run is part of the sweep in {parent} (table: ../sweep.md)."),
+                Paragraph(f"This run is part of the sweep in {parent} (table: ../{rundir.SWEEP_MD})."),
                 Figure("privacy_utility", plot.read_bytes(), "Privacy-utility trade-off over the whole sweep.",
-                       markdown_path=f"../{SWEEP_PLOT}")]
-    if (parent / "multirun.yaml").is_file():
+                       markdown_path=f"../{rundir.SWEEP_PLOT}")]
+    if (parent / rundir.MULTIRUN_RECORD).is_file():
         return [Heading("Sweep"),
                 Paragraph("This run is part of a sweep whose privacy-utility plot is written when the sweep ends; "
                           "run fedpriv-report on this directory afterwards to include it.")]
@@ -615,10 +599,8 @@ def _sweep(files: RunFiles) -> list[Block]:
 
 def _files(files: RunFiles) -> list[Block]:
     run_dir = files.run_dir
-    names = ["config.yaml", "metrics.json", "metrics.csv", "result.json", "summary.md", "partition.md",
-             "partition.json", "model.pt", CALIBRATION_FILE, SUBGROUPS_FILE, "audit.md"]
-    rows = [[name, "present" if (run_dir / name).is_file() else "absent"] for name in names]
-    for folder in ("checkpoints", "ledgers"):
+    rows = [[name, "present" if (run_dir / name).is_file() else "absent"] for name in rundir.LISTED_FILES]
+    for folder in rundir.LISTED_FOLDERS:
         count = sum(1 for _ in (run_dir / folder).glob("*")) if (run_dir / folder).is_dir() else 0
         rows.append([f"{folder}/", f"{count} files"])
     return [Heading("Files"), Paragraph(f"Run directory: {run_dir}"), Table(["file", "status"], rows)]

@@ -7,7 +7,6 @@ reads them all, so it can be regenerated at any time with `fedpriv-sweep-report 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -15,21 +14,25 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from fedpriv import rundir
+from fedpriv.errors import FedprivError
+from fedpriv.rundir import number
+
 log = logging.getLogger("fedpriv")
 
 
 def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Every finished run below `sweep_dir`, sorted by mode and epsilon budget."""
     rows = []
-    for path in sorted(Path(sweep_dir).rglob("result.json")):
-        result = json.loads(path.read_text())
-        spent = [_number(h["epsilon"]) for h in result["hospitals"]]
+    for path in rundir.result_files(sweep_dir):
+        result = rundir.read_json(path)
+        spent = [number(h["epsilon"]) for h in result["hospitals"]]
         rows.append({
             "run": str(path.parent.relative_to(sweep_dir)) or ".",
             "mode": result["mode"],
-            "epsilon_budget": _number(result["epsilon_budget"]),
-            "auc": _number(result["test"].get("auc")),
-            "accuracy": _number(result["test"].get("accuracy")),
+            "epsilon_budget": number(result["epsilon_budget"]),
+            "auc": number(result["test"].get("auc")),
+            "accuracy": number(result["test"].get("accuracy")),
             "epsilon_spent_max": max(spent, default=math.nan),
             "epsilon_spent": spent,
             "rounds_run": result["rounds_run"],
@@ -38,12 +41,6 @@ def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
             "ledger_scope": result.get("ledger_scope", "persistent"),  # "run": a throw-away ledger
         })
     return sorted(rows, key=lambda r: (r["mode"], r["epsilon_budget"], r["seed"]))
-
-
-def _number(value: Any) -> float:
-    if value is None:
-        return math.nan
-    return float(value)  # "inf" strings become infinity
 
 
 def _fmt(value: float) -> str:
@@ -62,8 +59,8 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     sweep_dir = Path(sweep_dir)
     rows = collect_results(sweep_dir)
     if not rows:
-        raise FileNotFoundError(f"no finished runs (result.json) under {sweep_dir}")
-    with open(sweep_dir / "sweep.csv", "w", newline="") as handle:
+        raise FileNotFoundError(f"no finished runs ({rundir.RESULT}) under {sweep_dir}")
+    with open(sweep_dir / rundir.SWEEP_CSV, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["run", "mode", "epsilon_budget", "test_auc", "test_accuracy", "epsilon_spent_max",
                          "epsilon_spent_per_hospital", "rounds_run", "seed"])
@@ -78,9 +75,9 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         spent = ", ".join(_spent(e) for e in r["epsilon_spent"])
         lines.append(f"| {_fmt(r['epsilon_budget'])} | {r['mode']} | {r['auc']:.4f} | {r['accuracy']:.4f} | "
                      f"{spent} | {r['rounds_run']} | {r['run']} |")
-    lines += ["", *_ledger_sentences(rows), "![privacy-utility](privacy_utility.png)", ""]
-    plot_privacy_utility(rows, sweep_dir / "privacy_utility.png")
-    report = sweep_dir / "sweep.md"
+    lines += ["", *_ledger_sentences(rows), f"![privacy-utility]({rundir.SWEEP_PLOT})", ""]
+    plot_privacy_utility(rows, sweep_dir / rundir.SWEEP_PLOT)
+    report = sweep_dir / rundir.SWEEP_MD
     report.write_text("\n".join(lines))
     log.info("sweep report written to %s", report)
     return report
@@ -134,9 +131,9 @@ class SweepReportCallback(Callback):
 
         try:
             write_sweep_report(config.hydra.sweep.dir)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, FedprivError) as error:
             log.warning("no sweep report: %s", error)
             return
         # Each run's report was written before the sweep plot existed: refresh them to embed it.
-        for result in Path(config.hydra.sweep.dir).rglob("result.json"):
+        for result in rundir.result_files(config.hydra.sweep.dir):
             write_run_report(result.parent)
