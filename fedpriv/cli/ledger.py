@@ -43,6 +43,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fedpriv import rundir
 from fedpriv.errors import FedprivError
 from fedpriv.privacy.chain import ChainKey, key_path_for
 from fedpriv.privacy.ledger import LedgerEvent, PrivacyLedger, read_ledger
@@ -138,12 +139,12 @@ def _show(args: argparse.Namespace) -> int:
         if args.record is not None:
             return _show_record(ledger, args)
         summary = _summary(ledger)
-    print(json.dumps(_json_ready(summary), indent=2) if args.json else _render(summary))
+    print(json.dumps(rundir.encode(summary), indent=2) if args.json else _render(summary))
     return EXIT_OK
 
 
 def _summary(ledger: PrivacyLedger) -> dict[str, Any]:
-    """Everything `show` prints, as data (floats as they are; infinity is made "inf" for JSON only)."""
+    """Everything `show` prints, as data (floats as they are; infinity is made "inf" for JSON only, as in a run directory)."""
     status = ledger.status()
     events = ledger.events()
     return {
@@ -241,7 +242,7 @@ def _show_record(ledger: PrivacyLedger, args: argparse.Namespace) -> int:
         "events": [_event(e) for e in events],
     }
     if args.json:
-        print(json.dumps(_json_ready(record), indent=2))
+        print(json.dumps(rundir.encode(record), indent=2))
         return EXIT_OK
     state = "EXHAUSTED (it never trains again)" if exhausted else "not exhausted"
     seen = f"first seen in entry {first}" if first is not None else "first entry unknown"
@@ -273,17 +274,6 @@ def format_epsilon(value: float, budget: float | None = None) -> str:
         if (shown < budget) == (value < budget) and (shown > budget) == (value > budget):
             return text
     return repr(value)
-
-
-def _json_ready(value: Any) -> Any:
-    """``value`` with every infinite float as the string "inf" (or "-inf") and NaN as "nan"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------- verify
