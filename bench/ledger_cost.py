@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpriv.privacy import accounting
+from fedpriv.privacy import accounting, rdp
 from fedpriv.privacy.accounting import PrivacyEvent, epsilon, noise_multiplier_for
 from fedpriv.privacy.ledger import PrivacyLedger, read_ledger
 from fedpriv.privacy.plan import steps_per_epoch
@@ -42,7 +42,7 @@ def bisection_reference(*, target_epsilon, delta, sample_rate, steps, accountant
         return epsilon([PrivacyEvent(sigma, sample_rate, steps)], delta, accountant)
 
     def quick(sigma):
-        return accounting._rdp_epsilon([(sigma, sample_rate, steps)], delta, accounting._QUICK_RDP_ORDERS)
+        return rdp.rdp_epsilon([(sigma, sample_rate, steps)], delta, rdp.QUICK_ORDERS)
 
     high = 1.0
     while quick(high) > target_epsilon:
@@ -64,7 +64,7 @@ def bisection_reference(*, target_epsilon, delta, sample_rate, steps, accountant
 def counted(function, **kwargs):
     """(result, seconds, accountant calls) of one calibration from cold caches."""
     accounting._epsilon_of_history.cache_clear()
-    accounting._one_step_rdp.cache_clear()
+    rdp.one_step_rdp.cache_clear()
     calls = 0
     original = accounting._opacus_epsilon
 

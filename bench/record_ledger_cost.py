@@ -125,7 +125,7 @@ def rdp_bound_accounting():
     through; only each charge's informational ``projected_epsilon`` is the (higher) bound. Set-up of
     the changing 10,000-record ledger takes 8 s instead of 162 s. Nothing measured runs under it.
     """
-    from fedpriv.privacy import accounting
+    from fedpriv.privacy import accounting, rdp
     from fedpriv.privacy.ledger import PrivacyLedger
 
     original = PrivacyLedger._epsilon
@@ -134,8 +134,8 @@ def rdp_bound_accounting():
         merged = accounting.merge_events(events)
         if not merged:
             return 0.0
-        return accounting._rdp_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in merged],
-                                       history.delta, accounting._QUICK_RDP_ORDERS)
+        return rdp.rdp_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in merged],
+                               history.delta, rdp.QUICK_ORDERS)
 
     PrivacyLedger._epsilon = bound
     try:
@@ -229,10 +229,10 @@ def stub_train_local(model, data, plan, **_):
 
 def clear_caches() -> None:
     """Empty every in-process cache the ledger's accounting uses (a fresh process)."""
-    from fedpriv.privacy import accounting, prv, store
+    from fedpriv.privacy import accounting, prv, rdp, store
 
     accounting._epsilon_of_history.cache_clear()
-    accounting._one_step_rdp.cache_clear()
+    rdp.one_step_rdp.cache_clear()
     prv.clear_caches()  # grids, spectra and their powers, PRV integrals
     with store._SET_CACHE_LOCK:
         store._SET_CACHE.clear()

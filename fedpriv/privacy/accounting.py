@@ -14,9 +14,8 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from fedpriv.errors import PrivacyError
+from fedpriv.privacy.rdp import QUICK_ORDERS, rdp_epsilon
 
 # Opacus is imported where it is used, not here: it takes ~1.4 s, and the processes that only read
 # configs or ledgers' stored values (the CLI, the ServerApp) should not pay it.
@@ -28,7 +27,6 @@ ACCOUNTANTS = ("prv", "rdp")
 _PRV_SHORTCUT_EPSILON = 64.0
 
 _MAX_USEFUL_SIGMA = 128.0
-_QUICK_RDP_ORDERS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 # PRV needs a non-trivial noise multiplier to build its discretisation domain; below this
 # sigma the bound is astronomically large anyway, so report infinity instead of failing.
@@ -96,44 +94,20 @@ def _epsilon_of_history(history: tuple[tuple[float, float, int], ...], delta: fl
     if accountant == "rdp":
         from opacus.accountants import RDPAccountant
 
-        return _rdp_epsilon(history, delta, tuple(RDPAccountant.DEFAULT_ALPHAS))
+        return rdp_epsilon(history, delta, tuple(RDPAccountant.DEFAULT_ALPHAS))
     # A cheap RDP bound over a few integer orders (valid, looser) spots the huge-epsilon histories
     # on which PRV would take seconds to minutes.
-    upper = _rdp_epsilon(history, delta, _QUICK_RDP_ORDERS)
+    upper = rdp_epsilon(history, delta, QUICK_ORDERS)
     if upper > _PRV_SHORTCUT_EPSILON:
         return upper
     return _opacus_epsilon(history, delta, accountant)
 
 
-def _rdp_epsilon(history, delta: float, orders: tuple[float, ...]) -> float:
-    """What Opacus's RDPAccountant computes for `history`, with each (sigma, q)'s RDP curve cached.
-
-    RDP composes by addition and is linear in the number of steps, so a history's curve is the sum
-    of steps x the one-step curve of each (sigma, q). A ledger's events mostly share one (sigma, q)
-    per run, so the expensive part (Opacus's per-order series) runs once per run, not per charge.
-    """
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    curve = sum(steps * _one_step_rdp(sample_rate, sigma, orders) for sigma, sample_rate, steps in history)
-    with warnings.catch_warnings():
-        # RDP's "optimal order is the largest alpha" only means the bound could be tighter.
-        warnings.simplefilter("ignore", UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=curve, delta=delta)
-    return float(eps)
-
-
-@functools.lru_cache(maxsize=4096)
-def _one_step_rdp(sample_rate: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=list(orders))
-    curve.setflags(write=False)  # shared by the cache: nobody may change it in place
-    return curve
-
-
 def _opacus_epsilon(history, delta: float, accountant: str, **kwargs) -> float:
     if accountant == "prv":
-        from fedpriv.privacy.prv import prv_epsilon
+        from fedpriv.privacy.prv import (
+            prv_epsilon,  # deferred: Opacus's PRV internals take ~1.4 s to import
+        )
 
         return prv_epsilon(tuple(history), delta, **kwargs)
     from opacus.accountants import create_accountant
@@ -173,7 +147,7 @@ def noise_multiplier_for(
         return epsilon([*prior_events, PrivacyEvent(sigma, sample_rate, steps)], delta, accountant)
 
     def quick_bound(sigma: float) -> float:
-        return _rdp_epsilon([*prior, (sigma, sample_rate, steps)], delta, _QUICK_RDP_ORDERS)
+        return rdp_epsilon([*prior, (sigma, sample_rate, steps)], delta, QUICK_ORDERS)
 
     # 1. A bracket from a cheap RDP bound over a few integer orders. It is never below the
     #    accountant's epsilon (RDP over fewer orders is looser; PRV is tighter than RDP), so `high`,

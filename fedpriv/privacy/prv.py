@@ -32,6 +32,7 @@ default federation's hospitals a few MiB.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import threading
@@ -46,7 +47,7 @@ from scipy import integrate
 from scipy.fft import irfft, next_fast_len, rfft
 
 from fedpriv.errors import PrivacyError
-from fedpriv.privacy.accounting import _QUICK_RDP_ORDERS, _rdp_epsilon
+from fedpriv.privacy.rdp import QUICK_ORDERS, rdp_epsilon
 
 EPS_ERROR = 0.01  # Opacus's default: the reported epsilon is the estimate plus this
 
@@ -61,7 +62,7 @@ def prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, eps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # RDP's "optimal order is the largest alpha"
         # Half a valid RDP bound at this delta (PRV is tighter, but not by half) starts the search.
-        guess = 0.5 * _rdp_epsilon(history, delta, _QUICK_RDP_ORDERS)
+        guess = 0.5 * rdp_epsilon(history, delta, QUICK_ORDERS)
         return upper_epsilon(compose(history, eps_error, delta_error), delta, delta_error, eps_error, guess)
 
 
@@ -117,7 +118,7 @@ def ledger_grid(history, eps_error: float, delta_error: float) -> tuple[float, i
     """(half-width, step count) rounded up, with the errors: what the grid is built from."""
     total = sum(steps for _, _, steps in history)
     rounded_total = max(1, math.ceil(2 ** (math.ceil(2 * math.log2(total)) / 2))) if total > 1 else 1
-    bound = _rdp_epsilon(history, delta_error / 4, _ALPHAS)
+    bound = rdp_epsilon(history, delta_error / 4, _ALPHAS)
     for sigma, sample_rate, _ in history:
         bound = max(bound, _one_step_bound(sigma, sample_rate, delta_error / (8 * rounded_total)))
     half_width = math.ceil(2 * (max(bound, eps_error) + 3)) / 2
@@ -129,7 +130,7 @@ _ALPHAS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 @functools.lru_cache(maxsize=4096)
 def _one_step_bound(sigma: float, sample_rate: float, delta: float) -> float:
-    return _rdp_epsilon([(sigma, sample_rate, 1)], delta, _ALPHAS)
+    return rdp_epsilon([(sigma, sample_rate, 1)], delta, _ALPHAS)
 
 
 @functools.lru_cache(maxsize=64)
@@ -189,9 +190,9 @@ class _SpectrumCache:
         with self.lock:
             best = None
             for key, value in self.items.items():
-                if key[0] == "power" and key[1:4] == (sigma, sample_rate, grid) and key[4] <= steps:
-                    if best is None or key[4] > best[0]:
-                        best = (key[4], value[0])
+                if (key[0] == "power" and key[1:4] == (sigma, sample_rate, grid) and key[4] <= steps
+                        and (best is None or key[4] > best[0])):
+                    best = (key[4], value[0])
             return best
 
     def clear(self) -> None:
@@ -291,7 +292,7 @@ def _truncated_mean(prv: PoissonSubsampledGaussianPRV, t_min: float, t_max: floa
         return 0.0 if t < t_min else (float(prv.cdf(t)) - cdf_min) / mass if t < t_max else 1.0
 
     mean = 0.0
-    for left, right in zip(points[:-1], points[1:]):
+    for left, right in itertools.pairwise(points):
         integral = _cdf_integral(prv.sample_rate, prv.noise_multiplier, float(left), float(right))
         integral = (integral - (right - left) * cdf_min) / mass
         mean += right * truncated_cdf(right) - left * truncated_cdf(left) - integral
