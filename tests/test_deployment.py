@@ -527,3 +527,95 @@ def test_cli_local_checks_the_config_before_starting_anything(tmp_path):
     assert result.returncode == 2
     assert "federation.num_hospitals" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ hospital-owned keys (issue 19, item 3)
+
+
+_OPENED: list[tuple[str, object, object]] | None = None  # (path, mode, flags) while a test listens
+
+
+def _note_open(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append((os.fsdecode(args[0]), args[1], args[2]))
+
+
+sys.addaudithook(_note_open)  # permanent for the process, but records only while _OPENED is a list
+
+
+def _read_opens(opened: list[tuple[str, object, object]]) -> set[str]:
+    """Paths opened for reading (builtins.open with an 'r' or '+' mode, os.open without O_WRONLY)."""
+    read = set()
+    for path, mode, flags in opened:
+        if isinstance(mode, str):
+            reading = "r" in mode or "+" in mode
+        else:
+            reading = isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR) != os.O_WRONLY
+        if reading:
+            read.add(str(Path(path).resolve()))
+    return read
+
+
+def test_the_rehearsal_keeps_each_hospitals_private_keys_in_its_own_folder_unread(tmp_path):
+    """Hospitals make their keys and requests; the coordinator signs and registers, never opening a private key."""
+    global _OPENED
+    from fedpriv.deployment.rehearsal import LocalFederation
+    from fedpriv.experiment import prepare_experiment
+
+    experiment = prepare_experiment(compose_config([*RUN_OVERRIDES, "federation.num_hospitals=2"]))
+    federation = LocalFederation(experiment, tmp_path / "out", budgets=[3.0, 3.0])
+    _OPENED = []
+    try:
+        federation.prepare()
+        opened = list(_OPENED)
+    finally:
+        _OPENED = None
+    out = federation.out
+    private = {h.name: (h.private_key, h.tls_key) for h in federation.hospitals}
+    for hospital in federation.hospitals:
+        keys = hospital.folder / "keys"
+        assert all(path.parent == keys and stat.S_IMODE(path.stat().st_mode) == 0o600 for path in private[hospital.name])
+        # What came back fits the hospital's own key: the certificate is for its TLS key, clientAuth, CN=its name.
+        certificate = x509.load_pem_x509_certificate(hospital.tls_certificate.read_bytes())
+        tls_key = serialization.load_pem_private_key(hospital.tls_key.read_bytes(), None)
+        assert certificate.public_key().public_numbers() == tls_key.public_key().public_numbers()
+        assert certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == hospital.name
+        assert certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == \
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+        # The coordinator registers its own copy of the public key, which matches the hospital's private key.
+        assert hospital.public_key.is_relative_to(out / "credentials" / "coordinator")
+        ssh_private = serialization.load_ssh_private_key(hospital.private_key.read_bytes(), None)
+        ssh_public = serialization.load_ssh_public_key(hospital.public_key.read_bytes())
+        assert ssh_private.public_key().public_numbers() == ssh_public.public_numbers()
+    secrets = [path.read_bytes() for pair in private.values() for path in pair]
+    coordinator_files = [path for path in (out / "credentials").rglob("*") if path.is_file()]
+    assert not any(path.read_bytes() in secrets for path in coordinator_files)  # no copy of any hospital key
+    assert {p.name for p in coordinator_files if b"PRIVATE KEY" in p.read_bytes()} == {"ca.key", "server.key"}
+    # During the whole preparation no hospital private key was opened for reading: only created.
+    paths = {str(path.resolve()) for pair in private.values() for path in pair}
+    assert paths <= {str(Path(path).resolve()) for path, _, _ in opened}  # the listener did see them being written
+    assert not paths & _read_opens(opened)
+    assert str(federation.credentials.ca_key) in _read_opens(opened)  # ... while it saw the CA key being read
+
+
+def test_cli_hospital_keys_then_sign_with_one_clear_error_for_bad_requests(tmp_path):
+    assert _cli("credentials", "--out", str(tmp_path / "creds")).returncode == 0
+    assert not (tmp_path / "creds" / "hospitals").exists()  # the coordinator makes no hospital key by default
+    made = _cli("hospital-keys", "--name", "A", "--out", str(tmp_path / "siteA"))
+    assert made.returncode == 0, made.stderr
+    assert "Send to the coordinator" in made.stdout and "A-tls.csr" in made.stdout
+    assert _cli("hospital-keys", "--name", "A", "--out", str(tmp_path / "siteA")).returncode == 2  # no overwrite
+    ca = ["--ca-key", str(tmp_path / "creds" / "ca" / "ca.key"), "--ca-cert",
+          str(tmp_path / "creds" / "coordinator" / "ca.crt")]
+    signed = _cli("sign", "--csr", str(tmp_path / "siteA" / "A-tls.csr"), *ca, "--out", str(tmp_path / "A-tls.crt"),
+                  "--name", "A")
+    assert signed.returncode == 0, signed.stderr
+    certificate = x509.load_pem_x509_certificate((tmp_path / "A-tls.crt").read_bytes())
+    assert not certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    wrong_name = _cli("sign", "--csr", str(tmp_path / "siteA" / "A-tls.csr"), *ca, "--out", str(tmp_path / "B.crt"),
+                      "--name", "B")
+    assert wrong_name.returncode == 2 and "is for 'A'" in wrong_name.stderr and "Traceback" not in wrong_name.stderr
+    (tmp_path / "bad.csr").write_text("not a request")
+    bad = _cli("sign", "--csr", str(tmp_path / "bad.csr"), *ca, "--out", str(tmp_path / "bad.crt"))
+    assert bad.returncode == 2 and "bad.csr" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.crt").exists() and not (tmp_path / "B.crt").exists()

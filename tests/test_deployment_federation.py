@@ -18,6 +18,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import ssl
 import subprocess
@@ -51,13 +54,17 @@ from fedpriv.deployment.client_tls import client_context
 from fedpriv.deployment.credentials import make_ca, make_client_certificate, make_supernode_keys
 from fedpriv.deployment.processes import (
     ManagedProcess,
+    ProcessSet,
+    _flwr_json,
     flower_env,
     online_nodes,
     run_command,
     supernode_command,
+    wait_for_superlink,
     write_flwr_config,
 )
-from fedpriv.deployment.rehearsal import LocalFederation, free_port
+from fedpriv.deployment.proxy import wait_for_proxy
+from fedpriv.deployment.rehearsal import LocalFederation, free_port, write_share
 from fedpriv.experiment import prepare_experiment
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.simulation import processes_mentioning, terminate_tree
@@ -87,7 +94,11 @@ def federation(tmp_path_factory):
     federation.run_cfg = cfg
     federation.server_ledgers = server_ledgers
     try:
-        federation.__enter__()
+        federation.prepare()
+        # The third hospital's node config calls it by the first one's name (a rogue claim, and two
+        # nodes claiming one name): the server must report it under the name its key was registered with.
+        federation.hospitals[2].claimed_name = federation.hospitals[0].name
+        federation.start()
         yield federation
     finally:
         federation.stop()
@@ -404,6 +415,13 @@ def test_a_parallel_run_spends_each_hospitals_own_budget(federation, spent):
     poor = federation.hospitals[2].name
     assert all(r["hospitals"][poor]["status"] == "refused" for r in rounds)
     assert all("nothing charged" in r["hospitals"][poor]["message"] for r in rounds)
+    # It calls itself by the first hospital's name; every row is still the registered node's own, and the
+    # duplicate claim stopped nothing.
+    assert federation.hospitals[2].node_config()["name"] == federation.hospitals[0].name
+    assert all(set(r["hospitals"]) == {h.name for h in federation.hospitals} for r in rounds)
+    assert all(r["hospitals"][federation.hospitals[0].name]["status"] == "trained" for r in rounds)
+    summary = (outcome.run_dir / "summary.md").read_text()
+    assert summary.count(f"| {federation.hospitals[0].name} |") == 1 and f"| {poor} |" in summary, summary
 
 
 def test_a_sequential_run_on_the_same_federation(federation, spent):
@@ -454,3 +472,109 @@ def test_ctrl_c_during_a_rehearsal_stops_every_process(tmp_path):
             terminate_tree(cli.pid, grace=5)
             cli.wait(timeout=10)
     assert processes_mentioning(str(out)) == []
+
+
+# ------------------------------------------------------------------ docs/deployment.md, as printed
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
+
+
+def _documented_steps() -> list[tuple[str, str]]:
+    """(kind, text) of every ```bash, ```ini and ```toml block of sections 1 to 3, in the doc's order."""
+    text = DOC.read_text()
+    walk_through = text[text.index("## 1. "):text.index("## 4. ")]
+    steps = []
+    for kind, body in re.findall(r"```(bash|ini|toml)\n(.*?)```", walk_through, flags=re.S):
+        if kind == "bash":
+            joined = body.replace("\\\n", " ")
+            steps += [("bash", line.strip()) for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+        else:
+            steps.append((kind, body))
+    return steps
+
+
+def make_share(folder: Path) -> Path:
+    """A hospital's data folder: a tiny pneumoniamnist.npz with train arrays only."""
+    from fedpriv.data.synthetic import make_synthetic
+
+    data = make_synthetic(num_samples=40, size=28, seed=5, val_fraction=0.2, test_fraction=0.2)
+    return write_share(folder, "pneumoniamnist", 28, data.train, None)
+
+
+def test_the_documented_commands_work_as_printed(tmp_path):
+    """Sections 1-3 of docs/deployment.md on loopback: keys, units (ExecStart as printed), registration.
+
+    Only the folders, the host name and the ports change; the units' commands run with a bare PATH,
+    as systemd would start them. Every process started here is stopped by PID at the end.
+    """
+    venv = Path(sys.executable).parent.parent
+    ports = {port: str(free_port()) for port in ("8000", "8443", "9094")}
+    replacements = [("/opt/fedpriv/.venv", str(venv)), ("/srv/fedpriv", str(tmp_path / "coordinator")),
+                    ("/srv/hospital", str(tmp_path / "hospital")), ("link.example.org:8443", "127.0.0.1:8443")]
+    replacements += [(f":{port}", f":{free}") for port, free in ports.items()]
+    replacements += [(f"--port {port}", f"--port {free}") for port, free in ports.items()]
+
+    def local(text: str) -> str:
+        for old, new in replacements:
+            text = text.replace(old, new)
+        return text
+
+    steps = _documented_steps()
+    kinds = [kind for kind, _ in steps]
+    assert kinds.count("ini") == 3 and "toml" in kinds  # SuperLink, proxy and hospital units; the flwr connection
+    flwr_home = tmp_path / "researcher-flwr-home"
+    shell_env = {"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "FLWR_HOME": str(flwr_home)}
+    incoming, keys = tmp_path / "coordinator" / "incoming", tmp_path / "hospital" / "keys"
+    incoming.mkdir(parents=True)
+    share = make_share(tmp_path / "hospital" / "xrays")
+    processes = ProcessSet(shell_env)
+    ca = tmp_path / "coordinator" / "creds" / "coordinator" / "ca.crt"
+    try:
+        for kind, text in steps:
+            text = local(text)
+            if kind == "toml":
+                flwr_home.mkdir(exist_ok=True)
+                (flwr_home / "config.toml").write_text(text)
+            elif kind == "bash":
+                done = subprocess.run(text, shell=True, env=shell_env, capture_output=True, text=True, timeout=120,
+                                      stdin=subprocess.DEVNULL, cwd=tmp_path)
+                assert done.returncode == 0, f"{text}\n{done.stdout}\n{done.stderr}"
+                if text.startswith("fedpriv-deploy hospital-keys"):  # the hospital sends its public files
+                    for name in ("A.pub", "A-tls.csr"):
+                        shutil.copyfile(keys / name, incoming / name)
+                if text.startswith("fedpriv-deploy sign"):  # ... and receives its certificate and the CA's
+                    shutil.copyfile(incoming / "A-tls.crt", keys / "A-tls.crt")
+                    shutil.copyfile(ca, keys / "ca.crt")
+            else:
+                unit = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("["))
+                env = {"PATH": "/usr/bin:/bin"}  # systemd's own, without fedpriv's environment
+                env.update(dict(entry.split("=", 1) for entry in
+                                [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("Environment=")]))
+                folder = Path(unit["WorkingDirectory"])
+                folder.mkdir(parents=True, exist_ok=True)
+                name = unit["Description"]
+                started = processes.start(name, shlex.split(unit["ExecStart"]), tmp_path / f"{len(processes.processes)}.log",
+                                          cwd=folder, env=env)
+                if "superlink" in unit["ExecStart"].split()[1]:
+                    wait_for_superlink(started, f"127.0.0.1:{ports['8000']}", ca, 90)
+                elif "proxy" in unit["ExecStart"].split()[1]:
+                    wait_for_proxy(started, f"127.0.0.1:{ports['8443']}", ca, 60)
+        # The hospital's SuperNode came online through the proxy, under the name it was registered with.
+        deadline = time.monotonic() + 120
+        listed: list = []
+        while time.monotonic() < deadline:
+            listed = _flwr_json([str(venv / "bin" / "flwr"), "supernode", "list", "fedpriv", "--format", "json"],
+                                shell_env, 60)["nodes"]
+            if any(node.get("status") == "online" for node in listed):
+                break
+            assert all(p.running() for p in processes.processes), [p.log_tail() for p in processes.processes]
+            time.sleep(1)
+        assert [node["status"] for node in listed] == ["online"], listed
+        access = (tmp_path / "coordinator" / "proxy" / "logs" / "access.log").read_text()
+        assert 'client="CN=A,O=fedpriv federation" verify=SUCCESS' in access
+        assert not list((tmp_path / "coordinator").rglob("A.key")) and not list((tmp_path / "coordinator").rglob("A-tls.key"))
+        assert share.is_file()
+    finally:
+        processes.stop_all()
+    assert processes.leftovers() == []

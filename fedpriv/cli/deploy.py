@@ -132,7 +132,8 @@ def node_config_from_args(args: argparse.Namespace) -> dict[str, object]:
     return {"name": args.name, "data": str(Path(args.data).expanduser().resolve()), "dataset": args.dataset,
             "budget-epsilon": args.budget_epsilon, "delta": args.delta,
             "ledger": str(Path(args.ledger).expanduser().resolve()), "accountant": args.accountant,
-            "allow-non-private": args.allow_non_private, "threads": args.threads}
+            "allow-non-private": args.allow_non_private, "threads": args.threads,
+            **({"val-fraction": args.val_fraction} if args.val_fraction else {})}
 
 
 def _node(args: argparse.Namespace) -> int:
@@ -267,7 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     proxy.set_defaults(handler=_proxy)
 
     node = commands.add_parser("node", help="start a hospital's SuperNode with its own settings")
-    node.add_argument("--name", required=True, help="the hospital's display name")
+    node.add_argument("--name", required=True, help="the hospital's own label (its logs and ledger); the server "
+                                                   "reports the name the coordinator registered its key under")
     node.add_argument("--data", required=True, help="image folder, MedMNIST npz, or folder holding <dataset>.npz")
     node.add_argument("--dataset", default="pneumoniamnist", help="MedMNIST flag of an npz (default pneumoniamnist)")
     node.add_argument("--budget-epsilon", type=float, required=True, help="the hospital's privacy budget")
@@ -276,6 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--accountant", default="prv", choices=("prv", "rdp"))
     node.add_argument("--allow-non-private", action="store_true", help="accept non-private rounds (epsilon = inf)")
     node.add_argument("--threads", type=int, help="torch CPU threads for training")
+    node.add_argument("--val-fraction", type=float, help="image folders: share of images held out for validation "
+                                                         "(default 0: every image trains)")
     node.add_argument("--superlink", required=True, help="the coordinator's public HOST:PORT (its proxy)")
     node.add_argument("--root-certificates", required=True, help="the federation's CA certificate (ca.crt)")
     node.add_argument("--auth-key", required=True, help="the hospital's private key (NAME.key)")

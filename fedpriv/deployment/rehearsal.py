@@ -1,6 +1,11 @@
 """A one-machine rehearsal of a real deployment: TLS SuperLink behind an mTLS proxy, authenticated SuperNodes.
 
-:class:`LocalFederation` prepares credentials, gives every hospital its own folder (its data share
+:class:`LocalFederation` follows the deployment's key flow: the coordinator makes the CA and the
+server certificate; each hospital makes its own key pair, TLS key and certificate request in its own
+folder (:func:`~fedpriv.deployment.credentials.write_hospital_request`); only the public key and the
+request are copied to the coordinator, which registers the one and signs the other
+(:func:`~fedpriv.deployment.credentials.sign_request`) and copies back only the certificate and
+`ca.crt`. The coordinator's code never opens a hospital's private key. It gives every hospital its own folder (its data share
 as a MedMNIST-layout npz, its ledger, its budget in its own node config), starts a TLS SuperLink with
 SuperNode authentication on loopback, puts nginx in front of it (the public port: mutual TLS, only
 `/v1/fleet/` forwarded, see proxy.py), registers each hospital's public key by name over loopback,
@@ -11,13 +16,18 @@ every process it started, by PID.
 
 Layout under OUT::
 
-    credentials/            CA, server certificate, hospital key pairs and TLS client certificates
+    credentials/            the coordinator's: ca/ca.key, coordinator/{ca.crt,server.pem,server.key},
+                            coordinator/supernode-keys/<hospital>.pub (received public keys),
+                            coordinator/requests/<hospital>-tls.csr (received requests),
+                            coordinator/issued/<hospital>-tls.crt (signed certificates)
     coordinator/            flwr-home/, app/, run-config-*.toml, superlink.log, proxy.log
     coordinator/proxy/      nginx.conf, nginx.pid, logs/access.log (who asked for what)
     coordinator/runs/NAME/  the server's artifacts of each run (metrics.json, summary.md, model.pt, ...)
+    <hospital>/keys/        the hospital's own: <hospital>.key, <hospital>-tls.key (private, made
+                            here), <hospital>.pub, <hospital>-tls.csr, and what came back:
+                            <hospital>-tls.crt, ca.crt
     <hospital>/data/        the hospital's share: <flag>.npz (train = the records it trains on,
-                            val = the records it holds out for its own validation, test = the
-                            test split)
+                            val = the records it holds out for its own validation; no test split)
     <hospital>/ledger/      its privacy ledger (ledger.db)
     <hospital>/ledger-key/  the key that authenticates its ledger (and the chain's witness)
     <hospital>/supernode.log
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -38,7 +49,13 @@ from fedpriv.app_config import config_to_json, write_app
 from fedpriv.config import FedprivConfig
 from fedpriv.data import NORMALISATION_MEAN, NORMALISATION_STD, LabeledImages
 from fedpriv.deployment.approval import app_hash
-from fedpriv.deployment.credentials import Credentials, make_credentials
+from fedpriv.deployment.credentials import (
+    Credentials,
+    HospitalRequest,
+    make_authority,
+    sign_request,
+    write_hospital_request,
+)
 from fedpriv.deployment.processes import (
     DeploymentError,
     ManagedProcess,
@@ -123,6 +140,13 @@ def write_share(folder: Path, flag: str, size: int, train: LabeledImages | None,
     return path
 
 
+def _copy(source: Path, target: Path) -> Path:
+    """Hand a public file over (on a real deployment: e-mail, a USB stick, a ticket system)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
 @dataclass
 class RehearsalHospital:
     """One rehearsed hospital: everything its own machine would hold."""
@@ -146,10 +170,13 @@ class RehearsalHospital:
     launcher: ManagedProcess | None = None  # its fedpriv-hospital-exec (runs approved apps only)
     threads: int | None = 1
     approved_apps: tuple[str, ...] = ()
+    # What its node config calls it; None: its registered name. (A rehearsal of a node that claims
+    # another hospital's name: the server still reports it under the name it was registered with.)
+    claimed_name: str | None = None
 
     def node_config(self) -> dict[str, object]:
         """What this hospital's SuperNode gets as `--node-config`: its own settings only."""
-        return {"name": self.name, "data": str(self.data), "dataset": self.dataset,
+        return {"name": self.claimed_name or self.name, "data": str(self.data), "dataset": self.dataset,
                 "budget-epsilon": float(self.budget_epsilon), "delta": float(self.delta),
                 "ledger": str(self.ledger), "ledger-key": str(self.ledger_key), "threads": self.threads}
 
@@ -204,7 +231,8 @@ class LocalFederation:
         if len(budgets) != len(names):
             raise ConfigError("budgets", budgets, f"one budget per hospital is needed ({len(names)} hospitals)",
                               "give a comma-separated list with one epsilon per hospital")
-        self.credentials = make_credentials(self.out / "credentials", names, LOOPBACK_HOSTS, overwrite=True)
+        # The coordinator's side: the CA and the server certificate, no hospital key.
+        self.credentials = make_authority(self.out / "credentials", LOOPBACK_HOSTS, overwrite=True)
         cfg = self.experiment.config
         flag = npz_flag(cfg, self.experiment)
         self.hospitals = []
@@ -217,17 +245,35 @@ class LocalFederation:
             (folder / "ledger").mkdir(parents=True, exist_ok=True)
             # The ledger's key in a folder of its own (on a real machine: another disk or OS user).
             (folder / "ledger-key").mkdir(parents=True, exist_ok=True, mode=0o700)
-            keys = self.credentials.hospitals[hospital.name]
+            # The hospital's side: its keys and certificate request, made in its own folder.
+            keys = write_hospital_request(folder / "keys", hospital.name, overwrite=True)
+            registered = self.enrol(keys)
             self.hospitals.append(RehearsalHospital(
                 name=hospital.name, folder=folder, data=data, dataset=flag, ledger=folder / "ledger" / "ledger.db",
                 ledger_key=folder / "ledger-key" / "ledger.key",
                 budget_epsilon=float(budget), delta=hospital.delta, port=free_port(), private_key=keys.private_key,
-                public_key=keys.registered_key, ca_certificate=keys.ca_certificate, tls_certificate=keys.tls_certificate,
+                public_key=registered, ca_certificate=keys.folder / "ca.crt", tls_certificate=keys.tls_certificate,
                 tls_key=keys.tls_key, threads=self.threads))
         # Each hospital approves the hash of the app the coordinator will submit (fedpriv's own).
         approved = (app_hash(write_app(self.coordinator / "app")),)
         for hospital in self.hospitals:
             hospital.approved_apps = approved
+
+    def enrol(self, keys: HospitalRequest) -> Path:
+        """The exchange with one hospital: its public key and request travel to the coordinator, which
+        signs the request; the certificate and ca.crt travel back. Returns the coordinator's copy of the
+        public key (what it registers). Only public files are read; no private key is opened here."""
+        assert self.credentials is not None
+        coordinator = self.credentials.root / "coordinator"
+        received_key = _copy(keys.public_key, coordinator / "supernode-keys" / keys.public_key.name)
+        received_request = _copy(keys.certificate_request, coordinator / "requests" / keys.certificate_request.name)
+        issued = sign_request(received_request, ca_key=self.credentials.ca_key,
+                              ca_certificate=self.credentials.ca_certificate,
+                              out=coordinator / "issued" / f"{keys.name}-tls.crt", expected_name=keys.name,
+                              overwrite=True)
+        _copy(issued, keys.tls_certificate)
+        _copy(self.credentials.ca_certificate, keys.folder / "ca.crt")
+        return received_key
 
     # ---------------------------------------------------------------- processes
 
