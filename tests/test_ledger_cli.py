@@ -99,6 +99,11 @@ def test_show_prints_the_budget_distribution_and_events_matching_status(ledger_p
     assert "confirmed" in rows[0] and rows[0].split()[-1] == "40" and " private " in rows[0]
     assert "St-Marys" in rows[1] and rows[1].split()[-1] == "60"
     assert "run-beta" in rows[2] and "charged" in rows[2] and rows[2].split()[-1] == "80"
+    # which hospitals used it, named at the top (a simulated federation's hospitals share one ledger)
+    names = [e.hospital for e in _events(ledger_path)]
+    expected_use = ", ".join(f"{n or '(no name)'} ({names.count(n)} event{'s' if names.count(n) != 1 else ''})"
+                             for n in sorted(set(names)))
+    assert f"used by: {expected_use}" in out and "St-Marys (1 event)" in out
 
 
 def test_show_json_matches_status_and_events(ledger_path, capsys):
@@ -114,6 +119,7 @@ def test_show_json_matches_status_and_events(ledger_path, capsys):
         1.0, 2 / 40, 15, 20)
     assert (first["status"], first["set_size"], first["private"]) == ("confirmed", 40, True)
     assert (second["hospital"], second["set_size"]) == ("St-Marys", 60)
+    assert shown["hospitals"]["St-Marys"] == 1 and sum(shown["hospitals"].values()) == len(shown["events"])
     assert (third["status"], third["run_id"], third["set_size"]) == ("charged", "run-beta", 80)
 
 

@@ -159,10 +159,19 @@ def _summary(ledger: PrivacyLedger) -> dict[str, Any]:
         "epsilon": {"min": status.epsilon_min, "median": status.epsilon_median, "max": status.epsilon_spent},
         "remaining_epsilon": status.remaining,
         "locks": _locks(ledger),
+        "hospitals": _hospitals(events),
         "events": [_event(e) for e in events],
         "chain_length": status.chain_length,
         "chain_head": status.chain_head,
     }
+
+
+def _hospitals(events: list[LedgerEvent]) -> dict[str, int]:
+    """Which hospitals used this ledger's records, and in how many events (simulated hospitals share one)."""
+    counts: dict[str, int] = {}
+    for event in events:
+        counts[event.hospital] = counts.get(event.hospital, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _event(event: LedgerEvent) -> dict[str, Any]:
@@ -184,6 +193,10 @@ def _render(summary: dict[str, Any]) -> str:
         f"ledger {summary['path']}",
         f"budget: epsilon {budget:g} per record at delta {summary['delta']:g} (accountant {summary['accountant']})",
     ]
+    if summary["hospitals"]:
+        lines.append("used by: " + ", ".join(
+            f"{name or '(no name)'} ({count} event{'s' if count != 1 else ''})"
+            for name, count in summary["hospitals"].items()))
     if summary["records"]:
         lines.append(
             f"records: {summary['records']} known; epsilon per record min {format_epsilon(spread['min'], budget)}, "
