@@ -522,13 +522,15 @@ def test_the_documented_commands_work_as_printed(tmp_path):
 
     steps = _documented_steps()
     kinds = [kind for kind, _ in steps]
-    assert kinds.count("ini") == 3 and "toml" in kinds  # SuperLink, proxy and hospital units; the flwr connection
+    # SuperLink, proxy, hospital SuperNode and hospital launcher units; the flwr connection
+    assert kinds.count("ini") == 4 and "toml" in kinds
     flwr_home = tmp_path / "researcher-flwr-home"
     shell_env = {"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "FLWR_HOME": str(flwr_home)}
     incoming, keys = tmp_path / "coordinator" / "incoming", tmp_path / "hospital" / "keys"
     incoming.mkdir(parents=True)
     share = make_share(tmp_path / "hospital" / "xrays")
     processes = ProcessSet(shell_env)
+    launcher = None
     ca = tmp_path / "coordinator" / "creds" / "coordinator" / "ca.crt"
     try:
         for kind, text in steps:
@@ -556,7 +558,9 @@ def test_the_documented_commands_work_as_printed(tmp_path):
                 name = unit["Description"]
                 started = processes.start(name, shlex.split(unit["ExecStart"]), tmp_path / f"{len(processes.processes)}.log",
                                           cwd=folder, env=env)
-                if "superlink" in unit["ExecStart"].split()[1]:
+                if unit["ExecStart"].split()[1] == "launcher":
+                    launcher = started
+                elif "superlink" in unit["ExecStart"].split()[1]:
                     wait_for_superlink(started, f"127.0.0.1:{ports['8000']}", ca, 90)
                 elif "proxy" in unit["ExecStart"].split()[1]:
                     wait_for_proxy(started, f"127.0.0.1:{ports['8443']}", ca, 60)
@@ -568,9 +572,15 @@ def test_the_documented_commands_work_as_printed(tmp_path):
                                 shell_env, 60)["nodes"]
             if any(node.get("status") == "online" for node in listed):
                 break
-            assert all(p.running() for p in processes.processes), [p.log_tail() for p in processes.processes]
+            assert all(p.running() for p in processes.processes if p is not launcher), \
+                [p.log_tail() for p in processes.processes]
             time.sleep(1)
         assert [node["status"] for node in listed] == ["online"], listed
+        # The launcher's unit names User=fedpriv-app; run here as the keys' owner (no such user on a test
+        # machine), it refuses to start, as it would under a wrong User=: it can read A.key.
+        assert launcher.wait(timeout=120) != 0
+        assert "refused to start: this launcher" in launcher.log_tail() and "can read the SuperNode's private key" \
+            in launcher.log_tail() and "A.key" in launcher.log_tail()
         access = (tmp_path / "coordinator" / "proxy" / "logs" / "access.log").read_text()
         assert 'client="CN=A,O=fedpriv federation" verify=SUCCESS' in access
         assert not list((tmp_path / "coordinator").rglob("A.key")) and not list((tmp_path / "coordinator").rglob("A-tls.key"))

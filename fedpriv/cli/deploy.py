@@ -8,7 +8,9 @@ Subcommands:
 * ``sign``: (coordinator) sign a hospital's certificate request with the CA;
 * ``superlink``: start the coordinator's SuperLink (loopback, TLS, SuperNode authentication on);
 * ``proxy``: write the nginx configuration in front of it (mutual TLS, Fleet API only) and start nginx;
-* ``node``: start one hospital's SuperNode with its own data, budget, delta and ledger;
+* ``node``: start one hospital's SuperNode with its own data, budget, delta and ledger (and, unless
+  ``--separate-launcher``, its approved-app launcher: as ``--clientapp-user`` when run as root);
+* ``launcher``: (hospital) the approved-app launcher in a unit of its own, as the ClientApp user;
 * ``app``: write the Flower app folder (and a run-config template) that `flwr run` uploads;
 * ``local``: a one-machine rehearsal: SuperLink, proxy, registered SuperNodes, a real run, clean stop.
 
@@ -29,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedpriv.errors import FedprivError
+from fedpriv.errors import ConfigError, FedprivError
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -133,34 +135,107 @@ def node_config_from_args(args: argparse.Namespace) -> dict[str, object]:
             "budget-epsilon": args.budget_epsilon, "delta": args.delta,
             "ledger": str(Path(args.ledger).expanduser().resolve()), "accountant": args.accountant,
             "allow-non-private": args.allow_non_private, "threads": args.threads,
-            **({"val-fraction": args.val_fraction} if args.val_fraction else {})}
+            **({"val-fraction": args.val_fraction} if args.val_fraction else {}),
+            **({"ledger-key": str(Path(args.ledger_key).expanduser().resolve())} if args.ledger_key else {})}
 
 
 def _node(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.node import parse_node_config
+    from fedpriv.deployment.app_user import (
+        SEPARATE_UNIT,
+        check_app_user,
+        launcher_programs,
+        lookup_app_user,
+        start_as,
+    )
     from fedpriv.deployment.approval import fedpriv_app_hash, parse_approved
-    from fedpriv.deployment.processes import hospital_exec_command, supernode_command
+    from fedpriv.deployment.node import parse_node_config
+    from fedpriv.deployment.processes import flower_env, hospital_exec_command, printable, supernode_command
 
     node_config = node_config_from_args(args)
-    parse_node_config(node_config)  # fail here, with the key named, rather than at the first round
+    settings = parse_node_config(node_config)  # fail here, with the key named, rather than at the first round
     for path in (args.root_certificates, args.auth_key, args.tls_certificate, args.tls_key):
         if not Path(path).is_file():
             raise FedprivError(f"credential file not found: {path} (see `fedpriv-deploy credentials`)")
+    secret_keys = [Path(args.auth_key).resolve(), Path(args.tls_key).resolve()]
+    for key in secret_keys:  # whoever runs the ClientApps, no other user may read the keys
+        mode = key.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError("--auth-key" if key == secret_keys[0] else "--tls-key", str(key),
+                              f"the private key has mode {mode:04o}: other users can read it",
+                              f"chmod 600 {key} (owned by the SuperNode's user)")
     command = supernode_command(superlink=args.superlink, node_config=node_config,
                                 root_certificates=Path(args.root_certificates).resolve(),
-                                auth_key=Path(args.auth_key).resolve(), port=args.port,
+                                auth_key=secret_keys[0], port=args.port,
                                 max_retries=args.max_retries, client_certificate=Path(args.tls_certificate).resolve(),
-                                client_key=Path(args.tls_key).resolve())
+                                client_key=secret_keys[1])
     approved = sorted(parse_approved(args.approved_apps or fedpriv_app_hash()))
-    launcher = hospital_exec_command(approved_apps=approved, port=args.port)
+    launcher = hospital_exec_command(approved_apps=approved, port=args.port,
+                                     unreadable=secret_keys if args.clientapp_user else ())
+    if args.separate_launcher:
+        if args.clientapp_user:
+            raise ConfigError("--clientapp-user", args.clientapp_user, "is for a launcher this command starts; "
+                              "--separate-launcher starts none", "drop one of the two flags")
+        print("# the launcher runs in its own unit, as another user: `fedpriv-deploy launcher` (not started here)",
+              flush=True)
+        return _exec(command, args.print_command)
     if args.print_command:
-        from fedpriv.deployment.processes import printable
-
-        print(shlex.join(printable(launcher)) + "  # next to the SuperNode: runs only the approved apps", flush=True)
+        who = f"as user {args.clientapp_user}" if args.clientapp_user else "as this same user"
+        print(shlex.join(printable(launcher)) + f"  # next to the SuperNode, {who}: runs only the approved apps",
+              flush=True)
         return _exec(command, True)
+    user, env, home = None, None, None
+    if args.clientapp_user:
+        user = lookup_app_user(args.clientapp_user)
+        if os.geteuid() != 0:
+            raise ConfigError("--clientapp-user", args.clientapp_user, "starting the launcher as another user "
+                              f"needs root, and this runs as uid {os.geteuid()}", SEPARATE_UNIT)
+        home = Path(args.clientapp_home or user.home / ".flwr").expanduser().absolute()
+        if not home.exists() and home.parent.is_dir():
+            home.mkdir(mode=0o700)
+            os.chown(home, user.uid, user.gid)
+        check_app_user(user, secret_keys=secret_keys, data=settings.data, ledger=settings.ledger,
+                       ledger_key=_ledger_key(args, settings.ledger), home=home,
+                       programs=launcher_programs(launcher))
+        # Its own Flower home (ClientApps are installed there) and HOME; the rest of the environment as ours.
+        env = {**flower_env(home), "HOME": str(home)}
+    elif os.geteuid() == 0:
+        raise ConfigError("--clientapp-user", None, "is required when the node runs as root: the ClientApps would "
+                          "run as root and could read every file, the SuperNode's private keys included",
+                          "pass --clientapp-user NAME (an unprivileged user that cannot read the keys), or run "
+                          "the node as its own user and " + SEPARATE_UNIT)
+    else:
+        print(f"fedpriv-deploy: warning: ClientApps run as this same OS user (uid {os.geteuid()}), which can read "
+              f"the SuperNode's private keys {secret_keys[0]} and {secret_keys[1]}: an approved app's code could "
+              f"act as this hospital. For production, {SEPARATE_UNIT}", file=sys.stderr, flush=True)
     # The launcher follows this PID, which exec() hands on to the SuperNode: one ends, both end.
-    subprocess.Popen([*launcher, "--parent-pid", str(os.getpid())], stdin=subprocess.DEVNULL)
+    start_as([*launcher, "--parent-pid", str(os.getpid())], user, env=env, cwd=home)
     return _exec(command, False)
+
+
+def _ledger_key(args: argparse.Namespace, ledger: Path) -> Path:
+    """The ledger key the ClientApp will use: --ledger-key, else the default file in $FEDPRIV_KEY_DIR."""
+    from fedpriv.privacy.chain import KEY_DIR_ENV, key_path_for
+
+    if args.ledger_key:
+        return Path(args.ledger_key).expanduser().resolve()
+    if os.environ.get(KEY_DIR_ENV, "").strip():
+        return key_path_for(ledger)
+    raise ConfigError("--ledger-key", None, "must be named when ClientApps run as another user (by default the "
+                      "key would go to that user's config folder)",
+                      "pass --ledger-key /srv/hospital/ledger-key/ledger.key, in a folder that user owns")
+
+
+def _launcher(args: argparse.Namespace) -> int:
+    from fedpriv.deployment.approval import fedpriv_app_hash, parse_approved
+    from fedpriv.deployment.processes import hospital_exec_command
+
+    keys = [Path(path).expanduser().absolute() for path in args.supernode_keys.split(",") if path.strip()]
+    if not keys:
+        raise ConfigError("--supernode-keys", args.supernode_keys, "must name the SuperNode's private keys",
+                          "pass --supernode-keys /srv/hospital/keys/A.key,/srv/hospital/keys/A-tls.key")
+    approved = sorted(parse_approved(args.approved_apps or fedpriv_app_hash()))
+    # fedpriv-hospital-exec itself refuses to start if it can open one of the keys (--unreadable).
+    return _exec(hospital_exec_command(approved_apps=approved, port=args.port, unreadable=keys), args.print_command)
 
 
 def _app_hash(args: argparse.Namespace) -> int:
@@ -186,7 +261,7 @@ def _app(args: argparse.Namespace) -> int:
 def _local(args: argparse.Namespace) -> int:
     from fedpriv.app_config import compose_config
     from fedpriv.cli.main import absolute_paths
-    from fedpriv.deployment.rehearsal import LocalFederation
+    from fedpriv.deployment.rehearsal import CLIENTAPP_USER_NOTE, LocalFederation
     from fedpriv.experiment import prepare_experiment
 
     overrides = list(args.overrides) + [f"federation.num_hospitals={args.hospitals}",
@@ -206,6 +281,7 @@ def _local(args: argparse.Namespace) -> int:
         print(f"  SuperLink (TLS, SuperNode authentication) on loopback at {federation.superlink_address}; "
               f"hospitals reach only its Fleet API, through nginx (mutual TLS) at {federation.public_address}",
               flush=True)
+        print(f"  REHEARSAL ONLY: {CLIENTAPP_USER_NOTE}", flush=True)
         outcome = federation.run(cfg, timeout=args.timeout)
     print((outcome.run_dir / "summary.md").read_text())
     print(f"Server artifacts in {outcome.run_dir}; every process started was stopped.")
@@ -289,9 +365,31 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
     node.add_argument("--approved-apps", help="comma-separated sha256 hashes of the Flower apps this hospital "
                                               "runs (default: fedpriv's own, `fedpriv-deploy app-hash`)")
+    node.add_argument("--ledger-key", help="the key that authenticates the ledger (default: in $FEDPRIV_KEY_DIR "
+                                           "or the user's config folder); required with --clientapp-user")
+    node.add_argument("--clientapp-user", help="(as root) start the launcher, and so every ClientApp, as this OS "
+                                               "user, after checking it cannot read the SuperNode's private keys "
+                                               "and can read the data and write the ledger and ledger key; "
+                                               "required when running as root")
+    node.add_argument("--clientapp-home", help="with --clientapp-user: that user's Flower home, where ClientApps "
+                                               "are installed (default ~NAME/.flwr)")
+    node.add_argument("--separate-launcher", action="store_true",
+                      help="start only the SuperNode: the launcher runs in its own unit as another user "
+                           "(`fedpriv-deploy launcher`)")
     node.add_argument("--print-command", action="store_true",
                       help="print the fedpriv-hospital-exec and fedpriv-supernode commands only")
     node.set_defaults(handler=_node)
+
+    launch = commands.add_parser("launcher", help="(hospital) start the approved-app launcher, as the ClientApp "
+                                                  "user, next to a node started with --separate-launcher")
+    launch.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (its --port)")
+    launch.add_argument("--supernode-keys", required=True,
+                        help="comma-separated: the SuperNode's private keys (NAME.key,NAME-tls.key); the launcher "
+                             "refuses to start if it can read one")
+    launch.add_argument("--approved-apps", help="comma-separated sha256 hashes of the apps this hospital runs "
+                                                "(default: fedpriv's own)")
+    launch.add_argument("--print-command", action="store_true", help="print the fedpriv-hospital-exec command only")
+    launch.set_defaults(handler=_launcher)
 
     digest = commands.add_parser("app-hash", help="print the hash of fedpriv's Flower app (what a hospital approves)")
     digest.set_defaults(handler=_app_hash)

@@ -105,7 +105,11 @@ def approving_plugin(base: type, approved: frozenset[str]) -> type:
 
 
 def launcher_main(argv: list[str] | None = None) -> None:
-    """``fedpriv-hospital-exec --approved-apps HASH[,HASH] <flower-superexec's arguments>``."""
+    """``fedpriv-hospital-exec --approved-apps HASH[,HASH] [--unreadable KEY[,KEY]] <flower-superexec's arguments>``.
+
+    With ``--unreadable`` it first tries to open each file (the SuperNode's private keys) and refuses
+    to start if it can: the apps it starts run as its user.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -118,6 +122,15 @@ def launcher_main(argv: list[str] | None = None) -> None:
         approved = parse_approved(text)
     except ConfigError as error:
         sys.exit(f"fedpriv-hospital-exec: {error}")
+    # The SuperNode's private keys: this launcher (and every app it starts) must not be able to open them.
+    secrets = _pop_option(args, "--unreadable")
+    if secrets:
+        from fedpriv.deployment.app_user import unreadable_problem
+
+        problem = unreadable_problem([Path(p) for p in secrets.split(",") if p.strip()])
+        if problem:
+            sys.exit(f"fedpriv-hospital-exec: refused to start: {problem}")
+        log.info("fedpriv-hospital-exec: running as uid %d, which cannot read %s", os.geteuid(), secrets)
     from flwr.supercore import constant
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.superexec import run_superexec
@@ -129,6 +142,17 @@ def launcher_main(argv: list[str] | None = None) -> None:
     log.info("fedpriv-hospital-exec: this hospital runs only the apps %s", ", ".join(sorted(approved)))
     sys.argv = ["flower-superexec", *args]
     flower_superexec()
+
+
+def _pop_option(args: list[str], name: str) -> str:
+    """Remove `name VALUE` or `name=VALUE` from `args`; its value ("" if absent)."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            del args[i]
+            return args.pop(i)
+        if arg.startswith(name + "="):
+            return args.pop(i).partition("=")[2]
+    return ""
 
 
 # ------------------------------------------------------------------ the ClientApp process

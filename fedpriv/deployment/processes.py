@@ -156,10 +156,16 @@ def supernode_command(*, superlink: str, node_config: Mapping[str, Any], root_ce
     return command
 
 
-def hospital_exec_command(*, approved_apps: Iterable[str], port: int = DEFAULT_SUPERNODE_PORT) -> list[str]:
-    """`fedpriv-hospital-exec`: the hospital's SuperExec, on its SuperNode's local Runtime API (loopback)."""
-    return [executable("fedpriv-hospital-exec"), "--approved-apps", ",".join(approved_apps),
-            "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
+def hospital_exec_command(*, approved_apps: Iterable[str], port: int = DEFAULT_SUPERNODE_PORT,
+                          unreadable: Iterable[Path] = ()) -> list[str]:
+    """`fedpriv-hospital-exec`: the hospital's SuperExec, on its SuperNode's local Runtime API (loopback).
+
+    `unreadable`: the SuperNode's private keys; the launcher refuses to start if it can open one.
+    """
+    command = [executable("fedpriv-hospital-exec"), "--approved-apps", ",".join(approved_apps),
+               "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
+    secrets = [str(Path(path).resolve()) for path in unreadable]
+    return command + (["--unreadable", ",".join(secrets)] if secrets else [])
 
 
 def register_command(public_key: Path, name: str, connection: str = CONNECTION) -> list[str]:

@@ -85,6 +85,14 @@ from fedpriv.experiment import Experiment
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+# The rehearsal runs each hospital's launcher (and its ClientApps) as the SuperNode's own OS user. One
+# user on one machine already holds every hospital's keys, the CA key and the coordinator's, so another
+# user would separate nothing; and the rehearsal's folders (and often the Python environment) sit under
+# the caller's private folders, which another user cannot enter. A deployment separates them
+# (docs/deployment.md, section 3: `--clientapp-user`, or the launcher's own unit with User=).
+CLIENTAPP_USER_NOTE = ("ClientApps run as the SuperNode's own OS user here, so app code could read the "
+                       "hospitals' private keys; a deployment runs them as another user (docs/deployment.md, "
+                       "section 3)")
 # A synthetic or image-folder dataset with one channel and two classes fits PneumoniaMNIST's layout.
 FALLBACK_FLAG = "pneumoniamnist"
 
@@ -327,6 +335,7 @@ class LocalFederation:
         node = self.processes.start(f"supernode {hospital.name}", command, hospital.folder / "supernode.log",
                                     cwd=hospital.folder, env=env)
         launcher = hospital_exec_command(approved_apps=hospital.approved_apps, port=hospital.port)
+        log.warning("hospital %s: %s", hospital.name, CLIENTAPP_USER_NOTE)
         hospital.launcher = self.processes.start(f"hospital-exec {hospital.name}",
                                                  [*launcher, "--parent-pid", str(node.process.pid)],
                                                  hospital.folder / "hospital-exec.log", cwd=hospital.folder, env=env)
