@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedpriv.report.calibration import (
+    TEMPERATURE_BOUNDS,
     CalibrationReport,
     brier_score,
     calibrate,
@@ -76,3 +77,61 @@ def test_calibration_report_survives_a_json_round_trip():
     assert restored.after.ece == report.after.ece
     assert [b.count for b in restored.before.bins] == [b.count for b in report.before.bins]
     assert np.isnan(restored.before.bins[0].accuracy)  # empty bins stay empty (null in JSON)
+
+
+def confidently_wrong_outliers(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A calibrated bulk plus 2% of images the model is wrong about with a huge margin.
+
+    Those few images dominate the NLL, so its minimiser is a large T that makes the calibrated bulk
+    under-confident: the ECE gets worse, not better.
+    """
+    logits, labels = calibrated_predictor(n, 2, seed=seed)
+    outliers = np.arange(0, n, 50)
+    logits[outliers] = 0.0
+    logits[outliers, 1 - labels[outliers]] = 30.0
+    return logits, labels
+
+
+def test_a_fitted_temperature_that_worsens_calibration_is_not_applied():
+    logits, labels = confidently_wrong_outliers(4_000, seed=5)
+    report = calibrate(logits[:2000], labels[:2000], logits[2000:], labels[2000:])
+    assert report.fitted_temperature > 1.5  # the NLL fit moved far from 1 ...
+    assert report.calibration_ece_fitted > report.calibration_ece_before  # ... and it made calibration worse
+    assert not report.applied and report.temperature == 1.0
+    assert report.decision.startswith("not applied") and f"{report.calibration_ece_fitted:.4f}" in report.decision
+    restored = CalibrationReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert (restored.applied, restored.temperature, restored.fitted_temperature) == (
+        False, 1.0, report.fitted_temperature)
+
+
+def test_a_temperature_that_helps_is_applied_and_says_why():
+    logits, labels = calibrated_predictor(4_000, 2, seed=13)
+    report = calibrate(3 * logits[:2000], labels[:2000], 3 * logits[2000:], labels[2000:])
+    assert report.applied and report.temperature == report.fitted_temperature > 1
+    assert report.calibration_ece_fitted < report.calibration_ece_before
+    assert report.decision.startswith("applied: it lowers") and not report.at_bound
+
+
+def test_a_temperature_at_the_edge_of_its_range_is_flagged():
+    logits, labels = calibrated_predictor(1_000, 2, seed=17)
+    labels = logits.argmax(axis=1)  # a split the model separates perfectly: the NLL wants T -> 0
+    report = calibrate(logits, labels, logits, labels)
+    assert report.fitted_temperature == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-3) and report.at_bound
+    assert "edge of its search range" in report.decision
+
+
+def test_the_report_says_which_temperature_was_chosen_and_why():
+    from fedpriv.report.document import to_markdown
+    from fedpriv.report.run_report import _calibration, _calibration_rows
+
+    logits, labels = confidently_wrong_outliers(4_000, seed=5)
+    rejected = calibrate(logits[:2000], labels[:2000], logits[2000:], labels[2000:])
+    text = to_markdown("report", _calibration(rejected, ""), "figures")
+    assert "Temperature scaling was NOT applied" in text and "The applied T = 1.000" in text
+    assert f"with fitted T = {rejected.fitted_temperature:.3f}, NOT applied" in text
+    rows = dict(_calibration_rows(rejected))
+    assert rows["temperature applied"].startswith(f"1 (the fitted T = {rejected.fitted_temperature:.3f} was not applied")
+    edge = calibrate(logits[:1000], logits[:1000].argmax(axis=1), logits[1000:], labels[1000:])
+    edge_text = to_markdown("report", _calibration(edge, ""), "figures")
+    assert "reached the edge of its search range" in edge_text
+    assert "AT THE EDGE" in " ".join(v for _, v in _calibration_rows(edge))

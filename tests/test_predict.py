@@ -142,6 +142,20 @@ def test_without_calibration_the_probabilities_are_flagged_as_uncalibrated(run_d
     assert next(csv.DictReader(out.open()))["temperature"] == "1"
 
 
+def test_a_temperature_the_report_did_not_apply_is_not_used_and_predict_says_why(run_dir, images, tmp_path, capsys):
+    rejected = tmp_path / "rejected-run"
+    shutil.copytree(run_dir, rejected)
+    saved = json.loads((rejected / rundir.CALIBRATION).read_text())
+    decision = "not applied (T = 1 kept): it does not lower the calibration-split ECE"
+    rundir.write_json(rejected / rundir.CALIBRATION, {**saved, "temperature": 1.0, "fitted_temperature": 0.211,
+                                                      "applied": False, "decision": decision})
+    out = tmp_path / "p.csv"
+    assert main([str(rejected), str(images["png"]), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "NOT calibrated" in err and f"the fitted temperature 0.211 {decision}" in err
+    assert next(csv.DictReader(out.open()))["temperature"] == "1"
+
+
 def test_a_run_saved_before_activations_were_configurable_is_rebuilt_with_relu(tmp_path):
     cfg = OmegaConf.structured(FedprivConfig(dataset=DatasetConfig(name="synthetic")))
     OmegaConf.save(cfg, tmp_path / "config.yaml")

@@ -14,6 +14,12 @@ log-likelihood on a calibration split. T > 1 softens an over-confident model. Di
 neither the predicted class nor the ROC-AUC of a binary task; only the stated confidence changes.
 fedpriv fits T on the server's public calibration split (the official validation split), never on
 a hospital's private data.
+
+The fitted T is applied only when it lowers the ECE of that same calibration split (minimising the
+NLL does not guarantee it: a model that ranks well but is confidently wrong on a few images can get
+a T that makes its stated confidence worse). Otherwise the model keeps T = 1, and the report says
+which was chosen and why (:attr:`CalibrationReport.decision`). A fitted T at an end of
+:data:`TEMPERATURE_BOUNDS` is flagged either way: the fit did not find an interior optimum.
 """
 
 from __future__ import annotations
@@ -158,7 +164,12 @@ class CalibrationMetrics:
 
 @dataclass
 class CalibrationReport:
-    """Calibration on the test split before and after temperature scaling, and where T came from."""
+    """Calibration on the test split before and after temperature scaling, and where T came from.
+
+    ``temperature`` is the one applied (what calibration.json gives fedpriv-predict): the fitted one
+    when it lowered the calibration split's ECE, else 1. ``after`` measures the test split with the
+    fitted temperature, applied or not, so the report can show what it would have done.
+    """
 
     temperature: float
     n_bins: int
@@ -167,11 +178,20 @@ class CalibrationReport:
     before: CalibrationMetrics
     after: CalibrationMetrics
     binning: str = BINNING
+    fitted_temperature: float = math.nan  # NaN: written before the choice existed (then equal to temperature)
+    applied: bool = True
+    decision: str = ""  # why the fitted temperature was, or was not, applied
+    calibration_ece_before: float = math.nan  # ECE on the calibration split with T = 1
+    calibration_ece_fitted: float = math.nan  # ... and with the fitted T
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.fitted_temperature):
+            self.fitted_temperature = self.temperature
 
     @property
     def at_bound(self) -> bool:
         """Whether the fitted temperature sits at an end of :data:`TEMPERATURE_BOUNDS`."""
-        return _at_bound(self.temperature)
+        return _at_bound(self.fitted_temperature)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for calibration.json (:mod:`fedpriv.rundir` encodes NaN and infinity)."""
@@ -182,22 +202,44 @@ class CalibrationReport:
         return cls(temperature=float(data["temperature"]), n_bins=int(data["n_bins"]),
                    fitted_on=str(data["fitted_on"]), evaluated_on=str(data["evaluated_on"]),
                    before=CalibrationMetrics.from_dict(data["before"]),
-                   after=CalibrationMetrics.from_dict(data["after"]), binning=str(data.get("binning", BINNING)))
+                   after=CalibrationMetrics.from_dict(data["after"]), binning=str(data.get("binning", BINNING)),
+                   fitted_temperature=number(data.get("fitted_temperature")), applied=bool(data.get("applied", True)),
+                   decision=str(data.get("decision", "")),
+                   calibration_ece_before=number(data.get("calibration_ece_before")),
+                   calibration_ece_fitted=number(data.get("calibration_ece_fitted")))
 
 
 def calibrate(calibration_logits: np.ndarray, calibration_labels: np.ndarray, test_logits: np.ndarray,
               test_labels: np.ndarray, *, n_bins: int = DEFAULT_BINS, fitted_on: str = "calibration split",
               evaluated_on: str = "test split") -> CalibrationReport:
-    """Fit T on the calibration split, then measure the test split with T = 1 and with the fitted T."""
-    temperature = fit_temperature(calibration_logits, calibration_labels)
+    """Fit T on the calibration split, keep it only if it lowers that split's ECE, and measure the test split.
+
+    The test split is measured with T = 1 and with the fitted T; the choice never looks at it.
+    """
+    fitted = fit_temperature(calibration_logits, calibration_labels)
+    ece_before, ece_fitted = (CalibrationMetrics.from_logits(calibration_logits, calibration_labels, t, n_bins).ece
+                              for t in (1.0, fitted))
+    applied, decision = choose_temperature(fitted, ece_before, ece_fitted)
     report = CalibrationReport(
-        temperature=temperature, n_bins=n_bins, fitted_on=fitted_on, evaluated_on=evaluated_on,
+        temperature=fitted if applied else 1.0, n_bins=n_bins, fitted_on=fitted_on, evaluated_on=evaluated_on,
         before=CalibrationMetrics.from_logits(test_logits, test_labels, 1.0, n_bins),
-        after=CalibrationMetrics.from_logits(test_logits, test_labels, temperature, n_bins),
+        after=CalibrationMetrics.from_logits(test_logits, test_labels, fitted, n_bins),
+        fitted_temperature=fitted, applied=applied, decision=decision,
+        calibration_ece_before=ece_before, calibration_ece_fitted=ece_fitted,
     )
-    log.info("temperature %.3f fitted on %s; test ECE %.4f -> %.4f, Brier %.4f -> %.4f", temperature, fitted_on,
-             report.before.ece, report.after.ece, report.before.brier, report.after.brier)
+    log.info("temperature %.3f fitted on %s, %s: %s; test ECE %.4f -> %.4f with it", fitted, fitted_on,
+             "applied" if applied else "NOT applied", decision, report.before.ece, report.after.ece)
     return report
+
+
+def choose_temperature(fitted: float, ece_before: float, ece_fitted: float) -> tuple[bool, str]:
+    """Whether to apply the fitted temperature, and why: only if it lowers the calibration split's ECE."""
+    edge = (f"; the fitted T {fitted:.3g} sits at the edge of its search range {TEMPERATURE_BOUNDS}, so the fit "
+            "found no interior optimum" if _at_bound(fitted) else "")
+    change = f"calibration-split ECE {ece_before:.4f} with T = 1, {ece_fitted:.4f} with T = {fitted:.3g}"
+    if ece_fitted < ece_before:
+        return True, f"applied: it lowers the {change}{edge}"
+    return False, f"not applied (T = 1 kept): it does not lower the {change}{edge}"
 
 
 def _at_bound(temperature: float, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> bool:

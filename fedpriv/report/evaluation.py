@@ -24,6 +24,7 @@ from fedpriv.data import MedicalImageDataset
 from fedpriv.errors import RunFilesError
 from fedpriv.report.calibration import CalibrationReport, calibrate, softmax
 from fedpriv.report.fairness import SubgroupFairness, subgroup_fairness
+from fedpriv.rundir import number
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,9 @@ def load_run_model(path: str | Path) -> RunModel:
         loaded.uncalibrated_reason = f"{calibration_path} was fitted for other weights than {model_file}"
     else:
         loaded.temperature = float(saved["temperature"])
+        if saved.get("applied") is False:  # the fitted T made calibration worse: the model's own probabilities
+            loaded.uncalibrated_reason = (f"the fitted temperature {number(saved.get('fitted_temperature')):.3g} "
+                                          f"{saved.get('decision', 'was not applied')}")
     return loaded
 
 

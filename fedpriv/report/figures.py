@@ -120,7 +120,8 @@ def reliability_diagram(report: CalibrationReport) -> bytes:
     """Accuracy against confidence per bin, before and after temperature scaling, with bin counts."""
     figure = Figure(figsize=(9, 5))
     axes = figure.subplots(2, 2, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    after = f"After temperature scaling (T = {report.temperature:.2f})"
+    after = (f"After temperature scaling (T = {report.fitted_temperature:.2f})" if report.applied
+             else f"With the fitted T = {report.fitted_temperature:.2f} (NOT applied)")
     panels = ((report.before, "Before (T = 1)"), (report.after, after))
     for column, (metrics, title) in enumerate(panels):
         _reliability_panel(axes[0][column], axes[1][column], metrics, title)

@@ -229,14 +229,25 @@ def _summary(files: RunFiles, calibration: CalibrationReport | None, hospitals: 
              ("specificity", "specificity"), ("loss", "loss"))]
     rows.append(["epsilon spent (max over hospitals)", _max_epsilon(files)])
     if calibration:
-        rows += [[f"ECE ({calibration.n_bins} bins), before -> after temperature scaling",
-                  f"{fmt(calibration.before.ece)} -> {fmt(calibration.after.ece)}"],
-                 ["temperature (fitted on the public validation split)", fmt(calibration.temperature, 3)]]
+        rows += _calibration_rows(calibration)
     for gap in hospitals.gaps:
         if gap.metric == "auc":
             rows.append(["hospital AUC gap (best - worst, private validation)", fmt(gap.gap)])
     rows.append(["rounds run", _rounds_line(files)])
     return [*blocks, Heading("Summary"), Paragraph(_privacy_line(files)), Table(["figure", "value"], rows)]
+
+
+def _calibration_rows(calibration: CalibrationReport) -> list[list[str]]:
+    """The summary's calibration rows: the ECE with the temperature applied, and which T was chosen and why."""
+    edge = " (AT THE EDGE of its search range)" if calibration.at_bound else ""
+    if calibration.applied:
+        return [[f"test ECE ({calibration.n_bins} bins), before -> after temperature scaling",
+                 f"{fmt(calibration.before.ece)} -> {fmt(calibration.after.ece)}"],
+                ["temperature applied (fitted on the public validation split)",
+                 f"{fmt(calibration.temperature, 3)}{edge}: {calibration.decision}"]]
+    return [[f"test ECE ({calibration.n_bins} bins), no temperature scaling", fmt(calibration.before.ece)],
+            ["temperature applied", f"1 (the fitted T = {fmt(calibration.fitted_temperature, 3)}{edge} was "
+                                    f"{calibration.decision})"]]
 
 
 def _max_epsilon(files: RunFiles) -> str:
@@ -503,22 +514,45 @@ def _calibration(calibration: CalibrationReport | None, problem: str) -> list[Bl
         *blocks,
         Paragraph(f"Measured on {calibration.evaluated_on}. ECE uses {calibration.n_bins} {calibration.binning}; "
                   f"Brier score: squared error of the predicted probabilities (binary: of class 1)."),
-        Paragraph(f"Temperature scaling: T = {calibration.temperature:.3f}, fitted by minimising the "
+        Paragraph(f"Temperature scaling: T = {calibration.fitted_temperature:.3f} was fitted by minimising the "
                   f"negative log-likelihood on {calibration.fitted_on}, never on a hospital's private data. "
                   f"T > 1 means the model was over-confident. T changes neither the predicted class nor a binary "
-                  f"AUC. It is saved in {rundir.CALIBRATION} and fedpriv-predict applies it."),
+                  f"AUC. It is applied only if it lowers the ECE of that split. {_decision_sentence(calibration)} "
+                  f"The applied T = {calibration.temperature:.3f} is saved in {rundir.CALIBRATION} and "
+                  "fedpriv-predict uses it."),
+        *_not_applied_warning(calibration),
         *_bound_warning(calibration),
-        Table(["metric (test split)", "before (T = 1)", f"after (T = {calibration.temperature:.3f})"], rows),
+        Table(["metric (test split)", "before (T = 1)", _after_header(calibration)], rows),
         Figure("reliability", figures.reliability_diagram(calibration),
                "Reliability diagram: accuracy per confidence bin against the diagonal of perfect calibration; "
                "below, the share of test images per bin."),
     ]
 
 
+def _decision_sentence(calibration: CalibrationReport) -> str:
+    if not calibration.decision:  # written before the choice existed: T was always applied
+        return f"(This {rundir.CALIBRATION} predates that check: the fitted T was applied unconditionally.)"
+    return f"Fitted T {calibration.decision}."
+
+
+def _after_header(calibration: CalibrationReport) -> str:
+    suffix = "" if calibration.applied else ", NOT applied"
+    return f"with fitted T = {calibration.fitted_temperature:.3f}{suffix}"
+
+
+def _not_applied_warning(calibration: CalibrationReport) -> list[Block]:
+    if calibration.applied:
+        return []
+    return [Banner(f"Temperature scaling was NOT applied: the fitted T = {calibration.fitted_temperature:.3g} "
+                   "did not improve calibration on the validation split; probabilities are the model's own "
+                   "(T = 1).", "warning")]
+
+
 def _bound_warning(calibration: CalibrationReport) -> list[Block]:
     if not calibration.at_bound:
         return []
-    return [Banner(f"The temperature reached the edge of its search range ({calibration.temperature:.3g}): the "
+    return [Banner(f"The fitted temperature reached the edge of its search range "
+                   f"({calibration.fitted_temperature:.3g}): the "
                    "model's confidence carries little information (it is close to a constant predictor), or the "
                    "calibration split is too small or separated perfectly.", "warning")]
 
