@@ -30,6 +30,14 @@ class RunFilesError(FedprivError):
     """Raised when a run directory lacks a file the command needs, or holds one it cannot read."""
 
 
+class NothingTrained(FedprivError):
+    """Raised when a run ended without any hospital training in any round (each refused or was locked).
+
+    Its model is the untrained initial one; the CLI exits with its own code so a script cannot take
+    the run for a result.
+    """
+
+
 class ModelNotPrivateError(FedprivError):
     """Raised when a model cannot be trained with DP-SGD (Opacus's ModuleValidator rejected it)."""
 

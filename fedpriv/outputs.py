@@ -32,25 +32,34 @@ RESUME_MUST_MATCH = (
 
 
 class RunRecorder:
-    """Writes a federated run's outputs into `run_dir` as rounds finish."""
+    """Writes a federated run's outputs into `run_dir` as rounds finish.
 
-    def __init__(self, run_dir: str | Path, config: FedprivConfig, run_id: str, dataset_description: str) -> None:
+    It counts the rounds in which at least one hospital trained (`rounds_trained`, saved in every
+    checkpoint and in result.json). A run that ends with none has an untrained model: its summary
+    and result.json then give no test metric as a result.
+    """
+
+    def __init__(self, run_dir: str | Path, config: FedprivConfig, run_id: str, dataset_description: str,
+                 rounds_trained: int = 0) -> None:
+        """`rounds_trained`: the rounds trained before this recorder started (a resumed run's checkpoint)."""
         self.run_dir = Path(run_dir)
         self.config = config
         self.run_id = run_id
         self.dataset_description = dataset_description
         self.rounds: list[dict] = []
+        self.rounds_trained = rounds_trained
         self.started = time.perf_counter()
         (self.run_dir / rundir.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         rundir.write_config(self.run_dir, config)
 
     def round_end(self, record: RoundRecord, state: dict[str, torch.Tensor], hospitals: list[HospitalState]) -> None:
         """Save this round's checkpoint and append its metrics and privacy table."""
+        self.rounds_trained += bool(record.trained)
         # Written whole, then renamed: a coordinator killed mid-write leaves no truncated checkpoint.
         final = rundir.checkpoint(self.run_dir, record.round)
         partial = final.with_suffix(".pt.partial")
         torch.save({"round": record.round, "run_id": self.run_id, "state_dict": state,
-                    "hospitals": [asdict(h) for h in hospitals]}, partial)
+                    "hospitals": [asdict(h) for h in hospitals], "rounds_trained": self.rounds_trained}, partial)
         os.replace(partial, final)
         self.rounds.append({
             "round": record.round, "seconds": record.seconds, "order": record.order,
@@ -78,10 +87,12 @@ class RunRecorder:
             "run_id": self.run_id, "mode": cfg.strategy.mode, "private": cfg.privacy.enabled,
             "epsilon_budget": cfg.privacy.epsilon if cfg.privacy.enabled else math.inf,
             "rounds_planned": cfg.strategy.num_rounds, "rounds_run": len(self.rounds), "stop_reason": stop_reason,
+            "rounds_trained": self.rounds_trained,
             # What the hospitals reported doing, not what the run config asked for.
             "noise_seeded": any(h.noise_seeded for h in hospitals),
             "accountants": {h.name: h.accountant for h in hospitals if h.accountant},
-            "test": self.rounds[-1]["server"] if self.rounds else {},
+            # An untrained model's test figures are not a result: left out.
+            "test": self.rounds[-1]["server"] if self.rounds and self.rounds_trained else {},
             "hospitals": [{"hospital": h.name, "records": h.num_examples, "epsilon": h.epsilon, "delta": h.delta,
                            "budget_epsilon": h.budget_epsilon, "locked": h.locked,
                            "epsilon_is_lower_bound": h.unreported_since is not None,
@@ -118,6 +129,14 @@ class RunRecorder:
                 "keeps its own where its node config says)",
                 "Epsilon is cumulative over every use of each hospital's data (its ledger), at its delta.")
 
+    def final_metrics_line(self, last: dict[str, float]) -> str:
+        """The summary's headline metrics, or why there are none (an untrained model)."""
+        if not self.rounds_trained:
+            return "- final model: UNTRAINED: no hospital trained in any round; no test metric is reported"
+        return (f"- final test AUC: {last.get('auc', math.nan):.4f}, accuracy: {last.get('accuracy', math.nan):.4f}, "
+                f"sensitivity: {last.get('sensitivity', math.nan):.4f}, "
+                f"specificity: {last.get('specificity', math.nan):.4f}")
+
     def summary(self, hospitals: list[HospitalState], stop_reason: str, excluded: dict[str, str] | None = None) -> str:
         cfg = self.config
         last = self.rounds[-1]["server"] if self.rounds else {}
@@ -142,8 +161,7 @@ class RunRecorder:
             *([f"- the run config asked for privacy.noise_seed={cfg.privacy.noise_seed}; no hospital used it "
                "(each drew fresh entropy)"] if cfg.privacy.noise_seed is not None and hospitals
               and not any(h.noise_seeded for h in hospitals) and self.rounds else []),
-            f"- final test AUC: {last.get('auc', math.nan):.4f}, accuracy: {last.get('accuracy', math.nan):.4f}, "
-            f"sensitivity: {last.get('sensitivity', math.nan):.4f}, specificity: {last.get('specificity', math.nan):.4f}",
+            self.final_metrics_line(last),
         ]
         capped = any(math.isfinite(h.max_epsilon_per_round) or math.isfinite(h.max_epsilon_per_run) for h in hospitals)
         lines += ["", "| hospital | records | epsilon spent | delta | budget | locked |" + (" caps: round / run |" * capped),
@@ -163,6 +181,12 @@ class RunRecorder:
                   "Hospital validation metrics are computed on private data and are not covered by the DP guarantee.",
                   ""]
         return "\n".join(lines)
+
+
+def untrained_reason(stop_reason: str) -> str:
+    """One line on why a run's model is untrained (no hospital trained in any round)."""
+    return (f"no hospital trained in any round ({stop_reason}): the model is the untrained initial one, and no "
+            "test metric is reported for it")
 
 
 def budget_lines(cfg: FedprivConfig, hospitals: list[HospitalState]) -> list[str]:

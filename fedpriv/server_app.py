@@ -21,7 +21,7 @@ from fedpriv.data import load_server_dataset
 from fedpriv.errors import ConfigError
 from fedpriv.hospital import RoundRequest
 from fedpriv.models import build_model
-from fedpriv.outputs import RunRecorder, resume_checkpoint
+from fedpriv.outputs import RunRecorder, resume_checkpoint, untrained_reason
 from fedpriv.report.run_report import write_run_report
 from fedpriv.strategy import BudgetAwareStrategy
 from fedpriv.training import evaluate
@@ -68,12 +68,15 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
     model = build_model(cfg.model.name, in_channels=dataset.in_channels, num_classes=dataset.num_classes,
                         image_size=dataset.image_size, width=cfg.model.width,
                         activation=cfg.model.activation)
-    state, first_round = model.state_dict(), 1
+    state, first_round, rounds_trained = model.state_dict(), 1, 0
     if cfg.resume:
         checkpoint_path = resume_checkpoint(cfg)
         try:
             checkpoint = torch.load(checkpoint_path, weights_only=True)
             state, first_round, run_id = checkpoint["state_dict"], checkpoint["round"] + 1, checkpoint["run_id"]
+            # A checkpoint from before the count existed: its rounds are taken as trained (none is
+            # declared untrained without evidence).
+            rounds_trained = int(checkpoint.get("rounds_trained", checkpoint["round"]))
             model.load_state_dict(state)
         except Exception as exc:  # truncated file, or weights of another model
             raise ConfigError("resume", cfg.resume, f"checkpoint {checkpoint_path.name} cannot be used "
@@ -83,7 +86,7 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
     if cfg.train.logit_adjustment and cfg.dataset.class_prior is None:
         log.info("train.logit_adjustment=%g has no effect: dataset %s declares no public class_prior, so "
                  "hospitals train with plain cross-entropy", cfg.train.logit_adjustment, cfg.dataset.name)
-    recorder = RunRecorder(run_dir, cfg, run_id, dataset.describe())
+    recorder = RunRecorder(run_dir, cfg, run_id, dataset.describe(), rounds_trained=rounds_trained)
     test = dataset.test.as_dataset()
 
     def evaluate_on_test(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -109,4 +112,6 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
     summary = recorder.finish(result.arrays.to_torch_state_dict(), strategy.hospitals, strategy.stop_reason, strategy.excluded)
     write_run_report(run_dir, dataset=dataset)  # calibration on the public splits, fairness, report.html
     log.info("run finished: %s\n%s", strategy.stop_reason, summary)
+    if not recorder.rounds_trained:
+        log.warning("%s", untrained_reason(strategy.stop_reason))
     return strategy

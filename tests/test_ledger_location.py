@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpriv import experiment
+from fedpriv import experiment, rundir
 from fedpriv.app_config import compose_config
 from fedpriv.cli.main import absolute_paths
 from fedpriv.config import validate_config
@@ -220,3 +220,26 @@ def test_the_sweep_table_never_rounds_an_epsilon_spent_up_to_the_budget(tmp_path
     assert "| 2.9951, inf (not private) |" in row  # 2.99512 of 3 must not read "3"
     csv_row = (sweep / "sweep.csv").read_text().splitlines()[1]
     assert "2.99512 inf" in csv_row  # the CSV keeps every digit
+
+
+@pytest.mark.parametrize("trained_before", [0, 2])
+def test_a_run_whose_hospitals_all_refused_reports_no_test_metric_unless_it_resumed_a_trained_model(
+        tmp_path, trained_before):
+    """Every hospital refused round 3: the server still evaluated the model, but only a model some
+    hospital trained (here or in the run it resumed) has a test AUC to report."""
+    from fedpriv.roster import RoundRecord
+
+    cfg = absolute_paths(compose_config([*TINY, "federation.ledger_scope=run"]), tmp_path / "run")
+    recorder = RunRecorder(tmp_path / "run", cfg, "run", "SYNTHETIC test images", rounds_trained=trained_before)
+    refused = RoundRecord(3, {h.name: {"status": "refused"} for h in _hospitals()}, [h.name for h in _hospitals()],
+                          {"auc": 0.7058, "accuracy": 0.6})
+    state = torch.nn.Linear(2, 2).state_dict()
+    recorder.round_end(refused, state, _hospitals())
+    summary = recorder.finish(state, _hospitals(), "stopped after round 3: no hospital can train")
+    result = rundir.read_result(tmp_path / "run")
+    assert result["rounds_trained"] == trained_before
+    assert torch.load(rundir.checkpoint(tmp_path / "run", 3))["rounds_trained"] == trained_before
+    if trained_before:
+        assert result["test"]["auc"] == 0.7058 and "final test AUC: 0.7058" in summary
+    else:
+        assert result["test"] == {} and "0.7058" not in summary and "final model: UNTRAINED" in summary

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from fedpriv import rundir
-from fedpriv.cli.predict import EXIT_ERROR, EXIT_NOTHING_READ, EXIT_OK, REFER, main
+from fedpriv.cli.predict import EXIT_ERROR, EXIT_NOTHING_READ, EXIT_OK, NOT_FOR_CLINICAL_USE, REFER, main
 from fedpriv.config import DatasetConfig, FedprivConfig, ModelConfig
 from fedpriv.data.base import normalise
 from fedpriv.data.imagefolder import read_image
@@ -83,6 +83,15 @@ def expected_probabilities(run_dir: Path, file: Path) -> np.ndarray:
     return softmax(logits, temperature)[0]
 
 
+SYNTHETIC_WARNING = f"[{NOT_FOR_CLINICAL_USE}: model trained on SYNTHETIC data] "
+
+
+def unprefixed(line: str) -> str:
+    """A prediction line without the warning a synthetic-data model puts first (the fixture's is one)."""
+    assert line.startswith(SYNTHETIC_WARNING), line
+    return line.removeprefix(SYNTHETIC_WARNING)
+
+
 def test_good_images_are_predicted_broken_ones_reported_and_csv_written(run_dir, images, tmp_path, capsys):
     out = tmp_path / "predictions.csv"
     inputs = [images["png"], images["corrupt"], images["jpeg"], images["dicom"], images["text"],
@@ -90,7 +99,7 @@ def test_good_images_are_predicted_broken_ones_reported_and_csv_written(run_dir,
     code = main([str(run_dir), *map(str, inputs), "--out", str(out)])
     captured = capsys.readouterr()
     assert code == EXIT_OK
-    lines = captured.out.strip().splitlines()
+    lines = [unprefixed(line) for line in captured.out.strip().splitlines()]
     assert [line.split()[0] for line in lines] == [str(images[k]) for k in ("png", "jpeg", "dicom", "nested")]
     assert all(line.split()[1] in ("normal", "opacity") for line in lines)
     errors = [line for line in captured.err.splitlines() if ": error: " in line]
@@ -154,6 +163,56 @@ def test_a_temperature_the_report_did_not_apply_is_not_used_and_predict_says_why
     err = capsys.readouterr().err
     assert "NOT calibrated" in err and f"the fitted temperature 0.211 {decision}" in err
     assert next(csv.DictReader(out.open()))["temperature"] == "1"
+
+
+def _copy_run(run_dir: Path, to: Path, dataset: str | None = None, rounds_trained: int | None = None) -> Path:
+    """A copy of the fixture's run, optionally claiming other data, with a result.json counting rounds trained."""
+    shutil.copytree(run_dir, to)
+    if dataset:
+        config = OmegaConf.load(to / rundir.CONFIG)
+        config.dataset.name = dataset
+        OmegaConf.save(config, to / rundir.CONFIG)
+    if rounds_trained is not None:
+        rundir.write_result(to, {"rounds_trained": rounds_trained, "stop_reason": "test"}, "summary")
+    return to
+
+
+def _outputs(run: Path | str, images, out: Path, capsys) -> tuple[list[str], str, list[dict]]:
+    assert main([str(run), str(images["png"]), str(images["corrupt"]), str(images["jpeg"]), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    return captured.out.strip().splitlines(), captured.err, list(csv.DictReader(out.open()))
+
+
+def test_a_synthetic_data_model_warns_on_every_line_and_every_csv_row(run_dir, images, tmp_path, capsys):
+    lines, err, rows = _outputs(run_dir, images, tmp_path / "p.csv", capsys)
+    assert len(lines) == 2 and all(line.startswith(SYNTHETIC_WARNING) for line in lines)
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]  # the unreadable file's row carries it too
+    assert all(r["warning"] == SYNTHETIC_WARNING[1:-2] for r in rows)
+    summary = [line for line in err.splitlines() if "image(s) predicted" in line]
+    assert len(summary) == 1 and SYNTHETIC_WARNING.strip() in summary[0]
+
+
+def test_a_model_no_hospital_trained_warns_on_every_line_whatever_its_data(run_dir, images, tmp_path, capsys):
+    untrained = _copy_run(run_dir, tmp_path / "untrained", dataset="pneumoniamnist", rounds_trained=0)
+    expected = f"{NOT_FOR_CLINICAL_USE}: model UNTRAINED (no hospital trained in any round)"
+    lines, err, rows = _outputs(untrained, images, tmp_path / "p.csv", capsys)
+    assert len(lines) == 2 and all(line.startswith(f"[{expected}] ") for line in lines)
+    assert all(r["warning"] == expected for r in rows) and "SYNTHETIC" not in err
+    # a round checkpoint says itself whether any round had trained
+    checkpoint = rundir.checkpoint(untrained, 1)
+    checkpoint.parent.mkdir()
+    torch.save({"round": 1, "run_id": "x", "rounds_trained": 0,
+                "state_dict": torch.load(untrained / rundir.MODEL, weights_only=True)}, checkpoint)
+    (untrained / rundir.RESULT).unlink()
+    lines, _, rows = _outputs(checkpoint, images, tmp_path / "q.csv", capsys)
+    assert all(line.startswith(f"[{expected}] ") for line in lines) and all(r["warning"] == expected for r in rows)
+
+
+def test_a_trained_model_on_real_data_carries_no_warning(run_dir, images, tmp_path, capsys):
+    trained = _copy_run(run_dir, tmp_path / "trained", dataset="pneumoniamnist", rounds_trained=3)
+    lines, err, rows = _outputs(trained, images, tmp_path / "p.csv", capsys)
+    assert len(lines) == 2 and not any(NOT_FOR_CLINICAL_USE in line for line in lines)
+    assert NOT_FOR_CLINICAL_USE not in err and all(r["warning"] == "" for r in rows)
 
 
 def test_a_run_saved_before_activations_were_configurable_is_rebuilt_with_relu(tmp_path):

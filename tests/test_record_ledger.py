@@ -8,13 +8,17 @@ it against the ledger's figure and the budget.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
 from independent_accounting import check_records
+from inprocess_grid import InProcessGrid
 from test_federation import TINY, federate, hospital_records, ledger_of
 
-from fedpriv.app_config import compose_config
+from fedpriv import rundir, simulation
+from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, compose_config, config_from_run_config
+from fedpriv.cli import main as cli
 from fedpriv.data.synthetic import make_synthetic
 from fedpriv.deployment.node import hospital_settings, load_hospital_data, parse_node_config
 from fedpriv.deployment.rehearsal import write_share
@@ -22,6 +26,7 @@ from fedpriv.experiment import prepare_experiment
 from fedpriv.hospital import LOCKED, TRAINED, RoundRequest, train_round
 from fedpriv.models import build_model
 from fedpriv.privacy.ledger import read_ledger
+from fedpriv.server_app import run_federation
 
 BUDGET = 3.0
 
@@ -35,17 +40,42 @@ def trained_ids(run_dir, hospitals: int) -> set[str]:
     return {str(i) for index in range(hospitals) for i in hospital_records(run_dir, index)}
 
 
-def test_a_second_default_run_finds_every_budget_spent_and_says_where_it_is_kept(tmp_path, ledger_env_dir):
+def test_a_second_default_run_finds_every_budget_spent_and_says_where_it_is_kept(tmp_path, ledger_env_dir,
+                                                                                  monkeypatch, capsys):
     first, _, first_dir = federate(tmp_path, run="first", default_ledger=True)
     assert all(h.epsilon == pytest.approx(BUDGET, rel=0.02) for h in first.hospitals)
+    assert rundir.read_result(first_dir)["rounds_trained"] == 2 and "final test AUC" in rundir.read_summary(first_dir)
     second, grid, second_dir = federate(tmp_path, run="second", default_ledger=True)  # the same command again
     assert all(h.locked for h in second.hospitals) and second.history == []
     assert not [r for _, r in grid.train_exchanges() if r is not None and r.content["metrics"]["trained"]]
     assert ledger_of(second_dir) == ledger_of(first_dir) and ledger_of(first_dir).parent == ledger_env_dir
-    summary = (second_dir / "summary.md").read_text()
+    summary = rundir.read_summary(second_dir)
     assert str(ledger_env_dir) in summary and "federation.ledger_scope=run" in summary
     with read_ledger(ledger_of(second_dir)) as ledger:
         check_records(ledger, all_training_records(), BUDGET)
+    # Nobody trained: no headline metric anywhere, and the report says the model is untrained.
+    result = rundir.read_result(second_dir)
+    assert (result["rounds_trained"], result["test"]) == (0, {})
+    assert "final test AUC" not in summary and "final model: UNTRAINED" in summary
+    assert "UNTRAINED MODEL" in (second_dir / rundir.REPORT_MD).read_text()
+    # The same command once more, through `fedpriv` itself (its federation in process): one line, exit 3.
+    def federate_in_process(config_json, run_dir, *, num_hospitals, **_):
+        run_config = {CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)}
+        run_federation(InProcessGrid(num_hospitals, run_config), config_from_run_config(run_config), run_dir,
+                       run_id="third")
+
+    monkeypatch.setattr(simulation, "run_simulation", federate_in_process)
+    # Hydra's own logging setup would keep pytest's captured stream after the test: left out.
+    monkeypatch.setattr(sys, "argv", ["fedpriv", *TINY, f"hydra.run.dir={tmp_path / 'third'}",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == cli.EXIT_NOTHING_TRAINED
+    err = capsys.readouterr().err
+    told = [line for line in err.splitlines() if line.startswith("fedpriv: ")]
+    assert len(told) == 1 and "Traceback" not in err
+    assert told[0].startswith("fedpriv: no hospital trained in any round") and str(tmp_path / "third") in told[0]
+    assert rundir.read_result(tmp_path / "third")["test"] == {}
 
 
 def test_more_hospitals_on_the_same_ledger_store_never_charge_a_spent_record_again(tmp_path):

@@ -3,6 +3,10 @@
 Bad input ends the program with one line on stderr (what is wrong, where, how to fix it) and a
 non-zero exit code; Hydra's own composition errors (unknown keys, wrong types) are reported by
 Hydra, also without a traceback.
+
+Exit codes: 0 the run trained; 2 bad input (:data:`EXIT_BAD_INPUT`); 3 the run finished but no
+hospital trained in any round, so its model is untrained (:data:`EXIT_NOTHING_TRAINED`; in a sweep
+the job is reported and the sweep goes on); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fedpriv import rundir
 from fedpriv.config import FedprivConfig, register_configs, to_config
-from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.errors import ConfigError, FedprivError, NothingTrained
 
 log = logging.getLogger("fedpriv")
 
 EXIT_BAD_INPUT = 2
+EXIT_NOTHING_TRAINED = 3
 CONFIG_NAME = "config"  # Hydra's primary config, conf/config.yaml
 
 
@@ -36,10 +42,13 @@ def config_dir() -> str:
 
 
 def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
-    """Validate, prepare the data, then run the federated simulation; outputs go to `run_dir`."""
+    """Validate, prepare the data, then run the federated simulation; outputs go to `run_dir`.
+
+    Raises NothingTrained when the run ended without any hospital training in any round.
+    """
     from fedpriv.app_config import config_to_json
     from fedpriv.experiment import prepare_experiment
-    from fedpriv.outputs import resume_checkpoint
+    from fedpriv.outputs import resume_checkpoint, untrained_reason
     from fedpriv.simulation import run_simulation
 
     config = absolute_paths(to_config(cfg), run_dir)
@@ -53,6 +62,9 @@ def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
     run_simulation(config_to_json(config), run_dir, num_hospitals=config.federation.num_hospitals,
                    client_cpus=config.federation.client_cpus)
     log.info("Run finished; outputs in %s\n%s", run_dir, rundir.read_summary(run_dir))
+    result = rundir.read_result(run_dir) or {}
+    if result.get("rounds_trained") == 0:
+        raise NothingTrained(f"{untrained_reason(result['stop_reason'])}; outputs in {run_dir}")
 
 
 def absolute_paths(config: FedprivConfig, run_dir: str | Path | None = None) -> FedprivConfig:
@@ -159,6 +171,12 @@ def _hydra_main(cfg: DictConfig) -> None:
         # A resume continues the resumed run: its own config.yaml plus what the command line sets.
         config = resumed_config(cfg.resume, hydra_config.overrides.task) if cfg.get("resume") else cfg
         run(config, Path(hydra_config.runtime.output_dir))
+    except NothingTrained as error:
+        if hydra_config.mode == RunMode.MULTIRUN:  # one job's outcome: the sweep's other jobs still run
+            log.error("%s", error)
+            return
+        print(f"fedpriv: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_NOTHING_TRAINED) from None
     except FedprivError as error:
         _fail(error)
     except KeyboardInterrupt:

@@ -14,6 +14,11 @@ A file that cannot be read gets a ``fedpriv-predict: error: ...`` line on stderr
 still processed. ``--out FILE.csv`` writes one row per input file, unreadable ones included, with
 their error.
 
+A model trained on synthetic data, or never trained (no hospital trained in any round), must not be
+trusted on any image: then every stdout line starts with ``[NOT FOR CLINICAL USE: ...]``, the
+summary line on stderr says the same, and every CSV row carries it in its ``warning`` column
+(empty otherwise).
+
 Exit codes: 0 when at least one image was predicted, even if others could not be read; 1 when no
 image could be read; 2 when the model cannot be loaded, the CSV cannot be written, or the arguments
 are wrong.
@@ -41,6 +46,7 @@ PROG = "fedpriv-predict"
 EXIT_OK, EXIT_NOTHING_READ, EXIT_ERROR = 0, 1, 2
 DEFAULT_THRESHOLD = 0.8
 REFER = "REFER TO A HUMAN"
+NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 
 
 @dataclass
@@ -74,18 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.uncalibrated_reason:
         print(f"{PROG}: warning: probabilities are NOT calibrated (temperature 1): {loaded.uncalibrated_reason}",
               file=sys.stderr)
+    warning = untrusted_warning(loaded.untrusted)
+    if warning:
+        print(f"{PROG}: warning: {warning}: this model's predictions say nothing about real patients",
+              file=sys.stderr)
     predictions = predict_files(loaded, args.images)
     for prediction in predictions:
         if prediction.error:
             print(f"{PROG}: error: {prediction.error}", file=sys.stderr)
     names = loaded.info.class_names
-    _print_predictions(predictions, names, args.threshold)
+    _print_predictions(predictions, names, args.threshold, warning)
     if args.out:
         try:
-            write_csv(args.out, predictions, names, args.threshold, loaded.temperature)
+            write_csv(args.out, predictions, names, args.threshold, loaded.temperature, warning)
         except OSError as exc:
             return _fail(f"cannot write {args.out}: {exc}")
-    return _finish(predictions, args.threshold, loaded.temperature)
+    return _finish(predictions, args.threshold, loaded.temperature, warning)
+
+
+def untrusted_warning(reasons: list[str]) -> str:
+    """The warning every output line carries when the model must not be trusted; empty when it may."""
+    return f"{NOT_FOR_CLINICAL_USE}: model {' and '.join(reasons)}" if reasons else ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,7 +196,7 @@ def predict_files(loaded: RunModel, paths: list[str]) -> list[Prediction]:
 # ------------------------------------------------------------------------------------ writing
 
 
-def _print_predictions(predictions: list[Prediction], names: list[str], threshold: float) -> None:
+def _print_predictions(predictions: list[Prediction], names: list[str], threshold: float, warning: str = "") -> None:
     good = [p for p in predictions if not p.error]
     if not good:
         return
@@ -189,29 +204,33 @@ def _print_predictions(predictions: list[Prediction], names: list[str], threshol
     name_width = max(len(names[p.index]) for p in good)
     for p in good:
         flag = f"  {REFER} (below {threshold:g})" if p.probability < threshold else ""
-        print(f"{p.path:<{path_width}}  {names[p.index]:<{name_width}}  {p.probability:.3f}{flag}")
+        prefix = f"[{warning}] " if warning else ""
+        print(f"{prefix}{p.path:<{path_width}}  {names[p.index]:<{name_width}}  {p.probability:.3f}{flag}")
 
 
 def write_csv(path: str, predictions: list[Prediction], names: list[str], threshold: float,
-              temperature: float) -> None:
-    """One row per input: path, status, class, calibrated and raw probability, referral, per-class probabilities."""
+              temperature: float, warning: str = "") -> None:
+    """One row per input: path, status, class, calibrated and raw probability, referral, per-class
+    probabilities, error, and the model's warning (on every row, empty when the model may be trusted)."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "status", "predicted_class", "probability", "refer_to_human",
-                         "uncalibrated_probability", "temperature", *(f"p_{name}" for name in names), "error"])
+                         "uncalibrated_probability", "temperature", *(f"p_{name}" for name in names), "error",
+                         "warning"])
         for p in predictions:
             if p.error:
-                writer.writerow([p.path, "error", "", "", "", "", "", *([""] * len(names)), p.error])
+                writer.writerow([p.path, "error", "", "", "", "", "", *([""] * len(names)), p.error, warning])
                 continue
             writer.writerow([p.path, "ok", names[p.index], f"{p.probability:.6f}",
                              "yes" if p.probability < threshold else "no", f"{p.raw[p.index]:.6f}",
-                             f"{temperature:.6g}", *(f"{q:.6f}" for q in p.calibrated), ""])
+                             f"{temperature:.6g}", *(f"{q:.6f}" for q in p.calibrated), "", warning])
 
 
-def _finish(predictions: list[Prediction], threshold: float, temperature: float) -> int:
+def _finish(predictions: list[Prediction], threshold: float, temperature: float, warning: str = "") -> int:
     done = [p for p in predictions if not p.error]
     referred = sum(p.probability < threshold for p in done)
-    print(f"{PROG}: {len(done)} image(s) predicted, {referred} to refer to a human (probability below "
+    prefix = f"[{warning}] " if warning else ""
+    print(f"{PROG}: {prefix}{len(done)} image(s) predicted, {referred} to refer to a human (probability below "
           f"{threshold:g}), {len(predictions) - len(done)} could not be read; temperature {temperature:.3g}",
           file=sys.stderr)
     return EXIT_OK if done else EXIT_NOTHING_READ

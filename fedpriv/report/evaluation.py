@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ class RunModel:
     path: Path
     temperature: float = 1.0
     uncalibrated_reason: str = ""
+    untrusted: list[str] = field(default_factory=list)  # why no prediction may be trusted (synthetic, untrained)
 
     def probabilities(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated, raw) class probabilities of normalised ``(N, C, H, W)`` images."""
@@ -156,7 +157,7 @@ def load_run_model(path: str | Path) -> RunModel:
     except RuntimeError as exc:
         raise RunFilesError(f"{model_file} does not fit the {info.name} model of {run_dir / rundir.CONFIG}: "
                             f"{str(exc).splitlines()[0]}") from exc
-    loaded = RunModel(model.eval(), info, model_file)
+    loaded = RunModel(model.eval(), info, model_file, untrusted=untrusted_reasons(cfg, model_file, run_dir))
     if saved is None:
         loaded.uncalibrated_reason = f"no {rundir.CALIBRATION} in {run_dir} (run fedpriv-report {run_dir} to fit one)"
     elif saved.get("model_sha256") != file_sha256(model_file):
@@ -167,6 +168,25 @@ def load_run_model(path: str | Path) -> RunModel:
             loaded.uncalibrated_reason = (f"the fitted temperature {number(saved.get('fitted_temperature')):.3g} "
                                           f"{saved.get('decision', 'was not applied')}")
     return loaded
+
+
+def untrusted_reasons(cfg: FedprivConfig, model_file: Path, run_dir: Path) -> list[str]:
+    """Why a model's predictions must not be trusted at all: synthetic training data, or no training.
+
+    Whether it trained comes from the model file itself (a round checkpoint counts its rounds
+    trained) or, for model.pt, from result.json; a file from before that count says nothing.
+    """
+    reasons = []
+    if cfg.dataset.name == "synthetic":
+        reasons.append("trained on SYNTHETIC data")
+    if model_file.name == rundir.MODEL:
+        trained = (rundir.read_result(run_dir) or {}).get("rounds_trained")
+    else:
+        saved = torch.load(model_file, map_location="cpu", weights_only=True)
+        trained = saved.get("rounds_trained") if isinstance(saved, dict) else None
+    if trained == 0:
+        reasons.append("UNTRAINED (no hospital trained in any round)")
+    return reasons
 
 
 @torch.no_grad()

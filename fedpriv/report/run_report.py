@@ -218,6 +218,10 @@ def _summary(files: RunFiles, calibration: CalibrationReport | None, hospitals: 
     if files.dataset.startswith("SYNTHETIC"):
         blocks.append(Banner("SYNTHETIC data (generated images, not patients): these results say nothing "
                              "clinical.", "warning"))
+    if files.result is not None and files.result.get("rounds_trained") == 0:
+        blocks.append(Banner("UNTRAINED MODEL: no hospital trained in any round (each refused or was locked), so "
+                             "the model is the initial one. No test metric is reported as a result, and its "
+                             "calibration and per-round figures describe an untrained model.", "warning"))
     if files.result is None:
         blocks.append(Banner(f"This run has not finished (no {rundir.RESULT}): figures are from the last "
                              "finished round.", "warning"))
