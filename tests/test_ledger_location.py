@@ -239,7 +239,10 @@ def test_a_run_whose_hospitals_all_refused_reports_no_test_metric_unless_it_resu
     result = rundir.read_result(tmp_path / "run")
     assert result["rounds_trained"] == trained_before
     assert torch.load(rundir.checkpoint(tmp_path / "run", 3))["rounds_trained"] == trained_before
+    sweep_row = write_sweep_report(tmp_path).read_text().splitlines()[4]
     if trained_before:
         assert result["test"]["auc"] == 0.7058 and "final test AUC: 0.7058" in summary
+        assert "| 0.7058 | 0.6000 |" in sweep_row
     else:
         assert result["test"] == {} and "0.7058" not in summary and "final model: UNTRAINED" in summary
+        assert "| UNTRAINED | UNTRAINED |" in sweep_row

@@ -36,6 +36,7 @@ def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
             "epsilon_spent_max": max(spent, default=math.nan),
             "epsilon_spent": spent,
             "rounds_run": result["rounds_run"],
+            "untrained": result.get("rounds_trained") == 0,  # no hospital trained: no test metric
             "stop_reason": result["stop_reason"],
             "seed": result.get("seed", 0),
             "ledger_scope": result.get("ledger_scope", "persistent"),  # "run": a throw-away ledger
@@ -73,7 +74,8 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
              "|---:|---|---:|---:|---|---:|---|"]
     for r in rows:
         spent = ", ".join(_spent(e) for e in r["epsilon_spent"])
-        lines.append(f"| {_fmt(r['epsilon_budget'])} | {r['mode']} | {r['auc']:.4f} | {r['accuracy']:.4f} | "
+        auc, accuracy = ("UNTRAINED", "UNTRAINED") if r["untrained"] else (f"{r['auc']:.4f}", f"{r['accuracy']:.4f}")
+        lines.append(f"| {_fmt(r['epsilon_budget'])} | {r['mode']} | {auc} | {accuracy} | "
                      f"{spent} | {r['rounds_run']} | {r['run']} |")
     lines += ["", *_ledger_sentences(rows), f"![privacy-utility]({rundir.SWEEP_PLOT})", ""]
     plot_privacy_utility(rows, sweep_dir / rundir.SWEEP_PLOT)
