@@ -168,3 +168,19 @@ def test_a_deployed_hospital_that_adds_scans_trains_the_new_ones_and_keeps_the_o
             assert exhausted
             assert {e.run_id for e in events} == ({"first"} if record_id in old_ids else {"second"})
     assert epsilons.max() <= BUDGET
+
+
+def test_in_a_sweep_a_job_that_trained_nothing_is_logged_and_the_sweep_goes_on(tmp_path, monkeypatch, caplog):
+    from fedpriv.errors import NothingTrained
+
+    jobs = []
+
+    def nothing_trained(config, run_dir):
+        jobs.append(run_dir)
+        raise NothingTrained(f"no hospital trained in any round; outputs in {run_dir}")
+
+    monkeypatch.setattr(cli, "run", nothing_trained)
+    monkeypatch.setattr(sys, "argv", ["fedpriv", "-m", *TINY, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    cli.main()  # no SystemExit: the second job still ran
+    assert len(jobs) == 2 and "no hospital trained in any round" in caplog.text
