@@ -26,11 +26,11 @@ import logging
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from fedpriv import rundir
 from fedpriv.errors import ConfigError, FedprivError
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -283,7 +283,7 @@ def _local(args: argparse.Namespace) -> int:
               flush=True)
         print(f"  REHEARSAL ONLY: {CLIENTAPP_USER_NOTE}", flush=True)
         outcome = federation.run(cfg, timeout=args.timeout)
-    print((outcome.run_dir / "summary.md").read_text())
+    print(rundir.read_summary(outcome.run_dir))
     print(f"Server artifacts in {outcome.run_dir}; every process started was stopped.")
     return 0
 

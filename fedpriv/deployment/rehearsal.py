@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpriv import rundir
 from fedpriv.app_config import config_to_json, write_app
 from fedpriv.config import FedprivConfig
 from fedpriv.data import NORMALISATION_MEAN, NORMALISATION_STD, LabeledImages
@@ -371,7 +372,7 @@ class LocalFederation:
             code = self._follow(runner, timeout)
         finally:
             self.processes.stop(runner)
-        if code != 0 or not (run_dir / "summary.md").is_file():
+        if code != 0 or not rundir.finished(run_dir):
             raise DeploymentError(f"the federated run {name} did not finish (flwr run exited {code}); see "
                                   f"{runner.log_path} and {self.coordinator / 'superlink.log'}:\n{runner.log_tail()}")
         return RunOutcome(run_dir, runner.log_path, time.monotonic() - started)
