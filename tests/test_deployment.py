@@ -619,3 +619,24 @@ def test_cli_hospital_keys_then_sign_with_one_clear_error_for_bad_requests(tmp_p
     bad = _cli("sign", "--csr", str(tmp_path / "bad.csr"), *ca, "--out", str(tmp_path / "bad.crt"))
     assert bad.returncode == 2 and "bad.csr" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad.crt").exists() and not (tmp_path / "B.crt").exists()
+
+
+def test_waiting_for_a_service_names_it_when_it_exits_and_returns_once_ready(tmp_path):
+    import os
+    import sys
+
+    from fedpriv.deployment.processes import ProcessSet, wait_until_ready
+
+    with ProcessSet(os.environ) as processes:
+        quitter = processes.start("quitter", [sys.executable, "-c", "print('bad config'); raise SystemExit(3)"],
+                                  tmp_path / "quitter.log")
+        with pytest.raises(DeploymentError, match=r"nginx exited with code 3; see .*quitter.log:\nbad config"):
+            wait_until_ready(quitter, "nginx", lambda: False, timeout=60)
+        sleeper = processes.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"],
+                                  tmp_path / "sleeper.log")
+        calls = []
+        wait_until_ready(sleeper, "sleeper", lambda: calls.append(1) or len(calls) >= 3, timeout=60)
+        assert len(calls) == 3 and sleeper.running()
+        with pytest.raises(DeploymentError, match="sleeper did not answer on 127.0.0.1:9 within 0s"):
+            wait_until_ready(sleeper, "sleeper", lambda: False, timeout=0, what="answer on 127.0.0.1:9")
+    assert not sleeper.running()  # the set stopped it (by its PID)

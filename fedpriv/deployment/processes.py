@@ -310,17 +310,22 @@ def superlink_ready(address: str, ca_certificate: Path) -> bool:
         return False
 
 
-def wait_for_superlink(link: ManagedProcess, address: str, ca_certificate: Path, timeout: float = 60.0) -> None:
-    """Block until the SuperLink is healthy; DeploymentError if it exits or times out."""
+def wait_until_ready(process: ManagedProcess, name: str, ready, timeout: float, what: str = "become ready") -> None:
+    """Block until ``ready()``; DeploymentError naming ``name`` if the process exits or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not link.running():
-            raise DeploymentError(f"flower-superlink exited with code {link.process.returncode}; "
-                                  f"see {link.log_path}:\n{link.log_tail()}")
-        if superlink_ready(address, ca_certificate):
+        if not process.running():
+            raise DeploymentError(f"{name} exited with code {process.process.returncode}; "
+                                  f"see {process.log_path}:\n{process.log_tail()}")
+        if ready():
             return
-        time.sleep(0.3)
-    raise DeploymentError(f"flower-superlink did not become ready within {timeout:.0f}s; see {link.log_path}")
+        time.sleep(0.25)
+    raise DeploymentError(f"{name} did not {what} within {timeout:.0f}s; see {process.log_path}")
+
+
+def wait_for_superlink(link: ManagedProcess, address: str, ca_certificate: Path, timeout: float = 60.0) -> None:
+    """Block until the SuperLink is healthy; DeploymentError if it exits or times out."""
+    wait_until_ready(link, "flower-superlink", lambda: superlink_ready(address, ca_certificate), timeout)
 
 
 def _flwr_json(command: list[str], env: Mapping[str, str], timeout: float) -> dict:

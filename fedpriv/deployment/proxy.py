@@ -35,11 +35,10 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpriv.deployment.processes import DeploymentError, ManagedProcess
+from fedpriv.deployment.processes import DeploymentError, ManagedProcess, wait_until_ready
 
 NGINX_INSTALL_HINT = ("install Debian's package: `sudo apt-get install nginx-light` (or `nginx`); "
                       "fedpriv runs it as its own process, so the distribution's service need not be enabled")
@@ -211,12 +210,4 @@ def proxy_ready(address: str, ca_certificate: Path) -> bool:
 
 def wait_for_proxy(proxy: ManagedProcess, address: str, ca_certificate: Path, timeout: float = 30.0) -> None:
     """Block until the proxy answers TLS on `address`; DeploymentError if nginx exits or times out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proxy.running():
-            raise DeploymentError(f"nginx exited with code {proxy.process.returncode}; see {proxy.log_path}:\n"
-                                  f"{proxy.log_tail()}")
-        if proxy_ready(address, ca_certificate):
-            return
-        time.sleep(0.2)
-    raise DeploymentError(f"nginx did not answer on {address} within {timeout:.0f}s; see {proxy.log_path}")
+    wait_until_ready(proxy, "nginx", lambda: proxy_ready(address, ca_certificate), timeout, f"answer on {address}")
