@@ -252,17 +252,22 @@ def test_asking_for_another_user_without_root_says_to_use_a_unit_of_its_own(tmp_
     assert "needs root" in str(refused.value) and "User=" in str(refused.value)
 
 
-def test_the_node_cli_without_root_refuses_clientapp_user_in_one_line(tmp_path, monkeypatch, capsys):
-    from tests.test_deployment_federation import make_share
 
-    share = make_share(tmp_path / "xrays")
-    (tmp_path / "ledger").mkdir()
-    keys = tmp_path / "keys"
+def _stand_in_keys(keys: Path) -> Path:
+    """A hospital's key folder with stand-in files, the private keys at 0600."""
     keys.mkdir()
     for name in ("A.key", "A-tls.key", "ca.crt", "A-tls.crt"):
         (keys / name).write_text("stand-in\n")
     os.chmod(keys / "A.key", 0o600)
     os.chmod(keys / "A-tls.key", 0o600)
+    return keys
+
+def test_the_node_cli_without_root_refuses_clientapp_user_in_one_line(tmp_path, monkeypatch, capsys):
+    from tests.test_deployment_federation import make_share
+
+    share = make_share(tmp_path / "xrays")
+    (tmp_path / "ledger").mkdir()
+    keys = _stand_in_keys(tmp_path / "keys")
     site = {"data": share, "ledger": tmp_path / "ledger" / "l.db", "keys": keys}
     started = []
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
@@ -281,12 +286,7 @@ def test_the_node_cli_without_root_refuses_clientapp_user_in_one_line(tmp_path, 
 def test_separate_launcher_starts_only_the_supernode_and_the_launcher_command_checks_the_keys(tmp_path, capsys):
     from tests.test_deployment_federation import make_share
 
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    for name in ("A.key", "A-tls.key", "ca.crt", "A-tls.crt"):
-        (keys / name).write_text("stand-in\n")
-    os.chmod(keys / "A.key", 0o600)
-    os.chmod(keys / "A-tls.key", 0o600)
+    keys = _stand_in_keys(tmp_path / "keys")
     (tmp_path / "ledger").mkdir()
     site = {"data": make_share(tmp_path / "xrays"), "ledger": tmp_path / "ledger" / "l.db", "keys": keys}
     os.chmod(keys / "A-tls.key", 0o640)  # a group-readable key is refused, whoever runs the ClientApps
