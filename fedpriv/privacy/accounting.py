@@ -105,9 +105,7 @@ def _epsilon_of_history(history: tuple[tuple[float, float, int], ...], delta: fl
 
 def _opacus_epsilon(history, delta: float, accountant: str, **kwargs) -> float:
     if accountant == "prv":
-        from fedpriv.privacy.prv import (
-            prv_epsilon,  # deferred: Opacus's PRV internals take ~1.4 s to import
-        )
+        from fedpriv.privacy.prv import prv_epsilon  # deferred: Opacus's PRV internals take ~1.4 s to import
 
         return prv_epsilon(tuple(history), delta, **kwargs)
     from opacus.accountants import create_accountant

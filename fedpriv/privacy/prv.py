@@ -21,8 +21,8 @@ the discretised PRV's spectrum, and its n-fold powers (a later round's power is 
 times the spectrum to the difference). A round then costs, per group of records, a product of
 cached spectra, one inverse FFT and Opacus's own epsilon search. Epsilon is Opacus's upper bound
 (estimate + eps_error) on a grid that satisfies the same conditions; it differs from Opacus's
-figure on Opacus's own grid by far less than eps_error (tests/test_accounting.py bounds it, and
-checks both against Google's dp_accounting).
+figure on Opacus's own grid by far less than eps_error (tests/test_accounting.py bounds it; the
+ledger tests recompute every record's epsilon with Google's dp_accounting).
 
 The caches hold at most `FEDPRIV_PRV_CACHE_MB` (default 1024) MiB of spectra per process: a hospital
 of 100,000 records whose records changed 10 times in 200 rounds needs about 700 MiB; one of the
