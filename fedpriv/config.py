@@ -26,6 +26,7 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 STRATEGY_MODES = ("parallel", "sequential")
 SEQUENTIAL_STEPS = ("full", "share")  # see fedpriv.strategy.BudgetAwareStrategy.sequential_weight
 LEDGER_SCOPES = ("persistent", "run")  # see FederationConfig.ledger_scope
+PRIVACY_UNITS = ("image", "patient")  # see PrivacyConfig.unit
 MEDMNIST_SIZES = (28, 64, 128, 224)
 NON_MEDMNIST_DATASETS = ("imagefolder", "synthetic")
 
@@ -43,6 +44,9 @@ class DatasetConfig:
     val_fraction: float = 0.1  # image folder / synthetic: share held out for validation
     test_fraction: float = 0.2  # image folder / synthetic: share held out for testing
     num_samples: int = 1200  # synthetic: number of images in all splits
+    # Synthetic: None (default) gives no patient ids (one image, one unknown patient); k >= 1 groups the
+    # images into patients of 1..k images each (uniformly drawn), every image of a patient with its label.
+    images_per_patient: Optional[int] = None
     # Share of each class in the population the model will see, from a PUBLIC source (published
     # counts, registry prevalence), one number per class; used by train.logit_adjustment. Never
     # estimate it from a hospital's records at run time: the counts themselves would leak.
@@ -74,6 +78,13 @@ class PrivacyConfig:
     # NOT private against them (the summary says so). Unset (default): fresh OS entropy every round.
     # A deployed hospital never takes it from the server.
     noise_seed: Optional[int] = None
+    # What one record of the guarantee is: "image" (each image protected on its own; a patient with k
+    # images only at about k x epsilon) or "patient" (user-level DP-SGD: all of a patient's images together;
+    # needs patient ids in the data). Fixed per ledger: a ledger refuses a switch of unit.
+    unit: str = "image"
+    # unit=patient: at most this many of a sampled patient's images enter one step's per-patient gradient,
+    # drawn at random (None: all of them). Bounds the cost of a patient with many images; privacy is the same.
+    max_images_per_patient: Optional[int] = None
 
 
 @dataclass
@@ -302,6 +313,13 @@ def validate_config(cfg: FedprivConfig) -> None:
         _positive("privacy.max_grad_norm", privacy.max_grad_norm, "use e.g. privacy.max_grad_norm=1.0")
         resolve_noise_multiplier(privacy.noise_multiplier)
         _choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
+    _choice("privacy.unit", privacy.unit, PRIVACY_UNITS)
+    if privacy.max_images_per_patient is not None and privacy.max_images_per_patient < 1:
+        raise ConfigError("privacy.max_images_per_patient", privacy.max_images_per_patient, "must be at least 1",
+                          "use e.g. privacy.max_images_per_patient=8, or null for all of a patient's images")
+    if data.images_per_patient is not None and data.images_per_patient < 1:
+        raise ConfigError("dataset.images_per_patient", data.images_per_patient, "must be at least 1",
+                          "use e.g. dataset.images_per_patient=4 (patients of 1 to 4 images), or null")
     if privacy.max_physical_batch_size < 1:
         raise ConfigError("privacy.max_physical_batch_size", privacy.max_physical_batch_size,
                           "must be at least 1", "use e.g. 128")

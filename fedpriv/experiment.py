@@ -92,10 +92,17 @@ def partition_experiment(cfg: FedprivConfig, dataset: MedicalImageDataset) -> Ex
     fed = cfg.federation
     shares = [h.share for h in fed.hospitals] if fed.hospitals and fed.hospitals[0].share is not None else None
     labels = dataset.train.labels.numpy()
+    # With patient ids, a patient's images all go to one hospital, and to one side of its validation split.
+    patients = dataset.train.patient_ids
+    if cfg.privacy.enabled and cfg.privacy.unit == "patient":
+        dataset.train.patients(where=f"dataset {dataset.name}")  # DataError naming the fix, before any training
     partitions = partition_indices(labels, fed.num_hospitals, fed.partition, alpha=fed.alpha,
-                                   seed=cfg.seed, shares=shares)
-    local_training, local_validation = split_local_validation(partitions, fed.local_val_fraction, cfg.seed)
-    validate_against_data(cfg, [len(p) for p in local_training], len(labels))
+                                   seed=cfg.seed, shares=shares, groups=patients)
+    local_training, local_validation = split_local_validation(partitions, fed.local_val_fraction, cfg.seed,
+                                                              patients)
+    units = ([len(np.unique(patients[p])) for p in local_training] if patients is not None
+             and cfg.privacy.unit == "patient" else [len(p) for p in local_training])
+    validate_against_data(cfg, units, len(labels))
     names = hospital_names(cfg)
     overrides = fed.hospitals or [None] * fed.num_hospitals
     hospitals = [
@@ -203,17 +210,20 @@ def check_ledger_dir(cfg: FedprivConfig, run_dir: str | Path | None = None) -> N
                       "for a throw-away ledger in the run directory (the budget then holds within that run only)")
 
 
-def split_local_validation(partitions: list[np.ndarray], fraction: float,
-                           seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def split_local_validation(partitions: list[np.ndarray], fraction: float, seed: int,
+                           patient_ids: np.ndarray | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Each hospital holds out `fraction` of its own records for validation, as a real site would.
 
     The official validation split stays with the server (a public calibration set), so nothing a
-    hospital validates on is shared with anyone.
+    hospital validates on is shared with anyone. With `patient_ids` (one per record of the training
+    split) whole patients are held out (:func:`fedpriv.data.splits.hold_out`).
     """
+    from fedpriv.data.splits import hold_out
+
     training, validation = [], []
     for index, part in enumerate(partitions):
-        shuffled = np.random.default_rng([seed, index]).permutation(part)
-        held_out = min(int(fraction * len(part)), max(len(part) - 1, 0))
-        validation.append(np.sort(shuffled[:held_out]))
-        training.append(np.sort(shuffled[held_out:]))
+        groups = None if patient_ids is None else patient_ids[part]
+        kept, held = hold_out(part, fraction, np.random.default_rng([seed, index]), groups)
+        validation.append(held)
+        training.append(kept)
     return training, validation

@@ -7,6 +7,11 @@ hospital's limits before the ledger is touched, so a bad request charges nothing
 private or not, is charged to the ledger before the first step, on the records that can afford it
 (:meth:`fedpriv.privacy.ledger.PrivacyLedger.charge`), and confirmed afterwards. A round the budget
 cannot afford is refused with nothing charged and nothing locked.
+
+The hospital also decides what one record of its guarantee is (``HospitalSettings.unit``): an
+image, or a patient. Per patient, the ledger's records are the patients (all of a patient's images
+share one record), a round samples patients, and training clips each patient's gradient
+(:func:`fedpriv.training.train_local` with ``groups``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import nn
 from fedpriv.data import LabeledImages
 from fedpriv.errors import BudgetExhausted, ConfigError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon, noise_multiplier_for
-from fedpriv.privacy.ledger import BudgetStatus, PrivacyLedger, largest_fitting
+from fedpriv.privacy.ledger import UNITS, BudgetStatus, PrivacyLedger, largest_fitting
 from fedpriv.privacy.plan import PrivacyPlan, steps_per_epoch
 from fedpriv.protocol import Status
 from fedpriv.training import train_local
@@ -75,9 +80,21 @@ class HospitalSettings:
     # Answer evaluation requests with metrics on the private validation split. Off by default: those
     # metrics are computed from private records without noise and are NOT covered by epsilon.
     share_validation_metrics: bool = False
+    # What one record is: "image", or "patient" (user-level DP-SGD over the images' patient ids).
+    # Fixed per ledger: the ledger refuses another unit than the one it was created with.
+    unit: str = "image"
+    # unit=patient: at most this many of a sampled patient's images per step (None: all of them).
+    max_images_per_patient: int | None = None
 
     def __post_init__(self) -> None:
         check_accountant(self.accountant)
+        if self.unit not in UNITS:
+            raise PrivacyError(f"hospital {self.name}: privacy unit must be one of {', '.join(UNITS)}, "
+                               f"got {self.unit!r}")
+        if self.max_images_per_patient is not None and not (_whole(self.max_images_per_patient)
+                                                            and self.max_images_per_patient >= 1):
+            raise PrivacyError(f"hospital {self.name}: max_images_per_patient must be a whole number >= 1 or "
+                               f"None, got {self.max_images_per_patient!r}")
         if not (isinstance(self.budget_epsilon, int | float) and self.budget_epsilon > 0):
             raise PrivacyError(f"hospital {self.name}: a privacy budget must be a positive number")
         for label, cap in (("per-round", self.max_epsilon_per_round), ("per-run", self.max_epsilon_per_run)):
@@ -206,7 +223,7 @@ class RoundOutcome:
     num_examples: int = 0  # the records this round was drawn from
     steps: int = 0
     noise_multiplier: float = math.nan
-    epsilon: float = 0.0  # the largest epsilon of any of the hospital's records
+    epsilon: float = 0.0  # the largest epsilon of any of the hospital's records (images or patients: `unit`)
     delta: float = 0.0
     budget_epsilon: float = math.inf
     remaining: float = 0.0
@@ -222,6 +239,7 @@ class RoundOutcome:
     max_epsilon_per_run: float = math.inf
     ledger_seconds: float = 0.0  # time spent on the budget check and ledger writes
     train_seconds: float = 0.0  # time spent in local training itself
+    unit: str = "image"  # what a record is: "image", or "patient" (records, epsilon and the sample rate count patients)
 
     def metrics(self) -> dict[str, float | int]:
         """Scalar metrics for the reply's MetricRecord (epsilon = inf after non-private use)."""
@@ -234,6 +252,7 @@ class RoundOutcome:
             "chain-length": self.chain_length, "noise-seeded": int(self.noise_seeded),
             "max-epsilon-per-round": self.max_epsilon_per_round, "max-epsilon-per-run": self.max_epsilon_per_run,
             "ledger-seconds": self.ledger_seconds, "train-seconds": self.train_seconds,
+            "per-patient": int(self.unit == "patient"),
         }
 
     def with_status(self, status: BudgetStatus) -> RoundOutcome:
@@ -242,6 +261,7 @@ class RoundOutcome:
         self.records, self.exhausted, self.epsilon_median = status.records, status.exhausted, status.epsilon_median
         self.chain_length, self.chain_head = status.chain_length, status.chain_head
         self.accountant = status.accountant
+        self.unit = status.unit
         return self
 
     def with_caps(self, settings: HospitalSettings) -> RoundOutcome:
@@ -255,14 +275,24 @@ class RoundOutcome:
 def open_ledger(settings: HospitalSettings) -> PrivacyLedger:
     budget = max(settings.budget_epsilon, settings.ledger_budget_epsilon or 0.0)
     return PrivacyLedger.open(settings.ledger_path, budget_epsilon=budget, delta=settings.delta,
-                              accountant=settings.accountant, key_path=settings.ledger_key)
+                              accountant=settings.accountant, key_path=settings.ledger_key, unit=settings.unit)
+
+
+def unit_records(records: LabeledImages, settings: HospitalSettings) -> np.ndarray:
+    """The ledger's record ids of `records` under the hospital's unit: image ids, or the distinct patient ids.
+
+    DataError (before the ledger is touched) when the unit is "patient" and the images have no patient ids.
+    """
+    if settings.unit == "patient":
+        return records.patients(where=f"hospital {settings.name}'s data")[0]
+    return records.ids()
 
 
 def budget_state(settings: HospitalSettings, records: LabeledImages) -> RoundOutcome:
     """The hospital's current privacy state over its records, without training (queries, evaluation)."""
     with open_ledger(settings) as ledger:
         return RoundOutcome(settings.name, Status.IDLE, "", noise_seeded=settings.noise_seed is not None).with_status(
-            ledger.status(records.ids(), budget=settings.budget_epsilon)).with_caps(settings)
+            ledger.status(unit_records(records, settings), budget=settings.budget_epsilon)).with_caps(settings)
 
 
 def train_round(
@@ -286,7 +316,7 @@ def _train_round(model: nn.Module, records: LabeledImages, settings: HospitalSet
                             f"non-private training refused: hospital {settings.name} requires DP-SGD",
                             budget_epsilon=settings.budget_epsilon, delta=settings.delta)
     started = time.perf_counter()
-    ids = records.ids()
+    ids = unit_records(records, settings)  # with unit=patient: one record per patient, below as well
     with open_ledger(settings) as ledger:
         needed = max(settings.min_records, request.batch_size)
         try:
@@ -316,7 +346,15 @@ def _train_round(model: nn.Module, records: LabeledImages, settings: HospitalSet
         except BudgetExhausted as refusal:
             return _refused(ledger, settings, ids, str(refusal), started)
         ledger_seconds = time.perf_counter() - started
-        chosen = records.subset(np.flatnonzero(charge.selected))
+        groups = None
+        if settings.unit == "patient":
+            # A patient the ledger left out is left out with every image of theirs; a chosen patient's
+            # images all take part (and a new image of a known patient is charged to that patient).
+            owner = records.patients()[1]
+            chosen = records.subset(np.flatnonzero(charge.selected[owner]))
+            groups = chosen.patient_ids
+        else:
+            chosen = records.subset(np.flatnonzero(charge.selected))
         if sigma is None:
             plan = PrivacyPlan.non_private(steps=steps, sample_rate=charge.sample_rate,
                                            max_physical_batch_size=request.max_physical_batch_size)
@@ -328,7 +366,8 @@ def _train_round(model: nn.Module, records: LabeledImages, settings: HospitalSet
             after_charge()
         training_started = time.perf_counter()
         result = train_local(model, chosen.as_dataset(), plan, lr=request.round_lr(), momentum=request.momentum,
-                             logit_shift=request.logit_shift, seed=private_round_seed(settings, request))
+                             logit_shift=request.logit_shift, seed=private_round_seed(settings, request),
+                             groups=groups, max_images_per_group=settings.max_images_per_patient)
         train_seconds = time.perf_counter() - training_started
         started = time.perf_counter()
         ledger.confirm(charge, steps_done=result.steps)

@@ -115,6 +115,9 @@ def _new_simulated_site(run_config: dict[str, Any], index: int) -> HospitalSite:
         # One user configures every simulated hospital and the server: asking for hospital-side
         # evaluation is that user's opt-in to metrics on private validation data.
         share_validation_metrics=cfg.strategy.client_evaluate,
+        # The simulated hospitals protect what the run config names: images, or patients (user-level DP).
+        unit=cfg.privacy.unit,
+        max_images_per_patient=cfg.privacy.max_images_per_patient,
         **limits,
     )
     dataset = experiment.dataset

@@ -3,6 +3,11 @@
 :func:`train_local` is pure: it copies the model, trains the copy according to a
 :class:`~fedpriv.privacy.plan.PrivacyPlan`, and returns plain (unwrapped) weights together with the
 privacy events Opacus's own accountant hook recorded, so what is charged is what was run.
+
+Given ``groups`` (each image's patient), private training is patient-level DP-SGD (user-level
+DP-SGD): patients are Poisson-sampled, each sampled patient's per-image gradients (from Opacus's
+GradSampleModule) are averaged into one per-patient gradient, that is clipped, and the Gaussian noise
+is calibrated to the per-patient clip. See :func:`train_local`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from fedpriv.errors import PrivacyError
 from fedpriv.models import check_private_trainable, resolve_grad_sample_mode
 from fedpriv.privacy.accounting import PrivacyEvent, epsilon
 from fedpriv.privacy.plan import PrivacyPlan
@@ -75,6 +81,8 @@ def train_local(
     logit_shift: Sequence[float] | None = None,
     seed: int = 0,
     device: str = "cpu",
+    groups: np.ndarray | None = None,
+    max_images_per_group: int | None = None,
 ) -> LocalTrainResult:
     """Train a copy of `model` on `data` for `plan.steps` optimizer steps; `model` is not modified.
 
@@ -91,6 +99,17 @@ def train_local(
     Ghost clipping works with BatchMemoryManager: each physical batch's clipped sum is accumulated
     and noise is added once per logical batch (supported by Opacus since its fix of opacus#707; the
     tests compare it with per-sample clipping).
+
+    `groups` (one patient id per item of `data`, any hashable values) makes a private plan
+    patient-level: `plan.sample_rate` is then the Poisson rate per *patient*, each step takes every
+    sampled patient's images (at most `max_images_per_group` of them, drawn at random; None: all),
+    averages their per-sample gradients into one gradient per patient, clips that to
+    `plan.max_grad_norm`, sums over patients, adds noise of std `noise_multiplier * max_grad_norm`
+    and divides by the expected number of patients. Removing one patient (all of their images)
+    changes the noisy sum by at most `max_grad_norm`: the neighbouring relation is add/remove one
+    patient. Needs per-sample gradients ("hooks" or "functorch"; "auto" picks hooks). Physical
+    batches hold whole patients, up to `plan.max_physical_batch_size` images (a patient with more
+    images is a batch of its own). A non-private plan ignores `groups`.
     """
     num_records = len(data)
     if num_records == 0:
@@ -102,6 +121,9 @@ def train_local(
     criterion = LogitAdjustedCrossEntropy(logit_shift)
     if plan.private:
         check_private_trainable(local_model)
+        if groups is not None:
+            return _train_private_grouped(local_model, optimizer, data, plan, generator, device, criterion,
+                                          np.asarray(groups), max_images_per_group)
         return _train_private(local_model, optimizer, data, plan, generator, device, criterion)
     return _train_plain(local_model, optimizer, data, plan, generator, device, criterion)
 
@@ -153,6 +175,105 @@ def _train_private(model, optimizer, data, plan, generator, device, criterion) -
     events = [PrivacyEvent(sigma, q, steps) for sigma, q, steps in accountant.history]
     return LocalTrainResult(_plain_state(model), events, sum(e.steps for e in events), len(data),
                             float(np.mean(losses)) if losses else math.nan, True)
+
+
+def _train_private_grouped(model, optimizer, data, plan, generator, device, criterion, groups: np.ndarray,
+                           max_images: int | None) -> LocalTrainResult:
+    """Patient-level DP-SGD (see :func:`train_local`): Opacus gives per-sample gradients, fedpriv groups them."""
+    from opacus.accountants import create_accountant
+    from opacus.grad_sample.utils import wrap_model
+    from opacus.optimizers.optimizer import _generate_noise
+
+    if len(groups) != len(data):
+        raise PrivacyError(f"{len(groups)} patient ids for {len(data)} images; give one per image")
+    if max_images is not None and max_images < 1:
+        raise PrivacyError(f"max_images_per_patient must be at least 1, got {max_images}")
+    mode = resolve_grad_sample_mode(plan.grad_sample_mode, model)
+    if mode not in ("hooks", "functorch"):
+        raise PrivacyError(f"patient-level DP-SGD needs per-sample gradients to sum per patient; grad_sample_mode "
+                           f"{mode!r} does not give them. Use grad_sample_mode='hooks' (or 'auto')")
+    _, owner = np.unique(groups, return_inverse=True)
+    order = np.argsort(owner.reshape(-1), kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(owner.reshape(-1)))[:-1])
+    num_groups = len(members)
+    # The noisy sum is divided by the EXPECTED number of patients, a public constant (as Opacus does
+    # per sample), never by how many were drawn, which would depend on the data.
+    expected = plan.expected_batch_size(num_groups)
+    # Per-sample losses summed, so Opacus's per-sample gradients are those of each image's own loss.
+    criterion.reduction = "sum"
+    grad_sample_model = wrap_model(model, mode, loss_reduction="sum")
+    parameters = [p for p in grad_sample_model.parameters() if p.requires_grad]
+    accountant = create_accountant(plan.accountant)
+    clip, sigma = plan.max_grad_norm, plan.noise_multiplier
+    losses: list[float] = []
+    try:
+        for _ in range(plan.steps):
+            drawn = torch.nonzero(torch.rand(num_groups, generator=generator) < plan.sample_rate).flatten().tolist()
+            chosen = []
+            for group in drawn:
+                images = members[group]
+                if max_images is not None and len(images) > max_images:
+                    pick = torch.randperm(len(images), generator=generator)[:max_images].numpy()
+                    images = np.sort(images[pick])
+                chosen.append(images)
+            total = [torch.zeros_like(p) for p in parameters]
+            for batch in _whole_groups(chosen, plan.max_physical_batch_size):
+                losses.append(_add_clipped_group_gradients(grad_sample_model, parameters, data, batch, total, clip,
+                                                           device, criterion, per_sample_only=mode == "hooks"))
+            for parameter, summed in zip(parameters, total):
+                noise = _generate_noise(std=sigma * clip, reference=summed, generator=generator)
+                parameter.grad = (summed + noise) / expected
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            accountant.step(noise_multiplier=sigma, sample_rate=plan.sample_rate)
+    finally:
+        grad_sample_model._close()
+    events = [PrivacyEvent(s, q, steps) for s, q, steps in accountant.history]
+    return LocalTrainResult(_plain_state(model), events, sum(e.steps for e in events), len(data),
+                            float(np.mean(losses)) if losses else math.nan, True)
+
+
+def _whole_groups(chosen: list[np.ndarray], capacity: int):
+    """Pack the drawn groups' image indices into physical batches of whole groups, up to `capacity` images."""
+    batch: list[np.ndarray] = []
+    size = 0
+    for images in chosen:
+        if batch and size + len(images) > capacity:
+            yield batch
+            batch, size = [], 0
+        batch.append(images)
+        size += len(images)
+    if batch:
+        yield batch
+
+
+def _add_clipped_group_gradients(model, parameters, data, batch: list[np.ndarray], total: list[torch.Tensor],
+                                 clip: float, device, criterion, *, per_sample_only: bool) -> float:
+    """Add each group's clipped mean per-sample gradient to `total`; returns the batch's mean loss."""
+    index = np.concatenate(batch)
+    owner = torch.from_numpy(np.repeat(np.arange(len(batch)), [len(b) for b in batch]))
+    images, labels = data[torch.from_numpy(index)]
+    images, labels = images.to(device), labels.to(device)
+    for parameter in parameters:
+        parameter.grad_sample = None
+    towards = {}
+    if per_sample_only and images.is_floating_point():
+        towards = {"inputs": [images.requires_grad_(True)]}  # see _run_steps: Opacus's hooks need no more
+    loss = criterion(model(images), labels)
+    loss.backward(**towards)
+    counts = torch.bincount(owner, minlength=len(batch)).to(images.dtype)
+    per_group = []
+    for parameter in parameters:
+        per_sample = parameter.grad_sample
+        summed = torch.zeros((len(batch), *per_sample.shape[1:]), dtype=per_sample.dtype, device=per_sample.device)
+        summed.index_add_(0, owner.to(per_sample.device), per_sample)
+        per_group.append(summed / counts.view(-1, *[1] * (per_sample.dim() - 1)))
+        parameter.grad_sample = None
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_group], dim=1).norm(dim=1)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus's own per-sample rule, applied per group
+    for summed, group in zip(total, per_group):
+        summed += torch.einsum("i,i...->...", factor, group)
+    return loss.item() / len(index)
 
 
 def _train_plain(model, optimizer, data, plan, generator, device, criterion) -> LocalTrainResult:

@@ -10,6 +10,11 @@ Every image also has a record id (:meth:`LabeledImages.ids`), the key under whic
 ledger charges each DP-SGD use to the records it was drawn from. By default it is a hash of the
 image and its label (the same record gets the same id in every process); loaders that know a
 record's identity better (a MedMNIST file's position, an image file's bytes) supply their own.
+
+An image may also carry a patient id (:attr:`LabeledImages.patient_ids`, from an attributes CSV's
+``patient_id`` column, an npz file's ``<split>_patient_ids`` array, or generated for synthetic data).
+With ``privacy.unit=patient`` the ledger's record is the patient: every image of a patient shares the
+patient's record (:meth:`LabeledImages.unit_ids`), and splits keep a patient's images together.
 """
 
 from __future__ import annotations
@@ -66,13 +71,15 @@ class LabeledImages:
     """Images with one integer label each (and optional per-image attributes and ids, same order).
 
     ``record_ids`` names each image's record for the privacy ledger; without it :meth:`ids` falls
-    back to content ids (see :func:`content_record_ids`).
+    back to content ids (see :func:`content_record_ids`). ``patient_ids`` (optional, one non-empty
+    string per image, repeated across a patient's images) says whose image it is.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     attributes: list[dict[str, str]] | None = None
     record_ids: np.ndarray | None = None
+    patient_ids: np.ndarray | None = None
     # Content ids, computed on first use of ids() and handed on to subsets (hashing is the slow part).
     _content_ids: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -88,6 +95,8 @@ class LabeledImages:
             raise ValueError(f"{len(self.attributes)} attribute rows for {len(self.images)} images")
         if self.record_ids is not None:
             self.record_ids = check_record_ids(self.record_ids, len(self.images))
+        if self.patient_ids is not None:
+            self.patient_ids = check_patient_ids(self.patient_ids, len(self.images))
 
     def __len__(self) -> int:
         """Number of images."""
@@ -116,11 +125,36 @@ class LabeledImages:
             attributes = [self.attributes[i] for i in index.tolist()]
         positions = index.numpy()
         record_ids = None if self.record_ids is None else self.record_ids[positions]
-        part = LabeledImages(self.images[index], self.labels[index], attributes, record_ids)
+        patient_ids = None if self.patient_ids is None else self.patient_ids[positions]
+        part = LabeledImages(self.images[index], self.labels[index], attributes, record_ids, patient_ids)
         if self._content_ids is not None:
             # Content ids depend only on image and label, so slicing equals recomputing, only faster.
             part._content_ids = _read_only(self._content_ids[positions])
         return part
+
+    def patients(self, *, where: str = "this data") -> tuple[np.ndarray, np.ndarray]:
+        """The distinct patient ids (sorted) and, per image, the index of its patient among them.
+
+        Raises :class:`~fedpriv.errors.DataError` when the images carry no patient ids; ``where``
+        names the data in that message.
+        """
+        if self.patient_ids is None:
+            from fedpriv.errors import DataError
+
+            raise DataError(f"{where} has no patient ids, so privacy.unit=patient cannot protect patients: give "
+                            "each image a patient id (image folder: a 'patient_id' column in dataset.attributes_csv; "
+                            "npz: a <split>_patient_ids array; synthetic: dataset.images_per_patient=K), or use "
+                            "privacy.unit=image (PneumoniaMNIST has no patient ids)")
+        patients, index = np.unique(self.patient_ids, return_inverse=True)
+        return _read_only(patients), index.reshape(-1)
+
+    def unit_ids(self, unit: str) -> np.ndarray:
+        """The ledger's record ids for the privacy unit: :meth:`ids` per image, or the distinct patient ids."""
+        if unit == "image":
+            return self.ids()
+        if unit == "patient":
+            return self.patients()[0]
+        raise ValueError(f"unknown privacy unit {unit!r}; known: image, patient")
 
     def as_dataset(self) -> TensorDataset:
         """A ``TensorDataset`` yielding ``(image, label)`` pairs, ready for a DataLoader."""
@@ -168,6 +202,22 @@ def check_record_ids(record_ids: Sequence[str] | np.ndarray, count: int) -> np.n
     if duplicates:
         raise ValueError(f"record_ids must be unique (the privacy ledger charges each id as one record); "
                          f"repeated: {', '.join(map(repr, duplicates[:5]))}")
+    return _read_only(ids)
+
+
+def check_patient_ids(patient_ids: Sequence[str] | np.ndarray, count: int) -> np.ndarray:
+    """``patient_ids`` as a read-only 1-D str array; ValueError unless one non-empty id per image (repeats allowed)."""
+    ids = np.asarray(patient_ids)
+    if ids.dtype == object and all(isinstance(value, str) for value in ids.ravel()):
+        ids = ids.astype(str)
+    if ids.ndim != 1 or (ids.dtype.kind != "U" and len(ids) > 0):
+        raise ValueError(f"patient_ids must be a 1-D array of str, got shape {ids.shape} and dtype {ids.dtype}")
+    if len(ids) != count:
+        raise ValueError(f"{len(ids)} patient_ids for {count} images; give exactly one patient id per image")
+    ids = np.char.strip(ids.astype(str))  # " P1" and "P1" are one patient: a CSV cell's spaces are not an id
+    empty = np.flatnonzero(np.char.str_len(ids) == 0)
+    if len(empty):
+        raise ValueError(f"patient_ids must not be empty or blank; {len(empty)} are (first at position {empty[0]})")
     return _read_only(ids)
 
 

@@ -5,7 +5,9 @@ PNG/JPEG files are read with Pillow and DICOM files with pydicom; every image be
 MONOCHROME1 images are inverted so bright means dense everywhere, and each image is min-max scaled
 to 0..255 on its own, because raw DICOM ranges differ between scanners and vendors. Optional
 per-image attributes (e.g. sex, age band, scanner) come from a CSV and stay aligned with the images
-through every split.
+through every split. A ``patient_id`` column in that CSV names each image's patient: the splits then
+keep a patient's images together, and ``privacy.unit=patient`` protects patients (it is taken out of
+the attributes, so subgroup reports never group by patient).
 
 Each image's record id (what the privacy ledger charges) is a hash of the original file's bytes and
 its class name (:func:`file_record_id`), so it stays the same at every ``dataset.size``, when other
@@ -57,7 +59,8 @@ def load_image_folder(
     everything = load_image_records(path, size, attributes_csv=attributes_csv)
     root = Path(path).expanduser()
     labels = everything.train.labels.numpy()
-    train, val, test = stratified_split(labels, val_fraction, test_fraction, seed, where=f"image folder {root}")
+    train, val, test = stratified_split(labels, val_fraction, test_fraction, seed, where=f"image folder {root}",
+                                        groups=everything.train.patient_ids)
     dataset = MedicalImageDataset(
         name="imagefolder", train=everything.train.subset(train), val=everything.train.subset(val),
         test=everything.train.subset(test), class_names=everything.class_names, synthetic=False, source=str(root),
@@ -81,6 +84,7 @@ def load_image_records(path: str, size: int, *, attributes_csv: str | None = Non
     images = np.stack(pictures)
     relative = [file.relative_to(root).as_posix() for file in files]
     attributes = _attributes_for(root, attributes_csv, relative) if attributes_csv else None
+    patient_ids = _patient_ids(attributes, relative, attributes_csv) if attributes is not None else None
     record_ids, repeats = number_repeats(np.asarray(ids))
     if repeats:
         # A file copied within its class folder is used twice by DP-SGD, so each copy is its own record.
@@ -88,7 +92,7 @@ def load_image_records(path: str, size: int, *, attributes_csv: str | None = Non
                        "charged as a record of its own (remove the copies if they are the same scan)",
                        repeats, root)
     everything = LabeledImages(normalise(torch.from_numpy(images).unsqueeze(1)),
-                               torch.from_numpy(labels), attributes, record_ids)
+                               torch.from_numpy(labels), attributes, record_ids, patient_ids)
     return MedicalImageDataset(name="imagefolder", train=everything, val=everything.subset([]),
                                test=everything.subset([]), class_names=class_names, synthetic=False, source=str(root))
 
@@ -211,6 +215,26 @@ def _attributes_for(root: Path, attributes_csv: str, relative: list[str]) -> lis
     if missing:
         logger.warning("%d of %d images in %s have no row in %s", missing, len(relative), root, attributes_csv)
     return attributes
+
+
+PATIENT_ID_COLUMN = "patient_id"
+
+
+def _patient_ids(attributes: list[dict[str, str]], relative: list[str], attributes_csv: str) -> np.ndarray | None:
+    """The CSV's ``patient_id`` per image (removed from the attributes), or None without that column.
+
+    With the column, every image needs a non-blank patient id: an image without one could be any
+    patient's, and would escape the patient-level guarantee.
+    """
+    if not any(PATIENT_ID_COLUMN in row for row in attributes):
+        return None
+    ids = [row.pop(PATIENT_ID_COLUMN, "").strip() for row in attributes]
+    missing = [path for path, value in zip(relative, ids) if not value]
+    if missing:
+        raise DataError(f"attributes CSV {attributes_csv} has a {PATIENT_ID_COLUMN} column, but {len(missing)} of "
+                        f"{len(relative)} images have no patient id there (first: {missing[0]}); give every image "
+                        f"a row with its {PATIENT_ID_COLUMN}, or drop the column")
+    return np.asarray(ids)
 
 
 def _locate_csv(root: Path, attributes_csv: str) -> Path:

@@ -23,7 +23,8 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> MedicalImageDataset:
     if cfg.name == "synthetic":
         from fedpriv.data.synthetic import make_synthetic
 
-        return make_synthetic(cfg.num_samples, cfg.size, seed, cfg.val_fraction, cfg.test_fraction)
+        return make_synthetic(cfg.num_samples, cfg.size, seed, cfg.val_fraction, cfg.test_fraction,
+                              images_per_patient=cfg.images_per_patient)
     if cfg.name == "imagefolder":
         from fedpriv.data.imagefolder import load_image_folder
 

@@ -11,6 +11,10 @@ place in the official file, ``{flag}/{split}/{index}``: the official files list 
 the same order at every size, so switching ``dataset.size`` does not hand the records a fresh
 budget. ``"content"`` (deployed hospitals, whose files may be re-ordered or grow) hashes each image
 and label, or takes the ids stored in the file as ``<split>_ids``.
+
+A file may also hold ``<split>_patient_ids`` (one string per image, repeated across a patient's
+images) for ``privacy.unit=patient``. The official MedMNIST files, PneumoniaMNIST included, have no
+patient ids: MedMNIST does not release which images belong to one patient.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fedpriv.data.base import (
     DATA_DIR_ENV,
     LabeledImages,
     MedicalImageDataset,
+    check_patient_ids,
     check_record_ids,
     default_data_dir,
     normalise,
@@ -155,6 +160,24 @@ def _read_split(
     # MedMNIST stores greyscale as (N, H, W) and RGB as (N, H, W, 3); models want (N, C, H, W).
     tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
     pixels, targets = normalise(tensor).contiguous(), torch.from_numpy(labels)
+    records = _read_records(file, archive, split, flag, record_ids, pixels, targets)
+    key = f"{split}_patient_ids"
+    if key in archive.files:
+        patients = archive[key]
+        if patients.ndim != 1 or patients.dtype.kind != "U":
+            raise DataError(f"{file}: {key} has shape {patients.shape} and dtype {patients.dtype}, expected "
+                            f"({len(images)},) strings (one patient id per image); fix or remove {key}")
+        try:
+            records.patient_ids = check_patient_ids(patients, len(images))
+        except ValueError as exc:
+            raise DataError(f"{file}: {key} is unusable: {exc}; fix or remove {key}") from exc
+    return records
+
+
+def _read_records(file: Path, archive: Any, split: str, flag: str, record_ids: str, pixels: torch.Tensor,
+                  targets: torch.Tensor) -> LabeledImages:
+    """The split's images with their record ids (see the module docstring)."""
+    images = pixels
     if record_ids == "index":
         # Position in the official file: equal at every size, so a new size is not a fresh budget.
         ids = np.asarray([f"{flag}/{split}/{i}" for i in range(len(images))])

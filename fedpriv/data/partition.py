@@ -9,6 +9,8 @@ Three schemes model the heterogeneity seen between real hospitals:
   with labels spread IID.
 
 Partitions are disjoint, cover every record exactly once, are sorted, and depend only on the seed.
+Given patient ids (``groups``), the schemes divide patients, not images: every image of a patient
+goes to the same hospital, as in real life.
 """
 
 from __future__ import annotations
@@ -41,14 +43,24 @@ def partition_indices(
     seed: int = 0,
     shares: list[float] | None = None,
     min_size: int = 1,
+    groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Indices into ``labels`` for each hospital, by ``scheme`` ("iid", "dirichlet" or "quantity").
 
     ``shares`` (one positive weight per hospital, normalised here) fixes the sizes for "iid" and
     "quantity" and is ignored by "dirichlet". Every hospital gets at least ``min_size`` records,
-    else :class:`ConfigError` names the config key to change.
+    else :class:`ConfigError` names the config key to change. With ``groups`` (a patient id per
+    record) the scheme divides patients (labelled by their first image; sizes and ``min_size`` count
+    patients), and each hospital receives all the images of its patients.
     """
     labels = np.asarray(labels).reshape(-1)
+    if groups is not None:
+        from fedpriv.data.splits import group_members
+
+        first, inverse = group_members(groups)
+        parts = partition_indices(labels[first], num_hospitals, scheme, alpha=alpha, seed=seed, shares=shares,
+                                  min_size=min_size)
+        return [np.flatnonzero(np.isin(inverse, part)).astype(np.int64) for part in parts]
     _check_plan(len(labels), num_hospitals, scheme, alpha, shares, min_size)
     rng = np.random.default_rng(seed)
     if scheme == "dirichlet":

@@ -1,4 +1,9 @@
-"""Stratified train/val/test splitting shared by the loaders that have no official split."""
+"""Stratified train/val/test splitting shared by the loaders that have no official split.
+
+When the images carry patient ids, every split is made over patients, not images: one patient's
+images all land on the same side (train, validation or test; a hospital's training or its own
+validation; one simulated hospital), so no split leaks a patient across.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +26,21 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 
 def stratified_split(
-    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int, *, where: str
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int, *, where: str,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices of train, val and test, stratified by label and deterministic by ``seed``.
 
     Each split is sorted and non-empty; ``where`` names the data in the error raised when there
-    are too few images per class to give every split a share.
+    are too few images per class to give every split a share. With ``groups`` (a patient id per
+    image) the split is made over patients, stratified by each patient's first label, and the
+    fractions count patients.
     """
+    if groups is not None:
+        first, inverse = group_members(groups)
+        labels = np.asarray(labels)
+        parts = stratified_split(labels[first], val_fraction, test_fraction, seed, where=f"{where} (by patient)")
+        return tuple(np.flatnonzero(np.isin(inverse, part)) for part in parts)  # type: ignore[return-value]
     from sklearn.model_selection import (
         train_test_split,  # deferred: sklearn is slow to import
     )
@@ -59,3 +72,30 @@ def _too_small(labels: np.ndarray, val_fraction: float, test_fraction: float, wh
         f"val_fraction={val_fraction}, test_fraction={test_fraction}). Add images so every class has "
         f"some in each split, or raise dataset.val_fraction/dataset.test_fraction"
     )
+
+
+def group_members(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per distinct group (sorted): the index of its first member; and per item, the index of its group."""
+    _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
+def hold_out(part: np.ndarray, fraction: float, rng: np.random.Generator,
+             groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split the indices ``part`` into (kept, held out): about ``fraction`` of them held out, at random.
+
+    Without ``groups`` it takes ``int(fraction * len(part))`` indices (at most all but one). With
+    ``groups`` (a patient id per index of ``part``) whole patients are held out, in random order, as
+    long as the images held out stay within that count; at least one patient is kept.
+    """
+    part = np.asarray(part)
+    target = min(int(fraction * len(part)), max(len(part) - 1, 0))
+    if groups is None:
+        shuffled = rng.permutation(part)
+        return np.sort(shuffled[target:]), np.sort(shuffled[:target])
+    _, inverse = group_members(groups)
+    order = rng.permutation(inverse.max() + 1 if len(inverse) else 0)
+    sizes = np.bincount(inverse, minlength=len(order))[order]
+    count = int(np.searchsorted(np.cumsum(sizes), target, side="right"))
+    held = np.isin(inverse, order[:min(count, len(order) - 1)])
+    return np.sort(part[~held]), np.sort(part[held])

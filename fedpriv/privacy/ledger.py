@@ -31,6 +31,13 @@ new data, because it belongs to the records:
 Budgets only go down: opening a ledger with a lower budget appends that budget; a higher one is
 ignored (with a warning). A per-request cap can only lower a request's cap. Delta and the
 accountant are fixed when the ledger is created.
+
+**The unit.** A record is one image (``unit="image"``, the default) or one patient
+(``unit="patient"``): then the record id is the patient id, so every image of a patient shares one
+record and one budget, a patient's epsilon composes every event whose set held the patient, and a
+new image of a known patient is charged to that patient. The unit is fixed when the ledger is
+created (ledgers written before the unit existed are per image) and opening it with another unit
+is refused: the spend of images cannot be turned into the spend of patients, or back.
 """
 
 from __future__ import annotations
@@ -79,6 +86,9 @@ SPENT_FRACTION = 0.01
 MAX_SEARCH_STEPS = 10**7
 
 OPEN, BUDGET, CHARGE, CONFIRM, EXHAUST = "open", "budget", "charge", "confirm", "exhaust"
+#: What one record of a ledger is (see the module docstring); a ledger without one in its opening
+#: entry predates units and is per image.
+UNITS = ("image", "patient")
 _KINDS = (OPEN, BUDGET, CHARGE, CONFIRM, EXHAUST)
 
 # Per process: (ledger path, genesis tag) -> (the entries' stored rows, their replayed state). The
@@ -138,6 +148,7 @@ class BudgetStatus:
     epsilon_min: float = 0.0
     chain_length: int = 0
     chain_head: str = ""
+    unit: str = "image"  # what a record is: an image or a patient (``records`` counts them)
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,7 @@ class RecordBudgets:
     accountant: str
     chain_length: int
     chain_head: str
+    unit: str = "image"
 
     def status(self) -> BudgetStatus:
         n = len(self.epsilon)
@@ -163,7 +175,7 @@ class RecordBudgets:
             accountant=self.accountant, records=n, exhausted=int(self.exhausted.sum()),
             epsilon_median=float(np.median(self.epsilon)) if n else 0.0,
             epsilon_min=float(self.epsilon.min()) if n else 0.0,
-            chain_length=self.chain_length, chain_head=self.chain_head)
+            chain_length=self.chain_length, chain_head=self.chain_head, unit=self.unit)
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,7 @@ class _History:
     initial_budget_epsilon: float = math.nan
     delta: float = math.nan
     accountant: str = ""
+    unit: str = "image"
     created_at: str = ""
     events: dict[int, LedgerEvent] = field(default_factory=dict)
     locks: list[tuple[str, str, str]] = field(default_factory=list)  # (set digest, reason, at)
@@ -214,7 +227,7 @@ class _History:
 
     def status_fields(self) -> dict[str, Any]:
         return {"budget_epsilon": self.budget_epsilon, "delta": self.delta, "accountant": self.accountant,
-                "chain_length": self.length, "chain_head": self.head}
+                "chain_length": self.length, "chain_head": self.head, "unit": self.unit}
 
 
 class PrivacyLedger:
@@ -232,21 +245,24 @@ class PrivacyLedger:
         self.budget_epsilon = math.nan
         self.delta = math.nan
         self.accountant = ""
+        self.unit = "image"
 
     # ----------------------------------------------------------------- opening and closing
 
     @classmethod
     def open(
         cls, path: str | Path, *, budget_epsilon: float, delta: float, accountant: str = "prv",
-        key_path: str | Path | None = None,
+        key_path: str | Path | None = None, unit: str = "image",
     ) -> PrivacyLedger:
         """Open the ledger at ``path``, creating it (and its key) if neither exists.
 
-        A new ledger records this budget, delta and accountant. An existing one keeps its delta and
-        accountant and only ever takes the lower of the stored and the given budget. A ledger whose
-        key is missing, or a missing ledger whose key and witness exist, is refused (LedgerError).
+        A new ledger records this budget, delta, accountant and unit. An existing one keeps its delta
+        and accountant and only ever takes the lower of the stored and the given budget; another
+        ``unit`` than its own is refused (LedgerError). A ledger whose key is missing, or a missing
+        ledger whose key and witness exist, is refused (LedgerError).
         """
         _check_settings(budget_epsilon, delta, accountant)
+        _check_unit(unit)
         path = Path(path)
         key_file = Path(key_path) if key_path else key_path_for(path)
         if not path.exists():
@@ -261,7 +277,7 @@ class PrivacyLedger:
             key = ChainKey.load(key_file)
         ledger = cls(LedgerStore.open(path), key, read_only=False)
         try:
-            ledger._adopt(float(budget_epsilon), float(delta), accountant)
+            ledger._adopt(float(budget_epsilon), float(delta), accountant, unit)
             report = ledger.verify()  # a node never starts on a ledger whose record sets were altered
             if not report.ok:
                 raise LedgerError(report.problems[0], reason="its privacy ledger failed its integrity check")
@@ -282,15 +298,23 @@ class PrivacyLedger:
     def __repr__(self) -> str:
         return f"PrivacyLedger({str(self.path)!r}, budget_epsilon={self.budget_epsilon}, delta={self.delta})"
 
-    def _adopt(self, budget_epsilon: float, delta: float, accountant: str) -> None:
+    def _adopt(self, budget_epsilon: float, delta: float, accountant: str, unit: str = "image") -> None:
         with self._store.transaction() as conn:
             history = self._history(conn)
             length = history.length
             if history.length == 0:
-                body = {"budget_epsilon": budget_epsilon, "delta": delta, "accountant": accountant}
+                body = {"budget_epsilon": budget_epsilon, "delta": delta, "accountant": accountant, "unit": unit}
                 history = self._append(conn, history, OPEN, body)
-                log.info("created privacy ledger %s (budget epsilon %g per record at delta %g, %s)",
-                         self.path, budget_epsilon, delta, accountant)
+                log.info("created privacy ledger %s (budget epsilon %g per %s at delta %g, %s)",
+                         self.path, budget_epsilon, unit, delta, accountant)
+            elif history.unit != unit:
+                raise LedgerError(
+                    f"ledger {self.path} accounts per {history.unit}, and this hospital asks for privacy.unit={unit}; "
+                    f"a ledger never mixes units (the epsilon spent per {history.unit} cannot be turned into a spend "
+                    f"per {unit}). Fix: keep privacy.unit={history.unit} for this data, or give the {unit}-level "
+                    "hospital a ledger of its own (a new ledger starts a new budget: only where the old one's spend "
+                    "may be disregarded, e.g. federation.ledger_scope=run for an experiment)",
+                    reason=f"its privacy ledger accounts per {history.unit}, not per {unit}")
             elif budget_epsilon < history.budget_epsilon:
                 old = history.budget_epsilon
                 history = self._append(conn, history, BUDGET, {"budget_epsilon": budget_epsilon})
@@ -600,6 +624,7 @@ class PrivacyLedger:
         if rows and math.isnan(history.budget_epsilon):
             raise _tampered(f"ledger {self.path} has no opening entry", self.path)
         self.budget_epsilon, self.delta, self.accountant = history.budget_epsilon, history.delta, history.accountant
+        self.unit = history.unit
         if start < len(rows):
             with _REPLAYS_LOCK:
                 _REPLAYS[cache_key] = (rows, history.copy())
@@ -617,6 +642,8 @@ class PrivacyLedger:
             _check_settings(body["budget_epsilon"], body["delta"], body["accountant"])
             history.budget_epsilon = history.initial_budget_epsilon = float(body["budget_epsilon"])
             history.delta, history.accountant = float(body["delta"]), str(body["accountant"])
+            history.unit = str(body.get("unit", "image"))
+            _check_unit(history.unit)
             history.created_at = str(body["at"])
         elif kind == BUDGET:
             budget = float(body["budget_epsilon"])
@@ -789,6 +816,11 @@ def _check_settings(budget_epsilon: Any, delta: Any, accountant: Any) -> None:
     if not (isinstance(delta, int | float) and 0 < delta < 1):
         raise PrivacyError(f"delta must be in (0, 1), got {delta!r}")
     check_accountant(accountant)
+
+
+def _check_unit(unit: Any) -> None:
+    if unit not in UNITS:
+        raise PrivacyError(f"privacy unit must be one of {', '.join(UNITS)}, got {unit!r}")
 
 
 def _non_negative_int(name: str, value: Any, error: type[PrivacyError]) -> int:

@@ -74,7 +74,8 @@ def ledger_spreads(cfg: FedprivConfig, run_dir: Path, run_id: str,
             spreads = []
             for index, hospital in enumerate(experiment.hospitals):
                 # The hospital's own budget, as it asks the ledger (simulated hospitals share one).
-                budgets = ledger.budgets(experiment.hospital_data(index).ids(), budget=hospital.epsilon)
+                budgets = ledger.budgets(experiment.hospital_data(index).unit_ids(ledger.unit),
+                                         budget=hospital.epsilon)
                 status = budgets.status()
                 spreads.append(RecordSpread(hospital.name, budgets.budget_epsilon, status.records, status.exhausted,
                                             status.epsilon_min, status.epsilon_median, status.epsilon_spent,
