@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
+from fedpriv.protocol import Metric, Status, figures_known
+
 # Reported epsilons are recomputed by an accountant with a small numeric error; allow for it.
 _EPSILON_TOLERANCE = 1e-6
 
@@ -61,7 +63,7 @@ def metrics_problem(metrics: Mapping[str, object], *, declared_examples: int, la
     `declared_examples` is what the hospital said it holds (its query reply); the privacy figures
     may not go backwards: cumulative epsilon never falls, a budget never rises, delta never changes.
     """
-    examples = metrics.get("num-examples")
+    examples = metrics.get(Metric.NUM_EXAMPLES)
     if not isinstance(examples, (int, float)) or isinstance(examples, bool) or not math.isfinite(examples):
         return f"num-examples is missing or not a number ({examples!r})"
     if examples < 0 or examples != int(examples):
@@ -69,7 +71,7 @@ def metrics_problem(metrics: Mapping[str, object], *, declared_examples: int, la
     if declared_examples and examples > declared_examples:
         return f"num-examples {int(examples)} exceeds the {declared_examples} records the hospital declared"
     try:
-        epsilon, budget, delta = (float(metrics[k]) for k in ("epsilon", "budget-epsilon", "delta"))
+        epsilon, budget, delta = (float(metrics[k]) for k in (Metric.EPSILON, Metric.BUDGET_EPSILON, Metric.DELTA))
     except (KeyError, TypeError, ValueError):
         return "privacy figures (epsilon, budget-epsilon, delta) are missing"
     if math.isnan(epsilon) or epsilon < last_epsilon - _EPSILON_TOLERANCE:
@@ -79,3 +81,29 @@ def metrics_problem(metrics: Mapping[str, object], *, declared_examples: int, la
     if last_delta and delta != last_delta:
         return f"delta changed from {last_delta:g} to {delta:g}"
     return None
+
+
+def reply_figures_problem(metrics: Mapping[str, object] | None, status: str | None, *, declared_examples: int,
+                          last_epsilon: float, last_budget: float, last_delta: float) -> str | None:
+    """Why a reply's metrics cannot be believed (see metrics_problem), or None.
+
+    A refusal from a hospital that could not read its own ledger carries no figures (epsilon NaN):
+    there is nothing to check or to use, and that is no problem.
+    """
+    if metrics is None or status is None:
+        return "reply lacks its metrics or status"
+    if status != Status.TRAINED and not figures_known(metrics):
+        return None
+    return metrics_problem(metrics, declared_examples=declared_examples, last_epsilon=last_epsilon,
+                           last_budget=last_budget, last_delta=last_delta)
+
+
+def reply_weights_problem(status: str, reference: Mapping[str, torch.Tensor],
+                          update: Mapping[str, torch.Tensor] | None) -> str | None:
+    """Why a reply's weights cannot replace `reference` (see weights_problem), or None; only a
+    trained reply carries weights."""
+    if status != Status.TRAINED:
+        return None
+    if update is None:
+        return "a trained reply without weights"
+    return weights_problem(reference, update)

@@ -15,7 +15,7 @@ from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, compose_config, config_t
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.server_app import run_federation
 from fedpriv.site import simulation_ledger_path
-from fedpriv.strategy import weighted_average
+from fedpriv.aggregation import weighted_average
 
 # RDP calibrates sigma in milliseconds where PRV takes seconds; PRV is exercised where it matters.
 TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "train.local_epochs=1",
