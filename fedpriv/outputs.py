@@ -85,6 +85,8 @@ class RunRecorder:
         cfg = self.config
         result = {
             "run_id": self.run_id, "mode": cfg.strategy.mode, "private": cfg.privacy.enabled,
+            # What one record of every epsilon here is: "image", or "patient" (all of a patient's images).
+            "privacy_unit": cfg.privacy.unit,
             "epsilon_budget": cfg.privacy.epsilon if cfg.privacy.enabled else math.inf,
             "rounds_planned": cfg.strategy.num_rounds, "rounds_run": len(self.rounds), "stop_reason": stop_reason,
             "rounds_trained": self.rounds_trained,
@@ -123,11 +125,13 @@ class RunRecorder:
             return (f"- privacy ledger: THROW-AWAY (federation.ledger_scope=run), in {self.ledger_folder}: each "
                     "hospital's budget was enforced within this run only (and its resumptions); other uses of "
                     "its data are not counted",
-                    "Epsilon is what this run spent on each hospital's data, at its delta: the budget was enforced "
+                    f"Epsilon (per {self.config.privacy.unit}) is what this run spent on each hospital's data, at its "
+                    "delta: the budget was enforced "
                     "within this run only (a throw-away ledger), not over every use of the data.")
         return (f"- privacy ledger: persistent, in {self.ledger_folder} (simulated hospitals; a deployed hospital "
                 "keeps its own where its node config says)",
-                "Epsilon is cumulative over every use of each hospital's data (its ledger), at its delta.")
+                f"Epsilon (per {self.config.privacy.unit}) is cumulative over every use of each hospital's data (its "
+                "ledger), at its delta.")
 
     def final_metrics_line(self, last: dict[str, float]) -> str:
         """The summary's headline metrics, or why there are none (an untrained model)."""
@@ -164,10 +168,12 @@ class RunRecorder:
             self.final_metrics_line(last),
         ]
         capped = any(math.isfinite(h.max_epsilon_per_round) or math.isfinite(h.max_epsilon_per_run) for h in hospitals)
-        lines += ["", "| hospital | records | epsilon spent | delta | budget | locked |" + (" caps: round / run |" * capped),
+        unit = cfg.privacy.unit
+        lines += ["", f"| hospital | {unit}s | epsilon spent per {unit} | delta | budget | locked |"
+                  + (" caps: round / run |" * capped),
                   "|---|---:|---:|---:|---:|---|" + ("---|" * capped)]
         for h in hospitals:
-            spent = "inf" if math.isinf(h.epsilon) else f"{h.epsilon:.3f}"
+            spent = rundir.format_epsilon(h.epsilon, h.budget_epsilon)  # never rounded onto or past the budget
             if h.unreported_since is not None:  # it may have charged since, without being able to say so
                 spent = f">= {spent} (no report since round {h.unreported_since}; its ledger holds the figure)"
             budget = "none" if math.isinf(h.budget_epsilon) else f"{h.budget_epsilon:g}"
@@ -211,7 +217,9 @@ def privacy_line(cfg: FedprivConfig, hospitals: list[HospitalState]) -> str:
     if not cfg.privacy.enabled:
         return "- privacy: NONE: not private, epsilon = infinity"
     used = sorted({h.accountant for h in hospitals if h.accountant})
-    line = f"- privacy: DP-SGD at every hospital, accountant {', '.join(used) or cfg.privacy.accountant}"
+    line = f"- privacy: DP-SGD at every hospital, accountant {', '.join(used) or cfg.privacy.accountant}, " + (
+        "epsilon per patient (user-level DP-SGD: all of a patient's images together)" if cfg.privacy.unit == "patient"
+        else "epsilon per image (a patient with k images is protected only at about k x epsilon)")
     if used and used != [cfg.privacy.accountant]:
         line += (f" (as the hospitals' own ledgers report; the run config asked for {cfg.privacy.accountant}, "
                  "which a hospital's existing ledger does not change)")

@@ -25,6 +25,7 @@ from fedpriv.privacy.chain import ChainKey, key_path_for
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.report import figures
 from fedpriv.report.run_report import write_run_report
+from fedpriv.rundir import format_epsilon
 from fedpriv.server_app import run_federation
 from fedpriv.site import simulation_ledger_path
 
@@ -81,7 +82,7 @@ def test_the_report_shows_the_runs_key_figures(private_run):
     text = page.text
     assert f"test ROC-AUC {result['test']['auc']:.4f}" in text
     for hospital in result["hospitals"]:
-        assert f"{hospital['epsilon']:.3f}" in text
+        assert format_epsilon(hospital["epsilon"], hospital["budget_epsilon"]) in text
         assert re.search(rf"{hospital['hospital']} {hospital['budget_epsilon']:g} ", text)
     # The server's fixed sigma stops fitting alpha's budget in round 2 and beta's in round 3: each
     # refuses from then on, charging nothing, and the report says when and why.
@@ -141,8 +142,10 @@ def test_the_report_plots_each_hospitals_per_record_epsilon_from_its_ledger(priv
     assert f"read (read-only) from the simulated hospitals' ledger {path}" in text
     for name, status in statuses.items():
         assert status.records == 51
-        assert (f"{name} {status.records} {status.budget_epsilon:g} {status.epsilon_min:.3f} "
-                f"{status.epsilon_median:.3f} {status.epsilon_spent:.3f} {status.exhausted} of {status.records}") in text
+        shown = [format_epsilon(e, status.budget_epsilon)
+                 for e in (status.epsilon_min, status.epsilon_median, status.epsilon_spent)]
+        assert (f"{name} {status.records} {status.budget_epsilon:g} {' '.join(shown)} {status.exhausted} of "
+                f"{status.records}") in text
     assert "Per-record epsilon is not plotted" not in text
     assert 'id="record_epsilon"' in (private_run / "report.html").read_text()
 
@@ -157,7 +160,7 @@ def test_without_the_ledger_the_report_shows_what_the_hospitals_reported(private
     result = {h["hospital"]: h for h in json.loads((run / "result.json").read_text())["hospitals"]}
     # alpha and beta last reported in round 3 (refusing), at the epsilon they had reached; nobody exhausted.
     for name, budget in (("alpha", 6), ("beta", 8), ("gamma", 10)):
-        spent = f"{result[name]['epsilon']:.3f}"
+        spent = format_epsilon(result[name]["epsilon"], budget)
         assert f"{name} 51 {budget} not reported {spent} {spent} 0 of 51 round 3" in text
     assert 'id="record_epsilon"' not in (run / "report.html").read_text()
 

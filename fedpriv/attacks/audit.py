@@ -43,6 +43,7 @@ from fedpriv.attacks.membership import (
     loss_scores,
     model_logits,
 )
+from fedpriv.attacks.report import write_report
 from fedpriv.attacks.settings import check_audit_config
 from fedpriv.config import FedprivConfig, logit_shift, validate_config
 from fedpriv.data import LabeledImages, MedicalImageDataset, load_dataset
@@ -145,8 +146,6 @@ class AuditReport:
 
 def run_audit(config: FedprivConfig, run_dir: str | Path) -> AuditReport:
     """Validate, run both attacks at every privacy level, and write audit.json/audit.md/PNGs to `run_dir`."""
-    from fedpriv.attacks.report import write_report
-
     started = time.perf_counter()
     validate_config(config)
     check_audit_config(config.audit)
@@ -436,7 +435,8 @@ def _save_roc(report: AuditReport, run_dir: Path) -> str:
     min_fpr = 1 / max(m.non_members for m in report.membership)
     grid = np.logspace(math.log10(min_fpr), 0, 200)
     panels = [RocPanel(
-        title=f"{m.level.label}" + (f" (ε spent {m.epsilon_spent:.2f})" if m.ceiling.private else ""),
+        title=f"{m.level.label}" + (f" (ε spent {rundir.format_epsilon(m.epsilon_spent, m.level.target_epsilon)})"
+                                    if m.ceiling.private else ""),
         curves={name: (a.fpr, a.tpr) for name, a in m.attacks.items()},
         ceiling=m.ceiling.tpr(grid) if m.ceiling.private else None,
         headline=m.ceiling.tpr_headline(grid) if m.ceiling.private else None,

@@ -129,10 +129,11 @@ def _verdict(report: AuditReport) -> str:
             f"accounting or the training does not do what it claims (a bug). {where}.")
 
 
-def _eps(value: float | None) -> str:
+def _eps(value: float | None, budget: float | None = None) -> str:
+    """An epsilon by the one rule (fedpriv.rundir.format_epsilon): never shown at its target when it is not."""
     if value is None or math.isinf(value):
         return "∞ (none)"
-    return f"{value:.2f}"
+    return rundir.format_epsilon(value, budget)
 
 
 def _summary_table(report: AuditReport) -> str:
@@ -145,7 +146,7 @@ def _summary_table(report: AuditReport) -> str:
     rows = []
     for result in report.membership:
         ceiling = result.ceiling
-        rows.append([result.level.label, _eps(result.epsilon_spent),
+        rows.append([result.level.label, _eps(result.epsilon_spent, result.level.target_epsilon),
                      f"{result.test_accuracy:.3f} / {result.test_auc:.3f}",
                      *(_level_ssim(report, result.level.label, b) for b in sizes),
                      _both(result, lambda m: m.auc), _both(result, lambda m: m.tpr_at[0.01]),
@@ -227,7 +228,7 @@ def _membership_words(result: MembershipResult) -> str:
     if not result.ceiling.private:
         return f"**Without DP**, {text}. Nothing bounds this: the model may reveal arbitrarily much ({utility})."
     allowed = float(result.ceiling.tpr(0.01))
-    text = (f"**At ε = {result.epsilon_spent:.2f}**, {text}. DP allows at most {allowed:.1%} at 1% false positives, "
+    text = (f"**At ε = {_eps(result.epsilon_spent, result.level.target_epsilon)}**, {text}. DP allows at most {allowed:.1%} at 1% false positives, "
             f"whatever the attack; the attacks prove only ε ≥ {result.epsilon_lower:.2f} ({utility}).")
     above = any(m.tpr_at[fpr] > float(result.ceiling.tpr(fpr))
                 for m in result.attacks.values() for fpr in REPORTED_FPRS)
@@ -277,7 +278,7 @@ def _membership_section(report: AuditReport) -> str:
              "(so every shadow is OUT for every candidate); a Gaussian is fitted to their logit-scaled confidences "
              "(mean per record, variance pooled over records when there are fewer than 32 shadows).\n")
     head = ["model", "ε spent", "attack", "AUC", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "ceiling @ 0.1%", "ceiling @ 1%"]
-    rows = [[r.level.label, _eps(r.epsilon_spent), name, f"{m.auc:.3f}", f"{m.tpr_at[0.001]:.4f}",
+    rows = [[r.level.label, _eps(r.epsilon_spent, r.level.target_epsilon), name, f"{m.auc:.3f}", f"{m.tpr_at[0.001]:.4f}",
              f"{m.tpr_at[0.01]:.4f}", f"{float(r.ceiling.tpr(0.001)):.4f}", f"{float(r.ceiling.tpr(0.01)):.4f}"]
             for r in report.membership for name, m in r.attacks.items()]
     roc = rundir.MEMBERSHIP_ROC

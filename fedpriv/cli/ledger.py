@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -44,10 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv import rundir
+from fedpriv.deployment.node import DEFAULT_DATASET, load_protected_records
 from fedpriv.errors import FedprivError
 from fedpriv.privacy.chain import ChainKey, key_path_for
 from fedpriv.privacy.ledger import LedgerEvent, PrivacyLedger, read_ledger
+from fedpriv.privacy.migrate import default_output, migrate_ledger, read_old_ledger
 from fedpriv.privacy.store import LegacyLedger
+from fedpriv.rundir import format_epsilon  # the one rule for showing an epsilon (re-exported for the tests)
 
 PROG = "fedpriv-ledger"
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -268,27 +270,6 @@ def _show_record(ledger: PrivacyLedger, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def format_epsilon(value: float, budget: float | None = None) -> str:
-    """An epsilon for people: ``inf`` for infinity, else ``.4g`` with more digits where that is needed.
-
-    Never shows a value on the other side of (or equal to) the budget than it is: 2.99996 of a
-    budget of 3 is "2.99996", not "3", and 3.00004 is not "3" either.
-    """
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    text = f"{value:.4g}"
-    if budget is None:
-        return text
-    for digits in range(4, 18):
-        text = f"{value:.{digits}g}"
-        shown = float(text)
-        if (shown < budget) == (value < budget) and (shown > budget) == (value > budget):
-            return text
-    return repr(value)
-
-
 # --------------------------------------------------------------------- verify
 
 
@@ -319,9 +300,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.node import DEFAULT_DATASET
-    from fedpriv.privacy.migrate import default_output, load_protected_records, migrate_ledger, read_old_ledger
-
     old_path: Path = args.old_path
     if old_path.is_file():
         try:  # a ledger already in the new format says so, rather than "not the first format"

@@ -53,7 +53,7 @@ from fedpriv.report.fairness import (
     hospital_fairness,
 )
 from fedpriv.report.record_privacy import LedgerSpreads, RecordSpread, ledger_spreads, reported_spreads
-from fedpriv.rundir import number
+from fedpriv.rundir import format_epsilon, number
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +197,12 @@ def fmt(value: Any, digits: int = 4) -> str:
     return ("inf" if figure > 0 else "-inf") if math.isinf(figure) else f"{figure:.{digits}f}"
 
 
-def fmt_epsilon(value: Any) -> str:
-    """An epsilon: three decimals, or "inf (NOT PRIVATE)"."""
+def fmt_epsilon(value: Any, budget: Any = None) -> str:
+    """An epsilon by the one rule (:func:`fedpriv.rundir.format_epsilon`), or "inf (NOT PRIVATE)"."""
     figure = number(value)
-    return "inf (NOT PRIVATE)" if math.isinf(figure) else fmt(figure, 3)
+    if math.isnan(figure):
+        return "n/a"
+    return "inf (NOT PRIVATE)" if math.isinf(figure) else format_epsilon(figure, budget)
 
 
 def fmt_budget(value: Any) -> str:
@@ -262,7 +264,8 @@ def _max_epsilon(files: RunFiles) -> str:
     if not files.private or any(math.isinf(e) for e in spent):
         return "inf (NOT PRIVATE)"
     budgets = {fmt_budget(h["budget_epsilon"]) for h in hospitals}
-    return f"{max(spent):.3f} (budgets: {', '.join(sorted(budgets))})"
+    largest = max(hospitals, key=lambda h: number(h["epsilon"]))
+    return f"{format_epsilon(largest['epsilon'], largest['budget_epsilon'])} (budgets: {', '.join(sorted(budgets))})"
 
 
 def _rounds_line(files: RunFiles) -> str:
@@ -398,7 +401,8 @@ def _refusals(rounds: list[dict[str, Any]]) -> list[list[str]]:
         if refused:
             reply = refused[0]["hospitals"][name]
             rows.append([name, str(refused[0]["round"]), str(len(refused)),
-                         fmt_epsilon(reply.get("epsilon", math.nan)), str(reply.get("message", ""))])
+                         fmt_epsilon(reply.get("epsilon", math.nan), reply.get("budget-epsilon")),
+                         str(reply.get("message", ""))])
     return rows
 
 
@@ -436,7 +440,8 @@ def _privacy_table(files: RunFiles) -> Table:
     for name, state in final.items():
         per_round = [next((p for p in rounds[i]["privacy"] if p["hospital"] == name), None) for i in shown]
         rows.append([name, fmt_budget(state["budget_epsilon"]), f"{number(state['delta']):g}",
-                     *(fmt_epsilon(p["epsilon"]) if p else "-" for p in per_round), fmt_epsilon(state["epsilon"]),
+                     *(fmt_epsilon(p["epsilon"], p["budget_epsilon"]) if p else "-" for p in per_round),
+                     fmt_epsilon(state["epsilon"], state["budget_epsilon"]),
                      "yes" if state["locked"] else "no"])
     return Table(headers, rows)
 
@@ -449,7 +454,7 @@ def _locks(rounds: list[dict[str, Any]]) -> list[list[str]]:
         if locked is not None:
             record, privacy = locked
             reply = record["hospitals"].get(name, {})
-            rows.append([name, str(record["round"]), fmt_epsilon(privacy["epsilon"]),
+            rows.append([name, str(record["round"]), fmt_epsilon(privacy["epsilon"], privacy["budget_epsilon"]),
                          str(reply.get("message") or reply.get("status") or "")])
     return rows
 
@@ -492,7 +497,7 @@ def _ledger_blocks(found: LedgerSpreads) -> list[Block]:
 
 def _spread_table(spreads: list[RecordSpread], *, reported: bool) -> Table:
     rows = [[s.hospital, "not reported" if s.records is None else str(s.records), fmt_budget(s.budget),
-             *(_record_epsilon(v) for v in (s.minimum, s.median, s.maximum)),
+             *(_record_epsilon(v, s.budget) for v in (s.minimum, s.median, s.maximum)),
              "not reported" if s.exhausted is None else f"{s.exhausted} of {s.records}",
              *([f"round {s.reported_round}" if s.reported_round is not None else rundir.RESULT] if reported else [])]
             for s in spreads]
@@ -500,10 +505,10 @@ def _spread_table(spreads: list[RecordSpread], *, reported: bool) -> Table:
     return Table([*headers, *(["reported in"] if reported else [])], rows)
 
 
-def _record_epsilon(value: float) -> str:
+def _record_epsilon(value: float, budget: float) -> str:
     if math.isnan(value):
         return "not reported"
-    return "infinity (not private)" if math.isinf(value) else fmt(value, 3)
+    return "infinity (not private)" if math.isinf(value) else format_epsilon(value, budget)
 
 
 def _calibration(calibration: CalibrationReport | None, problem: str) -> list[Block]:

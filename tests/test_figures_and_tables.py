@@ -1,0 +1,129 @@
+"""Figures and tables a person reads: epsilons shown by one rule, SYNTHETIC said everywhere, readable axes.
+
+The figure tests draw each figure and read what matplotlib rendered (tick labels, axis limits, where
+the legend and the labels landed), at 1 to 200 rounds and 1 to 20 hospitals (issue 24, item 6).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpriv.app_config import compose_config
+from fedpriv.cli.main import absolute_paths
+from fedpriv.outputs import RunRecorder
+from fedpriv.report.sweep import collect_results, privacy_utility_figure, write_sweep_report
+from fedpriv.roster import HospitalState, RoundRecord
+from fedpriv.rundir import format_epsilon
+
+TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "model.width=4",
+        "federation.ledger_scope=run"]
+REAL = "pneumoniamnist: 4708/524/624 train/val/test images, 1x28x28, 2 classes (normal, pneumonia), from test"
+SYNTHETIC = "SYNTHETIC data (not patient images) - synthetic: 216/24/100 train/val/test images"
+
+
+# ------------------------------------------------------------------ the one rule for an epsilon
+
+
+@pytest.mark.parametrize(("value", "budget", "shown"), [
+    (2.995, 3.0, "2.995"),       # issue 24: sweep.md showed "3"
+    (7.996, 8.0, "7.996"),       # and "8"
+    (2.99996, 3.0, "2.99996"),   # four digits would round it onto the budget: more digits
+    (3.00004, 3.0, "3.00004"),   # past the budget: never shown as the budget (or below it)
+    (3.0, 3.0, "3"),             # exactly the budget reads as the budget
+    (1.23456, 3.0, "1.235"),     # far from it: four significant digits
+    (0.000123456, 1.0, "0.0001235"),
+    (math.inf, 3.0, "inf"),
+    (math.nan, 3.0, "nan"),
+    ("inf", None, "inf"),        # a run directory's JSON encoding reads too
+    (None, 3.0, "nan"),
+    (2.99996, None, "3"),        # no budget to compare with: four significant digits
+    (2.99996, "inf", "3"),       # no finite budget either
+])
+def test_an_epsilon_is_never_shown_on_the_other_side_of_its_budget(value, budget, shown):
+    assert format_epsilon(value, budget) == shown
+
+
+@pytest.mark.parametrize("value", [0.5, 2.9951, 2.99999999, 3.0, 3.000000001, 7.99949, 12.0])
+def test_the_shown_epsilon_compares_with_the_budget_as_the_true_one_does(value):
+    budget = 3.0 if value < 5 else 8.0
+    shown = float(format_epsilon(value, budget))
+    assert (shown < budget, shown == budget, shown > budget) == (value < budget, value == budget, value > budget)
+
+
+# ------------------------------------------------------------------ sweep.md, sweep.csv, privacy_utility.png
+
+
+def _finished_run(run_dir: Path, budget: float, spent: list[float], dataset: str, auc: float = 0.8) -> None:
+    """A finished run directory (result.json, metrics) with hospitals at the given epsilons spent."""
+    cfg = absolute_paths(compose_config([*TINY, f"privacy.epsilon={budget}"]), run_dir)
+    hospitals = [HospitalState(node_id=i, name=f"hospital-{i}", epsilon=e, delta=1e-5, budget_epsilon=budget)
+                 for i, e in enumerate(spent, start=1)]
+    recorder = RunRecorder(run_dir, cfg, run_dir.name, dataset)
+    state = torch.nn.Linear(2, 2).state_dict()
+    trained = RoundRecord(1, {h.name: {"status": "trained"} for h in hospitals}, [h.name for h in hospitals],
+                          {"auc": auc, "accuracy": 0.7})
+    recorder.round_end(trained, state, hospitals)
+    recorder.finish(state, hospitals, "all rounds run")
+
+
+def _sweep(tmp_path: Path, dataset: str) -> Path:
+    sweep = tmp_path / "sweep"
+    _finished_run(sweep / "0", 3.0, [2.995, 3.00004], dataset, auc=0.7)
+    _finished_run(sweep / "1", 8.0, [7.996, 7.5], dataset, auc=0.8)
+    return sweep
+
+
+def test_the_sweep_table_shows_every_epsilon_spent_by_the_one_rule(tmp_path):
+    sweep = _sweep(tmp_path, REAL)
+    text = write_sweep_report(sweep).read_text()
+    assert "| 3 | parallel |" in text and "| 2.995, 3.00004 |" in text  # not "3, 3" (nor "2.9950, 3.0000")
+    assert "| 7.996, 7.5 |" in text  # not "8"
+    assert "SYNTHETIC" not in text  # a run on real data is not marked
+    csv_rows = (sweep / "sweep.csv").read_text().splitlines()
+    assert csv_rows[0].endswith(",synthetic") and all(row.endswith(",no") for row in csv_rows[1:])
+    assert "2.995 3.00004" in csv_rows[1]  # the CSV keeps every digit
+
+
+def test_a_synthetic_sweep_says_so_in_its_table_csv_and_plot(tmp_path):
+    sweep = _sweep(tmp_path, SYNTHETIC)
+    lines = write_sweep_report(sweep).read_text().splitlines()
+    assert lines[0] == "# Sweep: privacy against utility (SYNTHETIC data)"
+    assert any(line.startswith("**SYNTHETIC data (generated images, not patients)") for line in lines)
+    assert all(row.endswith(",SYNTHETIC") for row in (sweep / "sweep.csv").read_text().splitlines()[1:])
+    figure = privacy_utility_figure(collect_results(sweep))
+    figure.canvas.draw()
+    [axis] = figure.axes
+    assert "SYNTHETIC" in axis.get_title()
+    assert (sweep / "privacy_utility.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_mixed_sweep_names_its_synthetic_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    _finished_run(sweep / "real", 3.0, [2.5], REAL)
+    _finished_run(sweep / "generated", 8.0, [7.5], SYNTHETIC)
+    text = write_sweep_report(sweep).read_text()
+    assert "runs generated trained on generated images" in text
+    assert "| generated (SYNTHETIC) |" in text and "| real |" in text
+
+
+def test_the_privacy_utility_plot_labels_each_point_by_the_one_rule_and_starts_at_zero(tmp_path):
+    figure = privacy_utility_figure(collect_results(_sweep(tmp_path, REAL)))
+    figure.canvas.draw()
+    [axis] = figure.axes
+    labels = {text.get_text() for text in axis.texts}
+    assert {"3.00004 of 3", "7.996 of 8"} <= labels  # the max over hospitals, never rounded onto its budget
+    assert axis.get_xlim()[0] == 0 and axis.get_xlim()[1] > 7.996
+    assert "SYNTHETIC" not in axis.get_title()
+
+
+# ------------------------------------------------------------------ the run's summary (printed on the console)
+
+
+def test_the_run_summary_never_rounds_an_epsilon_onto_the_budget(tmp_path):
+    _finished_run(tmp_path / "run", 3.0, [2.99996, 1.5], REAL)
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "| hospital-1 | 0 | 2.99996 |" in summary and "| hospital-2 | 0 | 1.5 |" in summary
