@@ -217,13 +217,13 @@ def privacy_line(cfg: FedprivConfig, hospitals: list[HospitalState]) -> str:
     if not cfg.privacy.enabled:
         return "- privacy: NONE: not private, epsilon = infinity"
     used = sorted({h.accountant for h in hospitals if h.accountant})
-    line = f"- privacy: DP-SGD at every hospital, accountant {', '.join(used) or cfg.privacy.accountant}, " + (
-        "epsilon per patient (user-level DP-SGD: all of a patient's images together)" if cfg.privacy.unit == "patient"
-        else "epsilon per image (a patient with k images is protected only at about k x epsilon)")
+    line = f"- privacy: DP-SGD at every hospital, accountant {', '.join(used) or cfg.privacy.accountant}"
     if used and used != [cfg.privacy.accountant]:
         line += (f" (as the hospitals' own ledgers report; the run config asked for {cfg.privacy.accountant}, "
                  "which a hospital's existing ledger does not change)")
-    return line
+    if cfg.privacy.unit == "patient":
+        return line + "; epsilon per patient (user-level DP-SGD: all of a patient's images together)"
+    return line + "; epsilon per image (a patient with k images is protected only at about k x epsilon)"
 
 
 def resume_checkpoint(cfg: FedprivConfig) -> Path:
