@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedpriv.protocol import Field, Metric, Status, figures_known, privacy_metrics
+from fedpriv.rundir import format_epsilon
 
 log = logging.getLogger("fedpriv")
 
@@ -163,12 +164,12 @@ class Roster:
         return privacy_metrics({h.name: h.epsilon for h in self.hospitals}, sum(h.locked for h in self.hospitals))
 
     def describe(self) -> str:
-        return ", ".join(f"{h.name} ({'LOCKED' if h.locked else 'open'}, epsilon {h.epsilon:.3g}/{h.budget_epsilon:g})"
-                         for h in self.hospitals)
+        return ", ".join(f"{h.name} ({'LOCKED' if h.locked else 'open'}, epsilon "
+                         f"{format_epsilon(h.epsilon, h.budget_epsilon)}/{h.budget_epsilon:g})" for h in self.hospitals)
 
     def spent(self) -> str:
-        return ", ".join(f"{h.name} {h.epsilon:.2f}/{h.budget_epsilon:g}{' LOCKED' if h.locked else ''}"
-                         for h in self.hospitals)
+        return ", ".join(f"{h.name} {format_epsilon(h.epsilon, h.budget_epsilon)}/{h.budget_epsilon:g}"
+                         f"{' LOCKED' if h.locked else ''}" for h in self.hospitals)
 
 
 def hospital_names(claimed: dict[int, str], registered: dict[int, str]) -> dict[int, str]:

@@ -16,7 +16,7 @@ from fedpriv.app_config import compose_config
 from fedpriv.cli.main import absolute_paths
 from fedpriv.outputs import RunRecorder
 from fedpriv.report.sweep import collect_results, privacy_utility_figure, write_sweep_report
-from fedpriv.roster import HospitalState, RoundRecord
+from fedpriv.roster import HospitalState, Roster, RoundRecord
 from fedpriv.rundir import format_epsilon
 
 TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "model.width=4",
@@ -127,3 +127,11 @@ def test_the_run_summary_never_rounds_an_epsilon_onto_the_budget(tmp_path):
     _finished_run(tmp_path / "run", 3.0, [2.99996, 1.5], REAL)
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "| hospital-1 | 0 | 2.99996 |" in summary and "| hospital-2 | 0 | 1.5 |" in summary
+
+
+def test_the_round_log_never_rounds_an_epsilon_onto_the_budget():
+    roster = Roster()
+    roster.admit([HospitalState(node_id=1, name="hospital-1", epsilon=2.9996, delta=1e-5, budget_epsilon=3.0),
+                  HospitalState(node_id=2, name="hospital-2", epsilon=7.996, delta=1e-5, budget_epsilon=8.0)])
+    assert roster.spent() == "hospital-1 2.9996/3, hospital-2 7.996/8"  # was "3.00/3, 8.00/8"
+    assert "epsilon 2.9996/3" in roster.describe() and "epsilon 7.996/8" in roster.describe()
