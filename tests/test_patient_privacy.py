@@ -308,3 +308,32 @@ def test_an_npz_file_can_carry_patient_ids(tmp_path):
     assert dataset.train.patients()[0].tolist() == [f"p{i}" for i in range(6)]
     assert dataset.val.patient_ids is None
     assert math.isfinite(float(record_keys(dataset.train.unit_ids("patient"))[0]))
+
+
+# --- a whole federation, per patient --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_patient_level_federation_charges_patients_and_says_so_everywhere(tmp_path):
+    from test_federation import federate, ledger_of
+
+    from fedpriv import rundir
+
+    strategy, _, run_dir = federate(tmp_path, "dataset.images_per_patient=4", "privacy.unit=patient",
+                                    "train.batch_size=8")
+    assert all(h.epsilon == pytest.approx(3.0, rel=0.02) for h in strategy.hospitals)
+    result = rundir.read_result(run_dir)
+    assert result["privacy_unit"] == "patient" and result["rounds_trained"] == 2
+    summary = rundir.read_summary(run_dir)
+    assert "epsilon per patient" in summary and "epsilon spent per patient" in summary
+    report = (run_dir / rundir.REPORT_MD).read_text()
+    assert "patient-level (epsilon, delta)-DP" in report and " per patient (budgets:" in report
+    with read_ledger(ledger_of(run_dir)) as ledger:
+        events = ledger.events()
+        assert ledger.unit == "patient" and {e.hospital for e in events} == {"hospital-1", "hospital-2", "hospital-3"}
+        patients = np.unique(np.concatenate([make_synthetic(240, 28, 0, 0.1, 0.2, images_per_patient=4)
+                                             .train.patient_ids]))
+        check_records(ledger, patients, 3.0)
+    # The same data per image on the same (per-patient) ledger is refused by every hospital, naming why.
+    again, _, again_dir = federate(tmp_path, "dataset.images_per_patient=4", run="again")
+    assert again.history == [] and rundir.read_result(again_dir)["rounds_trained"] == 0

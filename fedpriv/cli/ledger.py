@@ -152,6 +152,7 @@ def _summary(ledger: PrivacyLedger) -> dict[str, Any]:
         "budget_epsilon": status.budget_epsilon,
         "delta": status.delta,
         "accountant": status.accountant,
+        "unit": status.unit,  # what a record is: an image, or a patient (all of a patient's images)
         "records": status.records,
         "exhausted": status.exhausted,
         "open_records": status.records - status.exhausted,
@@ -191,7 +192,8 @@ def _render(summary: dict[str, Any]) -> str:
     spread = summary["epsilon"]
     lines = [
         f"ledger {summary['path']}",
-        f"budget: epsilon {budget:g} per record at delta {summary['delta']:g} (accountant {summary['accountant']})",
+        f"budget: epsilon {budget:g} per record at delta {summary['delta']:g} (accountant {summary['accountant']}); "
+        f"a record is one {summary['unit']}",
     ]
     if summary["hospitals"]:
         lines.append("used by: " + ", ".join(

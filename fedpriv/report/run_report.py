@@ -265,7 +265,8 @@ def _max_epsilon(files: RunFiles) -> str:
         return "inf (NOT PRIVATE)"
     budgets = {fmt_budget(h["budget_epsilon"]) for h in hospitals}
     largest = max(hospitals, key=lambda h: number(h["epsilon"]))
-    return f"{format_epsilon(largest['epsilon'], largest['budget_epsilon'])} (budgets: {', '.join(sorted(budgets))})"
+    return (f"{format_epsilon(largest['epsilon'], largest['budget_epsilon'])} per {files.config.privacy.unit} "
+            f"(budgets: {', '.join(sorted(budgets))})")
 
 
 def _rounds_line(files: RunFiles) -> str:
@@ -282,8 +283,12 @@ def _privacy_line(files: RunFiles) -> str:
     result = files.result or {}
     # The accountant and the noise seeding are what the hospitals reported, not what the run asked.
     used = sorted(set((result.get("accountants") or {}).values())) or [cfg.privacy.accountant]
-    line = (f"Privacy: DP-SGD at every hospital (record-level (epsilon, delta)-DP, one image as one record), "
-            f"default budget epsilon {cfg.privacy.epsilon:g} per record at delta {cfg.privacy.delta:g}, accountant "
+    unit = cfg.privacy.unit
+    kind = ("patient-level (epsilon, delta)-DP, all of a patient's images as one record: user-level DP-SGD"
+            if unit == "patient" else "record-level (epsilon, delta)-DP, one image as one record; a patient with k "
+            "images is protected only at about k x epsilon")
+    line = (f"Privacy: DP-SGD at every hospital ({kind}), "
+            f"default budget epsilon {cfg.privacy.epsilon:g} per {unit} at delta {cfg.privacy.delta:g}, accountant "
             f"{', '.join(used)} (as the hospitals report), clipping norm {cfg.privacy.max_grad_norm:g}, noise "
             f"multiplier {cfg.privacy.noise_multiplier}.")
     if used != [cfg.privacy.accountant]:
@@ -358,12 +363,14 @@ def _privacy(files: RunFiles) -> list[Block]:
         blocks.append(Banner(NOT_PRIVATE))
     else:
         if _throwaway_ledger(files):
-            blocks.append(Paragraph("Epsilon is what this run spent on each hospital's data, from a throw-away "
+            blocks.append(Paragraph(f"Epsilon (per {files.config.privacy.unit}) is what this run spent on each "
+                                    "hospital's data, from a throw-away "
                                     "ledger (federation.ledger_scope=run), at its own delta: the budget was enforced "
                                     "within this run only (and its resumptions), not over every use of the data. "
                                     "Epsilons are reported per hospital and as a maximum, never averaged."))
         else:
-            blocks.append(Paragraph("Epsilon is each hospital's cumulative epsilon from its own ledger, over every "
+            blocks.append(Paragraph(f"Epsilon (per {files.config.privacy.unit}) is each hospital's cumulative "
+                                    "epsilon from its own ledger, over every "
                                     "use of its data (all rounds and runs), at its own delta"
                                     + (f"; the simulated hospitals' ledgers are in {folder}" if
                                        (folder := (files.result or {}).get("ledger_folder")) else "")
