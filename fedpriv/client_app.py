@@ -7,8 +7,8 @@
   only where the hospital opted in (``share_validation_metrics``); otherwise a "declined" status.
 - query: the hospital's name and budget state, so the server can map node ids to hospitals.
 
-Who the hospital is comes from fedpriv.site: a simulated node's partition id, or a deployed node's
-own node config.
+Who the hospital is comes from fedpriv.site (a simulated node's partition id) or
+fedpriv.deployment.node (a deployed node's own node config); what a reply holds, from fedpriv.protocol.
 """
 
 from __future__ import annotations
@@ -17,40 +17,42 @@ import logging
 import math
 import time
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpriv.errors import ConfigError, FedprivError, LedgerError
+from fedpriv.deployment.node import deployed_site
+from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.faults import injected_corruption, injected_fault
 from fedpriv.hospital import RoundOutcome, RoundRequest, budget_state, train_round
-from fedpriv.protocol import Status
+from fedpriv.protocol import (
+    DECLINED,
+    NOT_COVERED,
+    Content,
+    Metric,
+    Status,
+    evaluation_fields,
+    evaluation_metrics,
+    outcome_fields,
+    outcome_metrics,
+    told_to_server,
+)
 from fedpriv.site import HospitalSite, simulated_site
 from fedpriv.training import evaluate
 
 app = ClientApp()
 log = logging.getLogger("fedpriv")
 
-NOT_COVERED = "computed on the hospital's private validation data: NOT covered by the DP guarantee"
-DECLINED = ("validation metrics not shared: they would be computed on private records without noise "
-            "(the hospital opts in with share-validation-metrics)")
-
 
 def _site(context: Context) -> HospitalSite:
     """Simulation nodes carry a partition id; a deployed hospital's node config names its own data."""
     if "partition-id" in context.node_config:
         return simulated_site(context.run_config, int(context.node_config["partition-id"]))
-    from fedpriv.deployment.node import deployed_site
-
     return deployed_site(context)
 
 
 def _reply(msg: Message, outcome: RoundOutcome, status: str | None = None) -> Message:
-    record = ConfigRecord({"hospital": outcome.hospital, "status": str(status or outcome.status),
-                           "message": outcome.message, "chain-head": outcome.chain_head,
-                           "accountant": outcome.accountant})
-    return Message(content=RecordDict({"metrics": MetricRecord(outcome.metrics()), "status": record}),
-                   reply_to=msg)
+    return Message(content=RecordDict({Content.METRICS: MetricRecord(outcome_metrics(outcome)),
+                                       Content.STATUS: ConfigRecord(outcome_fields(outcome, status))}), reply_to=msg)
 
 
 def _unusable_site(msg: Message, context: Context, error: FedprivError) -> Message:
@@ -60,25 +62,13 @@ def _unusable_site(msg: Message, context: Context, error: FedprivError) -> Messa
     return _reply(msg, RoundOutcome(name, Status.REFUSED, str(error), epsilon=math.nan))
 
 
-def _global_model(site: HospitalSite, msg: Message) -> torch.nn.Module:
-    """The server's model, loaded into this hospital's architecture; ConfigError if they do not fit."""
-    model = site.new_model()
-    try:
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    except (RuntimeError, KeyError) as exc:
-        raise ConfigError("model", site.config.model.name, f"the federation's weights do not fit hospital "
-                          f"{site.settings.name}'s model for its records ({str(exc).splitlines()[0][:160]})",
-                          "give every hospital records of the same task (classes, channels, image size)") from None
-    return model
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train one round under the hospital's budget; a spent budget is a status, not an error."""
     try:
         site = _site(context)
-        model = _global_model(site, msg)
-        request = RoundRequest.from_record(dict(msg.content["config"]))
+        model = site.global_model(msg.content[Content.ARRAYS].to_torch_state_dict())
+        request = RoundRequest.from_record(dict(msg.content[Content.CONFIG]))
         request.check(site.num_classes, site.settings)
     except (FedprivError, TypeError, ValueError) as error:
         if not isinstance(error, FedprivError):  # a malformed request: refuse it, charge nothing
@@ -90,29 +80,12 @@ def train(msg: Message, context: Context) -> Message:
                               after_charge=injected_fault(context.node_config, site.config, request.server_round))
     except FedprivError as error:  # e.g. a corrupt ledger or a full disk: refuse (fail closed), say why
         log.error("hospital %s: %s", site.settings.name, error)
-        outcome = budget_failure(site, told_to_server(error))
+        outcome = site.refusal(told_to_server(error))
     reply = _reply(msg, outcome)
     if outcome.state_dict is not None:
-        reply.content["arrays"] = ArrayRecord(injected_corruption(context.node_config, site.config, request.server_round,
-                                                                  outcome.state_dict))
+        reply.content[Content.ARRAYS] = ArrayRecord(injected_corruption(context.node_config, site.config,
+                                                                        request.server_round, outcome.state_dict))
     return reply
-
-
-def told_to_server(error: FedprivError) -> str:
-    """What the server learns of a hospital's own failure: the cause, not its paths."""
-    if isinstance(error, LedgerError):
-        return f"refused to train: {error.reason}; nothing was trained (details in the hospital's own log)"
-    return str(error)
-
-
-def budget_failure(site: HospitalSite, message: str) -> RoundOutcome:
-    """A refusal for a hospital whose ledger cannot be used (fail closed: nothing is trained).
-
-    Epsilon is NaN (unknown): a ledger that failed its checks is not read again, and the server
-    keeps the figures it last received.
-    """
-    return RoundOutcome(site.settings.name, Status.REFUSED, message, epsilon=math.nan, delta=site.settings.delta,
-                        budget_epsilon=site.settings.budget_epsilon)
 
 
 @app.evaluate()
@@ -121,23 +94,23 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     try:
         site = _site(context)
         if not site.settings.share_validation_metrics:
-            return _evaluation_reply(msg, site, Status.DECLINED, DECLINED, {"num-examples": 0})
-        model = _global_model(site, msg)
+            return _evaluation_reply(msg, site, Status.DECLINED, DECLINED, {Metric.NUM_EXAMPLES: 0})
+        model = site.global_model(msg.content[Content.ARRAYS].to_torch_state_dict())
     except FedprivError as error:
         return _unusable_site(msg, context, error)
-    metrics = {"num-examples": 0}
+    metrics = {Metric.NUM_EXAMPLES: 0}
     started = time.perf_counter()
     if len(site.validation):
         metrics = evaluate(model, site.validation.as_dataset()).metrics()
-    metrics["eval-seconds"] = time.perf_counter() - started
-    metrics = {key: float(value) for key, value in metrics.items() if not math.isnan(value)}
+    metrics[Metric.EVAL_SECONDS] = time.perf_counter() - started
     return _evaluation_reply(msg, site, Status.EVALUATED, NOT_COVERED, metrics)
 
 
 def _evaluation_reply(msg: Message, site: HospitalSite, status: Status, message: str, metrics: dict) -> Message:
     """Validation metrics are never covered by the DP guarantee: every reply says so (dp-covered 0)."""
-    return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "dp-covered": 0.0}), "status": ConfigRecord(
-        {"hospital": site.settings.name, "status": str(status), "message": message})}), reply_to=msg)
+    return Message(content=RecordDict({
+        Content.METRICS: MetricRecord(evaluation_metrics(metrics)),
+        Content.STATUS: ConfigRecord(evaluation_fields(site.settings.name, status, message))}), reply_to=msg)
 
 
 @app.query()
@@ -152,6 +125,6 @@ def query(msg: Message, context: Context) -> Message:
         status = Status.LOCKED if state.locked else Status.OPEN
     except FedprivError as error:
         log.error("hospital %s: %s", site.settings.name, error)
-        state, status = budget_failure(site, told_to_server(error)), Status.REFUSED
+        state, status = site.refusal(told_to_server(error)), Status.REFUSED
     state.num_examples = len(site.train)
     return _reply(msg, state, status)

@@ -35,7 +35,7 @@ from fedpriv.errors import BudgetExhausted, ConfigError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon, noise_multiplier_for
 from fedpriv.privacy.ledger import UNITS, BudgetStatus, PrivacyLedger, largest_fitting
 from fedpriv.privacy.plan import PrivacyPlan, steps_per_epoch
-from fedpriv.protocol import Status
+from fedpriv.protocol import Status, outcome_metrics
 from fedpriv.training import train_local
 
 log = logging.getLogger(__name__)
@@ -242,18 +242,8 @@ class RoundOutcome:
     unit: str = "image"  # what a record is: "image", or "patient" (records, epsilon and the sample rate count patients)
 
     def metrics(self) -> dict[str, float | int]:
-        """Scalar metrics for the reply's MetricRecord (epsilon = inf after non-private use)."""
-        return {
-            "num-examples": self.num_examples, "steps": self.steps,
-            "noise-multiplier": self.noise_multiplier, "epsilon": self.epsilon, "delta": self.delta,
-            "budget-epsilon": self.budget_epsilon, "remaining-epsilon": self.remaining,
-            "locked": int(self.locked), "trained": int(self.status == TRAINED),
-            "records": self.records, "exhausted-records": self.exhausted, "epsilon-median": self.epsilon_median,
-            "chain-length": self.chain_length, "noise-seeded": int(self.noise_seeded),
-            "max-epsilon-per-round": self.max_epsilon_per_round, "max-epsilon-per-run": self.max_epsilon_per_run,
-            "ledger-seconds": self.ledger_seconds, "train-seconds": self.train_seconds,
-            "per-patient": int(self.unit == "patient"),
-        }
+        """Scalar metrics for the reply's MetricRecord (the keys are fedpriv.protocol's)."""
+        return outcome_metrics(self)
 
     def with_status(self, status: BudgetStatus) -> RoundOutcome:
         self.epsilon, self.delta = status.epsilon_spent, status.delta

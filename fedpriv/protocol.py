@@ -11,6 +11,8 @@ import math
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from fedpriv.errors import FedprivError, LedgerError
+
 if TYPE_CHECKING:  # for annotations only: the hospital imports this module, never the reverse at run time
     from fedpriv.hospital import RoundOutcome
 
@@ -28,6 +30,12 @@ class Status(StrEnum):
     FAILED = "failed"  # its reply was an error (it crashed, or Flower lost it)
     TIMEOUT = "timeout"  # no reply within strategy.round_timeout
     REJECTED = "rejected"  # its reply failed the server's checks (weights, figures, chain witness)
+
+
+# The message of every evaluation reply: what it shares, or why it shares nothing.
+NOT_COVERED = "computed on the hospital's private validation data: NOT covered by the DP guarantee"
+DECLINED = ("validation metrics not shared: they would be computed on private records without noise "
+            "(the hospital opts in with share-validation-metrics)")
 
 
 class Content:
@@ -70,6 +78,7 @@ class Metric:
     MAX_EPSILON_PER_RUN = "max-epsilon-per-run"
     LEDGER_SECONDS = "ledger-seconds"
     TRAIN_SECONDS = "train-seconds"
+    PER_PATIENT = "per-patient"  # 1 where a record is a patient (records, epsilon and the sample rate count patients)
     # Evaluation replies (on private validation data: never DP-covered) and the server's test split.
     DP_COVERED = "dp-covered"
     EVAL_SECONDS = "eval-seconds"
@@ -92,6 +101,7 @@ def outcome_metrics(outcome: RoundOutcome) -> dict[str, float | int]:
         Metric.MAX_EPSILON_PER_ROUND: outcome.max_epsilon_per_round,
         Metric.MAX_EPSILON_PER_RUN: outcome.max_epsilon_per_run,
         Metric.LEDGER_SECONDS: outcome.ledger_seconds, Metric.TRAIN_SECONDS: outcome.train_seconds,
+        Metric.PER_PATIENT: int(outcome.unit == "patient"),
     }
 
 
@@ -127,3 +137,10 @@ def privacy_metrics(epsilons: dict[str, float], locked: int) -> dict[str, float]
     """The server's privacy metrics: the largest epsilon and each hospital's, never an average."""
     return {Metric.EPSILON_MAX: max(epsilons.values(), default=0.0), Metric.HOSPITALS_LOCKED: float(locked),
             **{f"{Metric.EPSILON_OF}{name}": value for name, value in epsilons.items()}}
+
+
+def told_to_server(error: FedprivError) -> str:
+    """What the server learns of a hospital's own failure: the cause, not its paths."""
+    if isinstance(error, LedgerError):
+        return f"refused to train: {error.reason}; nothing was trained (details in the hospital's own log)"
+    return str(error)

@@ -8,6 +8,8 @@ its own SuperNode's node config (:mod:`fedpriv.deployment.node`). Both end up as
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,11 @@ import torch
 from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config, config_to_json
 from fedpriv.config import FedprivConfig
 from fedpriv.data import LabeledImages
+from fedpriv.errors import ConfigError
 from fedpriv.experiment import Experiment, ledger_folder, prepare_experiment
-from fedpriv.hospital import HospitalSettings
+from fedpriv.hospital import HospitalSettings, RoundOutcome
 from fedpriv.models import build_model
+from fedpriv.protocol import Status
 
 
 @dataclass
@@ -38,6 +42,26 @@ class HospitalSite:
         return build_model(self.config.model.name, in_channels=self.in_channels, num_classes=self.num_classes,
                            image_size=self.image_size, width=self.config.model.width,
                            activation=self.config.model.activation)
+
+    def global_model(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """The server's weights in this hospital's architecture; ConfigError if they do not fit."""
+        model = self.new_model()
+        try:
+            model.load_state_dict(state_dict)
+        except (RuntimeError, KeyError) as exc:
+            raise ConfigError("model", self.config.model.name, f"the federation's weights do not fit hospital "
+                              f"{self.settings.name}'s model for its records ({str(exc).splitlines()[0][:160]})",
+                              "give every hospital records of the same task (classes, channels, image size)") from None
+        return model
+
+    def refusal(self, message: str) -> RoundOutcome:
+        """A refusal for a hospital whose ledger cannot be used (fail closed: nothing is trained).
+
+        Epsilon is NaN (unknown): a ledger that failed its checks is not read again, and the server
+        keeps the figures it last received.
+        """
+        return RoundOutcome(self.settings.name, Status.REFUSED, message, epsilon=math.nan, delta=self.settings.delta,
+                            budget_epsilon=self.settings.budget_epsilon)
 
 
 # Ray actors serve many messages: keep each prepared experiment (data + partition) per process.
