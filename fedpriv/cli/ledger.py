@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv import rundir
+from fedpriv.deployment.node import DEFAULT_DATASET, load_protected_records
 from fedpriv.errors import FedprivError
 from fedpriv.privacy.chain import ChainKey, key_path_for
 from fedpriv.privacy.ledger import LedgerEvent, PrivacyLedger, read_ledger
+from fedpriv.privacy.migrate import default_output, migrate_ledger, read_old_ledger
 from fedpriv.privacy.store import LegacyLedger
 from fedpriv.rundir import format_epsilon  # the one rule for showing an epsilon (re-exported for the tests)
 
@@ -300,9 +302,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.node import DEFAULT_DATASET
-    from fedpriv.privacy.migrate import default_output, load_protected_records, migrate_ledger, read_old_ledger
-
     old_path: Path = args.old_path
     if old_path.is_file():
         try:  # a ledger already in the new format says so, rather than "not the first format"

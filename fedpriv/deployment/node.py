@@ -54,15 +54,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpriv.errors import ConfigError, PrivacyError
+import numpy as np
+
+from fedpriv.errors import ConfigError, DataError, LedgerError, PrivacyError
+from fedpriv.privacy.accounting import check_accountant
 from fedpriv.privacy.store import folder_write_problem
 
-if TYPE_CHECKING:  # the ClientApp module imports this one lazily; avoid a cycle at import time
+# Parsing a node config (fedpriv-deploy node, before it starts a SuperNode) must not load torch:
+# the modules that do (config, data, hospital, site) are imported where a site is built, each with that reason.
+if TYPE_CHECKING:  # annotations only
     from flwr.app import Context
 
     from fedpriv.config import FedprivConfig
     from fedpriv.data import LabeledImages
     from fedpriv.hospital import HospitalSettings
+    from fedpriv.privacy.migrate import OldLedger
     from fedpriv.site import HospitalSite
 
 log = logging.getLogger(__name__)
@@ -159,7 +165,7 @@ def _threads(config: Mapping[str, Any]) -> int | None:
 
 
 def _dataset_flag(config: Mapping[str, Any]) -> str:
-    from fedpriv.config import medmnist_2d_flags
+    from fedpriv.config import medmnist_2d_flags  # deferred: loads torch (see the imports)
 
     flag = config.get("dataset", DEFAULT_DATASET)
     if not isinstance(flag, str) or flag not in medmnist_2d_flags() or flag == "chestmnist":
@@ -199,8 +205,6 @@ def parse_node_config(config: Mapping[str, Any]) -> NodeSettings:
                           "let the SuperNode's user write to that folder, or choose a writable ledger path")
     accountant = str(config.get("accountant", "prv"))
     try:
-        from fedpriv.privacy.accounting import check_accountant
-
         check_accountant(accountant)
     except PrivacyError as error:
         raise ConfigError("accountant", accountant, str(error), _fix("accountant", '"prv"')) from None
@@ -273,7 +277,7 @@ def load_hospital_data(settings: NodeSettings, image_size: int) -> HospitalData:
     An npz: ``train`` required, ``val`` read when present, ``test`` never read. An image folder: every
     image trains, except the ``val-fraction`` held out for validation. No test split is made.
     """
-    from fedpriv.data.medmnist import load_medmnist, npz_filename
+    from fedpriv.data.medmnist import load_medmnist, npz_filename  # deferred: loads torch (see the imports)
 
     data = settings.data
     npz = None
@@ -299,9 +303,7 @@ def load_hospital_data(settings: NodeSettings, image_size: int) -> HospitalData:
 
 def _image_folder(data: Path, image_size: int, val_fraction: float):
     """(dataset, train, validation) of an image folder: all images, less a stratified validation hold-out."""
-    import numpy as np
-
-    from fedpriv.data.imagefolder import load_image_records
+    from fedpriv.data.imagefolder import load_image_records  # deferred: loads torch (see the imports)
 
     dataset = load_image_records(str(data), image_size)
     everything = dataset.train
@@ -358,7 +360,7 @@ def check_compatible(cfg: FedprivConfig, data: HospitalData) -> None:
 
 def hospital_settings(settings: NodeSettings) -> HospitalSettings:
     """The :class:`~fedpriv.hospital.HospitalSettings` of a deployed hospital (always with a budget)."""
-    from fedpriv.hospital import HospitalSettings
+    from fedpriv.hospital import HospitalSettings  # deferred: loads torch (see the imports)
 
     return HospitalSettings(name=settings.name, budget_epsilon=settings.budget_epsilon, delta=settings.delta,
                             ledger_path=settings.ledger, accountant=settings.accountant,
@@ -374,8 +376,8 @@ def deployed_site(context: Context) -> HospitalSite:
     """The hospital this SuperNode serves, from its node config; the run config gives the model only."""
     import torch
 
-    from fedpriv.app_config import config_from_run_config
-    from fedpriv.site import HospitalSite
+    from fedpriv.app_config import config_from_run_config  # deferred: loads torch (see the imports)
+    from fedpriv.site import HospitalSite  # deferred: loads torch (see the imports)
 
     settings = parse_node_config(context.node_config)
     cfg = config_from_run_config(context.run_config)
@@ -385,3 +387,61 @@ def deployed_site(context: Context) -> HospitalSite:
     check_compatible(cfg, data)
     return HospitalSite(hospital_settings(settings), data.train, data.validation, cfg,
                         data.in_channels, data.num_classes, data.image_size)
+
+
+@dataclass(frozen=True)
+class ProtectedRecords:
+    """The records an old ledger protected: the train split of the hospital's data, by its record ids."""
+
+    ids: np.ndarray
+    source: str
+    image_size: int
+
+
+def load_protected_records(
+    old: OldLedger, data: str | Path, dataset: str, size: int | None = None,
+) -> ProtectedRecords:
+    """Load the hospital's data as its node does and return the train split whose fingerprint is ``old``'s.
+
+    ``data`` is a MedMNIST npz file, a folder holding one, or an image folder (as a node's ``data``);
+    record ids are content ids (``record_ids="content"``), as a deployed node uses. For a folder the
+    image size is ``size``, else each MedMNIST size is tried (the fingerprint covers the shape, so
+    only the size the old ledger saw can match). Raises LedgerError, nothing written, when no
+    candidate's fingerprint is the old ledger's; DataError/ConfigError for unusable data.
+    """
+    from fedpriv.config import medmnist_2d_flags  # deferred: loads torch (see the imports)
+    from fedpriv.data import dataset_fingerprint  # deferred: loads torch (see the imports)
+    from fedpriv.data.medmnist import SIZES, npz_filename  # deferred: loads torch (see the imports)
+
+    if dataset not in medmnist_2d_flags() or dataset == "chestmnist":
+        raise DataError(f"--dataset {dataset!r} must be a single-label MedMNIST 2D flag (it names the npz layout): "
+                        f"one of {', '.join(f for f in medmnist_2d_flags() if f != 'chestmnist')}")
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise DataError(f"no data at {data}: point --data at the hospital's MedMNIST npz, a folder holding one, "
+                        "or its image folder")
+    data = data.resolve()
+    settings = NodeSettings(name="migration", data=data, dataset=dataset, budget_epsilon=old.budget_epsilon,
+                            delta=old.delta, ledger=old.path, accountant=old.accountant)
+    if data.is_file():
+        sizes = [s for s in SIZES if data.name == npz_filename(dataset, s)]
+        if not sizes:
+            raise DataError(f"{data}: an npz must be named {dataset}.npz or {dataset}_<size>.npz (MedMNIST layout); "
+                            "rename it, or give its MedMNIST flag with --dataset")
+    elif size is not None:
+        sizes = [size]
+    else:
+        present = [s for s in SIZES if (data / npz_filename(dataset, s)).is_file()]
+        sizes = present or list(SIZES)
+    tried = []
+    for candidate in sizes:
+        loaded = load_hospital_data(settings, candidate)
+        fingerprint = dataset_fingerprint(loaded.train)
+        if fingerprint == old.fingerprint:
+            return ProtectedRecords(np.asarray(loaded.train.ids(), dtype=str), loaded.source, loaded.image_size)
+        tried.append(f"{loaded.source} at {loaded.image_size} pixels: {len(loaded.train)} train records, "
+                     f"fingerprint {fingerprint[:16]}...")
+    raise LedgerError(
+        f"the data is not the record set ledger {old.path} protects (fingerprint {old.fingerprint[:16]}...); "
+        f"tried {'; '.join(tried)}. Nothing was written. Fix: point --data at the exact data the node trained "
+        "on (same images, labels, order and size; --dataset names an npz's flag, --size an image folder's size)")

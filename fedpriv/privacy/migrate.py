@@ -37,7 +37,7 @@ import numpy as np
 from fedpriv.errors import LedgerError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, epsilon
 from fedpriv.privacy.chain import ChainKey, Witness, key_path_for
-from fedpriv.privacy.ledger import BUDGET, CHARGE, CONFIRM, EXHAUST, OPEN, PrivacyLedger, _History, _key_for_new_ledger
+from fedpriv.privacy.ledger import BUDGET, CHARGE, CONFIRM, EXHAUST, OPEN, PrivacyLedger, _key_for_new_ledger
 from fedpriv.privacy.records import RecordSet, record_keys
 from fedpriv.privacy.store import LedgerStore, create, now
 
@@ -358,66 +358,3 @@ def _remove_new(out: Path, key: ChainKey, key_existed: bool, witness_existed: bo
         key.write_witness(Witness(0, ""))
     if not key_existed:
         key.path.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------- finding the protected records
-
-
-@dataclass(frozen=True)
-class ProtectedRecords:
-    """The records an old ledger protected: the train split of the hospital's data, by its record ids."""
-
-    ids: np.ndarray
-    source: str
-    image_size: int
-
-
-def load_protected_records(
-    old: OldLedger, data: str | Path, dataset: str, size: int | None = None,
-) -> ProtectedRecords:
-    """Load the hospital's data as its node does and return the train split whose fingerprint is ``old``'s.
-
-    ``data`` is a MedMNIST npz file, a folder holding one, or an image folder (as a node's ``data``);
-    record ids are content ids (``record_ids="content"``), as a deployed node uses. For a folder the
-    image size is ``size``, else each MedMNIST size is tried (the fingerprint covers the shape, so
-    only the size the old ledger saw can match). Raises LedgerError, nothing written, when no
-    candidate's fingerprint is the old ledger's; DataError/ConfigError for unusable data.
-    """
-    from fedpriv.config import medmnist_2d_flags
-    from fedpriv.data import dataset_fingerprint
-    from fedpriv.data.medmnist import SIZES, npz_filename
-    from fedpriv.deployment.node import NodeSettings, load_hospital_data
-    from fedpriv.errors import DataError
-
-    if dataset not in medmnist_2d_flags() or dataset == "chestmnist":
-        raise DataError(f"--dataset {dataset!r} must be a single-label MedMNIST 2D flag (it names the npz layout): "
-                        f"one of {', '.join(f for f in medmnist_2d_flags() if f != 'chestmnist')}")
-    data = Path(data).expanduser()
-    if not data.exists():
-        raise DataError(f"no data at {data}: point --data at the hospital's MedMNIST npz, a folder holding one, "
-                        "or its image folder")
-    data = data.resolve()
-    settings = NodeSettings(name="migration", data=data, dataset=dataset, budget_epsilon=old.budget_epsilon,
-                            delta=old.delta, ledger=old.path, accountant=old.accountant)
-    if data.is_file():
-        sizes = [s for s in SIZES if data.name == npz_filename(dataset, s)]
-        if not sizes:
-            raise DataError(f"{data}: an npz must be named {dataset}.npz or {dataset}_<size>.npz (MedMNIST layout); "
-                            "rename it, or give its MedMNIST flag with --dataset")
-    elif size is not None:
-        sizes = [size]
-    else:
-        present = [s for s in SIZES if (data / npz_filename(dataset, s)).is_file()]
-        sizes = present or list(SIZES)
-    tried = []
-    for candidate in sizes:
-        loaded = load_hospital_data(settings, candidate)
-        fingerprint = dataset_fingerprint(loaded.train)
-        if fingerprint == old.fingerprint:
-            return ProtectedRecords(np.asarray(loaded.train.ids(), dtype=str), loaded.source, loaded.image_size)
-        tried.append(f"{loaded.source} at {loaded.image_size} pixels: {len(loaded.train)} train records, "
-                     f"fingerprint {fingerprint[:16]}...")
-    raise LedgerError(
-        f"the data is not the record set ledger {old.path} protects (fingerprint {old.fingerprint[:16]}...); "
-        f"tried {'; '.join(tried)}. Nothing was written. Fix: point --data at the exact data the node trained "
-        "on (same images, labels, order and size; --dataset names an npz's flag, --size an image folder's size)")
