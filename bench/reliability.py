@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedpriv.simulation import descendants, processes_mentioning
+from fedpriv.process_tree import descendants, processes_mentioning
 from simulated_ledgers import run_ledgers
 
 RESULTS = Path(__file__).parent / "results"

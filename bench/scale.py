@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedpriv.simulation import descendants
+from fedpriv.process_tree import descendants
 from simulated_ledgers import run_ledgers
 
 RESULTS = Path(__file__).parent / "results"

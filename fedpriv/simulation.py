@@ -9,7 +9,7 @@ If `fedpriv` itself is killed (SIGKILL, the OOM killer, a closed terminal's SIGH
 never runs, and the SuperLink, the ServerApp and Ray, each in a session of their own, would run on
 (and keep training and writing checkpoints into the run directory). A small watchdog process,
 started with the SuperLink in a session of its own, waits on both; when `fedpriv` dies first it
-stops the SuperLink's process tree the same way (:func:`terminate_tree`).
+stops the SuperLink's process tree the same way (:func:`fedpriv.process_tree.terminate_tree`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import logging
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import tomli_w
 
 from fedpriv import rundir
 from fedpriv.errors import FedprivError
+from fedpriv.process_tree import terminate_tree
 
 log = logging.getLogger("fedpriv")
 
@@ -177,95 +177,11 @@ def _watch(parent_fd: int, link_fd: int, link_pid: int, home: str = "") -> None:
         pass
 
 
-def _process_table() -> dict[int, tuple[int, str, int, int]]:
-    """pid -> (parent pid, state, process group, session) for every process, read from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            table[int(entry.name)] = (int(fields[1]), fields[0], int(fields[2]), int(fields[3]))
-    return table
-
-
-def group_members(group: int) -> list[int]:
-    """Live (not zombie) processes in process group `group`."""
-    return [pid for pid, (_, state, pgid, _) in _process_table().items() if pgid == group and state not in ("Z", "X")]
-
-
-def processes_mentioning(marker: str) -> list[int]:
-    """Live processes (other than this one) whose command line or environment contains `marker`.
-
-    fedpriv's runs put their folder in every child's command line or environment, so this finds
-    what a run left behind even in sessions of its own (Ray, the SuperLink).
-    """
-    needle = marker.encode()
-    found = []
-    for pid, (_, state, _, _) in _process_table().items():
-        if pid == os.getpid() or state in ("Z", "X"):
-            continue
-        try:
-            if needle in Path(f"/proc/{pid}/cmdline").read_bytes() or needle in Path(f"/proc/{pid}/environ").read_bytes():
-                found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
-def descendants(root: int) -> list[int]:
-    """All live descendants of `root` (Flower starts some in new sessions, so groups are not enough)."""
-    table = _process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (parent, *_) in table.items():
-        children.setdefault(parent, []).append(pid)
-    found, frontier = [], [root]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.append(child)
-            frontier.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    state = _process_table().get(pid)
-    return state is not None and state[1] != "Z"
-
-
-def terminate_tree(root: int, *, grace: float = 10.0) -> None:
-    """SIGTERM `root` and all its descendants by PID; SIGKILL whatever is left after `grace` s."""
-    known = {root, *descendants(root)}
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for pid in sorted(known):
-            if _alive(pid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            known |= _related(known)
-            if not any(_alive(pid) for pid in known):
-                return
-            time.sleep(0.2)
-
-
-def _related(known: set[int]) -> set[int]:
-    """Processes spawned by `known` while shutting down: their descendants, and orphans left in a
-    process group or session that one of `known` leads (an orphan's parent link is gone)."""
-    table = _process_table()
-    related = {child for pid in known if pid in table for child in descendants(pid)}
-    related |= {pid for pid, (_, state, group, session) in table.items()
-                if state != "Z" and (group in known or session in known)}
-    return related
-
-
 def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, client_cpus: int,
                    startup_timeout: float = 60.0) -> None:
     """Run one federated simulation of `config_json`; outputs land in `run_dir`."""
     # Imported here: the watchdog imports this module and should start in milliseconds.
-    from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, write_app
+    from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, write_app  # deferred: torch; the watchdog imports us
 
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ from fedpriv.deployment.proxy import wait_for_proxy
 from fedpriv.deployment.rehearsal import LocalFederation, free_port, write_share
 from fedpriv.experiment import prepare_experiment
 from fedpriv.privacy.ledger import read_ledger
-from fedpriv.simulation import processes_mentioning, terminate_tree
+from fedpriv.process_tree import processes_mentioning, terminate_tree
 
 pytestmark = pytest.mark.slow
 

@@ -26,18 +26,13 @@ import pytest
 import torch
 
 from fedpriv.app_config import compose_config
-from fedpriv.deployment.processes import ManagedProcess, alive, online_nodes, start_time
+from fedpriv.deployment.processes import ManagedProcess, online_nodes
 from fedpriv.deployment.rehearsal import LocalFederation
 from fedpriv.experiment import prepare_experiment
 from fedpriv.privacy.accounting import epsilon
 from fedpriv.privacy.ledger import LedgerEvent, read_ledger
-from fedpriv.simulation import (
-    descendants,
-    executable,
-    group_members,
-    processes_mentioning,
-    terminate_tree,
-)
+from fedpriv.process_tree import alive, descendants, group_members, processes_mentioning, start_time, terminate_tree
+from fedpriv.simulation import executable
 from fedpriv.site import simulation_ledger_path
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpriv.simulation import descendants
+from fedpriv.process_tree import descendants
 
 pytestmark = pytest.mark.slow
 

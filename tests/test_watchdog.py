@@ -9,9 +9,10 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 
-from fedpriv.simulation import descendants
+from fedpriv.process_tree import alive, descendants
 
 # Stands in for `fedpriv`: starts a "SuperLink" (a process with a child, in its own session, as
 # Flower's are) and the real watchdog, prints the PIDs, then waits to be killed.
@@ -28,12 +29,16 @@ STARTER = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+def _in_session(session: int) -> list[int]:
+    """Live processes in `session` (the stand-in SuperLink leads its own, as Flower's does)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session and alive(process.pid):
+                found.append(process.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the watchdog needs pidfds (Linux)")
@@ -44,16 +49,17 @@ def test_a_killed_starter_with_a_closed_stderr_leaves_nothing_running():
     try:
         link, watchdog = map(int, starter.stdout.readline().split())
         started += [link, watchdog, *descendants(link)]
-        assert len(started) == 4 and all(_alive(pid) for pid in started[1:])
+        assert len(started) == 4 and all(alive(pid) for pid in started[1:])
         starter.stderr.close()  # what pytest's subprocess timeout does: the watchdog's stderr is now a broken pipe
         starter.send_signal(signal.SIGKILL)
         starter.wait(timeout=30)
         deadline = time.monotonic() + 60
-        while any(_alive(pid) for pid in started[1:]) and time.monotonic() < deadline:
+        while (any(alive(pid) for pid in started[1:]) or _in_session(link)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert [pid for pid in started[1:] if _alive(pid)] == []  # the link, its child and the watchdog
+        assert [pid for pid in started[1:] if alive(pid)] == []  # the link, its child and the watchdog
+        assert _in_session(link) == []  # nothing else the link started either
     finally:
         for pid in started:  # whatever happened, stop what this test started, by PID
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         starter.stdout.close()

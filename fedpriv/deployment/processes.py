@@ -4,7 +4,7 @@ The command builders (:func:`superlink_command`, :func:`supernode_command`, :fun
 spell out the exact `flower-superlink`, `flower-supernode` and `flwr` command lines of Flower 1.42,
 so the CLI, the docs and the rehearsal agree. :class:`ProcessSet` starts processes in their own
 sessions and stops each one, with every descendant it spawned, by PID
-(:func:`fedpriv.simulation.terminate_tree`), never by name.
+(:func:`fedpriv.process_tree.terminate_tree`), never by name.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import tomli_w
 
 from fedpriv.app_config import CONFIG_KEY, OVERRIDES_KEY, RUN_DIR_KEY
 from fedpriv.errors import FedprivError
-from fedpriv.simulation import descendants, executable, terminate_tree
+from fedpriv.process_tree import alive, descendants, start_time, terminate_tree
+from fedpriv.simulation import executable
 
 log = logging.getLogger(__name__)
 
@@ -179,24 +180,6 @@ def run_command(app_dir: Path, run_config: Path, connection: str = CONNECTION) -
     return [executable("flwr"), "run", str(app_dir), connection, "--run-config", str(run_config), "--stream"]
 
 
-def start_time(pid: int) -> int | None:
-    """The kernel's start time of `pid` (clock ticks since boot), or None if it is gone or a zombie.
-
-    A PID together with its start time names one process: a PID reused later has another start time.
-    """
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def alive(identity: tuple[int, int]) -> bool:
-    """Whether the process `(pid, start time)` still runs (a reused PID does not count)."""
-    pid, started = identity
-    return start_time(pid) == started
-
-
 @dataclass
 class ManagedProcess:
     """One process started by a :class:`ProcessSet`, with its log file and every process it spawned."""
@@ -204,7 +187,7 @@ class ManagedProcess:
     name: str
     process: subprocess.Popen
     log_path: Path
-    seen: set[tuple[int, int]] = field(default_factory=set)  # (pid, start time) of it and its descendants
+    seen: set[tuple[int, float]] = field(default_factory=set)  # (pid, start time) of it and its descendants
 
     @property
     def pid(self) -> int:
@@ -256,7 +239,7 @@ class ProcessSet:
         log.info("started %s (pid %d): %s", name, process.pid, " ".join(command))
         return managed
 
-    def seen(self) -> set[tuple[int, int]]:
+    def seen(self) -> set[tuple[int, float]]:
         """Every process (pid, start time) started here or seen as a descendant so far."""
         self.note_descendants()
         return set().union(*(p.seen for p in self.processes))
