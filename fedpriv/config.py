@@ -21,7 +21,7 @@ from fedpriv.errors import ConfigError
 from fedpriv.models import ACTIVATIONS
 from fedpriv.privacy.accounting import ACCOUNTANTS
 
-MODEL_NAMES = ("cnn", "resnet18")
+MODEL_NAMES = ("cnn", "resnet18", "scatnet")
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 STRATEGY_MODES = ("parallel", "sequential")
 SEQUENTIAL_STEPS = ("full", "share")  # see fedpriv.strategy.BudgetAwareStrategy.sequential_weight
@@ -59,7 +59,12 @@ class ModelConfig:
 
     name: str = "cnn"
     width: int = 16  # channels of the CNN's first block (doubles per block)
-    activation: str = "tanh"  # CNN only: "tanh" (better under DP-SGD) or "relu"; ResNet-18 keeps ReLU
+    activation: str = "tanh"  # CNN, scatnet: "tanh" (better under DP-SGD) or "relu"; ResNet-18 keeps ReLU
+    # scatnet only: its fixed scattering front end (fedpriv.scatnet). Scale J (None: by image size, 2 at 28 px),
+    # orientations L and order (1 or 2); `width` is then the channels of its head's convolution.
+    scale: Optional[int] = None
+    orientations: int = 8
+    order: int = 2
 
 
 @dataclass

@@ -72,13 +72,16 @@ def check_private_trainable(model: nn.Module) -> None:
 # for Linear/Embedding layers, so convolutions still build per-sample gradients, and ghost adds a
 # second backward pass. Ghost does halve ResNet-18's training memory (per-sample gradients are
 # dropped layer by layer): choose it explicitly (grad_sample_mode="ghost") where memory limits.
-GRAD_SAMPLE_MODE_BY_MODEL = {"cnn": "hooks", "resnet18": "hooks"}
+GRAD_SAMPLE_MODE_BY_MODEL = {"cnn": "hooks", "resnet18": "hooks", "scatnet": "hooks"}
 
 
 def model_name(model: nn.Module) -> str | None:
-    """The :func:`build_model` name of `model` ("cnn", "resnet18"), or None for any other module."""
+    """The :func:`build_model` name of `model` ("cnn", "resnet18", "scatnet"), or None for any other module."""
     if isinstance(model, SmallCNN):
         return "cnn"
+    scatnet = sys.modules.get("fedpriv.scatnet")  # not imported: `model` cannot be a ScatNet
+    if scatnet is not None and isinstance(model, scatnet.ScatNet):
+        return "scatnet"
     # Without torchvision imported, `model` cannot be a torchvision ResNet (and we avoid importing it).
     torchvision_models = sys.modules.get("torchvision.models")
     if torchvision_models is not None and isinstance(model, torchvision_models.ResNet):
@@ -95,10 +98,12 @@ def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
 
 
 def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int, width: int = 16,
-                activation: str = "tanh") -> nn.Module:
-    """The model called `name` ("cnn" or "resnet18"), checked to be trainable with DP-SGD.
+                activation: str = "tanh", scale: int | None = None, orientations: int = 8,
+                order: int = 2) -> nn.Module:
+    """The model called `name` ("cnn", "resnet18" or "scatnet"), checked to be trainable with DP-SGD.
 
-    `width` and `activation` shape the CNN; ResNet-18 keeps torchvision's ReLU and widths.
+    `width` and `activation` shape the CNN and ScatNet's head; ResNet-18 keeps torchvision's ReLU and
+    widths. `scale` (J, None: by image size), `orientations` (L) and `order` fix ScatNet's front end.
     """
     if name == "cnn":
         model = SmallCNN(in_channels, num_classes, width, activation)
@@ -107,7 +112,16 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
         from fedpriv.resnet import resnet18_greyscale
 
         model = resnet18_greyscale(in_channels, num_classes, image_size)
+    elif name == "scatnet":
+        from fedpriv.scatnet import ScatNet  # deferred: only this model needs kymatio
+
+        if activation not in ACTIVATIONS:
+            raise ConfigError("model.activation", activation, f"unknown activation; known: {', '.join(ACTIVATIONS)}",
+                              "set model.activation=tanh (or relu)")
+        model = ScatNet(in_channels, num_classes, image_size, scale=scale, orientations=orientations, order=order,
+                        width=width, activation=ACTIVATIONS[activation])
     else:
-        raise ConfigError("model.name", name, "unknown model; known: cnn, resnet18", "set model=cnn or model=resnet18")
+        raise ConfigError("model.name", name, "unknown model; known: cnn, resnet18, scatnet",
+                          "set model=cnn, model=resnet18 or model=scatnet")
     check_private_trainable(model)
     return model

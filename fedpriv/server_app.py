@@ -23,6 +23,7 @@ from fedpriv.hospital import RoundRequest
 from fedpriv.models import build_model
 from fedpriv.outputs import RunRecorder, resume_checkpoint, untrained_reason
 from fedpriv.report.run_report import write_run_report
+from fedpriv.scatnet import precomputed
 from fedpriv.strategy import BudgetAwareStrategy
 from fedpriv.training import evaluate
 
@@ -66,8 +67,8 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
     dataset = load_server_dataset(cfg.dataset, cfg.seed)  # the test split; train and val only if present
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, in_channels=dataset.in_channels, num_classes=dataset.num_classes,
-                        image_size=dataset.image_size, width=cfg.model.width,
-                        activation=cfg.model.activation)
+                        image_size=dataset.image_size, width=cfg.model.width, activation=cfg.model.activation,
+                        scale=cfg.model.scale, orientations=cfg.model.orientations, order=cfg.model.order)
     state, first_round, rounds_trained = model.state_dict(), 1, 0
     if cfg.resume:
         checkpoint_path = resume_checkpoint(cfg)
@@ -87,7 +88,7 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
         log.info("train.logit_adjustment=%g has no effect: dataset %s declares no public class_prior, so "
                  "hospitals train with plain cross-entropy", cfg.train.logit_adjustment, cfg.dataset.name)
     recorder = RunRecorder(run_dir, cfg, run_id, dataset.describe(), rounds_trained=rounds_trained)
-    test = dataset.test.as_dataset()
+    test = precomputed(model, dataset.test).as_dataset()  # a fixed front end (scatnet) runs once, not every round
 
     def evaluate_on_test(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         started = time.perf_counter()

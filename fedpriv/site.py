@@ -24,6 +24,7 @@ from fedpriv.experiment import Experiment, ledger_folder, prepare_experiment
 from fedpriv.hospital import HospitalSettings, RoundOutcome
 from fedpriv.models import build_model
 from fedpriv.protocol import Status
+from fedpriv.scatnet import precomputed
 
 
 @dataclass
@@ -38,10 +39,17 @@ class HospitalSite:
     num_classes: int
     image_size: int
 
+    def __post_init__(self) -> None:
+        # A model with a fixed, data-independent front end (model=scatnet) trains on what that front end
+        # makes of the images: computed here, once per hospital per run, not in every step.
+        model = self.new_model()
+        self.train, self.validation = precomputed(model, self.train), precomputed(model, self.validation)
+
     def new_model(self) -> torch.nn.Module:
-        return build_model(self.config.model.name, in_channels=self.in_channels, num_classes=self.num_classes,
-                           image_size=self.image_size, width=self.config.model.width,
-                           activation=self.config.model.activation)
+        model = self.config.model
+        return build_model(model.name, in_channels=self.in_channels, num_classes=self.num_classes,
+                           image_size=self.image_size, width=model.width, activation=model.activation,
+                           scale=model.scale, orientations=model.orientations, order=model.order)
 
     def global_model(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """The server's weights in this hospital's architecture; ConfigError if they do not fit."""

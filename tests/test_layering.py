@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fedpriv"
 FLOWER_MODULES = {"client_app", "server_app", "strategy", "simulation", "deployment"}
 # The core stages know nothing of Flower, the apps or the reports.
 CORE = {"config", "errors", "data", "privacy", "training", "hospital", "protocol", "roster", "outputs", "faults",
-        "experiment", "site", "models", "resnet", "report", "rundir"}
+        "experiment", "site", "models", "resnet", "scatnet", "report", "rundir"}
 LATER_STAGES = {"client_app", "server_app", "strategy", "simulation", "cli"}
 
 

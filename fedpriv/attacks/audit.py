@@ -212,7 +212,9 @@ def _seeded_model(config: FedprivConfig, dataset: MedicalImageDataset, seed: int
     shape = dict(in_channels=dataset.in_channels, num_classes=dataset.num_classes, image_size=dataset.image_size)
     if for_inversion and config.audit.inversion_model == "convnet":
         return InversionNet(**shape)
-    return build_model(config.model.name, width=config.model.width, activation=config.model.activation, **shape)
+    model = config.model
+    return build_model(model.name, width=model.width, activation=model.activation, scale=model.scale,
+                       orientations=model.orientations, order=model.order, **shape)
 
 
 # --- gradient inversion -------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from fedpriv.errors import RunFilesError
 from fedpriv.report.calibration import CalibrationReport, calibrate, softmax
 from fedpriv.report.fairness import SubgroupFairness, subgroup_fairness
 from fedpriv.rundir import number
+from fedpriv.scatnet import scattering_maps
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,16 @@ class ModelInfo:
     image_size: int
     class_names: list[str]
     activation: str = "tanh"
+    scale: int | None = None  # scatnet's front end (fedpriv.scatnet)
+    orientations: int = 8
+    order: int = 2
 
     def build(self) -> nn.Module:
         from fedpriv.models import build_model
 
         return build_model(self.name, in_channels=self.in_channels, num_classes=self.num_classes,
-                           image_size=self.image_size, width=self.width, activation=self.activation)
+                           image_size=self.image_size, width=self.width, activation=self.activation,
+                           scale=self.scale, orientations=self.orientations, order=self.order)
 
 
 @dataclass
@@ -117,8 +122,11 @@ def model_info(cfg: FedprivConfig, state: dict[str, torch.Tensor], class_names: 
         raise RunFilesError("the weights hold no convolution or no linear layer: not a fedpriv model")
     num_classes = int(linear[-1].shape[0])
     names = class_names or _class_names(cfg, num_classes)
-    return ModelInfo(cfg.model.name, cfg.model.width, int(convolutions[0].shape[1]), num_classes,
-                     cfg.dataset.size, list(names), cfg.model.activation)
+    in_channels = int(convolutions[0].shape[1])
+    if cfg.model.name == "scatnet":  # its first convolution sees K scattering maps per image channel
+        in_channels //= scattering_maps(cfg.model.scale, cfg.model.orientations, cfg.model.order, cfg.dataset.size)
+    return ModelInfo(cfg.model.name, cfg.model.width, in_channels, num_classes, cfg.dataset.size, list(names),
+                     cfg.model.activation, cfg.model.scale, cfg.model.orientations, cfg.model.order)
 
 
 def _class_names(cfg: FedprivConfig, num_classes: int) -> list[str]:
