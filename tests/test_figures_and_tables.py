@@ -9,12 +9,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from fedpriv import rundir
 from fedpriv.app_config import compose_config
 from fedpriv.cli.main import absolute_paths
 from fedpriv.outputs import RunRecorder
+from fedpriv.report import figures
+from fedpriv.report.fairness import HospitalFairness
+from fedpriv.report.run_report import write_run_report
 from fedpriv.report.sweep import collect_results, privacy_utility_figure, write_sweep_report
 from fedpriv.roster import HospitalState, Roster, RoundRecord
 from fedpriv.rundir import format_epsilon
@@ -135,3 +140,146 @@ def test_the_round_log_never_rounds_an_epsilon_onto_the_budget():
                   HospitalState(node_id=2, name="hospital-2", epsilon=7.996, delta=1e-5, budget_epsilon=8.0)])
     assert roster.spent() == "hospital-1 2.9996/3, hospital-2 7.996/8"  # was "3.00/3, 8.00/8"
     assert "epsilon 2.9996/3" in roster.describe() and "epsilon 7.996/8" in roster.describe()
+
+
+# ------------------------------------------------------------------ the run report's figures, read as rendered
+
+
+def _rounds(count: int, hospitals: int, *, lock_at: int | None = None, budget: float = 3.0) -> list[dict]:
+    """metrics.json's rounds: every hospital spends evenly up to its budget, reached at `lock_at` (locked there)."""
+    end = lock_at or count + 1
+    return [{"round": r,
+             "server": {"auc": 0.5 + 0.4 * r / count, "accuracy": 0.6, "sensitivity": 0.7, "specificity": 0.5,
+                        "loss": 1.0 / r},
+             "privacy": [{"hospital": f"hospital-{h}", "epsilon": budget * min(r, end) / end,
+                          "budget_epsilon": budget, "locked": lock_at is not None and r >= lock_at}
+                         for h in range(1, hospitals + 1)]}
+            for r in range(1, count + 1)]
+
+
+def _shown_ticks(axis) -> list:
+    """The x tick labels matplotlib drew inside the axis's view, after a draw."""
+    axis.figure.canvas.draw()
+    low, high = sorted(axis.get_xlim())
+    return [label for label, tick in zip(axis.get_xticklabels(), axis.get_xticks(), strict=True)
+            if low <= tick <= high and label.get_visible() and label.get_text()]
+
+
+def _assert_readable(axis) -> list[str]:
+    """The shown x tick labels are distinct, do not touch each other and lie inside the figure; returns them."""
+    labels = _shown_ticks(axis)
+    renderer = axis.figure.canvas.get_renderer()
+    boxes = sorted((label.get_window_extent(renderer) for label in labels), key=lambda box: box.x0)
+    texts = [label.get_text() for label in labels]
+    assert labels and len(set(texts)) == len(texts), texts
+    for left, right in zip(boxes, boxes[1:]):
+        assert left.x1 < right.x0, f"tick labels run together: {texts}"
+    _assert_inside(axis.figure, boxes)
+    return texts
+
+
+def _assert_inside(figure, boxes) -> None:
+    outer = figure.bbox
+    for box in boxes:
+        assert outer.x0 - 1 <= box.x0 and box.x1 <= outer.x1 + 1 and outer.y0 - 1 <= box.y0 and box.y1 <= outer.y1 + 1
+
+
+def _integers(texts: list[str]) -> list[int]:
+    return [int(text.replace("\N{MINUS SIGN}", "-")) for text in texts]
+
+
+@pytest.mark.parametrize("count", [1, 5, 40, 200])
+def test_the_learning_curves_round_axis_is_readable_at_any_number_of_rounds(count):
+    figure = figures.learning_curves_figure(_rounds(count, 3))
+    for axis in figure.axes:
+        ticks = _integers(_assert_readable(axis))
+        assert 1 <= len(ticks) <= 12 and min(ticks) >= 0 and max(ticks) <= count + 1
+        low, high = axis.get_xlim()
+        assert 0 <= low <= 1 and count <= high < count + 0.1 * count + 1  # the rounds run, not -5 to 45
+    legend = figure.axes[0].get_legend()
+    _assert_inside(figure, [legend.get_window_extent(figure.canvas.get_renderer())])
+
+
+@pytest.mark.parametrize("count", [1, 5, 40, 200])
+@pytest.mark.parametrize("hospitals", [1, 3, 20])
+def test_the_privacy_plot_is_readable_at_any_number_of_rounds_and_hospitals(count, hospitals):
+    figure = figures.privacy_spend_figure(_rounds(count, hospitals, lock_at=max(1, count // 2)))
+    [axis] = figure.axes
+    ticks = _integers(_assert_readable(axis))
+    low, high = axis.get_xlim()
+    assert 0 <= low <= 1 and count <= high < count + 0.1 * count + 1 and min(ticks) >= 0
+    # Every hospital locked on its budget: the budget line and the last points sit below the top edge.
+    bottom, top = axis.get_ylim()
+    assert bottom == 0 and top >= 3.0 * 1.05
+    renderer = figure.canvas.get_renderer()
+    legend = axis.get_legend()
+    names = [text.get_text() for text in legend.get_texts()]
+    assert names[:1] == ["hospital-1"] and len(names) == 2 * hospitals  # a name and its lock for each
+    box = legend.get_window_extent(renderer)
+    _assert_inside(figure, [box])
+    assert box.x0 >= axis.get_window_extent(renderer).x1  # beside the plot, never over the curves
+
+
+def test_a_locked_hospitals_budget_line_is_not_on_the_plots_edge():
+    """The issue's case: 40 rounds, locked in round 30, its epsilon at the budget from then on."""
+    figure = figures.privacy_spend_figure(_rounds(40, 3, lock_at=30))
+    [axis] = figure.axes
+    figure.canvas.draw()
+    budgets = [line for line in axis.get_lines() if line.get_linestyle() == "--"]
+    assert budgets and all(line.get_ydata()[0] == 3.0 for line in budgets)
+    assert axis.get_ylim()[1] > 3.0 * 1.05  # a margin above the dashed line
+
+
+@pytest.mark.parametrize("hospitals", [1, 3, 20])
+def test_the_per_hospital_bars_name_every_hospital_readably(hospitals):
+    rows = [{"hospital": f"hospital-{h}", "num-examples": 50, "auc": 0.8, "accuracy": 0.7, "sensitivity": 0.6,
+             "specificity": math.nan} for h in range(1, hospitals + 1)]
+    figure = figures.hospital_bars_figure(HospitalFairness(round=3, rows=rows, gaps=[]))
+    [axis] = figure.axes
+    labels = _shown_ticks(axis)
+    assert [label.get_text() for label in labels] == [row["hospital"] for row in rows]
+    renderer = figure.canvas.get_renderer()
+    boxes = sorted((label.get_window_extent(renderer) for label in labels), key=lambda box: box.x0)
+    for left, right in zip(boxes, boxes[1:]):
+        assert not left.overlaps(right), [label.get_text() for label in labels]
+    _assert_inside(figure, boxes)
+
+
+@pytest.mark.parametrize("hospitals", [1, 3, 20])
+def test_the_per_record_panels_show_each_budget_below_the_top(hospitals):
+    rng = np.random.default_rng(0)
+    spreads = [(f"hospital-{h}", np.append(rng.uniform(0, 2.0, 30), 2.0), 2.0) for h in range(1, hospitals + 1)]
+    figure = figures.record_epsilon_figure(spreads)
+    figure.canvas.draw()
+    shown = [axis for axis in figure.axes if axis.get_visible()]
+    assert [axis.get_title() for axis in shown] == [f"hospital-{h} (31 records)" for h in range(1, hospitals + 1)]
+    assert all(axis.get_ylim()[1] > 2.0 * 1.05 for axis in shown)
+    renderer = figure.canvas.get_renderer()
+    titles = [axis.title.get_window_extent(renderer) for axis in shown]
+    _assert_inside(figure, titles)
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
+
+
+def test_every_figure_of_a_synthetic_run_says_synthetic():
+    rounds = _rounds(5, 2)
+    fairness = HospitalFairness(round=5, rows=[{"hospital": "hospital-1", "num-examples": 5, "auc": 0.8,
+                                                 "accuracy": 0.7, "sensitivity": 0.6, "specificity": 0.5}], gaps=[])
+    spreads = [("hospital-1", np.array([1.0, 2.0]), 3.0)]
+    for synthetic in (True, False):
+        built = [figures.learning_curves_figure(rounds, synthetic=synthetic),
+                 figures.privacy_spend_figure(rounds, synthetic=synthetic),
+                 figures.hospital_bars_figure(fairness, synthetic=synthetic),
+                 figures.record_epsilon_figure(spreads, synthetic=synthetic)]
+        for figure in built:
+            assert ("SYNTHETIC" in figure.get_suptitle()) is synthetic
+
+
+def test_the_figures_of_a_synthetic_runs_report_say_synthetic(tmp_path):
+    """The figures/ PNGs of a run report are files of their own: a synthetic run's say so in their pixels too."""
+    run = tmp_path / "run"
+    _finished_run(run, 3.0, [2.5, 1.0], SYNTHETIC)
+    rendered = {}
+    for synthetic in (False, True):
+        rendered[synthetic] = figures.learning_curves(rundir.read_metrics(run)["rounds"], synthetic=synthetic)
+    write_run_report(run)
+    assert (run / "figures" / "learning_curves.png").read_bytes() == rendered[True] != rendered[False]

@@ -1,7 +1,11 @@
-"""The run report's plots, each returned as PNG bytes.
+"""The run report's plots: ``*_figure`` builds a matplotlib Figure, the function without it returns PNG bytes.
 
 They use matplotlib's object API (``Figure``, no pyplot), so drawing them inside the ServerApp
-neither changes the process's matplotlib backend nor leaks open figures.
+neither changes the process's matplotlib backend nor leaks open figures. Every plot stays readable
+from 1 to hundreds of rounds and from 1 to tens of hospitals: round axes get a few integer ticks
+(matplotlib picks as many as fit) and never run below the first round; legends with many
+hospitals get more columns; a budget line is never drawn on the plot's edge. With ``synthetic``,
+each figure says SYNTHETIC in its title, since a PNG file is often seen away from its report.
 """
 
 from __future__ import annotations
@@ -11,20 +15,60 @@ import math
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fedpriv.report.calibration import CalibrationMetrics, CalibrationReport
 from fedpriv.report.fairness import HOSPITAL_METRICS, HospitalFairness
 
 DPI = 110
 MARKERS = "os^vDP*"  # hospitals with equal budgets overlap; their markers still differ
+SYNTHETIC = "SYNTHETIC data (generated images, not patients)"
+LEGEND_ROWS = 12  # a legend with more entries than this gets another column
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A Figure on its own Agg canvas: it can be drawn (``figure.canvas.draw()``) and measured without pyplot."""
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def _png(figure: Figure) -> bytes:
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
+
+
+def _finish(figure: Figure, synthetic: bool) -> Figure:
+    """Mark a synthetic run's figure, then lay it out (legends outside the axes included)."""
+    if synthetic:
+        figure.suptitle(SYNTHETIC, color="tab:red", fontsize=10, fontweight="bold")
+    figure.tight_layout()
+    return figure
+
+
+def _round_axis(axis, rounds: list[int]) -> None:
+    """A round axis: integer ticks, only as many as fit, spanning the rounds shown (never below round 0)."""
+    axis.xaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True, min_n_ticks=1))
+    if rounds:
+        first, last = min(rounds), max(rounds)
+        pad = max(0.5, (last - first) * 0.03)
+        axis.set_xlim(max(first - pad, 0), last + pad)
+
+
+def _colour(index: int, count: int) -> str | tuple[float, ...]:
+    """Ten distinct colours for up to ten hospitals, twenty beyond (the markers differ as well)."""
+    return f"C{index}" if count <= 10 else colormaps["tab20"](index % 20)
+
+
+def _legend_outside(axis, entries: int) -> None:
+    """The legend to the right of the axes, in as many columns as its entries need."""
+    if entries:
+        axis.legend(fontsize=8 if entries <= LEGEND_ROWS else 7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                    ncols=math.ceil(entries / LEGEND_ROWS), borderaxespad=0)
 
 
 def _value(value: Any) -> float:
@@ -32,55 +76,77 @@ def _value(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def learning_curves(rounds: list[dict[str, Any]]) -> bytes:
+def learning_curves_figure(rounds: list[dict[str, Any]], *, synthetic: bool = False) -> Figure:
     """Test AUC, accuracy, sensitivity and specificity (left) and test loss (right) per round."""
-    figure = Figure(figsize=(10, 3.6))
+    figure = new_figure(10, 3.6)
     scores, losses = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.35, 1]})
     x = [r["round"] for r in rounds]
+    many = len(x) > 30  # markers on every one of hundreds of rounds would hide the lines
     for metric, style in (("auc", "o-"), ("accuracy", "s-"), ("sensitivity", "^--"), ("specificity", "v--")):
         scores.plot(x, [_value(r["server"].get(metric)) for r in rounds], style, label=f"test {metric}",
-                    linewidth=2 if metric in ("auc", "accuracy") else 1)
+                    linewidth=2 if metric in ("auc", "accuracy") else 1, markersize=3 if many else 6)
     scores.set(xlabel="round", ylabel="score", ylim=(-0.02, 1.02), title="Global model on the test split")
     scores.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    losses.plot(x, [_value(r["server"].get("loss")) for r in rounds], "o-", color="tab:red")
+    losses.plot(x, [_value(r["server"].get("loss")) for r in rounds], "o-", color="tab:red",
+                markersize=3 if many else 6)
     losses.set(xlabel="round", ylabel="cross-entropy", title="Test loss")
     for axis in (scores, losses):
         axis.grid(alpha=0.3)
-        axis.set_xticks(x if len(x) <= 20 else x[:: math.ceil(len(x) / 20)])
-    return _png(figure)
+        _round_axis(axis, x)
+    return _finish(figure, synthetic)
 
 
-def privacy_spend(rounds: list[dict[str, Any]]) -> bytes | None:
+def learning_curves(rounds: list[dict[str, Any]], *, synthetic: bool = False) -> bytes:
+    """:func:`learning_curves_figure` as PNG bytes."""
+    return _png(learning_curves_figure(rounds, synthetic=synthetic))
+
+
+def privacy_spend_figure(rounds: list[dict[str, Any]], *, synthetic: bool = False) -> Figure | None:
     """Each hospital's cumulative epsilon after every round, its budget (dashed) and when it locked.
 
-    None when no hospital has a finite epsilon (a non-private run: epsilon = infinity).
+    None when no hospital has a finite epsilon (a non-private run: epsilon = infinity). The y axis
+    runs from 0 to above the highest budget and epsilon, so a budget line (and a locked hospital's
+    last point, on it) is never drawn on the plot's edge.
     """
     names = list(dict.fromkeys(p["hospital"] for r in rounds for p in r["privacy"]))
     series = {name: [(r["round"], p) for r in rounds for p in r["privacy"] if p["hospital"] == name] for name in names}
     if not any(math.isfinite(_value(p["epsilon"])) for points in series.values() for _, p in points):
         return None
-    figure = Figure(figsize=(9, 3.8))
+    entries = len(names) + sum(any(p["locked"] for _, p in points) for points in series.values())
+    columns = math.ceil(entries / LEGEND_ROWS)
+    figure = new_figure(9 + 1.6 * (columns - 1), max(3.8, 0.2 * min(entries, LEGEND_ROWS) + 1.5))
     axis = figure.subplots()
+    top = 0.0
     for index, (name, points) in enumerate(series.items()):
-        color = f"C{index % 10}"
-        axis.plot([x for x, _ in points], [_value(p["epsilon"]) for _, p in points], color=color, label=name,
-                  marker=MARKERS[index % len(MARKERS)], markersize=9 - 2 * (index % 3), alpha=0.85)
+        color = _colour(index, len(names))
+        spent = [_value(p["epsilon"]) for _, p in points]
+        axis.plot([x for x, _ in points], spent, color=color, label=name,
+                  marker=MARKERS[index % len(MARKERS)], markersize=(9 - 2 * (index % 3)) if len(points) <= 30 else 3,
+                  alpha=0.85)
         budget = _value(points[-1][1]["budget_epsilon"])
         if math.isfinite(budget):
             axis.axhline(budget, color=color, linestyle="--", linewidth=1, alpha=0.8)
+        top = max([top, *(v for v in (budget, *spent) if math.isfinite(v))])
         locked = next(((x, p) for x, p in points if p["locked"]), None)
         if locked:
             axis.plot(locked[0], _value(locked[1]["epsilon"]), "X", color=color, markersize=12,
                       markeredgecolor="black", label=f"{name} locked (round {locked[0]})")
-    axis.set(xlabel="round", ylabel="cumulative epsilon", ylim=(0, None),
+    axis.set(xlabel="round", ylabel="cumulative epsilon", ylim=(0, (top or 1.0) * 1.1),
              title="Epsilon spent per hospital (dashed: its budget)")
-    axis.set_xticks([r["round"] for r in rounds] if len(rounds) <= 20 else axis.get_xticks())
+    _round_axis(axis, [r["round"] for r in rounds])
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(figure)
+    _legend_outside(axis, entries)
+    return _finish(figure, synthetic)
 
 
-def record_epsilon(hospitals: list[tuple[str, np.ndarray, float]]) -> bytes | None:
+def privacy_spend(rounds: list[dict[str, Any]], *, synthetic: bool = False) -> bytes | None:
+    """:func:`privacy_spend_figure` as PNG bytes (None when there is nothing finite to plot)."""
+    figure = privacy_spend_figure(rounds, synthetic=synthetic)
+    return None if figure is None else _png(figure)
+
+
+def record_epsilon_figure(hospitals: list[tuple[str, np.ndarray, float]], *,
+                         synthetic: bool = False) -> Figure | None:
     """One panel per hospital: its records' epsilon, sorted, against its budget (dashed).
 
     ``hospitals`` holds (name, per-record epsilon, budget). Records at infinity (non-private use)
@@ -91,7 +157,7 @@ def record_epsilon(hospitals: list[tuple[str, np.ndarray, float]]) -> bytes | No
         return None
     columns = min(len(hospitals), 3)
     rows = math.ceil(len(hospitals) / columns)
-    figure = Figure(figsize=(3.4 * columns + 0.6, 2.9 * rows))
+    figure = new_figure(3.4 * columns + 0.6, 2.9 * rows)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for axis, (name, epsilon, budget) in zip(axes, hospitals, strict=False):
         finite = np.sort(epsilon[np.isfinite(epsilon)])
@@ -113,12 +179,18 @@ def record_epsilon(hospitals: list[tuple[str, np.ndarray, float]]) -> bytes | No
         axis.legend(fontsize=7, loc="lower right")
     for axis in axes[len(hospitals):]:
         axis.set_visible(False)
-    return _png(figure)
+    return _finish(figure, synthetic)
 
 
-def reliability_diagram(report: CalibrationReport) -> bytes:
+def record_epsilon(hospitals: list[tuple[str, np.ndarray, float]], *, synthetic: bool = False) -> bytes | None:
+    """:func:`record_epsilon_figure` as PNG bytes (None when there is nothing finite to plot)."""
+    figure = record_epsilon_figure(hospitals, synthetic=synthetic)
+    return None if figure is None else _png(figure)
+
+
+def reliability_diagram_figure(report: CalibrationReport, *, synthetic: bool = False) -> Figure:
     """Accuracy against confidence per bin, before and after temperature scaling, with bin counts."""
-    figure = Figure(figsize=(9, 5))
+    figure = new_figure(9, 5)
     axes = figure.subplots(2, 2, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     after = (f"After temperature scaling (T = {report.fitted_temperature:.2f})" if report.applied
              else f"With the fitted T = {report.fitted_temperature:.2f} (NOT applied)")
@@ -127,7 +199,12 @@ def reliability_diagram(report: CalibrationReport) -> bytes:
         _reliability_panel(axes[0][column], axes[1][column], metrics, title)
     axes[0][0].set_ylabel("accuracy in bin")
     axes[1][0].set_ylabel("share of images")
-    return _png(figure)
+    return _finish(figure, synthetic)
+
+
+def reliability_diagram(report: CalibrationReport, *, synthetic: bool = False) -> bytes:
+    """:func:`reliability_diagram_figure` as PNG bytes."""
+    return _png(reliability_diagram_figure(report, synthetic=synthetic))
 
 
 def _reliability_panel(top, bottom, metrics: CalibrationMetrics, title: str) -> None:
@@ -150,11 +227,15 @@ def _reliability_panel(top, bottom, metrics: CalibrationMetrics, title: str) -> 
         axis.grid(alpha=0.3)
 
 
-def hospital_bars(fairness: HospitalFairness) -> bytes:
-    """Grouped bars: each hospital's AUC, accuracy, sensitivity and specificity (private validation)."""
-    figure = Figure(figsize=(9, 3.6))
-    axis = figure.subplots()
+def hospital_bars_figure(fairness: HospitalFairness, *, synthetic: bool = False) -> Figure:
+    """Grouped bars: each hospital's AUC, accuracy, sensitivity and specificity (private validation).
+
+    The figure widens with the number of hospitals, and beyond six their names are set sideways so
+    that they do not run into each other.
+    """
     count = len(fairness.rows)
+    figure = new_figure(max(9.0, 2.0 + 0.45 * count), 3.6 if count <= 6 else 4.4)
+    axis = figure.subplots()
     width = 0.8 / len(HOSPITAL_METRICS)
     for offset, metric in enumerate(HOSPITAL_METRICS):
         xs = [i + (offset - (len(HOSPITAL_METRICS) - 1) / 2) * width for i in range(count)]
@@ -163,10 +244,19 @@ def hospital_bars(fairness: HospitalFairness) -> bytes:
         for x, value in zip(xs, values, strict=True):
             if math.isnan(value):  # undefined (e.g. one class in that split): say so, not a zero bar
                 axis.text(x, 0.02, "n/a", ha="center", fontsize=7, rotation=90, color=f"C{offset}")
-    axis.set_xticks(range(count), [row["hospital"] for row in fairness.rows], rotation=20 if count > 6 else 0)
+    if count > 6:  # upright names of many hospitals would run into each other: read them sideways
+        axis.set_xticks(range(count), [row["hospital"] for row in fairness.rows], rotation=90, ha="right",
+                        va="center", rotation_mode="anchor")
+    else:
+        axis.set_xticks(range(count), [row["hospital"] for row in fairness.rows])
     axis.set(ylim=(0, 1.05), ylabel="score",
              title="Final model per hospital (each on its own private validation split; not DP-covered)")
     axis.title.set_fontsize(10)
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(figure)
+    return _finish(figure, synthetic)
+
+
+def hospital_bars(fairness: HospitalFairness, *, synthetic: bool = False) -> bytes:
+    """:func:`hospital_bars_figure` as PNG bytes."""
+    return _png(hospital_bars_figure(fairness, synthetic=synthetic))

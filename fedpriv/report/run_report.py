@@ -101,6 +101,11 @@ class RunFiles:
         return str((self.result or self.metrics or {}).get("dataset") or self.config.dataset.name)
 
     @property
+    def synthetic(self) -> bool:
+        """Whether the run trained on generated images (its data description starts with SYNTHETIC)."""
+        return self.dataset.startswith("SYNTHETIC")
+
+    @property
     def test_metrics(self) -> dict[str, Any]:
         if self.result:
             return self.result.get("test") or {}
@@ -165,8 +170,8 @@ def build_report(files: RunFiles, evaluation: Evaluation | None, problem: str = 
         ("Learning curves", lambda: _learning(files)),
         ("Privacy spent per hospital", lambda: _privacy(files)),
         ("Per-record epsilon per hospital", lambda: _record_privacy(files, dataset)),
-        ("Calibration", lambda: _calibration(calibration, problem)),
-        ("Fairness across hospitals", lambda: _hospitals(hospitals)),
+        ("Calibration", lambda: _calibration(calibration, problem, files.synthetic)),
+        ("Fairness across hospitals", lambda: _hospitals(hospitals, files.synthetic)),
         ("Fairness across subgroups", lambda: _subgroups(subgroups, problem)),
         ("Sweep", lambda: _sweep(files)),
         ("Files", lambda: _files(files)),
@@ -217,7 +222,7 @@ def _summary(files: RunFiles, calibration: CalibrationReport | None, hospitals: 
     blocks: list[Block] = []
     if not files.private:
         blocks.append(Banner(NOT_PRIVATE))
-    if files.dataset.startswith("SYNTHETIC"):
+    if files.synthetic:
         blocks.append(Banner("SYNTHETIC data (generated images, not patients): these results say nothing "
                              "clinical.", "warning"))
     if files.result is not None and files.result.get("rounds_trained") == 0:
@@ -351,8 +356,8 @@ def _learning(files: RunFiles) -> list[Block]:
              f"{sum(1 for h in r['hospitals'].values() if h.get('status') == 'trained')} of {len(r['order'])}"]
             for r in rounds]
     return [Heading("Learning curves"),
-            Figure("learning_curves", figures.learning_curves(rounds), "Global model on the held-out test split, "
-                   "after every round."),
+            Figure("learning_curves", figures.learning_curves(rounds, synthetic=files.synthetic),
+                   "Global model on the held-out test split, after every round."),
             Table(["round", "test AUC", "test accuracy", "test loss", "hospitals trained"], rows)]
 
 
@@ -375,7 +380,7 @@ def _privacy(files: RunFiles) -> list[Block]:
                                     + (f"; the simulated hospitals' ledgers are in {folder}" if
                                        (folder := (files.result or {}).get("ledger_folder")) else "")
                                     + ". Epsilons are reported per hospital and as a maximum, never averaged."))
-        plot = figures.privacy_spend(rounds) if rounds else None
+        plot = figures.privacy_spend(rounds, synthetic=files.synthetic) if rounds else None
         if plot:
             blocks.append(Figure("privacy", plot, "Cumulative epsilon per hospital after each round; dashed: "
                                  "its budget; X: the round it locked."))
@@ -479,10 +484,10 @@ def _record_privacy(files: RunFiles, dataset: MedicalImageDataset | None) -> lis
                 Paragraph("Below: what each hospital reported in its last reply: its largest and median epsilon "
                           "over its records and how many are exhausted (it does not report the smallest)."),
                 _spread_table(spreads, reported=True)]
-    return [*blocks, *_ledger_blocks(found)]
+    return [*blocks, *_ledger_blocks(found, files.synthetic)]
 
 
-def _ledger_blocks(found: LedgerSpreads) -> list[Block]:
+def _ledger_blocks(found: LedgerSpreads, synthetic: bool) -> list[Block]:
     spreads = found.spreads
     blocks: list[Block] = [Paragraph(
         f"Every record's epsilon, read (read-only) from the simulated hospitals' ledger {found.path} when this "
@@ -492,7 +497,8 @@ def _ledger_blocks(found: LedgerSpreads) -> list[Block]:
     if found.later_charges:
         blocks.append(Banner(f"The ledger holds {found.later_charges} charge(s) by later runs: these figures include "
                              "them (they are as of this report, not of the end of this run).", "warning"))
-    plot = figures.record_epsilon([(s.hospital, s.epsilon, s.budget) for s in spreads if s.epsilon is not None])
+    plot = figures.record_epsilon([(s.hospital, s.epsilon, s.budget) for s in spreads if s.epsilon is not None],
+                                  synthetic=synthetic)
     if plot:
         blocks.append(Figure("record_epsilon", plot, "Each hospital's records sorted by epsilon (solid) against "
                              "its budget (dashed)."))
@@ -518,7 +524,7 @@ def _record_epsilon(value: float, budget: float) -> str:
     return "infinity (not private)" if math.isinf(value) else format_epsilon(value, budget)
 
 
-def _calibration(calibration: CalibrationReport | None, problem: str) -> list[Block]:
+def _calibration(calibration: CalibrationReport | None, problem: str, synthetic: bool = False) -> list[Block]:
     blocks: list[Block] = [Heading("Calibration")]
     if calibration is None:
         return [*blocks, Banner(f"Calibration was not computed: {problem}", "warning")]
@@ -539,7 +545,7 @@ def _calibration(calibration: CalibrationReport | None, problem: str) -> list[Bl
         *_not_applied_warning(calibration),
         *_bound_warning(calibration),
         Table(["metric (test split)", "before (T = 1)", _after_header(calibration)], rows),
-        Figure("reliability", figures.reliability_diagram(calibration),
+        Figure("reliability", figures.reliability_diagram(calibration, synthetic=synthetic),
                "Reliability diagram: accuracy per confidence bin against the diagonal of perfect calibration; "
                "below, the share of test images per bin."),
     ]
@@ -573,7 +579,7 @@ def _bound_warning(calibration: CalibrationReport) -> list[Block]:
                    "calibration split is too small or separated perfectly.", "warning")]
 
 
-def _hospitals(fairness: HospitalFairness) -> list[Block]:
+def _hospitals(fairness: HospitalFairness, synthetic: bool = False) -> list[Block]:
     blocks: list[Block] = [Heading("Fairness across hospitals")]
     if not fairness.available:
         return [*blocks, Paragraph(f"Per-hospital metrics are NOT available: {fairness.missing_reason}.", strong=True)]
@@ -588,7 +594,7 @@ def _hospitals(fairness: HospitalFairness) -> list[Block]:
                   "left out of that metric's gap. Small validation splits give noisy figures."),
         Table(["hospital", "validation images", "AUC", "accuracy", "sensitivity", "specificity"], rows),
         Table(["metric", "best hospital", "worst hospital", "gap"], gaps),
-        Figure("hospitals", figures.hospital_bars(fairness), "Final model per hospital (private validation splits)."),
+        Figure("hospitals", figures.hospital_bars(fairness, synthetic=synthetic), "Final model per hospital (private validation splits)."),
     ]
 
 

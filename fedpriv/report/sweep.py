@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from fedpriv import rundir
 from fedpriv.errors import FedprivError
+from fedpriv.report.figures import new_figure
 from fedpriv.report.run_report import write_run_report
 from fedpriv.rundir import format_epsilon, number
 
@@ -123,7 +124,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]]) -> Figure:
     SYNTHETIC when any run trained on generated images. matplotlib's object API (no pyplot): the
     sweep callback runs inside Hydra's process, whose backend this must not change.
     """
-    figure = Figure(figsize=(6.4, 4.2))
+    figure = new_figure(6.4, 4.2)
     axis = figure.subplots()
     for index, mode in enumerate(sorted({r["mode"] for r in rows})):
         color = f"C{index % 10}"
