@@ -1,10 +1,14 @@
-"""Shared test set-up: no test may touch the user's real privacy ledgers."""
+"""Shared test set-up: no test may touch the user's real privacy ledgers or leave a process running."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 LEDGER_DIR_ENV = "FEDPRIV_LEDGER_DIR"  # fedpriv.experiment.LEDGER_DIR_ENV
@@ -47,3 +51,58 @@ def _session_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(KEY_DIR_ENV, str(folder))
         yield folder
+
+
+# ------------------------------------------------------------------ nothing a test starts outlives it
+
+# A stopped SuperLink or Ray worker may take a few seconds to exit.
+LEFTOVER_GRACE_S = float(os.environ.get("FEDPRIV_TEST_LEFTOVER_GRACE_S", "20"))
+
+
+def _become_subreaper() -> bool:
+    """Adopt the orphans of processes tests start (Linux): a SuperLink whose `fedpriv` died is
+    reparented to pytest rather than to init, so the check below sees it."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _living_descendants() -> list[psutil.Process]:
+    """The processes below pytest still running; adopted zombies are reaped on the way."""
+    living = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                if child.ppid() == os.getpid():
+                    os.waitpid(child.pid, os.WNOHANG)
+                continue
+            living.append(child)
+        except (psutil.NoSuchProcess, ChildProcessError):
+            continue
+    return living
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _adopt_orphans() -> None:
+    _become_subreaper()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_process_outlives_its_module(_adopt_orphans) -> Iterator[None]:
+    """Fail the module whose tests leave a process running (and stop it, by PID): every process a
+    test starts is stopped by whoever started it, also when the test fails."""
+    before = {p.pid for p in _living_descendants()}
+    yield
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while (left := [p for p in _living_descendants() if p.pid not in before]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    described = []
+    for process in left:
+        try:
+            described.append(f"{process.pid}: {' '.join(process.cmdline())[:200]}")
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(left, timeout=5)  # reaps those that are pytest's own children
+    assert not described, "processes left running (now killed):\n" + "\n".join(described)
