@@ -80,7 +80,14 @@ def measure(mode: str, steps: int, batch: int, physical: int, threads: int, mode
         plan = PrivacyPlan.non_private(steps=steps, sample_rate=q, max_physical_batch_size=physical)
     else:
         plan = PrivacyPlan(steps, q, 1.0, 1.0, max_physical_batch_size=physical, grad_sample_mode=mode)
-    model = build_model(model_name, in_channels=1, num_classes=2, image_size=28)
+    width = 32 if model_name == "scatnet" else 16  # each model's configured width (conf/model/)
+    model = build_model(model_name, in_channels=1, num_classes=2, image_size=28, width=width)
+    if model_name == "scatnet":  # a hospital trains on its precomputed coefficients (fedpriv.site.HospitalSite)
+        from fedpriv.data import LabeledImages
+        from fedpriv.scatnet import precomputed
+
+        images, labels = data.tensors
+        data = precomputed(model, LabeledImages(images, labels)).as_dataset()
     train_local(model, data, PrivacyPlan(2, q, plan.noise_multiplier, plan.max_grad_norm,
                                          max_physical_batch_size=physical, grad_sample_mode=plan.grad_sample_mode),
                 lr=0.1)  # warm-up: imports, allocator, hooks
@@ -101,7 +108,7 @@ def measure(mode: str, steps: int, batch: int, physical: int, threads: int, mode
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps, one repeat")
-    parser.add_argument("--model", default="cnn", choices=["cnn", "resnet18"])
+    parser.add_argument("--model", default="cnn", choices=["cnn", "resnet18", "scatnet"])
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES + EXTRA_MODES,
                         help="modes to compare (non-private is always run: it is the reference)")
     parser.add_argument("--steps", type=int, default=20)
