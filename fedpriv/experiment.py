@@ -19,11 +19,13 @@ from fedpriv.config import FedprivConfig, validate_against_data, validate_config
 from fedpriv.data import (
     LabeledImages,
     MedicalImageDataset,
+    default_data_dir,
     format_partition_table,
     load_dataset,
     partition_indices,
     partition_summary,
 )
+from fedpriv.data.splits import hold_out
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.store import folder_write_problem
 
@@ -181,6 +183,34 @@ def ledger_folder(cfg: FedprivConfig, run_dir: str | Path | None) -> Path:
     return Path(platformdirs.user_data_dir("fedpriv")) / "ledgers"
 
 
+def absolute_paths(config: FedprivConfig, run_dir: str | Path | None = None) -> FedprivConfig:
+    """Make every path absolute: the Flower apps run in other processes and folders.
+
+    A leading ``~`` means the home folder in every path setting (the dataset's root, path and
+    attributes CSV, the ledger folders, ``resume``), wherever the value came from (a config file, a
+    quoted override, a resumed run's config.yaml).
+
+    It also pins where the simulated hospitals' ledgers live (see :func:`ledger_folder`), so the
+    config.yaml every run saves names them and a later `resume=` finds the same ledgers: scope
+    "persistent" stores the folder it resolves ($FEDPRIV_LEDGER_DIR or the user data folder) as
+    federation.ledger_dir; scope "run" stores the run directory as federation.ledger_run_dir (when
+    `run_dir` is given and it is unset: a resumed run keeps the old run's).
+    """
+    data, fed = config.dataset, config.federation
+    if data.name not in ("synthetic", "imagefolder"):
+        data.root = str(Path(data.root).expanduser().resolve()) if data.root else str(default_data_dir().resolve())
+    if fed.ledger_scope == "persistent" and not fed.ledger_dir:
+        fed.ledger_dir = str(ledger_folder(config, run_dir))
+    elif fed.ledger_scope == "run" and not fed.ledger_run_dir and run_dir:
+        fed.ledger_run_dir = str(run_dir)
+    for section, key in ((data, "path"), (data, "attributes_csv"), (fed, "ledger_dir"), (fed, "ledger_run_dir"),
+                         (config, "resume")):
+        value = getattr(section, key)
+        if value:
+            setattr(section, key, str(Path(value).expanduser().resolve()))
+    return config
+
+
 def check_ledger_dir(cfg: FedprivConfig, run_dir: str | Path | None = None) -> None:
     """A ledger folder the hospitals cannot write fails now, before any data is read or budget spent.
 
@@ -218,8 +248,6 @@ def split_local_validation(partitions: list[np.ndarray], fraction: float, seed: 
     hospital validates on is shared with anyone. With `patient_ids` (one per record of the training
     split) whole patients are held out (:func:`fedpriv.data.splits.hold_out`).
     """
-    from fedpriv.data.splits import hold_out
-
     training, validation = [], []
     for index, part in enumerate(partitions):
         groups = None if patient_ids is None else patient_ids[part]

@@ -10,14 +10,21 @@ never runs, and the SuperLink, the ServerApp and Ray, each in a session of their
 (and keep training and writing checkpoints into the run directory). A small watchdog process,
 started with the SuperLink in a session of its own, waits on both; when `fedpriv` dies first it
 stops the SuperLink's process tree the same way (:func:`fedpriv.process_tree.terminate_tree`).
+
+SIGINT, SIGTERM and SIGHUP become :class:`Interrupted` (:func:`interrupt_on_signals`, used by
+`fedpriv` and `fedpriv-deploy`), so the same clean-up runs however the command was started or
+stopped. What `flwr run --stream` prints passes through :func:`flower_line`, which drops Flower's
+and Ray's lines that mislead a fedpriv user (the run directory's superlink.log keeps everything).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +46,67 @@ CONNECTION = "fedpriv-local"
 
 class SimulationError(FedprivError):
     """Raised when the simulation could not be started or did not finish its run."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) received by a fedpriv command; `signal_name` says which."""
+
+    def __init__(self, signum: int) -> None:
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name}")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def interrupt_on_signals() -> None:
+    """Make SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread.
+
+    Every `finally` and context manager that stops processes then runs, whichever signal came. The
+    handlers are installed explicitly because a non-interactive shell starts a background job
+    (`fedpriv ... &` in a script) with SIGINT ignored, and Python keeps an inherited "ignore": such a
+    job would not stop on `kill -INT`. The first signal starts the clean-up; later ones are ignored,
+    so a second Ctrl-C cannot cut it short and leave processes behind (SIGKILL still works: the
+    watchdog then stops what is left).
+    """
+    def interrupt(signum: int, frame: object) -> None:
+        for other in STOP_SIGNALS:
+            signal.signal(other, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt)
+
+
+# What `flwr run --stream` prints that a fedpriv user should not see, or should see explained.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MISLEADING = (
+    "default simulated SuperNodes changed from",  # fedpriv sets the count: federation.num_hospitals
+    "To change federation size, use the following command",  # ... so Flower's way to change it is wrong here
+    "flwr federation simulation-config",
+)
+_DEBUG_LINE = re.compile(r"^(\S+ \S+:DEBUG:|DEBUG\s*:)")  # Flower's debug lines, in both of its formats
+_EMPTY_INFO = re.compile(r"^(\S+ \S+:INFO:|INFO\s*:)\s*$")  # Flower's blank INFO lines
+_RAY_DEDUP_NOTICE = re.compile(r"\s*\(Ray deduplicates logs by default\.[^)]*\)")
+SUPERLINK_GONE = "Connection to the SuperLink is unavailable"  # flwr's words when the SuperLink is gone
+
+
+def flower_line(line: str) -> str | None:
+    """`line` of `flwr run --stream` output as fedpriv shows it, or None to leave it out.
+
+    Left out: Flower's note that its default federation size changed and how to change it (fedpriv
+    sets the size from federation.num_hospitals, so that advice would mislead), its DEBUG lines and
+    blank INFO lines. Ray's notice that it deduplicates repeated log lines is cut from the line it
+    ends. Flower's "Connection to the SuperLink is unavailable ... check your network" is explained:
+    the SuperLink is fedpriv's own, on this machine, so the network is not the cause.
+    """
+    plain = _ANSI.sub("", line)
+    if any(text in plain for text in _MISLEADING) or _DEBUG_LINE.match(plain) or _EMPTY_INFO.match(plain):
+        return None
+    if SUPERLINK_GONE in plain:
+        return ("fedpriv: the local SuperLink that fedpriv started has stopped (not a network problem); "
+                f"its log is {rundir.SUPERLINK_LOG} in the run directory\n")
+    return _RAY_DEDUP_NOTICE.sub("", line)
 
 
 def _free_port() -> int:
@@ -194,11 +262,36 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
             command = [executable("flwr"), "run", str(home / "app"), CONNECTION, "--run-config", str(run_config),
                        "--federation-config", f"num-supernodes={num_hospitals} client-resources-num-cpus={client_cpus}",
                        "--stream"]
-            completed = subprocess.run(command, env=link.env, cwd=home)
-            log_copy = run_dir / rundir.SUPERLINK_LOG
-            shutil.copy(link.log_path, log_copy)
-            if completed.returncode != 0 or not rundir.finished(run_dir):
-                raise SimulationError(f"the federated run did not finish (flwr run exited {completed.returncode}); "
+            try:
+                returncode = stream_flower(command, env=link.env, cwd=home)
+            finally:
+                log_copy = run_dir / rundir.SUPERLINK_LOG
+                shutil.copy(link.log_path, log_copy)
+            if returncode != 0 or not rundir.finished(run_dir):
+                raise SimulationError(f"the federated run did not finish (flwr run exited {returncode}); "
                                       f"see {log_copy}")
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def stream_flower(command: list[str], *, env: dict[str, str], cwd: Path) -> int:
+    """Run `flwr run ... --stream`, showing its output through :func:`flower_line`; its exit code.
+
+    It runs in a session of its own, so a Ctrl-C in the terminal reaches only fedpriv. When fedpriv
+    is interrupted, `flwr` is stopped (by PID) before the SuperLink, and what it prints from then on
+    is not shown: with the SuperLink gone it would only say "check your network".
+    """
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace")
+    try:
+        for line in process.stdout:
+            shown = flower_line(line)
+            if shown is not None:
+                sys.stdout.write(shown)
+                sys.stdout.flush()
+        return process.wait()
+    finally:
+        if process.poll() is None:
+            terminate_tree(process.pid, grace=2)
+            process.wait(timeout=5)
+        process.stdout.close()

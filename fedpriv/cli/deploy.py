@@ -25,13 +25,13 @@ import argparse
 import logging
 import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
 
 from fedpriv import rundir
 from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.simulation import interrupt_on_signals
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -412,19 +412,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """Ctrl-C, SIGTERM and SIGHUP become KeyboardInterrupt, so every `finally` (stopping processes) runs."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point (`fedpriv-deploy`)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    # Explicitly: a shell starting this in the background leaves SIGINT ignored.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+    # Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt, so every `finally` (stopping processes) runs;
+    # explicitly, since a shell starting this in the background leaves SIGINT ignored.
+    interrupt_on_signals()
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -1,44 +1,57 @@
 """`fedpriv`: the Hydra entry point of the main job.
 
-Bad input ends the program with one line on stderr (what is wrong, where, how to fix it) and a
-non-zero exit code; Hydra's own composition errors (unknown keys, wrong types) are reported by
-Hydra, also without a traceback.
+Bad input ends the program with one line on stderr (what is wrong, where, how to fix it) and exit
+code 2, before anything is started: fedpriv's own checks and Hydra's composition errors alike (a
+misspelt key or group option, a value of the wrong type, an override Hydra cannot parse).
+
+SIGINT, SIGTERM and SIGHUP stop the run however `fedpriv` was started (also as a background job of a
+script, which starts with SIGINT ignored): every process it started is stopped by PID, and the last
+lines name the run directory and the exact `fedpriv resume=...` command that continues it.
+
+A run that fails before it starts (bad input, or interrupted while it prepares the data) leaves no
+run directory behind.
 
 Exit codes: 0 the run trained; 2 bad input (:data:`EXIT_BAD_INPUT`); 3 the run finished but no
 hospital trained in any round, so its model is untrained (:data:`EXIT_NOTHING_TRAINED`; in a sweep
-the job is reported and the sweep goes on); 130 interrupted.
+the job is reported and the sweep goes on); 130 interrupted (:data:`EXIT_INTERRUPTED`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from fedpriv import rundir
+from fedpriv.app_config import CONFIG_NAME, config_dir, config_to_json, expand_home
 from fedpriv.config import FedprivConfig, register_configs, to_config
 from fedpriv.errors import ConfigError, FedprivError, NothingTrained
+from fedpriv.experiment import absolute_paths, prepare_experiment
+from fedpriv.outputs import resume_checkpoint, untrained_reason
+from fedpriv.simulation import Interrupted, interrupt_on_signals, run_simulation
+
+__all__ = ["CONFIG_NAME", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NOTHING_TRAINED", "absolute_paths",
+           "config_dir", "hydra_error_line", "main", "resumed_config", "run"]
 
 log = logging.getLogger("fedpriv")
 
 EXIT_BAD_INPUT = 2
 EXIT_NOTHING_TRAINED = 3
-CONFIG_NAME = "config"  # Hydra's primary config, conf/config.yaml
-
-
-def config_dir() -> str:
-    """The Hydra config folder: inside the installed package, or conf/ of a source checkout."""
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / f"{CONFIG_NAME}.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"fedpriv's conf/ folder is missing next to {package}")
+EXIT_INTERRUPTED = 130
+FULL_ERROR_ENV = "HYDRA_FULL_ERROR"  # Hydra's switch: raise composition errors instead of printing them
 
 
 def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
@@ -46,11 +59,6 @@ def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
 
     Raises NothingTrained when the run ended without any hospital training in any round.
     """
-    from fedpriv.app_config import config_to_json
-    from fedpriv.experiment import prepare_experiment
-    from fedpriv.outputs import resume_checkpoint, untrained_reason
-    from fedpriv.simulation import run_simulation
-
     config = absolute_paths(to_config(cfg), run_dir)
     experiment = prepare_experiment(config)  # every check runs here, before any budget is spent
     if config.resume:
@@ -61,37 +69,11 @@ def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
     experiment.save_partition(run_dir)
     run_simulation(config_to_json(config), run_dir, num_hospitals=config.federation.num_hospitals,
                    client_cpus=config.federation.client_cpus)
-    log.info("Run finished; outputs in %s\n%s", run_dir, rundir.read_summary(run_dir))
+    # The ServerApp has printed the summary already (through Flower's log stream): once is enough.
+    log.info("Run finished; outputs in %s (summary in %s)", run_dir, run_dir / rundir.SUMMARY)
     result = rundir.read_result(run_dir) or {}
     if result.get("rounds_trained") == 0:
         raise NothingTrained(f"{untrained_reason(result['stop_reason'])}; outputs in {run_dir}")
-
-
-def absolute_paths(config: FedprivConfig, run_dir: str | Path | None = None) -> FedprivConfig:
-    """Make every path absolute: the Flower apps run in other processes and folders.
-
-    It also pins where the simulated hospitals' ledgers live (see fedpriv.experiment.ledger_folder),
-    so the config.yaml every run saves names them and a later `resume=` finds the same ledgers:
-    scope "persistent" stores the folder it resolves ($FEDPRIV_LEDGER_DIR or the user data folder)
-    as federation.ledger_dir; scope "run" stores the run directory as federation.ledger_run_dir
-    (when `run_dir` is given and it is unset: a resumed run keeps the old run's).
-    """
-    from fedpriv.data import default_data_dir
-    from fedpriv.experiment import ledger_folder
-
-    data, fed = config.dataset, config.federation
-    if data.name not in ("synthetic", "imagefolder"):
-        data.root = str(Path(data.root).resolve()) if data.root else str(default_data_dir().resolve())
-    if fed.ledger_scope == "persistent" and not fed.ledger_dir:
-        fed.ledger_dir = str(ledger_folder(config, run_dir))
-    elif fed.ledger_scope == "run" and not fed.ledger_run_dir and run_dir:
-        fed.ledger_run_dir = str(run_dir)
-    for section, key in ((data, "path"), (data, "attributes_csv"), (fed, "ledger_dir"), (fed, "ledger_run_dir"),
-                         (config, "resume")):
-        value = getattr(section, key)
-        if value:
-            setattr(section, key, str(Path(value).expanduser().resolve()))
-    return config
 
 
 def resumed_config(resume: str | Path, overrides: Sequence[str] = ()) -> FedprivConfig:
@@ -112,8 +94,6 @@ def resumed_config(resume: str | Path, overrides: Sequence[str] = ()) -> Fedpriv
     Overriding federation.ledger_scope to another scope drops the saved location (it belongs to
     the old scope) unless the command line also sets it.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     run_dir = Path(resume).expanduser().resolve()
     saved = run_dir / rundir.CONFIG
     try:
@@ -159,18 +139,85 @@ def resumed_config(resume: str | Path, overrides: Sequence[str] = ()) -> Fedpriv
     return to_config(previous)
 
 
-def _fail(error: FedprivError) -> None:
-    print(f"fedpriv: error: {error}", file=sys.stderr)
-    raise SystemExit(EXIT_BAD_INPUT)
+def hydra_error_line(error: Exception) -> str:
+    """One line for a configuration error Hydra (or OmegaConf under it) raised: what is wrong, and the fix."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    headline = (lines or [type(error).__name__])[0].rstrip(".")
+    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else None
+    if isinstance(error, MissingConfigException) and error.options is not None:  # a misspelt group option
+        group = (error.missing_cfg_file or "").rpartition("/")[0]
+        return (f"{headline}. Fix: choose one of: {', '.join(error.options) or '(none)'}"
+                + (f" (`{group}=OPTION`)" if group else ""))
+    if isinstance(error, OverrideParseException):  # the override's text is not in Hydra's grammar
+        return (f"cannot read the override {error.override!r} ({headline}). Fix: quote a value with spaces or "
+                "special characters, e.g. 'key=\"a value\"' (a leading ~ is the home folder); "
+                "see https://hydra.cc/docs/advanced/override_grammar/basic/")
+    if cause is not None:
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        key = getattr(cause, "full_key", None)
+        if isinstance(cause, ConfigKeyError | ConfigAttributeError):  # a misspelt key
+            fix = "check the spelling: `fedpriv --cfg job` prints every setting"
+        elif isinstance(cause, ValidationError):
+            fix = f"give {key or 'it'} a value of the type `fedpriv --cfg job` shows"
+        else:
+            fix = "compare it with `fedpriv --cfg job`, which prints every setting"
+        return f"{headline}: {detail}. Fix: {fix}"
+    return f"{' '.join(lines) or type(error).__name__}. Fix: compare it with `fedpriv --cfg job`"
+
+
+def _remove_stub(run_dir: Path) -> None:
+    """Remove `run_dir` if it holds nothing but what Hydra and the partition step wrote before the run started.
+
+    A run that fails on bad input (or is interrupted) before the simulation starts has spent nothing
+    and produced nothing; its folder would only litter outputs/. Anything else in it (a config.yaml,
+    a checkpoint, a copied superlink.log) keeps it. The date folder above a default run directory
+    goes too when it is left empty, and so does Hydra's default outputs/ folder.
+    """
+    try:
+        hydra_log = f"{HydraConfig.get().job.name}.log"
+        stub = {".hydra", hydra_log, rundir.PARTITION_MD, rundir.PARTITION_JSON}
+        if not run_dir.is_dir() or any(entry.name not in stub for entry in run_dir.iterdir()):
+            return
+        shutil.rmtree(run_dir)
+        parent = run_dir.parent
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", parent.name) and not any(parent.iterdir()):
+            parent.rmdir()
+            if parent.parent.name == "outputs" and not any(parent.parent.iterdir()):
+                parent.parent.rmdir()
+    except OSError:
+        pass
+
+
+def _interrupted(error: KeyboardInterrupt, run_dir: Path, config: FedprivConfig | DictConfig) -> None:
+    """After a stop signal: say what was stopped, where the run is and the command that continues it."""
+    how = f" by {error.signal_name}" if isinstance(error, Interrupted) else ""
+    resumable = run_dir if rundir.latest_checkpoint(run_dir) is not None else None
+    if resumable is None and getattr(config, "resume", None):
+        resumable = Path(str(config.resume))  # a resume stopped before its first checkpoint of its own
+    if resumable is None:
+        _remove_stub(run_dir)
+    print(f"fedpriv: interrupted{how}; every process fedpriv started has been stopped", file=sys.stderr)
+    if resumable is not None:
+        checkpoint = rundir.latest_checkpoint(resumable)
+        where = checkpoint.name if resumable == run_dir else f"{checkpoint.name} in {resumable}"
+        print(f"fedpriv: run directory: {run_dir}\nfedpriv: continue from its last checkpoint ({where}) "
+              f"with: fedpriv resume={shlex.quote(str(resumable))}", file=sys.stderr)
+    elif run_dir.is_dir():
+        print(f"fedpriv: run directory: {run_dir}\nfedpriv: no round had finished, so there is nothing to resume: "
+              "start the run again with the same command", file=sys.stderr)
+    else:
+        print("fedpriv: the run had not started; start it again with the same command", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name=CONFIG_NAME)
 def _hydra_main(cfg: DictConfig) -> None:
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
+    config: FedprivConfig | DictConfig = cfg
     try:
-        hydra_config = HydraConfig.get()
         # A resume continues the resumed run: its own config.yaml plus what the command line sets.
         config = resumed_config(cfg.resume, hydra_config.overrides.task) if cfg.get("resume") else cfg
-        run(config, Path(hydra_config.runtime.output_dir))
+        run(config, run_dir)
     except NothingTrained as error:
         if hydra_config.mode == RunMode.MULTIRUN:  # one job's outcome: the sweep's other jobs still run
             log.error("%s", error)
@@ -178,17 +225,37 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"fedpriv: {error}", file=sys.stderr)
         raise SystemExit(EXIT_NOTHING_TRAINED) from None
     except FedprivError as error:
-        _fail(error)
-    except KeyboardInterrupt:
+        _remove_stub(run_dir)
+        print(f"fedpriv: error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt as error:
         # The simulation's context managers have already stopped every process they started.
-        print("fedpriv: interrupted; every process fedpriv started has been stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+        _interrupted(error, run_dir, config)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
-def main() -> None:
-    """Console-script entry point (`fedpriv`)."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (`fedpriv`); `argv` replaces the command line's arguments (tests)."""
     register_configs()
-    _hydra_main()
+    interrupt_on_signals()
+    # A leading ~ in a value is the home folder (Hydra's grammar would reject it).
+    sys.argv[1:] = expand_home(sys.argv[1:] if argv is None else argv)
+    user_wants_traceback = bool(os.environ.get(FULL_ERROR_ENV))
+    os.environ[FULL_ERROR_ENV] = "1"  # Hydra raises its composition errors, so they become one line here
+    try:
+        _hydra_main()
+    except (CompactHydraException, OmegaConfBaseException) as error:
+        if user_wants_traceback:
+            raise
+        print(f"fedpriv: error: {hydra_error_line(error)}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt as error:  # before the run directory existed (Hydra was still composing)
+        how = f" by {error.signal_name}" if isinstance(error, Interrupted) else ""
+        print(f"fedpriv: interrupted{how} before the run started; nothing was started", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    finally:
+        if not user_wants_traceback:
+            os.environ.pop(FULL_ERROR_ENV, None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,301 @@
+"""The `fedpriv` command as a user meets it: configuration mistakes, `~` in paths, stop signals, a clean log.
+
+Configuration errors run the CLI's entry point in this process (it exits before anything starts);
+the README's `~` example and the signal test run real processes, with their own timeouts, and
+stop whatever they started by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedpriv.app_config import compose_config, expand_home
+from fedpriv.cli import main as cli
+from fedpriv.experiment import absolute_paths
+from fedpriv.simulation import flower_line
+
+PROJECT = Path(__file__).resolve().parents[1]
+README = PROJECT / "README.md"
+FEDPRIV = Path(sys.executable).parent / "fedpriv"
+TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "model.width=4",
+        "strategy.client_evaluate=false", "federation.num_hospitals=2", "federation.ledger_scope=run"]
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch, capsys):
+    """Call `fedpriv ARGS` in this process from an empty folder: (exit code, stderr). Signal handlers are restored."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fedpriv"])
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def call(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            cli.main(list(args))
+            code = 0
+        except SystemExit as done:
+            code = done.code
+        return code, capsys.readouterr().err
+
+    yield call
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("privacy.epsilonn=1", "Key 'epsilonn' not in 'PrivacyConfig'. Fix: check the spelling"),  # misspelt key
+    ("privacy.epsilon=abc", "could not be converted to Float"),  # wrong type
+    ("strategy=paralel", "Could not find 'strategy/paralel'. Fix: choose one of: parallel, sequential"),
+    ("privacy.epsilon=[1", "cannot read the override 'privacy.epsilon=[1'"),  # not Hydra's grammar
+    ("privacy.epsilon=-1", "privacy.epsilon=-1.0: must be a positive number"),  # fedpriv's own check
+])
+def test_every_configuration_mistake_is_one_line_and_exit_2_and_leaves_no_run_directory(run_cli, tmp_path,
+                                                                                        override, expected):
+    code, err = run_cli(override)
+    assert code == cli.EXIT_BAD_INPUT, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedpriv: error: ") and expected in lines[0], err
+    assert "HYDRA_FULL_ERROR" not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no stub run directory (nor an empty outputs/) is left behind
+    assert "HYDRA_FULL_ERROR" not in os.environ
+
+
+def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert expand_home(["federation.ledger_dir=~/ledgers", "~federation.ledger_dir", "-m", "resume=~",
+                        "dataset.path=~/a b"]) == [f"federation.ledger_dir={tmp_path}/ledgers",
+                                                   "~federation.ledger_dir", "-m", f"resume={tmp_path}",
+                                                   f"dataset.path='{tmp_path}/a b'"]
+    # Quoted on the command line, or from a config file: the value reaches fedpriv as "~/...".
+    cfg = absolute_paths(compose_config([*TINY, 'federation.ledger_scope=persistent',
+                                         'federation.ledger_dir="~/quoted"', "dataset.attributes_csv='~/a.csv'"]))
+    assert cfg.federation.ledger_dir == str(tmp_path / "quoted")
+    assert cfg.dataset.attributes_csv == str(tmp_path / "a.csv")
+    cfg = absolute_paths(compose_config(["dataset.root=~/medmnist"]))
+    assert cfg.dataset.root == str(tmp_path / "medmnist")
+
+
+def _readme_block_lines(marker: str) -> list[str]:
+    """The lines of the README's ```bash block that holds `marker`, without comments, as printed."""
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        if marker in block:
+            joined = block.replace("\\\n", " ")
+            return [line.split("  #")[0].strip() for line in joined.splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    raise AssertionError(f"no ```bash block of the README holds {marker!r}")
+
+
+@pytest.mark.slow
+def test_the_readme_ledger_dir_example_works_as_printed(tmp_path):
+    """`fedpriv federation.ledger_dir=~/fedpriv-ledgers` (the README's line): the folder is in the home folder.
+
+    There is no data here, so the run stops with one line at the data check, after the ledger folder
+    was checked (created) and before anything is spent.
+    """
+    line = next(line for line in _readme_block_lines("federation.ledger_dir=~") if "ledger_dir=~" in line)
+    assert line == "fedpriv federation.ledger_dir=~/fedpriv-ledgers"
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{FEDPRIV.parent}:{os.environ['PATH']}",
+           "FEDPRIV_DATA_DIR": str(tmp_path / "no-data")}
+    done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == cli.EXIT_BAD_INPUT, done.stderr
+    assert done.stderr.strip().splitlines() == [next(x for x in done.stderr.splitlines() if x.startswith("fedpriv:"))]
+    assert "pneumoniamnist.npz" in done.stderr and "LexerNoViableAlt" not in done.stderr
+    assert (tmp_path / "fedpriv-ledgers").is_dir() and not (tmp_path / "~").exists()
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_flowers_misleading_lines_are_left_out_and_the_rest_is_kept():
+    """Lines as Flower 1.42 and Ray print them (with Flower's colour codes)."""
+    dropped = ["\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.\n",
+               "\x1b[92mINFO \x1b[0m:      To change federation size, use the following command:\n",
+               "\x1b[92mINFO \x1b[0m:      \tflwr federation simulation-config @none/default <superlink> --num-supernodes <N>\n",
+               "12/07/2026 05:31:28:DEBUG:Constructed ActorPool with: 2 actors\n",
+               "\x1b[92mINFO \x1b[0m:      \n", "12/07/2026 05:32:22:INFO:\n"]
+    assert [flower_line(line) for line in dropped] == [None] * len(dropped)
+    kept = ["INFO fedpriv: round 1/1: 2/2 hospitals trained\n",
+            "\x1b[92mINFO \x1b[0m:      Federation `@none/default` (3 simulated SuperNodes)\n"]
+    assert [flower_line(line) for line in kept] == kept
+    ray = ("(ClientAppActor pid=7) hello [repeated 2x across cluster] (Ray deduplicates logs by default. Set "
+           "RAY_DEDUP_LOGS=0 to disable log deduplication, or see https://docs.ray.io/en/master/ray-observability/"
+           "user-guides/configure-logging.html#log-deduplication for more options.)\n")
+    assert flower_line(ray) == "(ClientAppActor pid=7) hello [repeated 2x across cluster]\n"
+    explained = flower_line("Connection to the SuperLink is unavailable. Please check your network connection "
+                            "and 'address' in the SuperLink connection configuration.\n")
+    assert "not a network problem" in explained and "check your network" not in explained
+
+
+# ------------------------------------------------------------------ real runs, started from a script
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _descendants(pid: int) -> set[int]:
+    try:
+        return {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _stop(pids) -> None:
+    """SIGTERM each live process of `pids` with its descendants, SIGKILL what is left after 5 s (by PID)."""
+    processes = []
+    for pid in set(pids):
+        try:
+            root = psutil.Process(pid)
+            processes += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    for process in psutil.wait_procs(processes, timeout=5)[1]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _in_background(args: list[str], folder: Path, *, stop_with: signal.Signals | None, after: str,
+                   timeout: float = 400) -> tuple[int, str, set[int]]:
+    """Start `fedpriv ARGS &` from a non-interactive bash script (so SIGINT starts ignored), as a user's
+    script would; once `after` appears in its output, send `stop_with` to fedpriv (by PID).
+
+    Returns fedpriv's exit code, its output and every process it started. Whatever is left of them at
+    the end (also on a failed assertion or a timeout) is stopped by PID.
+    """
+    log = folder / f"fedpriv-{time.monotonic_ns()}.log"
+    script = f"{shlex.join([str(FEDPRIV), *args])} > {shlex.quote(str(log))} 2>&1 &\necho $!\nwait $!\necho \"exit $?\"\n"
+    shell = subprocess.Popen(["bash", "-c", script], cwd=folder, stdout=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL)
+    pid = int(shell.stdout.readline())
+    seen: set[int] = {pid}
+    try:
+        deadline = time.monotonic() + timeout
+        while shell.poll() is None and time.monotonic() < deadline:
+            seen |= _descendants(pid)
+            if stop_with is not None and after in log.read_text(errors="replace"):
+                time.sleep(0.5)
+                os.kill(pid, stop_with)
+                stop_with = None
+            time.sleep(0.2)
+        rest = shell.communicate(timeout=60)[0]
+        assert rest.startswith("exit "), f"fedpriv did not end within {timeout:.0f}s:\n{log.read_text()[-3000:]}"
+        return int(rest.split()[1]), log.read_text(errors="replace"), seen
+    finally:
+        _stop(pid for pid in seen if _alive(pid))
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait(timeout=10)
+
+
+def _clean(output: str) -> None:
+    """Nothing of Flower's or Ray's that misleads or only clutters reaches the user."""
+    for noise in ("default simulated SuperNodes changed", "To change federation size", "simulation-config",
+                  ":DEBUG:", "DEBUG :", "Ray deduplicates logs", "check your network", "Traceback"):
+        assert noise not in output, f"{noise!r} in the output:\n{output[-3000:]}"
+
+
+@pytest.mark.slow
+def test_a_run_started_from_a_script_stops_on_sigint_and_sigterm_says_how_to_resume_and_prints_a_clean_log(
+        tmp_path):
+    run_dir = tmp_path / "run"
+    # SIGINT, to a background job of a script (which starts with SIGINT ignored), after round 1.
+    code, output, seen = _in_background([*TINY, "strategy.num_rounds=40", f"hydra.run.dir={run_dir}"], tmp_path,
+                                        stop_with=signal.SIGINT, after="round 1/40")
+    assert code == cli.EXIT_INTERRUPTED, output[-3000:]
+    resume = re.search(r"continue from its last checkpoint \(round-\d+\.pt\) with: (fedpriv resume=\S+)", output)
+    assert "interrupted by SIGINT" in output and f"run directory: {run_dir}" in output and resume, output[-3000:]
+    assert resume.group(1) == f"fedpriv resume={run_dir}"
+    assert len(seen) > 3 and not [pid for pid in seen if _alive(pid)]  # the SuperLink, SuperExec, Ray: all gone
+    _clean(output)
+    # The printed command continues the run; SIGTERM stops it without Flower's "check your network".
+    second = tmp_path / "second"
+    code, output, seen = _in_background([*shlex.split(resume.group(1))[1:], f"hydra.run.dir={second}"], tmp_path,
+                                        stop_with=signal.SIGTERM, after="Starting Flower Simulation")
+    assert code == cli.EXIT_INTERRUPTED, output[-3000:]
+    assert "interrupted by SIGTERM" in output and f"fedpriv resume={run_dir}" in output, output[-3000:]
+    assert "SuperLink is unavailable" not in output and not [pid for pid in seen if _alive(pid)]
+    _clean(output)
+    # A run to its end: the summary once, exit 0.
+    code, output, _ = _in_background([*TINY, "strategy.num_rounds=1", f"hydra.run.dir={tmp_path / 'done'}"],
+                                     tmp_path, stop_with=None, after="")
+    assert code == 0, output[-3000:]
+    assert output.count("# fedpriv run summary") == 1 and f"outputs in {tmp_path / 'done'}" in output
+    _clean(output)
+
+
+def _listening(port: int) -> list[int]:
+    """PIDs of the processes listening on 127.0.0.1:`port`."""
+    return sorted({c.pid for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid})
+
+
+def _with_home(home: Path) -> list[int]:
+    """PIDs of the processes whose environment has HOME=`home` (what the shell of a test started)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("HOME") == str(home):
+                found.append(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_readme_flwr_run_commands_work_as_printed(tmp_path):
+    """The README's `flwr run .` block in one shell, from the project directory, with a bare PATH.
+
+    Every line runs as printed but the default 40-round run (the smoke line is the same command with
+    a run config). Only the SuperLink's port (Flower's FLWR_LOCAL_SUPERLINK_HTTP_API_PORT; 39091 in
+    the kill line), the home folder and the run directory differ, so the test touches neither the
+    user's ~/.flwr nor the project's outputs/. The federation has the config's 3 hospitals, nothing is
+    installed, and the kill line leaves nothing running; anything left is stopped by PID.
+    """
+    lines = _readme_block_lines("flwr run . local")
+    run_dir = tmp_path / "flwr-smoke"
+    port, control = _free_port(), _free_port()
+    script = ["set -e"] + [line.replace("39091", str(port)).replace('run-dir="outputs/flwr-smoke"', f'run-dir="{run_dir}"')
+                           for line in lines if "--run-config" in line or not line.startswith("flwr run")]
+    assert len(script) == 5 and script[1].startswith("source .venv/bin/activate") and "kill $(lsof" in script[-1]
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port), "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+           "FEDPRIV_KEY_DIR": os.environ["FEDPRIV_KEY_DIR"], "FEDPRIV_LEDGER_DIR": os.environ["FEDPRIV_LEDGER_DIR"]}
+    try:
+        done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=PROJECT, env=env, capture_output=True, text=True,
+                              timeout=600, stdin=subprocess.DEVNULL)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-4000:]
+        assert "(3 simulated SuperNodes)" in output and "hospital-3 (open" in output, output[-4000:]
+        superlink_log = (tmp_path / ".flwr" / "local-superlink" / "superlink.log").read_text()
+        assert "uv sync" not in output + superlink_log and "Installing application dependencies" not in superlink_log
+        assert "mode: parallel, rounds run: 2 of 2" in (run_dir / "summary.md").read_text()
+        time.sleep(2)
+        assert _listening(port) == []  # the kill line stopped the SuperLink
+    finally:  # the SuperLink, and anything it started (their environment names this test's home folder)
+        _stop({*_listening(port), *_with_home(tmp_path)})
