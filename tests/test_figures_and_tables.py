@@ -245,7 +245,7 @@ def test_the_per_hospital_bars_name_every_hospital_readably(hospitals):
     _assert_inside(figure, boxes)
 
 
-@pytest.mark.parametrize("hospitals", [1, 3, 20])
+@pytest.mark.parametrize("hospitals", [1, 3, pytest.param(20, marks=pytest.mark.slow)])  # 20 panels: seconds
 def test_the_per_record_panels_show_each_budget_below_the_top(hospitals):
     rng = np.random.default_rng(0)
     spreads = [(f"hospital-{h}", np.append(rng.uniform(0, 2.0, 30), 2.0), 2.0) for h in range(1, hospitals + 1)]
@@ -274,6 +274,7 @@ def test_every_figure_of_a_synthetic_run_says_synthetic():
             assert ("SYNTHETIC" in figure.get_suptitle()) is synthetic
 
 
+@pytest.mark.slow  # writes a whole run report (calibration included)
 def test_the_figures_of_a_synthetic_runs_report_say_synthetic(tmp_path):
     """The figures/ PNGs of a run report are files of their own: a synthetic run's say so in their pixels too."""
     run = tmp_path / "run"
