@@ -53,21 +53,23 @@ def run_cli(tmp_path, monkeypatch, capsys):
         signal.signal(signum, handler)
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("privacy.epsilonn=1", "Key 'epsilonn' not in 'PrivacyConfig'. Fix: check the spelling"),  # misspelt key
-    ("privacy.epsilon=abc", "could not be converted to Float"),  # wrong type
-    ("strategy=paralel", "Could not find 'strategy/paralel'. Fix: choose one of: parallel, sequential"),
-    ("privacy.epsilon=[1", "cannot read the override 'privacy.epsilon=[1'"),  # not Hydra's grammar
-    ("privacy.epsilon=-1", "privacy.epsilon=-1.0: must be a positive number"),  # fedpriv's own check
+@pytest.mark.parametrize(("args", "expected"), [
+    (["privacy.epsilonn=1"], "Key 'epsilonn' not in 'PrivacyConfig'. Fix: check the spelling"),  # misspelt key
+    (["privacy.epsilon=abc"], "could not be converted to Float"),  # wrong type
+    (["strategy=paralel"], "Could not find 'strategy/paralel'. Fix: choose one of: parallel, sequential"),
+    (["privacy.epsilon=[1"], "cannot read the override 'privacy.epsilon=[1'"),  # not Hydra's grammar
+    (["privacy.epsilon=-1"], "privacy.epsilon=-1.0: must be a positive number"),  # fedpriv's own check
+    (["-m", "privacy.epsilonn=1,3"], "Key 'epsilonn' not in 'PrivacyConfig'"),  # a sweep: no multirun/ left
+    (["-m", "dataset=synthetic", "privacy.epsilon=-1,3"], "must be a positive number"),  # its first job refused
 ])
 def test_every_configuration_mistake_is_one_line_and_exit_2_and_leaves_no_run_directory(run_cli, tmp_path,
-                                                                                        override, expected):
-    code, err = run_cli(override)
+                                                                                        args, expected):
+    code, err = run_cli(*args)
     assert code == cli.EXIT_BAD_INPUT, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedpriv: error: ") and expected in lines[0], err
     assert "HYDRA_FULL_ERROR" not in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []  # no stub run directory (nor an empty outputs/) is left behind
+    assert list(tmp_path.iterdir()) == []  # no stub run or sweep directory (nor an empty outputs/) is left
     assert "HYDRA_FULL_ERROR" not in os.environ
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
@@ -43,8 +44,8 @@ from fedpriv.experiment import absolute_paths, prepare_experiment
 from fedpriv.outputs import resume_checkpoint, untrained_reason
 from fedpriv.simulation import Interrupted, interrupt_on_signals, run_simulation
 
-__all__ = ["CONFIG_NAME", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NOTHING_TRAINED", "absolute_paths",
-           "config_dir", "hydra_error_line", "main", "resumed_config", "run"]
+__all__ = ["CONFIG_NAME", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NOTHING_TRAINED", "SweepFolder",
+           "absolute_paths", "config_dir", "hydra_error_line", "main", "resumed_config", "run"]
 
 log = logging.getLogger("fedpriv")
 
@@ -179,13 +180,49 @@ def _remove_stub(run_dir: Path) -> None:
         if not run_dir.is_dir() or any(entry.name not in stub for entry in run_dir.iterdir()):
             return
         shutil.rmtree(run_dir)
-        parent = run_dir.parent
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", parent.name) and not any(parent.iterdir()):
-            parent.rmdir()
-            if parent.parent.name == "outputs" and not any(parent.parent.iterdir()):
-                parent.parent.rmdir()
+        _remove_empty_default_parents(run_dir, "outputs")
     except OSError:
         pass
+
+
+class SweepFolder(Callback):
+    """Hydra callback (conf/config.yaml) that notes a sweep's folder, so bad input can remove it again.
+
+    Hydra creates the sweep folder and its multirun.yaml before it composes the first job; when that
+    composition fails, Hydra's own record of the folder is gone by the time the error reaches
+    :func:`main`.
+    """
+
+    folder: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        SweepFolder.folder = Path(str(config.hydra.sweep.dir)).resolve()
+
+
+def _remove_stub_sweep() -> None:
+    """Remove the sweep folder of a `fedpriv -m` stopped by bad input before any job ran.
+
+    Nothing but the multirun.yaml Hydra writes first means no job got as far as a run directory.
+    The date folder above a default sweep folder, and Hydra's default multirun/ folder, go too when
+    they are left empty.
+    """
+    sweep_dir = SweepFolder.folder
+    try:
+        if sweep_dir is None or any(entry.name != rundir.MULTIRUN_RECORD for entry in sweep_dir.iterdir()):
+            return
+        shutil.rmtree(sweep_dir)
+        _remove_empty_default_parents(sweep_dir, "multirun")
+    except OSError:
+        pass
+
+
+def _remove_empty_default_parents(folder: Path, default_root: str) -> None:
+    """Remove the date folder above `folder` and then `default_root` above it, each only if empty."""
+    parent = folder.parent
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", parent.name) and not any(parent.iterdir()):
+        parent.rmdir()
+        if parent.parent.name == default_root and not any(parent.parent.iterdir()):
+            parent.parent.rmdir()
 
 
 def _interrupted(error: KeyboardInterrupt, run_dir: Path, config: FedprivConfig | DictConfig) -> None:
@@ -247,8 +284,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (CompactHydraException, OmegaConfBaseException) as error:
         if user_wants_traceback:
             raise
+        _remove_stub_sweep()
         print(f"fedpriv: error: {hydra_error_line(error)}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    except SystemExit as done:
+        if done.code == EXIT_BAD_INPUT:  # a sweep's first job was refused: its (emptied) sweep folder goes too
+            _remove_stub_sweep()
+        raise
     except KeyboardInterrupt as error:  # before the run directory existed (Hydra was still composing)
         how = f" by {error.signal_name}" if isinstance(error, Interrupted) else ""
         print(f"fedpriv: interrupted{how} before the run started; nothing was started", file=sys.stderr)
