@@ -59,11 +59,13 @@ def run_cli(tmp_path, monkeypatch, capsys):
     (["strategy=paralel"], "Could not find 'strategy/paralel'. Fix: choose one of: parallel, sequential"),
     (["privacy.epsilon=[1"], "cannot read the override 'privacy.epsilon=[1'"),  # not Hydra's grammar
     (["privacy.epsilon=-1"], "privacy.epsilon=-1.0: must be a positive number"),  # fedpriv's own check
+    (["federation.ledger_scope=run"], "MedMNIST file not found"),  # a data error, after the ledger folder check
     (["-m", "privacy.epsilonn=1,3"], "Key 'epsilonn' not in 'PrivacyConfig'"),  # a sweep: no multirun/ left
     (["-m", "dataset=synthetic", "privacy.epsilon=-1,3"], "must be a positive number"),  # its first job refused
 ])
-def test_every_configuration_mistake_is_one_line_and_exit_2_and_leaves_no_run_directory(run_cli, tmp_path,
+def test_every_configuration_mistake_is_one_line_and_exit_2_and_leaves_no_run_directory(run_cli, tmp_path, monkeypatch,
                                                                                         args, expected):
+    monkeypatch.setenv("FEDPRIV_DATA_DIR", str(tmp_path / "no-data"))  # not created: no PneumoniaMNIST here
     code, err = run_cli(*args)
     assert code == cli.EXIT_BAD_INPUT, err
     lines = err.strip().splitlines()

@@ -171,13 +171,17 @@ def _remove_stub(run_dir: Path) -> None:
 
     A run that fails on bad input (or is interrupted) before the simulation starts has spent nothing
     and produced nothing; its folder would only litter outputs/. Anything else in it (a config.yaml,
-    a checkpoint, a copied superlink.log) keeps it. The date folder above a default run directory
+    a checkpoint, a copied superlink.log, a ledger) keeps it. The date folder above a default run directory
     goes too when it is left empty, and so does Hydra's default outputs/ folder.
     """
     try:
         hydra_log = f"{HydraConfig.get().job.name}.log"
         stub = {".hydra", hydra_log, rundir.PARTITION_MD, rundir.PARTITION_JSON}
-        if not run_dir.is_dir() or any(entry.name not in stub for entry in run_dir.iterdir()):
+        # A throw-away ledger's folder is created (empty) when it is checked, before the data is read.
+        unused_ledgers = run_dir / rundir.LEDGERS
+        if not run_dir.is_dir() or any(entry.name not in stub and not (entry == unused_ledgers and entry.is_dir()
+                                                                       and not any(entry.iterdir()))
+                                       for entry in run_dir.iterdir()):
             return
         shutil.rmtree(run_dir)
         _remove_empty_default_parents(run_dir, "outputs")
