@@ -108,10 +108,9 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
     if name == "cnn":
         model = SmallCNN(in_channels, num_classes, width, activation)
     elif name == "resnet18":
-        # Imported on demand: torchvision's model zoo adds ~1.5 s to every process that imports fedpriv.
-        from fedpriv.resnet import resnet18_greyscale
+        from fedpriv.resnet import resnet18_greyscale  # deferred: torchvision's model zoo takes ~1.5 s to import
 
-        model = resnet18_greyscale(in_channels, num_classes, image_size)
+        model = resnet18_greyscale(in_channels, num_classes, image_size, groups=_groups)
     elif name == "scatnet":
         from fedpriv.scatnet import ScatNet  # deferred: only this model needs kymatio
 

@@ -6,11 +6,11 @@ zoo (about 1.5 s per process: the CLI, the ServerApp and every simulated hospita
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 from torchvision.models import ResNet
 from torchvision.models.resnet import BasicBlock
-
-from fedpriv.models import _groups
 
 
 class _HookSafeBasicBlock(BasicBlock):
@@ -32,15 +32,19 @@ class _HookSafeBasicBlock(BasicBlock):
         return self.relu(out + identity)
 
 
-def resnet18_greyscale(in_channels: int = 1, num_classes: int = 2, image_size: int = 28) -> nn.Module:
+def resnet18_greyscale(in_channels: int = 1, num_classes: int = 2, image_size: int = 28, *,
+                       groups: Callable[[int], int]) -> nn.Module:
     """torchvision's ResNet-18 with GroupNorm, a `in_channels` stem, and no pretrained weights.
+
+    `groups(channels)` is the number of GroupNorm groups for a layer of `channels` (fedpriv.models
+    passes its rule, so that this module imports nothing of fedpriv's).
 
     For small images (< 64 px) the stem is a 3x3 stride-1 convolution without max-pooling, so
     28x28 inputs keep enough spatial resolution (as in MedMNIST's own ResNet baselines).
     No operation is in place (see :class:`_HookSafeBasicBlock`), so Opacus's hooks can wrap it.
     """
     model = ResNet(_HookSafeBasicBlock, [2, 2, 2, 2], num_classes=num_classes,
-                   norm_layer=lambda c: nn.GroupNorm(_groups(c), c))
+                   norm_layer=lambda c: nn.GroupNorm(groups(c), c))
     model.relu = nn.ReLU()
     if image_size < 64:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -257,7 +257,7 @@ def test_fedpriv_audit_exits_non_zero_when_an_attack_beats_the_ceiling(tmp_path,
 
     check = SimpleNamespace(attack="lira", fpr_level=0.01)
     fake = SimpleNamespace(ok=False, seconds=1.0, violations=[("ε=1", check)])
-    monkeypatch.setattr(fedpriv.attacks.audit, "run_audit", lambda config, run_dir: fake)
+    monkeypatch.setattr(cli, "run_audit", lambda config, run_dir: fake)
     cfg = OmegaConf.structured(FedprivConfig)
     assert cli.run(cfg, tmp_path) == cli.EXIT_CEILING_EXCEEDED
     assert "BOUND VIOLATED" in capsys.readouterr().err

@@ -14,13 +14,17 @@ import warnings
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedpriv import rundir
-from fedpriv.cli.main import CONFIG_NAME, EXIT_BAD_INPUT, absolute_paths, config_dir
+from fedpriv.app_config import CONFIG_NAME, config_dir
+from fedpriv.attacks.audit import run_audit
+from fedpriv.cli.main import EXIT_BAD_INPUT
 from fedpriv.config import register_configs, to_config
 from fedpriv.errors import FedprivError
+from fedpriv.experiment import absolute_paths
 
 log = logging.getLogger("fedpriv.audit")
 
@@ -29,10 +33,6 @@ EXIT_CEILING_EXCEEDED = 3
 
 def run(cfg: DictConfig, run_dir: Path) -> int:
     """Run the audit on the composed config; return the exit code."""
-    import torch
-
-    from fedpriv.attacks.audit import run_audit
-
     config = absolute_paths(to_config(cfg))
     torch.set_num_threads(config.audit.threads)
     with warnings.catch_warnings():

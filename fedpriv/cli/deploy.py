@@ -30,15 +30,25 @@ import time
 from pathlib import Path
 
 from fedpriv import rundir
+from fedpriv.deployment import app_user  # its functions are looked up at call time: tests stand in for start_as
+from fedpriv.deployment.approval import fedpriv_app_hash, parse_approved
+from fedpriv.deployment.credentials import (
+    hospital_placement,
+    make_authority,
+    make_credentials,
+    placement,
+    sign_request,
+    write_hospital_request,
+)
+from fedpriv.deployment.node import parse_node_config
 from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.privacy.chain import KEY_DIR_ENV, key_path_for
 from fedpriv.simulation import interrupt_on_signals
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _credentials(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.credentials import make_authority, make_credentials, placement
-
     hosts = [host for host in args.hosts.split(",") if host.strip()]
     try:
         if args.hospitals is None:
@@ -56,8 +66,6 @@ def _credentials(args: argparse.Namespace) -> int:
 
 
 def _hospital_keys(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.credentials import hospital_placement, write_hospital_request
-
     try:
         request = write_hospital_request(args.out, args.name, overwrite=args.force)
     except FileExistsError as error:
@@ -67,8 +75,6 @@ def _hospital_keys(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.credentials import sign_request
-
     try:
         certificate = sign_request(args.csr, ca_key=args.ca_key, ca_certificate=args.ca_cert, out=args.out,
                                    days=args.days, expected_name=args.name, overwrite=args.force)
@@ -84,7 +90,7 @@ def _exec(command: list[str], print_only: bool, *, flower: bool = True) -> int:
 
     A Flower command is printed with this environment's PATH set (it starts others by name).
     """
-    from fedpriv.deployment.processes import flower_env, printable
+    from fedpriv.deployment.processes import flower_env, printable  # deferred: loads torch
 
     print(shlex.join(printable(command) if flower else command), flush=True)
     if print_only:
@@ -99,7 +105,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _superlink(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.processes import superlink_command
+    from fedpriv.deployment.processes import superlink_command  # deferred: loads torch
 
     for path in (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile):
         if not Path(path).is_file():
@@ -116,7 +122,13 @@ def _superlink(args: argparse.Namespace) -> int:
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.proxy import ProxySettings, check_proxy_config, find_nginx, proxy_command, write_proxy_config
+    from fedpriv.deployment.proxy import (  # deferred: loads torch
+        ProxySettings,
+        check_proxy_config,
+        find_nginx,
+        proxy_command,
+        write_proxy_config,
+    )
 
     settings = ProxySettings(prefix=Path(args.prefix).expanduser().resolve(), listen=args.listen,
                              superlink=args.superlink, certificate=Path(args.ssl_certfile).expanduser().resolve(),
@@ -140,16 +152,12 @@ def node_config_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.app_user import (
-        SEPARATE_UNIT,
-        check_app_user,
-        launcher_programs,
-        lookup_app_user,
-        start_as,
+    from fedpriv.deployment.processes import (  # deferred: loads torch
+        flower_env,
+        hospital_exec_command,
+        printable,
+        supernode_command,
     )
-    from fedpriv.deployment.approval import fedpriv_app_hash, parse_approved
-    from fedpriv.deployment.node import parse_node_config
-    from fedpriv.deployment.processes import flower_env, hospital_exec_command, printable, supernode_command
 
     node_config = node_config_from_args(args)
     settings = parse_node_config(node_config)  # fail here, with the key named, rather than at the first round
@@ -185,37 +193,35 @@ def _node(args: argparse.Namespace) -> int:
         return _exec(command, True)
     user, env, home = None, None, None
     if args.clientapp_user:
-        user = lookup_app_user(args.clientapp_user)
+        user = app_user.lookup_app_user(args.clientapp_user)
         if os.geteuid() != 0:
             raise ConfigError("--clientapp-user", args.clientapp_user, "starting the launcher as another user "
-                              f"needs root, and this runs as uid {os.geteuid()}", SEPARATE_UNIT)
+                              f"needs root, and this runs as uid {os.geteuid()}", app_user.SEPARATE_UNIT)
         home = Path(args.clientapp_home or user.home / ".flwr").expanduser().absolute()
         if not home.exists() and home.parent.is_dir():
             home.mkdir(mode=0o700)
             os.chown(home, user.uid, user.gid)
-        check_app_user(user, secret_keys=secret_keys, data=settings.data, ledger=settings.ledger,
-                       ledger_key=_ledger_key(args, settings.ledger), home=home,
-                       programs=launcher_programs(launcher))
+        app_user.check_app_user(user, secret_keys=secret_keys, data=settings.data, ledger=settings.ledger,
+                                ledger_key=_ledger_key(args, settings.ledger), home=home,
+                                programs=app_user.launcher_programs(launcher))
         # Its own Flower home (ClientApps are installed there) and HOME; the rest of the environment as ours.
         env = {**flower_env(home), "HOME": str(home)}
     elif os.geteuid() == 0:
         raise ConfigError("--clientapp-user", None, "is required when the node runs as root: the ClientApps would "
                           "run as root and could read every file, the SuperNode's private keys included",
                           "pass --clientapp-user NAME (an unprivileged user that cannot read the keys), or run "
-                          "the node as its own user and " + SEPARATE_UNIT)
+                          "the node as its own user and " + app_user.SEPARATE_UNIT)
     else:
         print(f"fedpriv-deploy: warning: ClientApps run as this same OS user (uid {os.geteuid()}), which can read "
               f"the SuperNode's private keys {secret_keys[0]} and {secret_keys[1]}: an approved app's code could "
-              f"act as this hospital. For production, {SEPARATE_UNIT}", file=sys.stderr, flush=True)
+              f"act as this hospital. For production, {app_user.SEPARATE_UNIT}", file=sys.stderr, flush=True)
     # The launcher follows this PID, which exec() hands on to the SuperNode: one ends, both end.
-    start_as([*launcher, "--parent-pid", str(os.getpid())], user, env=env, cwd=home)
+    app_user.start_as([*launcher, "--parent-pid", str(os.getpid())], user, env=env, cwd=home)
     return _exec(command, False)
 
 
 def _ledger_key(args: argparse.Namespace, ledger: Path) -> Path:
     """The ledger key the ClientApp will use: --ledger-key, else the default file in $FEDPRIV_KEY_DIR."""
-    from fedpriv.privacy.chain import KEY_DIR_ENV, key_path_for
-
     if args.ledger_key:
         return Path(args.ledger_key).expanduser().resolve()
     if os.environ.get(KEY_DIR_ENV, "").strip():
@@ -226,8 +232,7 @@ def _ledger_key(args: argparse.Namespace, ledger: Path) -> Path:
 
 
 def _launcher(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.approval import fedpriv_app_hash, parse_approved
-    from fedpriv.deployment.processes import hospital_exec_command
+    from fedpriv.deployment.processes import hospital_exec_command  # deferred: loads torch
 
     keys = [Path(path).expanduser().absolute() for path in args.supernode_keys.split(",") if path.strip()]
     if not keys:
@@ -239,15 +244,13 @@ def _launcher(args: argparse.Namespace) -> int:
 
 
 def _app_hash(args: argparse.Namespace) -> int:
-    from fedpriv.deployment.approval import fedpriv_app_hash
-
     print(fedpriv_app_hash())
     return 0
 
 
 def _app(args: argparse.Namespace) -> int:
-    from fedpriv.app_config import write_app
-    from fedpriv.deployment.processes import write_run_config
+    from fedpriv.app_config import write_app  # deferred: loads torch
+    from fedpriv.deployment.processes import write_run_config  # deferred: loads torch
 
     app = write_app(Path(args.out).resolve())
     run_config = write_run_config(app.parent / "run-config.toml", run_dir=Path(args.run_dir).resolve(),
@@ -259,10 +262,9 @@ def _app(args: argparse.Namespace) -> int:
 
 
 def _local(args: argparse.Namespace) -> int:
-    from fedpriv.app_config import compose_config
-    from fedpriv.cli.main import absolute_paths
-    from fedpriv.deployment.rehearsal import CLIENTAPP_USER_NOTE, LocalFederation
-    from fedpriv.experiment import prepare_experiment
+    from fedpriv.app_config import compose_config  # deferred: loads torch
+    from fedpriv.deployment.rehearsal import CLIENTAPP_USER_NOTE, LocalFederation  # deferred: loads torch
+    from fedpriv.experiment import absolute_paths, prepare_experiment  # deferred: loads torch
 
     overrides = list(args.overrides) + [f"federation.num_hospitals={args.hospitals}",
                                         f"strategy.num_rounds={args.rounds}"]
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fedpriv-deploy: interrupted; every process it started was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except FedprivError as error:
-        from fedpriv.deployment.processes import DeploymentError
+        from fedpriv.deployment.processes import DeploymentError  # deferred: loads torch
 
         print(f"fedpriv-deploy: error: {error}", file=sys.stderr)
         return EXIT_FAILED if isinstance(error, DeploymentError) else EXIT_BAD_INPUT

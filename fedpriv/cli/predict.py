@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
-    from fedpriv.report.evaluation import load_run_model
+    from fedpriv.report.evaluation import load_run_model  # deferred: torch; --help answers at once
 
     try:
         loaded = load_run_model(args.model)
@@ -134,7 +134,7 @@ def _fail(message: str) -> int:
 
 def collect_images(paths: list[str]) -> list[Prediction | Path]:
     """Files to read, in order: named files as given, folders expanded; problems as failed Predictions."""
-    from fedpriv.data.imagefolder import EXTENSIONS
+    from fedpriv.data.imagefolder import EXTENSIONS  # deferred: loads torch (see load_run_model)
 
     found: list[Prediction | Path] = []
     for name in paths:
@@ -152,7 +152,7 @@ def collect_images(paths: list[str]) -> list[Prediction | Path]:
 
 def read_pixels(file: Path, size: int, channels: int) -> np.ndarray:
     """One image as ``(channels, size, size)`` uint8, read as training read it; DataError if unreadable."""
-    from fedpriv.data.imagefolder import DICOM_EXTENSIONS, read_image
+    from fedpriv.data.imagefolder import DICOM_EXTENSIONS, read_image  # deferred: loads torch (see load_run_model)
 
     if channels == 1:
         return read_image(file, size)[None]
@@ -174,7 +174,7 @@ def predict_files(loaded: RunModel, paths: list[str]) -> list[Prediction]:
     """Read every image (skipping unreadable ones, with their error) and predict the rest in one batch."""
     import torch
 
-    from fedpriv.data.base import normalise
+    from fedpriv.data.base import normalise  # deferred: loads torch (see load_run_model)
 
     predictions, pixels = [], []
     for item in collect_images(paths):

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format=f"{PROG}: %(levelname)s: %(message)s")
-    from fedpriv.report.run_report import write_run_report
+    from fedpriv.report.run_report import write_run_report  # deferred: torch; --help answers at once
 
     try:
         written = write_run_report(args.run_dir, recompute=args.recompute)

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedpriv.errors import DataError
+
 NORMALISATION_MEAN = 0.5
 NORMALISATION_STD = 0.5
 
@@ -139,8 +141,6 @@ class LabeledImages:
         names the data in that message.
         """
         if self.patient_ids is None:
-            from fedpriv.errors import DataError
-
             raise DataError(f"{where} has no patient ids, so privacy.unit=patient cannot protect patients: give "
                             "each image a patient id (image folder: a 'patient_id' column in dataset.attributes_csv; "
                             "npz: a <split>_patient_ids array; synthetic: dataset.images_per_patient=K), or use "

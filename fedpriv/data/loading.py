@@ -6,6 +6,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from fedpriv.data.base import MedicalImageDataset
+from fedpriv.data.imagefolder import load_image_folder
+from fedpriv.data.medmnist import load_medmnist
+from fedpriv.data.synthetic import make_synthetic
 from fedpriv.errors import ConfigError
 
 if TYPE_CHECKING:  # only for annotations: keeps `fedpriv.data` importable without the config stack
@@ -21,20 +24,14 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> MedicalImageDataset:
     image folder); MedMNIST keeps its official split. Raises DataError or ConfigError with a fix.
     """
     if cfg.name == "synthetic":
-        from fedpriv.data.synthetic import make_synthetic
-
         return make_synthetic(cfg.num_samples, cfg.size, seed, cfg.val_fraction, cfg.test_fraction,
                               images_per_patient=cfg.images_per_patient)
     if cfg.name == "imagefolder":
-        from fedpriv.data.imagefolder import load_image_folder
-
         if not cfg.path:
             raise ConfigError("dataset.path", cfg.path, "the image folder needs a location",
                               "set dataset.path=/path/to/folder with one subfolder per class")
         return load_image_folder(cfg.path, cfg.size, attributes_csv=cfg.attributes_csv,
                                  val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed)
-    from fedpriv.data.medmnist import load_medmnist
-
     return load_medmnist(cfg.name, cfg.size, cfg.root, cfg.download)
 
 
@@ -49,6 +46,4 @@ def load_server_dataset(cfg: DatasetConfig, seed: int) -> MedicalImageDataset:
     """
     if cfg.name in ("synthetic", "imagefolder"):
         return load_dataset(cfg, seed)
-    from fedpriv.data.medmnist import load_medmnist
-
     return load_medmnist(cfg.name, cfg.size, cfg.root, cfg.download, required=("test",), optional=("val", "train"))

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from fedpriv.data.splits import group_members
 from fedpriv.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ def partition_indices(
     """
     labels = np.asarray(labels).reshape(-1)
     if groups is not None:
-        from fedpriv.data.splits import group_members
-
         first, inverse = group_members(groups)
         parts = partition_indices(labels[first], num_hospitals, scheme, alpha=alpha, seed=seed, shares=shares,
                                   min_size=min_size)

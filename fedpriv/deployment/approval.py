@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from fedpriv.deployment.app_user import unreadable_problem
 from fedpriv.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def app_hash(app_dir: Path) -> str:
 
 def fedpriv_app_hash() -> str:
     """The hash of fedpriv's own app (``fedpriv.app_config.write_app``), the same on every machine."""
-    from fedpriv.app_config import write_app
+    from fedpriv.app_config import write_app  # deferred: loads torch; the hospital's launcher must start fast
 
     with tempfile.TemporaryDirectory() as folder:
         return app_hash(write_app(Path(folder) / "app"))
@@ -125,7 +126,6 @@ def launcher_main(argv: list[str] | None = None) -> None:
     # The SuperNode's private keys: this launcher (and every app it starts) must not be able to open them.
     secrets = _pop_option(args, "--unreadable")
     if secrets:
-        from fedpriv.deployment.app_user import unreadable_problem
 
         problem = unreadable_problem([Path(p) for p in secrets.split(",") if p.strip()])
         if problem:

@@ -49,6 +49,7 @@ from fedpriv import rundir
 from fedpriv.app_config import config_to_json, write_app
 from fedpriv.config import FedprivConfig
 from fedpriv.data import NORMALISATION_MEAN, NORMALISATION_STD, LabeledImages
+from fedpriv.data.medmnist import SIZES, npz_filename
 from fedpriv.deployment.approval import app_hash
 from fedpriv.deployment.credentials import (
     Credentials,
@@ -114,7 +115,6 @@ def _uint8_images(images: LabeledImages) -> np.ndarray:
 
 def npz_flag(cfg: FedprivConfig, experiment: Experiment) -> str:
     """The MedMNIST flag whose npz layout carries this experiment's data."""
-    from fedpriv.data.medmnist import SIZES
 
     if cfg.dataset.size not in SIZES:
         raise ConfigError("dataset.size", cfg.dataset.size, "hospital shares are written as MedMNIST npz files, "
@@ -135,7 +135,6 @@ def write_share(folder: Path, flag: str, size: int, train: LabeledImages | None,
 
     A hospital's share holds train (and val) only; the coordinator's test (and val) only.
     """
-    from fedpriv.data.medmnist import npz_filename
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / npz_filename(flag, size)

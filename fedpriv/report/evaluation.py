@@ -18,10 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpriv import data as datasets
 from fedpriv import rundir
 from fedpriv.config import FedprivConfig
 from fedpriv.data import MedicalImageDataset
+from fedpriv.data.synthetic import CLASS_NAMES
 from fedpriv.errors import RunFilesError
+from fedpriv.models import build_model
 from fedpriv.report.calibration import CalibrationReport, calibrate, softmax
 from fedpriv.report.fairness import SubgroupFairness, subgroup_fairness
 from fedpriv.rundir import number
@@ -51,8 +54,6 @@ class ModelInfo:
     order: int = 2
 
     def build(self) -> nn.Module:
-        from fedpriv.models import build_model
-
         return build_model(self.name, in_channels=self.in_channels, num_classes=self.num_classes,
                            image_size=self.image_size, width=self.width, activation=self.activation,
                            scale=self.scale, orientations=self.orientations, order=self.order)
@@ -133,8 +134,6 @@ def _class_names(cfg: FedprivConfig, num_classes: int) -> list[str]:
     """Class names without loading the data: MedMNIST's table, the synthetic names, or the folder's."""
     names: list[str] = []
     if cfg.dataset.name == "synthetic":
-        from fedpriv.data.synthetic import CLASS_NAMES
-
         names = list(CLASS_NAMES)
     elif cfg.dataset.name == "imagefolder" and cfg.dataset.path and Path(cfg.dataset.path).is_dir():
         names = sorted(d.name for d in Path(cfg.dataset.path).iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -218,9 +217,7 @@ def evaluate_final_model(run_dir: str | Path, dataset: MedicalImageDataset | Non
     run_dir = Path(run_dir)
     cfg = rundir.read_config(run_dir)
     if dataset is None:
-        from fedpriv.data import load_dataset
-
-        dataset = load_dataset(cfg.dataset, cfg.seed)
+        dataset = datasets.load_dataset(cfg.dataset, cfg.seed)  # looked up at call time: tests stand in for it
     model_file = run_dir / rundir.MODEL
     if not model_file.is_file():
         raise RunFilesError(f"{model_file} not found: the run has not finished")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpriv import data
 from fedpriv.config import FedprivConfig
 from fedpriv.data import MedicalImageDataset
 from fedpriv.errors import FedprivError
@@ -52,7 +53,7 @@ class LedgerSpreads:
 def ledger_spreads(cfg: FedprivConfig, run_dir: Path, run_id: str,
                    dataset: MedicalImageDataset | None) -> LedgerSpreads | str:
     """Each simulated hospital's per-record epsilon, read from the run's ledger; or why it cannot be."""
-    from fedpriv.site import simulation_ledger_key, simulation_ledger_path  # (it loads the training stack)
+    from fedpriv.site import simulation_ledger_key, simulation_ledger_path  # deferred: loads Opacus (~2 s), for reports
 
     try:
         path = simulation_ledger_path(cfg, run_dir)
@@ -89,10 +90,8 @@ def ledger_spreads(cfg: FedprivConfig, run_dir: Path, run_id: str,
 def _experiment(cfg: FedprivConfig, dataset: MedicalImageDataset | None) -> Experiment | str:
     """The hospitals' shares of the data, or why the data cannot be had."""
     if dataset is None:
-        from fedpriv import data  # looked up at call time, as evaluate_final_model does
-
         try:
-            dataset = data.load_dataset(cfg.dataset, cfg.seed)
+            dataset = data.load_dataset(cfg.dataset, cfg.seed)  # looked up at call time: tests stand in for it
         except (FedprivError, OSError, ValueError) as exc:
             return (f"naming each hospital's records needs the data (record ids are content ids), and it cannot "
                     f"be loaded ({_one_line(exc)})")
