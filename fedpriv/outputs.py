@@ -18,6 +18,7 @@ import torch
 from fedpriv import rundir
 from fedpriv.config import FedprivConfig, to_config
 from fedpriv.errors import ConfigError
+from fedpriv.experiment import ledger_folder
 from fedpriv.roster import HospitalState, RoundRecord
 
 # Settings that decide the model's shape or which records each hospital holds: a resumed run must
@@ -115,8 +116,6 @@ class RunRecorder:
     @property
     def ledger_folder(self) -> Path:
         """Where the simulated hospitals' ledgers are (a deployed hospital keeps its own elsewhere)."""
-        from fedpriv.experiment import ledger_folder
-
         return ledger_folder(self.config, self.run_dir)
 
     def ledger_lines(self) -> tuple[str, str]:
