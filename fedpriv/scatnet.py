@@ -42,8 +42,8 @@ PRECOMPUTE_BATCH = 256  # images per scattering call when precomputing: bounds p
 
 def auto_scale(image_size: int) -> int:
     """The scale J for `image_size` when none is configured: the largest J >= 1 whose coefficients are
-    at least 7 pixels wide (28 -> 2, 64 -> 3, 128 -> 4, 224 -> 5; below 14 pixels, 1)."""
-    return max(1, int(math.floor(math.log2(image_size / TARGET_SIDE))))
+    at least 7 pixels wide (28 -> 2, 64 -> 3, 128 -> 4, 224 -> 5; 1 below 28 pixels)."""
+    return max(1, math.floor(math.log2(image_size / TARGET_SIDE)))
 
 
 def coefficients_per_channel(scale: int, orientations: int, order: int) -> int:
