@@ -24,7 +24,7 @@ from fedpriv.privacy.accounting import ACCOUNTANTS
 MODEL_NAMES = ("cnn", "resnet18", "scatnet")
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 STRATEGY_MODES = ("parallel", "sequential")
-SEQUENTIAL_STEPS = ("full", "share")  # see fedpriv.strategy.BudgetAwareStrategy.sequential_weight
+SEQUENTIAL_STEPS = ("full", "share")  # see fedpriv.aggregation.sequential_weight
 LEDGER_SCOPES = ("persistent", "run")  # see FederationConfig.ledger_scope
 PRIVACY_UNITS = ("image", "patient")  # see PrivacyConfig.unit
 MEDMNIST_SIZES = (28, 64, 128, 224)
