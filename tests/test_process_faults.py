@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -44,8 +45,8 @@ def _describe(pids: list[int]) -> str:
     lines = []
     for pid in pids:
         try:
-            lines.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:160].decode())
-        except OSError:
+            lines.append(f"{pid}: " + " ".join(psutil.Process(pid).cmdline())[:160])
+        except psutil.Error:
             lines.append(f"{pid}: (gone)")
     return "\n".join(lines)
 
@@ -249,10 +250,11 @@ def _flower_homes(marker: str) -> set[Path]:
     homes = set()
     for pid in processes_mentioning(marker):
         try:
-            variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+            home = psutil.Process(pid).environ().get("FLWR_HOME")
+        except psutil.Error:
             continue
-        homes |= {Path(v.split(b"=", 1)[1].decode()) for v in variables if v.startswith(b"FLWR_HOME=")}
+        if home:
+            homes.add(Path(home))
     return {home for home in homes if home.name.startswith("fedpriv-flwr-")}
 
 
