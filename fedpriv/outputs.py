@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,6 @@ class RunRecorder:
     def summary(self, hospitals: list[HospitalState], stop_reason: str, excluded: dict[str, str] | None = None) -> str:
         cfg = self.config
         last = self.rounds[-1]["server"] if self.rounds else {}
-        private = cfg.privacy.enabled
         # Non-private runs charge the ledger too: their records' epsilon becomes infinity there.
         ledger_line, epsilon_sentence = self.ledger_lines()
         lines = [
@@ -223,6 +222,33 @@ def privacy_line(cfg: FedprivConfig, hospitals: list[HospitalState]) -> str:
     if cfg.privacy.unit == "patient":
         return line + "; epsilon per patient (user-level DP-SGD: all of a patient's images together)"
     return line + "; epsilon per image (a patient with k images is protected only at about k x epsilon)"
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a resumed run goes on from: its last checkpoint's weights, round and run id."""
+
+    state_dict: dict[str, torch.Tensor]
+    first_round: int  # the round after the checkpoint's
+    run_id: str
+    rounds_trained: int
+    checkpoint: Path
+
+
+def resume(cfg: FedprivConfig, model: torch.nn.Module) -> Resumed:
+    """Load `resume=`'s last checkpoint into `model`; ConfigError, saying why, if it cannot be used."""
+    checkpoint_path = resume_checkpoint(cfg)
+    try:
+        checkpoint = torch.load(checkpoint_path, weights_only=True)
+        model.load_state_dict(checkpoint["state_dict"])
+        # A checkpoint from before the count existed: its rounds are taken as trained (none is
+        # declared untrained without evidence).
+        return Resumed(checkpoint["state_dict"], checkpoint["round"] + 1, checkpoint["run_id"],
+                       int(checkpoint.get("rounds_trained", checkpoint["round"])), checkpoint_path)
+    except Exception as exc:  # truncated file, or weights of another model
+        raise ConfigError("resume", cfg.resume, f"checkpoint {checkpoint_path.name} cannot be used "
+                          f"({type(exc).__name__}: {str(exc)[:200]})",
+                          "resume from an intact run directory of the same model, or start a new run") from None
 
 
 def resume_checkpoint(cfg: FedprivConfig) -> Path:

@@ -18,10 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedpriv.app_config import RUN_DIR_KEY, config_from_run_config
 from fedpriv.config import FedprivConfig, logit_shift, resolve_noise_multiplier, validate_config
 from fedpriv.data import load_server_dataset
-from fedpriv.errors import ConfigError
 from fedpriv.hospital import RoundRequest
 from fedpriv.models import build_model
-from fedpriv.outputs import RunRecorder, resume_checkpoint, untrained_reason
+from fedpriv.outputs import RunRecorder, resume, untrained_reason
+from fedpriv.protocol import Metric
 from fedpriv.report.run_report import write_run_report
 from fedpriv.scatnet import precomputed
 from fedpriv.strategy import BudgetAwareStrategy
@@ -71,19 +71,10 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
                         scale=cfg.model.scale, orientations=cfg.model.orientations, order=cfg.model.order)
     state, first_round, rounds_trained = model.state_dict(), 1, 0
     if cfg.resume:
-        checkpoint_path = resume_checkpoint(cfg)
-        try:
-            checkpoint = torch.load(checkpoint_path, weights_only=True)
-            state, first_round, run_id = checkpoint["state_dict"], checkpoint["round"] + 1, checkpoint["run_id"]
-            # A checkpoint from before the count existed: its rounds are taken as trained (none is
-            # declared untrained without evidence).
-            rounds_trained = int(checkpoint.get("rounds_trained", checkpoint["round"]))
-            model.load_state_dict(state)
-        except Exception as exc:  # truncated file, or weights of another model
-            raise ConfigError("resume", cfg.resume, f"checkpoint {checkpoint_path.name} cannot be used "
-                              f"({type(exc).__name__}: {str(exc)[:200]})",
-                              "resume from an intact run directory of the same model, or start a new run") from None
-        log.info("resuming run %s from %s (round %d)", run_id, checkpoint_path, first_round)
+        resumed = resume(cfg, model)
+        state, first_round, run_id, rounds_trained = (resumed.state_dict, resumed.first_round, resumed.run_id,
+                                                      resumed.rounds_trained)
+        log.info("resuming run %s from %s (round %d)", run_id, resumed.checkpoint, first_round)
     if cfg.train.logit_adjustment and cfg.dataset.class_prior is None:
         log.info("train.logit_adjustment=%g has no effect: dataset %s declares no public class_prior, so "
                  "hospitals train with plain cross-entropy", cfg.train.logit_adjustment, cfg.dataset.name)
@@ -94,7 +85,7 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
         started = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(model, test).metrics()
-        metrics["eval-seconds"] = time.perf_counter() - started
+        metrics[Metric.EVAL_SECONDS] = time.perf_counter() - started
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     strategy = BudgetAwareStrategy(
