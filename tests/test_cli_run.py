@@ -303,3 +303,16 @@ def test_the_readme_flwr_run_commands_work_as_printed(tmp_path):
         assert _listening(port) == []  # the kill line stopped the SuperLink
     finally:  # the SuperLink, and anything it started (their environment names this test's home folder)
         _stop({*_listening(port), *_with_home(tmp_path)})
+
+
+def test_the_readme_error_examples_print_what_the_readme_shows(run_cli, monkeypatch, tmp_path):
+    """The README's `$ fedpriv ...` examples, each followed by the one line it prints."""
+    blocks = re.findall(r"^```\w*\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
+    block = next(b for b in blocks if "$ fedpriv" in b)
+    lines = block.splitlines()
+    examples = [(line[2:], lines[i + 1]) for i, line in enumerate(lines) if line.startswith("$ fedpriv ")]
+    assert len(examples) >= 2
+    monkeypatch.setenv("FEDPRIV_DATA_DIR", str(tmp_path / "no-data"))
+    for command, printed in examples:
+        code, err = run_cli(*shlex.split(command)[1:])
+        assert (code, err.strip()) == (cli.EXIT_BAD_INPUT, printed), command
