@@ -127,13 +127,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps only (checks the script runs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--skip-pneumonia", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--out", default="patient_level", help="results file name in bench/results (no .json)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows: list[dict] = []
     started = time.perf_counter()
     synthetic = make_synthetic(600 if args.quick else 1600, 28, 0, 0.1, 0.2, images_per_patient=10)
-    bench("synthetic, 1-10 images per patient", synthetic.train, synthetic.test, image_batch=160,
-          epochs=1 if args.quick else 4, seeds=args.seeds, shift=None, rows=rows, units=UNITS)
+    if not args.skip_synthetic:
+            bench("synthetic, 1-10 images per patient", synthetic.train, synthetic.test, image_batch=160,
+              epochs=1 if args.quick else 4, seeds=args.seeds, shift=None, rows=rows, units=UNITS)
     if not args.skip_pneumonia:
         cfg = compose_config([])
         dataset = load_dataset(cfg.dataset, 0)
@@ -145,7 +148,7 @@ def main() -> None:
               epochs=1 if args.quick else 3, seeds=args.seeds[:1], shift=logit_shift(cfg, 2), rows=rows,
               units=UNITS[:2])
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("patient_level_quick.json" if args.quick else "patient_level.json")
+    out = RESULTS / (f"{args.out}_quick.json" if args.quick else f"{args.out}.json")
     out.write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - started,
                                "epsilon": EPSILON, "delta": DELTA, "clip": CLIP, "lr": LR}, indent=1))
     print(table(rows))
