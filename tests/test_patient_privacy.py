@@ -337,3 +337,19 @@ def test_a_patient_level_federation_charges_patients_and_says_so_everywhere(tmp_
     # The same data per image on the same (per-patient) ledger is refused by every hospital, naming why.
     again, _, again_dir = federate(tmp_path, "dataset.images_per_patient=4", run="again")
     assert again.history == [] and rundir.read_result(again_dir)["rounds_trained"] == 0
+
+
+def test_a_deployed_hospital_chooses_its_unit_in_its_node_config(tmp_path):
+    from fedpriv.deployment.node import hospital_settings, parse_node_config
+    from fedpriv.errors import ConfigError
+
+    (tmp_path / "ledger").mkdir()
+    (tmp_path / "pneumoniamnist.npz").write_bytes(b"")
+    config = {"name": "St-Elsewhere", "data": str(tmp_path / "pneumoniamnist.npz"), "budget-epsilon": 2.5,
+              "delta": 1e-5, "ledger": str(tmp_path / "ledger" / "ledger.db")}
+    assert hospital_settings(parse_node_config(config)).unit == "image"
+    settings = hospital_settings(parse_node_config({**config, "privacy-unit": "patient",
+                                                    "max-images-per-patient": "3"}))
+    assert (settings.unit, settings.max_images_per_patient) == ("patient", 3)
+    with pytest.raises(ConfigError, match="privacy-unit"):
+        parse_node_config({**config, "privacy-unit": "visit"})

@@ -29,6 +29,10 @@ key                    meaning
 ``val-fraction``       image folders only: the share of images (stratified by class, fixed
                        order) held out as the validation split; default 0: every image trains
 ``allow-non-private``  accept non-private rounds (epsilon = inf); default ``false``
+``privacy-unit``       ``image`` (default) or ``patient``: patient-level DP (all of a patient's
+                       images as one record); needs patient ids (an npz's ``train_patient_ids``).
+                       Fixed by the ledger: it refuses the other unit
+``max-images-per-patient``  privacy-unit=patient: most images of a patient per step (default: all)
 ``threads``            torch CPU threads for training (default: torch's choice)
 =====================  ======================================================================
 
@@ -76,7 +80,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DATASET = "pneumoniamnist"
 KNOWN_KEYS = ("name", "data", "dataset", "budget-epsilon", "delta", "ledger", "ledger-key", "accountant",
               "allow-non-private", "threads", "min-records", "max-local-epochs", "min-noise-multiplier",
-              "max-epsilon-per-round", "max-epsilon-per-run", "share-validation-metrics", "val-fraction")
+              "max-epsilon-per-round", "max-epsilon-per-run", "share-validation-metrics", "val-fraction",
+              "privacy-unit", "max-images-per-patient")
 REQUIRED_KEYS = ("name", "data", "budget-epsilon", "delta", "ledger")
 
 
@@ -101,6 +106,8 @@ class NodeSettings:
     max_epsilon_per_run: float | None = None
     share_validation_metrics: bool = False
     val_fraction: float = 0.0
+    privacy_unit: str = "image"
+    max_images_per_patient: int | None = None
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,17 @@ def parse_node_config(config: Mapping[str, Any]) -> NodeSettings:
                         max_epsilon_per_round=_cap(config, "max-epsilon-per-round"),
                         max_epsilon_per_run=_cap(config, "max-epsilon-per-run"),
                         share_validation_metrics=_flag(config, "share-validation-metrics"),
-                        val_fraction=_val_fraction(config, data))
+                        val_fraction=_val_fraction(config, data), privacy_unit=_privacy_unit(config),
+                        max_images_per_patient=(None if config.get("max-images-per-patient") in (None, "")
+                                                else _limit(config, "max-images-per-patient", 1, 1)))
+
+
+def _privacy_unit(config: Mapping[str, Any]) -> str:
+    """What one record of the hospital's guarantee is: "image" (default) or "patient"."""
+    unit = str(config.get("privacy-unit") or "image").strip()
+    if unit not in ("image", "patient"):
+        raise ConfigError("privacy-unit", unit, "must be image or patient", _fix("privacy-unit", '"patient"'))
+    return unit
 
 
 def _val_fraction(config: Mapping[str, Any], data: Path) -> float:
@@ -369,7 +386,8 @@ def hospital_settings(settings: NodeSettings) -> HospitalSettings:
                             min_noise_multiplier=settings.min_noise_multiplier,
                             max_epsilon_per_round=settings.max_epsilon_per_round,
                             max_epsilon_per_run=settings.max_epsilon_per_run,
-                            share_validation_metrics=settings.share_validation_metrics)
+                            share_validation_metrics=settings.share_validation_metrics,
+                            unit=settings.privacy_unit, max_images_per_patient=settings.max_images_per_patient)
 
 
 def deployed_site(context: Context) -> HospitalSite:
