@@ -29,6 +29,7 @@ from fedpriv.config import FedprivConfig
 from fedpriv.data import MedicalImageDataset
 from fedpriv.errors import FedprivError
 from fedpriv.privacy.ledger import SPENT_FRACTION
+from fedpriv.protocol import Status
 from fedpriv.report import figures
 from fedpriv.report.calibration import CalibrationReport
 from fedpriv.report.document import (
@@ -353,7 +354,7 @@ def _learning(files: RunFiles) -> list[Block]:
     if not rounds:
         return [Heading("Learning curves"), Paragraph("No round finished, so there are no learning curves.")]
     rows = [[str(r["round"]), *(fmt(r["server"].get(k)) for k in ("auc", "accuracy", "loss")),
-             f"{sum(1 for h in r['hospitals'].values() if h.get('status') == 'trained')} of {len(r['order'])}"]
+             f"{sum(1 for h in r['hospitals'].values() if h.get('status') == Status.TRAINED)} of {len(r['order'])}"]
             for r in rounds]
     return [Heading("Learning curves"),
             Figure("learning_curves", figures.learning_curves(rounds, synthetic=files.synthetic),
@@ -409,7 +410,7 @@ def _refusals(rounds: list[dict[str, Any]]) -> list[list[str]]:
     """One row per hospital that refused a round without being locked: when, how often, and why."""
     rows = []
     for name in dict.fromkeys(n for r in rounds for n in r["hospitals"]):
-        refused = [r for r in rounds if r["hospitals"].get(name, {}).get("status") == "refused"]
+        refused = [r for r in rounds if r["hospitals"].get(name, {}).get("status") == Status.REFUSED]
         if refused:
             reply = refused[0]["hospitals"][name]
             rows.append([name, str(refused[0]["round"]), str(len(refused)),
