@@ -1,14 +1,22 @@
-"""notebooks/walkthrough.ipynb runs end to end and tells its story.
+"""notebooks/walkthrough.ipynb: committed with the outputs of a full-mode run that match today's code, and it runs.
 
-The notebook is executed in its small mode (FEDPRIV_NOTEBOOK_SMALL=1: synthetic data, 2 hospitals,
-tiny model and attack settings) with nbclient, in a python3 kernel of this interpreter, with a
-temporary working directory so that every output lands there. Any failing cell fails the test; the
-outputs it leaves (printed text and the files its commands wrote) are then checked step by step.
+Two kinds of check:
+
+- The committed notebook holds the outputs of a full-mode run (PneumoniaMNIST), every code cell
+  executed in order without error, and they are fresh: its metadata records (``notebooks/execute.py``)
+  a digest of the code cells and the fingerprint of a small fixed computation through the stages
+  behind the notebook's numbers. A cell edited since, or code whose results differ from that
+  fingerprint, fails here with the command that re-runs the notebook. These tests take seconds.
+- The notebook executed in its small mode (FEDPRIV_NOTEBOOK_SMALL=1: synthetic data, 2 hospitals,
+  tiny model and attack settings) with nbclient, in a python3 kernel of this interpreter, with a
+  temporary working directory so that every output lands there. Any failing cell fails the test;
+  the outputs it leaves (printed text and the files its commands wrote) are then checked step by step.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -17,19 +25,70 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
+from fedpriv.privacy import read_ledger
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK = NOTEBOOKS / "walkthrough.ipynb"
 CELL_TIMEOUT_S = 900  # one cell runs at most two federations; generous for a loaded 2-core machine
+RERUN = "FEDPRIV_DATA_DIR=$PWD/../shared/data .venv/bin/python notebooks/execute.py"
 
 
-def test_the_committed_notebook_is_valid_and_holds_no_outputs():
+def _execute_module():
+    """notebooks/execute.py, which records what produced the saved outputs (not a package: loaded by path)."""
+    spec = importlib.util.spec_from_file_location("walkthrough_execute", NOTEBOOKS / "execute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def committed():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
-    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert code, "the walkthrough has no code cells"
-    for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None, f"stored outputs in:\n{cell.source[:200]}"
+    return notebook
+
+
+def test_the_committed_notebook_holds_the_outputs_of_a_full_mode_run(committed):
+    code = [cell for cell in committed.cells if cell.cell_type == "code"]
+    assert code and committed.metadata.kernelspec.name == "python3"
     assert "FEDPRIV_NOTEBOOK_SMALL" in code[0].source  # the small switch is read in the first code cell
-    assert notebook.metadata.kernelspec.name == "python3"
+    # Every code cell ran, in order, in one session, and none failed.
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    assert all(cell.outputs for cell in code), "a code cell without output: the notebook was not run whole"
+    assert not [output for cell in code for output in cell.outputs if output.output_type == "error"]
+    record = committed.metadata.get("fedpriv", {})
+    assert record.get("mode") == "full", f"the saved outputs are not from a full-mode run; run {RERUN}"
+    text = _text(committed)
+    assert "full mode: PneumoniaMNIST" in text and "SMALL mode" not in text and "SYNTHETIC" not in text
+    assert not re.search(r"/\S+/notebooks/outputs/", text)  # paths are shown relative to the notebook
+    assert "| hospital-3 |" in text and "round 1: trained" in text and "Sweep: privacy against utility" in text
+    assert _images(committed) >= 10
+
+
+def test_the_saved_outputs_come_from_todays_cells(committed):
+    execute = _execute_module()
+    assert committed.metadata.fedpriv.cells == execute.cells_digest(committed), (
+        f"a code cell changed after the notebook was run: its saved outputs are stale. Run {RERUN}")
+
+
+@pytest.mark.slow  # trains a tiny model for a few seconds
+def test_the_saved_outputs_match_what_todays_code_computes(committed):
+    """The fingerprint (data, split, accountant, one DP-SGD round, test metrics, the shown epsilon) is unchanged."""
+    saved = json.loads(json.dumps(committed.metadata.fedpriv.fingerprint))
+    now = _execute_module().fingerprint()
+    changed = sorted(key for key in {*saved, *now} if saved.get(key) != now.get(key))
+    assert not changed, (f"the code now computes other results ({', '.join(changed)}: saved {[saved.get(k) for k in changed]}, "
+                         f"now {[now.get(k) for k in changed]}), so the notebook's saved outputs are stale. Run {RERUN}")
+
+
+def test_a_notebook_edited_after_its_run_is_caught(committed):
+    execute = _execute_module()
+    edited = nbformat.from_dict(json.loads(json.dumps(committed)))
+    next(cell for cell in edited.cells if cell.cell_type == "code").source += "\n# edited"
+    assert execute.cells_digest(edited) != committed.metadata.fedpriv.cells
+    markdown = nbformat.from_dict(json.loads(json.dumps(committed)))
+    next(cell for cell in markdown.cells if cell.cell_type == "markdown").source += " (edited)"
+    assert execute.cells_digest(markdown) == committed.metadata.fedpriv.cells  # prose does not change outputs
 
 
 def _text(notebook) -> str:
@@ -55,6 +114,9 @@ def executed(tmp_path_factory):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDPRIV_NOTEBOOK_SMALL", "1")  # the kernel inherits this environment
+        for cell in notebook.cells:  # start from a clean notebook, as a reader who re-runs it would
+            if cell.cell_type == "code":
+                cell.update(outputs=[], execution_count=None)
         client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S, startup_timeout=180,
                                 resources={"metadata": {"path": str(workdir)}})
         client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
@@ -83,8 +145,6 @@ def test_one_hospital_trains_until_its_ledger_refuses(executed):
     assert "another run: locked" in text  # then every record is exhausted: a new run is refused too
     assert "LOCKED" in text  # `fedpriv-ledger show`
     assert "ok: " in text and "chain and witness intact" in text  # `fedpriv-ledger verify`
-    from fedpriv.privacy import read_ledger
-
     with read_ledger(out / "one-hospital" / "ledger.db") as ledger:
         status = ledger.status()
         assert status.locked and 0 < status.epsilon_spent <= status.budget_epsilon == 3.0
