@@ -68,6 +68,7 @@ class RunRecorder:
             "client_evaluation": record.client_evaluation,
             "privacy": [{"hospital": h.name, "epsilon": h.epsilon, "delta": h.delta,
                          "budget_epsilon": h.budget_epsilon, "locked": h.locked,
+                         "unit": h.unit or self.config.privacy.unit,
                          "epsilon_is_lower_bound": h.unreported_since is not None} for h in hospitals],
         })
         self._write_metrics()
@@ -86,8 +87,9 @@ class RunRecorder:
         cfg = self.config
         result = {
             "run_id": self.run_id, "mode": cfg.strategy.mode, "private": cfg.privacy.enabled,
-            # What one record of every epsilon here is: "image", or "patient" (all of a patient's images).
-            "privacy_unit": cfg.privacy.unit,
+            # What one record of the epsilons here is, as the hospitals reported it: "image", "patient" (all
+            # of a patient's images), or "mixed" (each hospital's own: see its "unit").
+            "privacy_unit": run_unit(cfg, hospitals),
             "epsilon_budget": cfg.privacy.epsilon if cfg.privacy.enabled else math.inf,
             "rounds_planned": cfg.strategy.num_rounds, "rounds_run": len(self.rounds), "stop_reason": stop_reason,
             "rounds_trained": self.rounds_trained,
@@ -98,7 +100,7 @@ class RunRecorder:
             "test": self.rounds[-1]["server"] if self.rounds and self.rounds_trained else {},
             "hospitals": [{"hospital": h.name, "records": h.num_examples, "epsilon": h.epsilon, "delta": h.delta,
                            "budget_epsilon": h.budget_epsilon, "locked": h.locked,
-                           "epsilon_is_lower_bound": h.unreported_since is not None,
+                           "unit": h.unit or cfg.privacy.unit, "epsilon_is_lower_bound": h.unreported_since is not None,
                            "unreported_since_round": h.unreported_since, "accountant": h.accountant,
                            "noise_seeded": h.noise_seeded, "chain_length": h.chain_length,
                            "chain_head": h.chain_head, "max_epsilon_per_round": h.max_epsilon_per_round,
@@ -118,19 +120,18 @@ class RunRecorder:
         """Where the simulated hospitals' ledgers are (a deployed hospital keeps its own elsewhere)."""
         return ledger_folder(self.config, self.run_dir)
 
-    def ledger_lines(self) -> tuple[str, str]:
+    def ledger_lines(self, hospitals: list[HospitalState] = ()) -> tuple[str, str]:
         """The summary's bullet about the ledger and its closing sentence about what epsilon counts."""
+        per = rundir.per_unit(run_unit(self.config, hospitals))
         if self.config.federation.ledger_scope == "run":
             return (f"- privacy ledger: THROW-AWAY (federation.ledger_scope=run), in {self.ledger_folder}: each "
                     "hospital's budget was enforced within this run only (and its resumptions); other uses of "
                     "its data are not counted",
-                    f"Epsilon (per {self.config.privacy.unit}) is what this run spent on each hospital's data, at its "
-                    "delta: the budget was enforced "
-                    "within this run only (a throw-away ledger), not over every use of the data.")
+                    f"Epsilon ({per}) is what this run spent on each hospital's data, at its delta: the budget was "
+                    "enforced within this run only (a throw-away ledger), not over every use of the data.")
         return (f"- privacy ledger: persistent, in {self.ledger_folder} (simulated hospitals; a deployed hospital "
                 "keeps its own where its node config says)",
-                f"Epsilon (per {self.config.privacy.unit}) is cumulative over every use of each hospital's data (its "
-                "ledger), at its delta.")
+                f"Epsilon ({per}) is cumulative over every use of each hospital's data (its ledger), at its delta.")
 
     def final_metrics_line(self, last: dict[str, float]) -> str:
         """The summary's headline metrics, or why there are none (an untrained model)."""
@@ -144,7 +145,7 @@ class RunRecorder:
         cfg = self.config
         last = self.rounds[-1]["server"] if self.rounds else {}
         # Non-private runs charge the ledger too: their records' epsilon becomes infinity there.
-        ledger_line, epsilon_sentence = self.ledger_lines()
+        ledger_line, epsilon_sentence = self.ledger_lines(hospitals)
         lines = [
             "# fedpriv run summary", "",
             f"- data: {self.dataset_description}",
@@ -166,8 +167,9 @@ class RunRecorder:
             self.final_metrics_line(last),
         ]
         capped = any(math.isfinite(h.max_epsilon_per_round) or math.isfinite(h.max_epsilon_per_run) for h in hospitals)
-        unit = cfg.privacy.unit
-        lines += ["", f"| hospital | {unit}s | epsilon spent per {unit} | delta | budget | locked |"
+        unit = run_unit(cfg, hospitals)
+        counted = "records (unit)" if unit == rundir.MIXED_UNITS else f"{unit}s"
+        lines += ["", f"| hospital | {counted} | epsilon spent {rundir.per_unit(unit)} | delta | budget | locked |"
                   + (" caps: round / run |" * capped),
                   "|---|---:|---:|---:|---:|---|" + ("---|" * capped)]
         for h in hospitals:
@@ -176,7 +178,8 @@ class RunRecorder:
                 spent = f">= {spent} (no report since round {h.unreported_since}; its ledger holds the figure)"
             budget = "none" if math.isinf(h.budget_epsilon) else f"{h.budget_epsilon:g}"
             caps = f" {_cap(h.max_epsilon_per_round)} / {_cap(h.max_epsilon_per_run)} |" * capped
-            lines.append(f"| {h.name} | {h.num_examples} | {spent} | {h.delta:g} | {budget} | "
+            records = f"{h.num_examples} ({h.unit})" if unit == rundir.MIXED_UNITS else str(h.num_examples)
+            lines.append(f"| {h.name} | {records} | {spent} | {h.delta:g} | {budget} | "
                          f"{'yes' if h.locked else 'no'} |{caps}")
         if excluded:
             lines += ["", "Hospitals that refused to take part (nothing was trained or spent on their data):"]
@@ -219,9 +222,26 @@ def privacy_line(cfg: FedprivConfig, hospitals: list[HospitalState]) -> str:
     if used and used != [cfg.privacy.accountant]:
         line += (f" (as the hospitals' own ledgers report; the run config asked for {cfg.privacy.accountant}, "
                  "which a hospital's existing ledger does not change)")
-    if cfg.privacy.unit == "patient":
+    unit = run_unit(cfg, hospitals)
+    if unit == "patient":
         return line + "; epsilon per patient (user-level DP-SGD: all of a patient's images together)"
+    if unit == rundir.MIXED_UNITS:
+        by_unit = {u: ", ".join(h.name for h in hospitals if h.unit == u) for u in ("patient", "image")}
+        return (line + f"; epsilon per patient at {by_unit['patient']} (user-level DP-SGD), per image at "
+                f"{by_unit['image']} (a patient with k images protected only at about k x epsilon there)")
     return line + "; epsilon per image (a patient with k images is protected only at about k x epsilon)"
+
+
+
+def run_unit(cfg: FedprivConfig, hospitals: list[HospitalState]) -> str:
+    """What one record of the run's epsilons is, as the hospitals reported it (each hospital decides its
+    own): "image", "patient", or "mixed". The run config's setting only where no hospital has replied,
+    so a server config saying "patient" never relabels a per-image guarantee."""
+    units = {h.unit for h in hospitals if h.unit}
+    if not units:
+        return cfg.privacy.unit
+    return units.pop() if len(units) == 1 else rundir.MIXED_UNITS
+
 
 
 @dataclass(frozen=True)

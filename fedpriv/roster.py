@@ -42,6 +42,7 @@ class HospitalState:
     # What the hospital says it did, from its replies (never from the run config).
     accountant: str = ""
     noise_seeded: bool = False
+    unit: str = ""  # what one of its records is, "image" or "patient" ("" until it replied)
     max_epsilon_per_round: float = math.inf  # its own caps (inf: none)
     max_epsilon_per_run: float = math.inf
     # The head of its ledger's chain as last reported: a witness. A later reply with a shorter
@@ -56,6 +57,7 @@ class HospitalState:
         if Metric.CHAIN_LENGTH in metrics:
             self.chain_length = int(metrics[Metric.CHAIN_LENGTH])
             self.noise_seeded = bool(metrics.get(Metric.NOISE_SEEDED, 0))
+            self.unit = "patient" if metrics.get(Metric.PER_PATIENT, 0) else "image"
             self.max_epsilon_per_round = float(metrics.get(Metric.MAX_EPSILON_PER_ROUND, math.inf))
             self.max_epsilon_per_run = float(metrics.get(Metric.MAX_EPSILON_PER_RUN, math.inf))
         if fields is not None:

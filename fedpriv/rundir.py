@@ -131,6 +131,15 @@ def number(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+MIXED_UNITS = "mixed"  # the run's hospitals protect different units (result.json's privacy_unit)
+
+
+def per_unit(unit: str) -> str:
+    """How an epsilon's unit reads: "per patient", "per image", or for hospitals whose units differ, a
+    pointer to each hospital's own."""
+    return "per record: each hospital's own unit" if unit == MIXED_UNITS else f"per {unit}"
+
+
 def format_epsilon(value: Any, budget: Any = None) -> str:
     """An epsilon for people, the one rule every table, summary, log line and figure label uses.
 

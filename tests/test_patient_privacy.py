@@ -18,6 +18,8 @@ from independent_accounting import check_records
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedpriv import rundir
+from fedpriv.app_config import compose_config
 from fedpriv.data import LabeledImages
 from fedpriv.data.imagefolder import load_image_folder
 from fedpriv.data.partition import partition_indices
@@ -25,10 +27,21 @@ from fedpriv.data.splits import hold_out
 from fedpriv.data.synthetic import make_synthetic
 from fedpriv.errors import DataError, LedgerError, PrivacyError
 from fedpriv.experiment import split_local_validation
-from fedpriv.hospital import REFUSED, TRAINED, HospitalSettings, RoundRequest, budget_state, train_round
+from fedpriv.hospital import (
+    REFUSED,
+    TRAINED,
+    HospitalSettings,
+    RoundOutcome,
+    RoundRequest,
+    budget_state,
+    train_round,
+)
+from fedpriv.outputs import RunRecorder
 from fedpriv.privacy import PrivacyPlan
 from fedpriv.privacy.ledger import PrivacyLedger, read_ledger
 from fedpriv.privacy.records import record_keys
+from fedpriv.protocol import outcome_fields, outcome_metrics
+from fedpriv.roster import HospitalState
 from fedpriv.training import train_local
 
 FEATURES = 16
@@ -353,3 +366,31 @@ def test_a_deployed_hospital_chooses_its_unit_in_its_node_config(tmp_path):
     assert (settings.unit, settings.max_images_per_patient) == ("patient", 3)
     with pytest.raises(ConfigError, match="privacy-unit"):
         parse_node_config({**config, "privacy-unit": "visit"})
+
+
+# --- the unit shown is the one the hospitals report, never the run config's ------------------------
+
+def _reported(name: str, unit: str) -> HospitalState:
+    state = HospitalState(node_id=len(name), name=name)
+    outcome = RoundOutcome(name, TRAINED, "", num_examples=40, epsilon=1.5, delta=1e-5, budget_epsilon=3.0,
+                           chain_length=4, unit=unit)
+    state.update(outcome_metrics(outcome), TRAINED, outcome_fields(outcome))
+    return state
+
+
+@pytest.mark.parametrize("asked", ["image", "patient"])
+def test_the_summary_and_result_say_the_unit_the_hospitals_report(tmp_path, asked):
+    cfg = compose_config(["dataset=synthetic", f"privacy.unit={asked}"])
+    recorder = RunRecorder(tmp_path, cfg, "run-1", "SYNTHETIC")
+    per_image = [_reported("A", "image"), _reported("B", "image")]
+    summary = recorder.finish({}, per_image, "completed all 1 rounds")
+    result = rundir.read_result(tmp_path)
+    assert result["privacy_unit"] == "image" and {h["unit"] for h in result["hospitals"]} == {"image"}
+    assert "epsilon per image" in summary and "epsilon spent per image" in summary
+    assert "per patient" not in summary  # a server config saying "patient" never relabels a per-image guarantee
+
+    mixed = [_reported("A", "patient"), _reported("B", "image")]
+    summary = recorder.finish({}, mixed, "completed all 1 rounds")
+    assert rundir.read_result(tmp_path)["privacy_unit"] == "mixed"
+    assert "epsilon per patient at A (user-level DP-SGD), per image at B" in summary
+    assert "| A | 40 (patient) |" in summary and "| B | 40 (image) |" in summary

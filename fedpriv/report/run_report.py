@@ -54,7 +54,7 @@ from fedpriv.report.fairness import (
     hospital_fairness,
 )
 from fedpriv.report.record_privacy import LedgerSpreads, RecordSpread, ledger_spreads, reported_spreads
-from fedpriv.rundir import format_epsilon, number
+from fedpriv.rundir import MIXED_UNITS, format_epsilon, number, per_unit
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,13 @@ def _max_epsilon(files: RunFiles) -> str:
         return "inf (NOT PRIVATE)"
     budgets = {fmt_budget(h["budget_epsilon"]) for h in hospitals}
     largest = max(hospitals, key=lambda h: number(h["epsilon"]))
-    return (f"{format_epsilon(largest['epsilon'], largest['budget_epsilon'])} per {files.config.privacy.unit} "
+    return (f"{format_epsilon(largest['epsilon'], largest['budget_epsilon'])} {per_unit(_unit(files))} "
             f"(budgets: {', '.join(sorted(budgets))})")
+
+
+def _unit(files: RunFiles) -> str:
+    """What a record is, as the hospitals reported it (result.json), else as the run config asked."""
+    return (files.result or {}).get("privacy_unit") or files.config.privacy.unit
 
 
 def _rounds_line(files: RunFiles) -> str:
@@ -289,12 +294,19 @@ def _privacy_line(files: RunFiles) -> str:
     result = files.result or {}
     # The accountant and the noise seeding are what the hospitals reported, not what the run asked.
     used = sorted(set((result.get("accountants") or {}).values())) or [cfg.privacy.accountant]
-    unit = cfg.privacy.unit
-    kind = ("patient-level (epsilon, delta)-DP, all of a patient's images as one record: user-level DP-SGD"
-            if unit == "patient" else "record-level (epsilon, delta)-DP, one image as one record; a patient with k "
-            "images is protected only at about k x epsilon")
+    unit = _unit(files)
+    if unit == "patient":
+        kind = "patient-level (epsilon, delta)-DP, all of a patient's images as one record: user-level DP-SGD"
+    elif unit == MIXED_UNITS:
+        per_patient = [h["hospital"] for h in result.get("hospitals", []) if h.get("unit") == "patient"]
+        kind = (f"patient-level (user-level DP-SGD) at {', '.join(per_patient)}; record-level, one image as one "
+                "record, at the others")
+    else:
+        kind = ("record-level (epsilon, delta)-DP, one image as one record; a patient with k images is protected "
+                "only at about k x epsilon")
     line = (f"Privacy: DP-SGD at every hospital ({kind}), "
-            f"default budget epsilon {cfg.privacy.epsilon:g} per {unit} at delta {cfg.privacy.delta:g}, accountant "
+            f"default budget epsilon {cfg.privacy.epsilon:g} {per_unit(unit)} at delta {cfg.privacy.delta:g}, "
+            "accountant "
             f"{', '.join(used)} (as the hospitals report), clipping norm {cfg.privacy.max_grad_norm:g}, noise "
             f"multiplier {cfg.privacy.noise_multiplier}.")
     if used != [cfg.privacy.accountant]:
@@ -369,13 +381,13 @@ def _privacy(files: RunFiles) -> list[Block]:
         blocks.append(Banner(NOT_PRIVATE))
     else:
         if _throwaway_ledger(files):
-            blocks.append(Paragraph(f"Epsilon (per {files.config.privacy.unit}) is what this run spent on each "
+            blocks.append(Paragraph(f"Epsilon ({per_unit(_unit(files))}) is what this run spent on each "
                                     "hospital's data, from a throw-away "
                                     "ledger (federation.ledger_scope=run), at its own delta: the budget was enforced "
                                     "within this run only (and its resumptions), not over every use of the data. "
                                     "Epsilons are reported per hospital and as a maximum, never averaged."))
         else:
-            blocks.append(Paragraph(f"Epsilon (per {files.config.privacy.unit}) is each hospital's cumulative "
+            blocks.append(Paragraph(f"Epsilon ({per_unit(_unit(files))}) is each hospital's cumulative "
                                     "epsilon from its own ledger, over every "
                                     "use of its data (all rounds and runs), at its own delta"
                                     + (f"; the simulated hospitals' ledgers are in {folder}" if
