@@ -171,5 +171,11 @@ def precomputed(model: nn.Module, records: LabeledImages) -> LabeledImages:
     precompute = getattr(model, "precompute", None)
     if precompute is None or len(records) == 0:
         return records
-    return LabeledImages(precompute(records.images), records.labels, records.attributes, records.ids(),
-                         records.patient_ids)
+    prepared = LabeledImages(precompute(records.images), records.labels, records.attributes, records.record_ids,
+                             records.patient_ids)
+    if records.record_ids is None:
+        # Content ids (a digest of image and label) must stay those of the images, not of their coefficients.
+        # They are not unique (identical images are one record), so they cannot become record_ids; they are
+        # handed on the way LabeledImages.subset hands them on.
+        prepared._content_ids = records.ids()
+    return prepared

@@ -87,6 +87,11 @@ def test_coefficients_give_the_same_logits_as_the_images_and_keep_every_id():
     assert np.array_equal(prepared.ids(), data.ids())  # the ledger charges the same records
     assert np.array_equal(prepared.patient_ids, data.patient_ids) and torch.equal(prepared.labels, data.labels)
     assert precomputed(build_model("cnn", in_channels=1, num_classes=2, image_size=28), data) is data
+    # Without record ids, the content ids of the images (identical images share one) are kept.
+    twins = LabeledImages(torch.cat([data.images[:3], data.images[:3]]), torch.cat([data.labels[:3]] * 2))
+    assert np.array_equal(precomputed(model, twins).ids(), twins.ids()) and len(set(twins.ids())) == 3
+    named = LabeledImages(data.images[:4], data.labels[:4], record_ids=np.array(["a", "b", "c", "d"]))
+    assert list(precomputed(model, named).ids()) == ["a", "b", "c", "d"]
 
 
 def test_training_never_runs_the_front_end_once_a_hospitals_coefficients_are_computed(monkeypatch, tmp_path):
