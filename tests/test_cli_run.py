@@ -25,6 +25,8 @@ from fedpriv.cli import main as cli
 from fedpriv.experiment import absolute_paths
 from fedpriv.simulation import flower_line
 
+pytestmark = pytest.mark.processes  # starts real processes; each test stops what it started
+
 PROJECT = Path(__file__).resolve().parents[1]
 README = PROJECT / "README.md"
 FEDPRIV = Path(sys.executable).parent / "fedpriv"

@@ -28,6 +28,8 @@ from fedpriv.deployment.app_user import AppUser, check_app_user, lookup_app_user
 from fedpriv.deployment.approval import launcher_main
 from fedpriv.errors import ConfigError
 
+pytestmark = pytest.mark.processes  # starts real processes; each test stops what it started
+
 ROOT = Path(__file__).resolve().parents[1]
 HASH = "ab" * 32
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="starting or checking another user's access needs root")

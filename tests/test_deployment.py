@@ -51,6 +51,8 @@ from fedpriv.models import build_model
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.server_app import round_request
 
+pytestmark = pytest.mark.processes  # starts real processes; each test stops what it started
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_OVERRIDES = ["dataset=synthetic", "dataset.num_samples=120", "train.batch_size=8", "train.local_epochs=1", "model.width=4",
                  "train.momentum=0.0"]

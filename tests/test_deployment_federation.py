@@ -69,7 +69,7 @@ from fedpriv.experiment import prepare_experiment
 from fedpriv.privacy.ledger import read_ledger
 from fedpriv.process_tree import processes_mentioning, terminate_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 BUDGETS = [40.0, 40.0, 0.05]  # the third hospital cannot afford one round: it must refuse, spending nothing
 RUN_OVERRIDES = [

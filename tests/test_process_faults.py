@@ -36,7 +36,7 @@ from fedpriv.process_tree import alive, descendants, group_members, processes_me
 from fedpriv.simulation import executable
 from fedpriv.site import simulation_ledger_path
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 # ------------------------------------------------------------------------------------------ helpers
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.processes  # starts real processes; each test stops what it started
 
 pytest_plugins = ["pytester"]
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fedpriv.process_tree import (
     alive,
     descendants,
@@ -16,6 +18,8 @@ from fedpriv.process_tree import (
     start_time,
     terminate_tree,
 )
+
+pytestmark = pytest.mark.processes  # starts real processes; each test stops what it started
 
 # A root in its own session with a child and a grandchild; the marker is in the root's command line
 # and in the environment all three share.

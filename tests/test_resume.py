@@ -21,6 +21,8 @@ from fedpriv.errors import ConfigError
 from fedpriv.experiment import LEDGER_DIR_ENV, ledger_folder
 from fedpriv.outputs import RunRecorder, resume_checkpoint
 
+pytestmark = pytest.mark.processes  # starts real processes; each test stops what it started
+
 TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "model.width=4",
         "privacy.accountant=rdp"]
 

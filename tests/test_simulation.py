@@ -16,7 +16,7 @@ import pytest
 
 from fedpriv.process_tree import descendants
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 TINY = ["dataset=synthetic", "dataset.num_samples=240", "federation=iid", "train.batch_size=16", "train.local_epochs=1",
         "model.width=4", "strategy.num_rounds=1", "strategy.client_evaluate=false",

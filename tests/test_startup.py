@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.processes  # starts real processes; each test stops what it started
+
 # Opacus (~1.4 s) and torchvision's model zoo (~1.5 s): see BENCHMARKS.md, federation overhead.
 HEAVY = ("opacus", "torchvision")
 

@@ -14,6 +14,8 @@ import pytest
 
 from fedpriv.process_tree import alive, descendants
 
+pytestmark = pytest.mark.processes  # starts real processes; each test stops what it started
+
 # Stands in for `fedpriv`: starts a "SuperLink" (a process with a child, in its own session, as
 # Flower's are) and the real watchdog, prints the PIDs, then waits to be killed.
 STARTER = textwrap.dedent("""
