@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fedpriv.data import LabeledImages
+from fedpriv.display import format_epsilon
 from fedpriv.errors import BudgetExhausted, ConfigError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon, noise_multiplier_for
 from fedpriv.privacy.ledger import UNITS, BudgetStatus, PrivacyLedger, largest_fitting
@@ -406,7 +407,7 @@ def _noise_multiplier(ledger: PrivacyLedger, settings: HospitalSettings, request
     try:
         spent = epsilon(prior, ledger.delta, ledger.accountant)
         if cap - spent < 0.01 * cap:
-            raise PrivacyError(f"epsilon {spent:.4g} of {cap:g} is already spent")
+            raise PrivacyError(f"epsilon {format_epsilon(spent, cap)} of {cap:g} is already spent")
         # The least noise that meets every target: the budget over the rounds left, and the
         # hospital's own caps on one round and on this run (no earlier events: sigma is fixed at
         # the hospital's first round of a run).
@@ -440,12 +441,12 @@ def hospital_caps(ledger: PrivacyLedger, settings: HospitalSettings,
             value = _cost([event], ledger)
             if value > per_round:
                 return (f"privacy budget exhausted for this request: this round alone would cost epsilon "
-                        f"{value:.4g}, over hospital {settings.name}'s per-round cap of {per_round:g}")
+                        f"{format_epsilon(value, per_round)}, over hospital {settings.name}'s per-round cap of {per_round:g}")
         if per_run is not None:
             value = _cost([*this_run, event], ledger)
             if value > per_run:
                 return (f"privacy budget exhausted for this request: run {request.run_id} would cost epsilon "
-                        f"{value:.4g} at hospital {settings.name}, over its per-run cap of {per_run:g}")
+                        f"{format_epsilon(value, per_run)} at hospital {settings.name}, over its per-run cap of {per_run:g}")
         return None
 
     return check
@@ -465,7 +466,8 @@ def _refused(ledger: PrivacyLedger, settings: HospitalSettings, ids: np.ndarray,
     log.warning("hospital %s refused to train: %s", settings.name, message)
     budget = ledger.status(ids, budget=settings.budget_epsilon)
     if budget.locked:
-        told = (f"privacy budget exhausted: every record is exhausted (largest epsilon {budget.epsilon_spent:.4g} "
+        told = (f"privacy budget exhausted: every record is exhausted (largest epsilon "
+                f"{format_epsilon(budget.epsilon_spent, budget.budget_epsilon)} "
                 f"of budget {budget.budget_epsilon:g}, delta {budget.delta:g}); dataset locked")
     else:
         told = (f"request refused, nothing charged: {message.split(': ', 1)[-1]}" if "for this request" in message

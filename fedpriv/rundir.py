@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedpriv.display import format_epsilon, number  # noqa: F401 - the run files' readers take them from here
 from fedpriv.errors import RunFilesError
 
 # OmegaConf (and fedpriv.config, which loads it) are imported by the config readers and writers only:
@@ -126,11 +127,6 @@ def decode(value: Any, key: str | None = None) -> Any:
     return value
 
 
-def number(value: Any) -> float:
-    """A numeric field as a float: None (unknown) as NaN, "inf" as infinity."""
-    return math.nan if value is None else float(value)
-
-
 MIXED_UNITS = "mixed"  # the run's hospitals protect different units (result.json's privacy_unit)
 
 
@@ -138,28 +134,6 @@ def per_unit(unit: str) -> str:
     """How an epsilon's unit reads: "per patient", "per image", or for hospitals whose units differ, a
     pointer to each hospital's own."""
     return "per record: each hospital's own unit" if unit == MIXED_UNITS else f"per {unit}"
-
-
-def format_epsilon(value: Any, budget: Any = None) -> str:
-    """An epsilon for people, the one rule every table, summary, log line and figure label uses.
-
-    Four significant digits, and more where that is needed to keep the shown figure on the same side
-    of the budget as the true one: 2.9951 spent of a budget of 3 reads "2.995", 2.99996 reads
-    "2.99996" (never "3", which would say the budget was reached) and 3.00004 never reads "3" (which
-    would hide that it was passed). Infinity (a non-private use) reads "inf", NaN (unknown) "nan".
-    ``value`` and ``budget`` may be any numeric field of a run's files (None and "inf" included).
-    """
-    figure, limit = number(value), number(budget)
-    if math.isnan(figure):
-        return "nan"
-    if math.isinf(figure):
-        return "inf" if figure > 0 else "-inf"
-    for digits in range(4, 18):
-        text = f"{figure:.{digits}g}"
-        shown = float(text)
-        if not math.isfinite(limit) or ((shown < limit) == (figure < limit) and (shown > limit) == (figure > limit)):
-            return text
-    return repr(figure)
 
 
 def dumps(value: Any) -> str:

@@ -16,6 +16,7 @@ import random
 import sqlite3
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ from fedpriv.data.synthetic import make_synthetic
 from fedpriv.errors import BudgetExhausted, ConfigError, FedprivError, LedgerError, PrivacyError
 from fedpriv.hospital import LOCKED, REFUSED, TRAINED, HospitalSettings, RoundRequest, train_round
 from fedpriv.privacy.accounting import PrivacyEvent, epsilon
-from fedpriv.privacy.ledger import LegacyLedger, PrivacyLedger, read_ledger
+from fedpriv.privacy.ledger import LegacyLedger, PrivacyLedger, RecordBudgets, read_ledger
 
 
 @pytest.fixture(autouse=True)
@@ -567,3 +568,12 @@ def test_records_are_grouped_exactly_by_the_sets_that_hold_them(sets):
     patterns, inverse = signatures(membership)
     assert (patterns[inverse] == membership).all()  # every record gets its own row back
     assert len({row.tobytes() for row in patterns}) == len(patterns)  # one pattern per distinct history
+
+
+def test_a_refusal_never_shows_an_epsilon_rounded_onto_its_budget():
+    """2.99996 of a budget of 3 is exhausted (within 1%) but not at the budget: the message says so."""
+    budgets = RecordBudgets(keys=np.arange(2, dtype=np.uint64), epsilon=np.array([2.99996, 2.99996]),
+                            exhausted=np.array([True, True]), budget_epsilon=3.0, delta=1e-5, accountant="rdp",
+                            chain_length=5, chain_head="head")
+    message = PrivacyLedger._refusal(SimpleNamespace(path=Path("ledger.db")), budgets, left=0, needed=1, cap=3.0)
+    assert "largest epsilon 2.99996 of budget 3" in message and "LOCKED" in message

@@ -56,6 +56,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from fedpriv.display import format_epsilon
 from fedpriv.errors import BudgetExhausted, LedgerError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon
 from fedpriv.privacy.chain import ChainKey, Witness, key_path_for
@@ -519,11 +520,12 @@ class PrivacyLedger:
         status = budgets.status()
         if status.locked:
             return (f"privacy budget exhausted: every one of the {status.records} records is exhausted "
-                    f"(largest epsilon {status.epsilon_spent:.4g} of budget {status.budget_epsilon:g}, "
+                    f"(largest epsilon {format_epsilon(status.epsilon_spent, status.budget_epsilon)} of budget "
+                    f"{status.budget_epsilon:g}, "
                     f"delta {status.delta:g}); the dataset is LOCKED in ledger {self.path}")
         return (f"privacy budget exhausted for this request: only {left} of {status.records} records could afford "
                 f"it within epsilon {cap:g} ({status.exhausted} exhausted), and a round needs at least {needed}; "
-                f"nothing was charged. The open records could still spend up to {status.remaining:.4g} "
+                f"nothing was charged. The open records could still spend up to {format_epsilon(status.remaining)} "
                 "in a smaller round")
 
     def confirm(self, charge: Charge | int, *, steps_done: int) -> None:
