@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+
+# absl (imported by dp_accounting, which the independent accountant in these tests uses) gives its
+# log handler the sys.stderr of the moment: during collection, pytest's capture stream. Hydra's logging
+# set-up closes every existing handler, and absl's close() closes that stream unless it is one of the
+# current sys.stderr/stdout; under capsys it is not, so pytest lost its own stderr and crashed. Point
+# the handler at the process's real stderr (still captured at the file-descriptor level) first.
+try:
+    from absl import logging as _absl_logging
+except ImportError:  # dp_accounting is a dev dependency; without it nothing holds the stream
+    pass
+else:
+    _absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 LEDGER_DIR_ENV = "FEDPRIV_LEDGER_DIR"  # fedpriv.experiment.LEDGER_DIR_ENV
 
