@@ -185,16 +185,24 @@ def content_record_ids(images: torch.Tensor, labels: torch.Tensor) -> np.ndarray
     return _read_only(np.asarray(ids, dtype="<U32"))
 
 
-def check_record_ids(record_ids: Sequence[str] | np.ndarray, count: int) -> np.ndarray:
-    """``record_ids`` as a read-only 1-D str array; ValueError unless one unique, non-empty id per image."""
-    ids = np.asarray(record_ids)
+def _one_string_per_image(values: Sequence[str] | np.ndarray, name: str, count: int, each: str) -> np.ndarray:
+    """``values`` as a new 1-D str array of ``count`` entries; ValueError naming ``name`` otherwise.
+
+    Always a copy, so the caller's array stays writable; an empty array is typed str too.
+    """
+    ids = np.asarray(values)
     if ids.dtype == object and all(isinstance(value, str) for value in ids.ravel()):
         ids = ids.astype(str)
     if ids.ndim != 1 or (ids.dtype.kind != "U" and len(ids) > 0):
-        raise ValueError(f"record_ids must be a 1-D array of str, got shape {ids.shape} and dtype {ids.dtype}")
+        raise ValueError(f"{name} must be a 1-D array of str, got shape {ids.shape} and dtype {ids.dtype}")
     if len(ids) != count:
-        raise ValueError(f"{len(ids)} record_ids for {count} images; give exactly one id per image")
-    ids = ids.astype(str)  # a copy (the caller's array stays writable); also types an empty array
+        raise ValueError(f"{len(ids)} {name} for {count} images; give exactly one {each} per image")
+    return ids.astype(str)
+
+
+def check_record_ids(record_ids: Sequence[str] | np.ndarray, count: int) -> np.ndarray:
+    """``record_ids`` as a read-only 1-D str array; ValueError unless one unique, non-empty id per image."""
+    ids = _one_string_per_image(record_ids, "record_ids", count, "id")
     empty = np.flatnonzero(np.char.str_len(np.char.strip(ids)) == 0)
     if len(empty):
         raise ValueError(f"record_ids must not be empty or blank; {len(empty)} are (first at position {empty[0]})")
@@ -207,14 +215,8 @@ def check_record_ids(record_ids: Sequence[str] | np.ndarray, count: int) -> np.n
 
 def check_patient_ids(patient_ids: Sequence[str] | np.ndarray, count: int) -> np.ndarray:
     """``patient_ids`` as a read-only 1-D str array; ValueError unless one non-empty id per image (repeats allowed)."""
-    ids = np.asarray(patient_ids)
-    if ids.dtype == object and all(isinstance(value, str) for value in ids.ravel()):
-        ids = ids.astype(str)
-    if ids.ndim != 1 or (ids.dtype.kind != "U" and len(ids) > 0):
-        raise ValueError(f"patient_ids must be a 1-D array of str, got shape {ids.shape} and dtype {ids.dtype}")
-    if len(ids) != count:
-        raise ValueError(f"{len(ids)} patient_ids for {count} images; give exactly one patient id per image")
-    ids = np.char.strip(ids.astype(str))  # " P1" and "P1" are one patient: a CSV cell's spaces are not an id
+    # " P1" and "P1" are one patient: a CSV cell's spaces are not part of an id.
+    ids = np.char.strip(_one_string_per_image(patient_ids, "patient_ids", count, "patient id"))
     empty = np.flatnonzero(np.char.str_len(ids) == 0)
     if len(empty):
         raise ValueError(f"patient_ids must not be empty or blank; {len(empty)} are (first at position {empty[0]})")

@@ -52,16 +52,7 @@ def make_synthetic(
         _render(labels[start:start + _CHUNK], size, rng) for start in range(0, num_samples, _CHUNK)
     ])
     everything = LabeledImages(normalise(torch.from_numpy(pixels).unsqueeze(1)), torch.from_numpy(labels))
-    everything.ids()  # content ids, hashed once here and handed on to train/val/test by subset()
-    train, val, test = stratified_split(labels, val_fraction, test_fraction, seed,
-                                        where=f"the synthetic dataset (num_samples={num_samples})")
-    dataset = MedicalImageDataset(
-        name="synthetic", train=everything.subset(train), val=everything.subset(val),
-        test=everything.subset(test), class_names=list(CLASS_NAMES), synthetic=True,
-        source=f"synthetic (generated, seed={seed})",
-    )
-    logger.info("Generated %s", dataset.describe())
-    return dataset
+    return _split(everything, labels, seed, val_fraction, test_fraction, source=f"synthetic (generated, seed={seed})")
 
 
 def _make_patients(num_samples: int, size: int, seed: int, val_fraction: float, test_fraction: float,
@@ -87,13 +78,19 @@ def _make_patients(num_samples: int, size: int, seed: int, val_fraction: float, 
     patient_ids = np.asarray([f"synthetic-patient-{p:0{width}d}" for p in owner])
     everything = LabeledImages(normalise(torch.from_numpy(pixels).unsqueeze(1)), torch.from_numpy(labels),
                                patient_ids=patient_ids)
-    everything.ids()
-    train, val, test = stratified_split(labels, val_fraction, test_fraction, seed, groups=patient_ids,
-                                        where=f"the synthetic dataset (num_samples={num_samples})")
+    return _split(everything, labels, seed, val_fraction, test_fraction, groups=patient_ids,
+                  source=f"synthetic (generated, seed={seed}, {patients} patients of 1-{images_per_patient} images)")
+
+
+def _split(everything: LabeledImages, labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float,
+           *, source: str, groups: np.ndarray | None = None) -> MedicalImageDataset:
+    """The generated images split into train/val/test (stratified; by ``groups`` when given)."""
+    everything.ids()  # content ids, hashed once here and handed on to train/val/test by subset()
+    train, val, test = stratified_split(labels, val_fraction, test_fraction, seed, groups=groups,
+                                        where=f"the synthetic dataset (num_samples={len(labels)})")
     dataset = MedicalImageDataset(
         name="synthetic", train=everything.subset(train), val=everything.subset(val),
-        test=everything.subset(test), class_names=list(CLASS_NAMES), synthetic=True,
-        source=f"synthetic (generated, seed={seed}, {patients} patients of 1-{images_per_patient} images)",
+        test=everything.subset(test), class_names=list(CLASS_NAMES), synthetic=True, source=source,
     )
     logger.info("Generated %s", dataset.describe())
     return dataset
