@@ -101,7 +101,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     metrics = {Metric.NUM_EXAMPLES: 0}
     started = time.perf_counter()
     if len(site.validation):
-        metrics = evaluate(model, site.validation.as_dataset()).metrics()
+        metrics = evaluate(model, site.validation.as_dataset(), device=site.settings.device).metrics()
     metrics[Metric.EVAL_SECONDS] = time.perf_counter() - started
     return _evaluation_reply(msg, site, Status.EVALUATED, NOT_COVERED, metrics)
 

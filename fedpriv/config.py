@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from fedpriv.attacks.settings import AuditConfig
+from fedpriv.devices import resolve_device
 from fedpriv.errors import ConfigError
 from fedpriv.models import ACTIVATIONS
 from fedpriv.privacy.accounting import ACCOUNTANTS
@@ -197,7 +198,10 @@ class FedprivConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     seed: int = 0
-    device: str = "cpu"
+    # Where the simulated hospitals train and the server (and fedpriv-audit) evaluate: "auto" (CUDA where
+    # there is one, else the CPU), "cpu", "cuda" or "cuda:N"; see fedpriv.devices. A deployed hospital
+    # chooses its own (its node config's `device`). Privacy accounting does not depend on it.
+    device: str = "auto"
     resume: Optional[str] = None  # a previous run directory: continue from its last checkpoint
     audit: AuditConfig = field(default_factory=AuditConfig)  # used by fedpriv-audit only
     faults: FaultsConfig = field(default_factory=FaultsConfig)  # testing only: injected failures
@@ -373,6 +377,7 @@ def validate_config(cfg: FedprivConfig) -> None:
         _positive("federation.alpha", fed.alpha, "use e.g. federation.alpha=0.5 (smaller is more skewed)")
     _validate_ledger_location(fed)
     _validate_hospitals(cfg)
+    resolve_device(cfg.device)  # device=cuda on a machine without CUDA fails here, before anything starts
 
 
 def _validate_ledger_location(fed: FederationConfig) -> None:

@@ -86,6 +86,9 @@ class HospitalSettings:
     unit: str = "image"
     # unit=patient: at most this many of a sampled patient's images per step (None: all of them).
     max_images_per_patient: int | None = None
+    # The torch device it trains on, already resolved ("cpu", "cuda", "cuda:N": fedpriv.devices.resolve_device).
+    # Its own hardware choice: the mechanism and its accounting are the same on every device.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_accountant(self.accountant)
@@ -241,6 +244,7 @@ class RoundOutcome:
     ledger_seconds: float = 0.0  # time spent on the budget check and ledger writes
     train_seconds: float = 0.0  # time spent in local training itself
     unit: str = "image"  # what a record is: "image", or "patient" (records, epsilon and the sample rate count patients)
+    device: str = ""  # the torch device it trained on ("" when it did not train)
 
     def metrics(self) -> dict[str, float | int]:
         """Scalar metrics for the reply's MetricRecord (the keys are fedpriv.protocol's)."""
@@ -358,7 +362,8 @@ def _train_round(model: nn.Module, records: LabeledImages, settings: HospitalSet
         training_started = time.perf_counter()
         result = train_local(model, chosen.as_dataset(), plan, lr=request.round_lr(), momentum=request.momentum,
                              logit_shift=request.logit_shift, seed=private_round_seed(settings, request),
-                             groups=groups, max_images_per_group=settings.max_images_per_patient)
+                             device=settings.device, groups=groups,
+                             max_images_per_group=settings.max_images_per_patient)
         train_seconds = time.perf_counter() - training_started
         started = time.perf_counter()
         ledger.confirm(charge, steps_done=result.steps)
@@ -370,6 +375,7 @@ def _train_round(model: nn.Module, records: LabeledImages, settings: HospitalSet
         outcome.ledger_seconds = ledger_seconds + time.perf_counter() - started
         outcome.train_seconds = train_seconds
         outcome.noise_seeded = sigma is not None and settings.noise_seed is not None
+        outcome.device = settings.device
         return outcome
 
 

@@ -41,8 +41,10 @@ class RunRecorder:
     """
 
     def __init__(self, run_dir: str | Path, config: FedprivConfig, run_id: str, dataset_description: str,
-                 rounds_trained: int = 0) -> None:
-        """`rounds_trained`: the rounds trained before this recorder started (a resumed run's checkpoint)."""
+                 rounds_trained: int = 0, server_device: str = "cpu") -> None:
+        """`rounds_trained`: the rounds trained before this recorder started (a resumed run's checkpoint);
+        `server_device`: the torch device the server evaluates the global model on."""
+        self.server_device = server_device
         self.run_dir = Path(run_dir)
         self.config = config
         self.run_id = run_id
@@ -96,6 +98,10 @@ class RunRecorder:
             # What the hospitals reported doing, not what the run config asked for.
             "noise_seeded": any(h.noise_seeded for h in hospitals),
             "accountants": {h.name: h.accountant for h in hospitals if h.accountant},
+            # Where the arithmetic ran: each hospital's own report of the device it last trained on, and the
+            # server's for the test evaluation. It changes no privacy figure.
+            "devices": {h.name: h.device for h in hospitals if h.device},
+            "server_device": self.server_device,
             # An untrained model's test figures are not a result: left out.
             "test": self.rounds[-1]["server"] if self.rounds and self.rounds_trained else {},
             "hospitals": [{"hospital": h.name, "records": h.num_examples, "epsilon": h.epsilon, "delta": h.delta,
@@ -104,7 +110,7 @@ class RunRecorder:
                            "unreported_since_round": h.unreported_since, "accountant": h.accountant,
                            "noise_seeded": h.noise_seeded, "chain_length": h.chain_length,
                            "chain_head": h.chain_head, "max_epsilon_per_round": h.max_epsilon_per_round,
-                           "max_epsilon_per_run": h.max_epsilon_per_run} for h in hospitals],
+                           "max_epsilon_per_run": h.max_epsilon_per_run, "device": h.device} for h in hospitals],
             "excluded_hospitals": excluded, "dataset": self.dataset_description, "seed": cfg.seed,
             # "run": a throw-away ledger, so every epsilon here was enforced within this run only.
             "ledger_scope": cfg.federation.ledger_scope,
@@ -165,6 +171,7 @@ class RunRecorder:
                "(each drew fresh entropy)"] if cfg.privacy.noise_seed is not None and hospitals
               and not any(h.noise_seeded for h in hospitals) and self.rounds else []),
             self.final_metrics_line(last),
+            device_line(hospitals, self.server_device),
         ]
         capped = any(math.isfinite(h.max_epsilon_per_round) or math.isfinite(h.max_epsilon_per_run) for h in hospitals)
         unit = run_unit(cfg, hospitals)
@@ -188,6 +195,16 @@ class RunRecorder:
                   "Hospital validation metrics are computed on private data and are not covered by the DP guarantee.",
                   ""]
         return "\n".join(lines)
+
+
+def device_line(hospitals: list[HospitalState], server_device: str) -> str:
+    """The summary's bullet on where training and evaluation ran, from what the hospitals reported."""
+    by_device: dict[str, list[str]] = {}
+    for h in hospitals:
+        if h.device:
+            by_device.setdefault(h.device, []).append(h.name)
+    trained = "; ".join(f"{device} ({', '.join(names)})" for device, names in sorted(by_device.items()))
+    return f"- device: hospitals trained on {trained or 'none reported'}; the server evaluated on {server_device}"
 
 
 def untrained_reason(stop_reason: str) -> str:

@@ -55,6 +55,7 @@ class Field:
     MESSAGE = "message"  # why, in one line
     CHAIN_HEAD = "chain-head"  # the head of its ledger's hash chain
     ACCOUNTANT = "accountant"  # the accountant its ledger uses
+    DEVICE = "device"  # the torch device it trained on ("" when it did not train)
 
 
 class Metric:
@@ -108,7 +109,8 @@ def outcome_metrics(outcome: RoundOutcome) -> dict[str, float | int]:
 def outcome_fields(outcome: RoundOutcome, status: str | None = None) -> dict[str, str]:
     """A round outcome's text for the reply's ``status`` record; `status` overrides the outcome's own."""
     return {Field.HOSPITAL: outcome.hospital, Field.STATUS: str(status or outcome.status),
-            Field.MESSAGE: outcome.message, Field.CHAIN_HEAD: outcome.chain_head, Field.ACCOUNTANT: outcome.accountant}
+            Field.MESSAGE: outcome.message, Field.CHAIN_HEAD: outcome.chain_head, Field.ACCOUNTANT: outcome.accountant,
+            Field.DEVICE: outcome.device}
 
 
 def evaluation_metrics(metrics: dict[str, Any]) -> dict[str, float]:

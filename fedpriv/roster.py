@@ -43,6 +43,7 @@ class HospitalState:
     accountant: str = ""
     noise_seeded: bool = False
     unit: str = ""  # what one of its records is, "image" or "patient" ("" until it replied)
+    device: str = ""  # the torch device it last trained on ("" until it trained)
     max_epsilon_per_round: float = math.inf  # its own caps (inf: none)
     max_epsilon_per_run: float = math.inf
     # The head of its ledger's chain as last reported: a witness. A later reply with a shorter
@@ -63,6 +64,7 @@ class HospitalState:
         if fields is not None:
             self.chain_head = str(fields.get(Field.CHAIN_HEAD, self.chain_head))
             self.accountant = str(fields.get(Field.ACCOUNTANT, "")) or self.accountant
+            self.device = str(fields.get(Field.DEVICE, "")) or self.device
         self.epsilon = float(metrics[Metric.EPSILON])
         self.delta = float(metrics[Metric.DELTA])
         self.budget_epsilon = float(metrics[Metric.BUDGET_EPSILON])

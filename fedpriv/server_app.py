@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpriv.app_config import RUN_DIR_KEY, config_from_run_config
 from fedpriv.config import FedprivConfig, logit_shift, resolve_noise_multiplier, validate_config
 from fedpriv.data import load_server_dataset
+from fedpriv.devices import resolve_device
 from fedpriv.hospital import RoundRequest
 from fedpriv.models import build_model
 from fedpriv.outputs import RunRecorder, resume, untrained_reason
@@ -64,6 +65,9 @@ def round_request(cfg: FedprivConfig, run_id: str, num_classes: int) -> RoundReq
 def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str) -> BudgetAwareStrategy:
     """Run the configured federation on `grid`, writing outputs into `run_dir`."""
     validate_config(cfg)
+    device = resolve_device(cfg.device)
+    log.info("device: the server evaluates on %s; simulated hospitals train on device=%s as each resolves it "
+             "(a deployed hospital on its node config's device)", device, cfg.device)
     dataset = load_server_dataset(cfg.dataset, cfg.seed)  # the test split; train and val only if present
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, in_channels=dataset.in_channels, num_classes=dataset.num_classes,
@@ -78,13 +82,14 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
     if cfg.train.logit_adjustment and cfg.dataset.class_prior is None:
         log.info("train.logit_adjustment=%g has no effect: dataset %s declares no public class_prior, so "
                  "hospitals train with plain cross-entropy", cfg.train.logit_adjustment, cfg.dataset.name)
-    recorder = RunRecorder(run_dir, cfg, run_id, dataset.describe(), rounds_trained=rounds_trained)
+    recorder = RunRecorder(run_dir, cfg, run_id, dataset.describe(), rounds_trained=rounds_trained,
+                           server_device=device)
     test = precomputed(model, dataset.test).as_dataset()  # a fixed front end (scatnet) runs once, not every round
 
     def evaluate_on_test(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         started = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = evaluate(model, test).metrics()
+        metrics = evaluate(model, test, device=device).metrics()
         metrics[Metric.EVAL_SECONDS] = time.perf_counter() - started
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 

@@ -19,6 +19,7 @@ import torch
 from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config, config_to_json
 from fedpriv.config import FedprivConfig
 from fedpriv.data import LabeledImages
+from fedpriv.devices import resolve_device
 from fedpriv.errors import ConfigError
 from fedpriv.experiment import Experiment, ledger_folder, prepare_experiment
 from fedpriv.hospital import HospitalSettings, RoundOutcome
@@ -150,6 +151,8 @@ def _new_simulated_site(run_config: dict[str, Any], index: int) -> HospitalSite:
         # The simulated hospitals protect what the run config names: images, or patients (user-level DP).
         unit=cfg.privacy.unit,
         max_images_per_patient=cfg.privacy.max_images_per_patient,
+        # Resolved in this hospital's own process: "auto" is CUDA only where this process sees a GPU.
+        device=resolve_device(cfg.device),
         **limits,
     )
     dataset = experiment.dataset

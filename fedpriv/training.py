@@ -110,25 +110,43 @@ def train_local(
     patient. Needs per-sample gradients ("hooks" or "functorch"; "auto" picks hooks). Physical
     batches hold whole patients, up to `plan.max_physical_batch_size` images (a patient with more
     images is a batch of its own). A non-private plan ignores `groups`.
+
+    `device` (a resolved torch device: "cpu", "cuda", "cuda:N"; see fedpriv.devices) holds the model, the
+    per-sample gradients and the noise; sampling draws on the CPU (:func:`round_generators`). The
+    mechanism, and so what the returned events say, is the same on every device.
     """
     num_records = len(data)
     if num_records == 0:
         raise ValueError("cannot train on an empty dataset")
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    sampling, noise = round_generators(seed, device)
     local_model = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.SGD(local_model.parameters(), lr=lr, momentum=momentum)
     criterion = LogitAdjustedCrossEntropy(logit_shift)
     if plan.private:
         check_private_trainable(local_model)
         if groups is not None:
-            return _train_private_grouped(local_model, optimizer, data, plan, generator, device, criterion,
+            return _train_private_grouped(local_model, optimizer, data, plan, sampling, noise, device, criterion,
                                           np.asarray(groups), max_images_per_group)
-        return _train_private(local_model, optimizer, data, plan, generator, device, criterion)
-    return _train_plain(local_model, optimizer, data, plan, generator, device, criterion)
+        return _train_private(local_model, optimizer, data, plan, sampling, noise, device, criterion)
+    return _train_plain(local_model, optimizer, data, plan, sampling, device, criterion)
 
 
-def _train_private(model, optimizer, data, plan, generator, device, criterion) -> LocalTrainResult:
+def round_generators(seed: int, device: str | torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """A round's two sources of randomness from its seed: (sampling, noise).
+
+    Sampling (Poisson draws, shuffles) makes CPU tensors, so its generator is a CPU one. The noise
+    generator lives on `device`, the parameters' device: Opacus draws each parameter's Gaussian noise
+    with ``generator=`` on that parameter's device, and torch refuses a generator of another device.
+    On the CPU both are one generator, so a seeded CPU round draws exactly what it always drew.
+    """
+    sampling = torch.Generator().manual_seed(seed)
+    if torch.device(device).type == "cpu":
+        return sampling, sampling
+    return sampling, torch.Generator(device=device).manual_seed(seed)
+
+
+def _train_private(model, optimizer, data, plan, sampling, noise, device, criterion) -> LocalTrainResult:
     # Imported here, not at module level: Opacus takes ~1.4 s to import, and the processes that
     # never train privately (the CLI, the ServerApp) should not pay it.
     from opacus.accountants import create_accountant
@@ -158,7 +176,7 @@ def _train_private(model, optimizer, data, plan, generator, device, criterion) -
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
-        generator=generator,
+        generator=noise,
     )
     if mode == "ghost":
         # Its loss object runs both backward passes when `.backward()` is called.
@@ -166,7 +184,7 @@ def _train_private(model, optimizer, data, plan, generator, device, criterion) -
     # Opacus's accountant hook counts exactly the optimizer steps that added noise.
     accountant = create_accountant(plan.accountant)
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(plan.sample_rate))
-    loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)
+    loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=sampling)
     try:
         losses = _run_steps(grad_sample_model, dp_optimizer, loader, plan, device, criterion, private=True,
                             per_sample_only=mode == "hooks")
@@ -177,8 +195,8 @@ def _train_private(model, optimizer, data, plan, generator, device, criterion) -
                             float(np.mean(losses)) if losses else math.nan, True)
 
 
-def _train_private_grouped(model, optimizer, data, plan, generator, device, criterion, groups: np.ndarray,
-                           max_images: int | None) -> LocalTrainResult:
+def _train_private_grouped(model, optimizer, data, plan, sampling, noise_generator, device, criterion,
+                           groups: np.ndarray, max_images: int | None) -> LocalTrainResult:
     """Patient-level DP-SGD (see :func:`train_local`): Opacus gives per-sample gradients, fedpriv groups them."""
     from opacus.accountants import create_accountant
     from opacus.grad_sample.utils import wrap_model
@@ -208,12 +226,12 @@ def _train_private_grouped(model, optimizer, data, plan, generator, device, crit
     losses: list[float] = []
     try:
         for _ in range(plan.steps):
-            drawn = torch.nonzero(torch.rand(num_groups, generator=generator) < plan.sample_rate).flatten().tolist()
+            drawn = torch.nonzero(torch.rand(num_groups, generator=sampling) < plan.sample_rate).flatten().tolist()
             chosen = []
             for group in drawn:
                 images = members[group]
                 if max_images is not None and len(images) > max_images:
-                    pick = torch.randperm(len(images), generator=generator)[:max_images].numpy()
+                    pick = torch.randperm(len(images), generator=sampling)[:max_images].numpy()
                     images = np.sort(images[pick])
                 chosen.append(images)
             total = [torch.zeros_like(p) for p in parameters]
@@ -221,7 +239,7 @@ def _train_private_grouped(model, optimizer, data, plan, generator, device, crit
                 losses.append(_add_clipped_group_gradients(grad_sample_model, parameters, data, batch, total, clip,
                                                            device, criterion, per_sample_only=mode == "hooks"))
             for parameter, summed in zip(parameters, total):
-                noise = _generate_noise(std=sigma * clip, reference=summed, generator=generator)
+                noise = _generate_noise(std=sigma * clip, reference=summed, generator=noise_generator)
                 parameter.grad = (summed + noise) / expected
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -261,7 +279,7 @@ def _add_clipped_group_gradients(model, parameters, data, batch: list[np.ndarray
         towards = {"inputs": [images.requires_grad_(True)]}  # see _run_steps: Opacus's hooks need no more
     loss = criterion(model(images), labels)
     loss.backward(**towards)
-    counts = torch.bincount(owner, minlength=len(batch)).to(images.dtype)
+    counts = torch.bincount(owner, minlength=len(batch)).to(device=images.device, dtype=images.dtype)
     per_group = []
     for parameter in parameters:
         per_sample = parameter.grad_sample
@@ -276,9 +294,9 @@ def _add_clipped_group_gradients(model, parameters, data, batch: list[np.ndarray
     return loss.item() / len(index)
 
 
-def _train_plain(model, optimizer, data, plan, generator, device, criterion) -> LocalTrainResult:
+def _train_plain(model, optimizer, data, plan, sampling, device, criterion) -> LocalTrainResult:
     batch_size = plan.expected_batch_size(len(data))
-    sampler = RandomSampler(data, generator=generator)
+    sampler = RandomSampler(data, generator=sampling)
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler)
     losses = _run_steps(model, optimizer, loader, plan, device, criterion, private=False)
     return LocalTrainResult(_plain_state(model), [], plan.steps, len(data),

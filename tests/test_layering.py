@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fedpriv"
 # Where fedpriv talks to Flower: the apps, the strategy, the simulation and the deployment.
 FLOWER_MODULES = {"client_app", "server_app", "strategy", "simulation", "deployment"}
 # The core stages know nothing of Flower, the apps or the reports.
-CORE = {"config", "errors", "display", "data", "privacy", "training", "hospital", "protocol", "roster", "outputs", "faults",
+CORE = {"config", "errors", "display", "devices", "data", "privacy", "training", "hospital", "protocol", "roster", "outputs", "faults",
         "experiment", "site", "models", "resnet", "scatnet", "report", "rundir", "aggregation", "update_checks"}
 LATER_STAGES = {"client_app", "server_app", "strategy", "simulation", "cli"}
 
@@ -29,7 +29,8 @@ LATER_STAGES = {"client_app", "server_app", "strategy", "simulation", "cli"}
 # A module may import its own stage and earlier ones, never a later one. Where the real modules
 # need a finer reading of that line, it is said here:
 # - protocol (the status names, message keys and reply codecs) is the vocabulary hospital and server
-#   share: it imports nothing but errors and comes first, with them.
+#   share: it imports nothing but errors and comes first, with them. So does devices (what `device=`
+#   means on this machine): the configuration, the sites and the entry points all resolve it.
 # - The configuration checks its values against the accountants and the models, so it comes after
 #   them; the core (data, privacy, training, hospital) never reads it. rundir (the run directory's
 #   file names and its one JSON encoding) reads a run's config back, so it sits with the configuration,
@@ -40,7 +41,7 @@ LATER_STAGES = {"client_app", "server_app", "strategy", "simulation", "cli"}
 # - deployment/node.py assembles a deployed hospital's site from its node config: the site stage.
 # The first matching prefix names a module's stage.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("vocabulary", ("errors", "display", "protocol")),
+    ("vocabulary", ("errors", "display", "devices", "protocol")),
     ("data and models", ("data", "models", "resnet", "scatnet")),
     ("privacy", ("privacy",)),
     ("training", ("training",)),

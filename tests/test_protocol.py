@@ -37,7 +37,7 @@ def test_an_outcome_travels_as_protocol_keys_and_its_status():
     assert metrics[Metric.NUM_EXAMPLES] == 40 and metrics[Metric.TRAINED] == 1 and metrics[Metric.EPSILON] == 1.5
     assert all(isinstance(key, str) and type(key) is str for key in metrics)  # plain str keys for Flower's records
     assert outcome_fields(outcome) == {"hospital": "hospital-1", "status": "trained", "message": "trained with DP-SGD",
-                                       "chain-head": "abc", "accountant": ""}
+                                       "chain-head": "abc", "accountant": "", "device": ""}
     assert outcome_fields(outcome, Status.OPEN)["status"] == "open"
 
 

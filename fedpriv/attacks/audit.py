@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ from fedpriv.attacks.report import write_report
 from fedpriv.attacks.settings import check_audit_config
 from fedpriv.config import FedprivConfig, logit_shift, validate_config
 from fedpriv.data import LabeledImages, MedicalImageDataset, load_dataset
+from fedpriv.devices import resolve_device
 from fedpriv.errors import ConfigError
 from fedpriv.models import build_model
 from fedpriv.privacy.accounting import PrivacyEvent, epsilon
@@ -148,6 +149,8 @@ def run_audit(config: FedprivConfig, run_dir: str | Path) -> AuditReport:
     """Validate, run both attacks at every privacy level, and write audit.json/audit.md/PNGs to `run_dir`."""
     started = time.perf_counter()
     validate_config(config)
+    config = replace(config, device=resolve_device(config.device))  # "auto" becomes this machine's device
+    log.info("audit models train and are evaluated on %s", config.device)
     check_audit_config(config.audit)
     dataset = load_dataset(config.dataset, config.seed)
     check_audit_against_data(config, dataset)

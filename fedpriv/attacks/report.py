@@ -47,7 +47,7 @@ def report_dict(report: AuditReport) -> dict:
         "seconds": round(report.seconds, 1),
         "settings": {
             "seed": config.seed, "delta": config.privacy.delta, "max_grad_norm": config.privacy.max_grad_norm,
-            "accountant": config.privacy.accountant, "batch_size": config.train.batch_size,
+            "accountant": config.privacy.accountant, "batch_size": config.train.batch_size, "device": config.device,
             "lr": config.train.lr, "momentum": config.train.momentum,
             "model": {"name": config.model.name, "width": config.model.width}, "audit": asdict(config.audit),
         },

@@ -40,7 +40,7 @@ from fedpriv.deployment.credentials import (
     sign_request,
     write_hospital_request,
 )
-from fedpriv.deployment.node import parse_node_config
+from fedpriv.deployment.node import hospital_settings, parse_node_config
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.privacy.chain import KEY_DIR_ENV, key_path_for
 from fedpriv.simulation import interrupt_on_signals
@@ -146,7 +146,7 @@ def node_config_from_args(args: argparse.Namespace) -> dict[str, object]:
     return {"name": args.name, "data": str(Path(args.data).expanduser().resolve()), "dataset": args.dataset,
             "budget-epsilon": args.budget_epsilon, "delta": args.delta,
             "ledger": str(Path(args.ledger).expanduser().resolve()), "accountant": args.accountant,
-            "allow-non-private": args.allow_non_private, "threads": args.threads,
+            "allow-non-private": args.allow_non_private, "threads": args.threads, "device": args.device,
             **({"val-fraction": args.val_fraction} if args.val_fraction else {}),
             **({"ledger-key": str(Path(args.ledger_key).expanduser().resolve())} if args.ledger_key else {})}
 
@@ -161,6 +161,7 @@ def _node(args: argparse.Namespace) -> int:
 
     node_config = node_config_from_args(args)
     settings = parse_node_config(node_config)  # fail here, with the key named, rather than at the first round
+    hospital_settings(settings)  # and here too: device=cuda where this machine has no CUDA device
     for path in (args.root_certificates, args.auth_key, args.tls_certificate, args.tls_key):
         if not Path(path).is_file():
             raise FedprivError(f"credential file not found: {path} (see `fedpriv-deploy credentials`)")
@@ -356,6 +357,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--accountant", default="prv", choices=("prv", "rdp"))
     node.add_argument("--allow-non-private", action="store_true", help="accept non-private rounds (epsilon = inf)")
     node.add_argument("--threads", type=int, help="torch CPU threads for training")
+    node.add_argument("--device", default="auto", help="where it trains: auto (default: CUDA where this machine "
+                                                        "has it, else the CPU), cpu, cuda or cuda:N")
     node.add_argument("--val-fraction", type=float, help="image folders: share of images held out for validation "
                                                          "(default 0: every image trains)")
     node.add_argument("--superlink", required=True, help="the coordinator's public HOST:PORT (its proxy)")

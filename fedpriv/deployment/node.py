@@ -34,6 +34,9 @@ key                    meaning
                        Fixed by the ledger: it refuses the other unit
 ``max-images-per-patient``  privacy-unit=patient: most images of a patient per step (default: all)
 ``threads``            torch CPU threads for training (default: torch's choice)
+``device``             where it trains: ``auto`` (default: CUDA where this machine has it, else
+                       the CPU), ``cpu``, ``cuda`` or ``cuda:N``; ``cuda`` without a CUDA device
+                       is refused at start-up. It changes no privacy figure
 =====================  ======================================================================
 
 From the run config (the server's side) only the model architecture and the image size are taken;
@@ -60,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedpriv.devices import check_device, resolve_device
 from fedpriv.errors import ConfigError, DataError, LedgerError, PrivacyError
 from fedpriv.privacy.accounting import check_accountant
 from fedpriv.privacy.store import folder_write_problem
@@ -81,7 +85,7 @@ DEFAULT_DATASET = "pneumoniamnist"
 KNOWN_KEYS = ("name", "data", "dataset", "budget-epsilon", "delta", "ledger", "ledger-key", "accountant",
               "allow-non-private", "threads", "min-records", "max-local-epochs", "min-noise-multiplier",
               "max-epsilon-per-round", "max-epsilon-per-run", "share-validation-metrics", "val-fraction",
-              "privacy-unit", "max-images-per-patient")
+              "privacy-unit", "max-images-per-patient", "device")
 REQUIRED_KEYS = ("name", "data", "budget-epsilon", "delta", "ledger")
 
 
@@ -108,6 +112,7 @@ class NodeSettings:
     val_fraction: float = 0.0
     privacy_unit: str = "image"
     max_images_per_patient: int | None = None
+    device: str = "auto"  # as written (checked for its form); resolved where the site is built
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,8 @@ def parse_node_config(config: Mapping[str, Any]) -> NodeSettings:
                         share_validation_metrics=_flag(config, "share-validation-metrics"),
                         val_fraction=_val_fraction(config, data), privacy_unit=_privacy_unit(config),
                         max_images_per_patient=(None if config.get("max-images-per-patient") in (None, "")
-                                                else _limit(config, "max-images-per-patient", 1, 1)))
+                                                else _limit(config, "max-images-per-patient", 1, 1)),
+                        device=check_device(config.get("device") or "auto", fix=_fix("device", '"auto"')))
 
 
 def _privacy_unit(config: Mapping[str, Any]) -> str:
@@ -387,7 +393,8 @@ def hospital_settings(settings: NodeSettings) -> HospitalSettings:
                             max_epsilon_per_round=settings.max_epsilon_per_round,
                             max_epsilon_per_run=settings.max_epsilon_per_run,
                             share_validation_metrics=settings.share_validation_metrics,
-                            unit=settings.privacy_unit, max_images_per_patient=settings.max_images_per_patient)
+                            unit=settings.privacy_unit, max_images_per_patient=settings.max_images_per_patient,
+                            device=resolve_device(settings.device, fix=_fix("device", '"cpu"')))
 
 
 def deployed_site(context: Context) -> HospitalSite:
