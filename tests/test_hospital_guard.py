@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, MetricRecord
 from test_federation import federate, hospital_records, ledger_of
 
 from fedpriv import client_app
+from fedpriv.devices import resolve_device
 from fedpriv.privacy.ledger import read_ledger
 from independent_accounting import events_epsilon
 
@@ -89,7 +90,10 @@ def test_the_report_says_what_the_hospitals_did_not_what_the_run_config_asked(tm
 def test_a_status_record_cannot_smuggle_more_than_its_fields(tmp_path):
     strategy, grid, _ = federate(tmp_path, "strategy.num_rounds=1")
     for _, reply in grid.train_exchanges():
-        assert set(dict(reply.content["status"])) == {"hospital", "status", "message", "chain-head", "accountant"}
+        # "device": the torch device it trained on (its hardware, nothing computed from its records).
+        assert set(dict(reply.content["status"])) == {"hospital", "status", "message", "chain-head", "accountant",
+                                                      "device"}
+        assert dict(reply.content["status"])["device"] == resolve_device("auto")  # the run's device=auto, here
         assert isinstance(reply.content["status"], ConfigRecord)
         assert not any("loss" in key for key in dict(reply.content["metrics"]))
 
