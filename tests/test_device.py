@@ -230,3 +230,25 @@ def test_a_deployed_hospital_chooses_its_device_in_its_node_config(tmp_path, mon
     cuda = NodeSettings(**{**settings.__dict__, "device": "cuda"})
     with pytest.raises(ConfigError, match="device='cuda': no CUDA device.*--node-config 'device="):
         hospital_settings(cuda)
+
+
+def test_fedpriv_deploy_node_refuses_cuda_without_it_before_it_starts_anything(tmp_path):
+    """`fedpriv-deploy node --device cuda` where no GPU is visible: one line, exit 2, before any credential is read."""
+    import os
+    import subprocess
+
+    config = _node_config(tmp_path)
+    missing = str(tmp_path / "not-made")  # credentials: never reached
+    args = ["node", "--name", "A", "--data", config["data"], "--budget-epsilon", "3", "--delta", "1e-5",
+            "--ledger", config["ledger"], "--superlink", "127.0.0.1:1", "--root-certificates", missing,
+            "--auth-key", missing, "--tls-certificate", missing, "--tls-key", missing, "--print-command"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, on any machine
+    done = subprocess.run([sys.executable, "-m", "fedpriv.cli.deploy", *args, "--device", "cuda"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("fedpriv-deploy: error: device='cuda': no CUDA device") and "not-made" not in lines[0]
+    assert "--node-config 'device=" in lines[0]
+    auto = subprocess.run([sys.executable, "-m", "fedpriv.cli.deploy", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert auto.returncode == 2 and "credential file not found" in auto.stderr  # device=auto passed, went on
