@@ -29,6 +29,7 @@ SEQUENTIAL_STEPS = ("full", "share")  # see fedpriv.aggregation.sequential_weigh
 LEDGER_SCOPES = ("persistent", "run")  # see FederationConfig.ledger_scope
 PRIVACY_UNITS = ("image", "patient")  # see PrivacyConfig.unit
 MEDMNIST_SIZES = (28, 64, 128, 224)
+RAY_LOCAL, RAY_AUTO = "local", "auto"  # see FederationConfig.ray_address
 NON_MEDMNIST_DATASETS = ("imagefolder", "synthetic")
 
 
@@ -169,6 +170,13 @@ class FederationConfig:
     # the throw-away ledgers of the run it continues rather than starting new ones.
     ledger_run_dir: Optional[str] = None
     client_cpus: int = 1  # CPU cores per simulated hospital (Ray resources and torch threads)
+    # GPUs per simulated hospital (Ray resources): a fraction such as 0.25 lets 4 hospitals share one GPU.
+    # It only limits how many run at once; Ray does not enforce GPU memory.
+    client_gpus: float = 0.0
+    # A running Ray cluster to simulate on: its head's "HOST:PORT" (or "auto": the one started on this
+    # machine). "" (default): $RAY_ADDRESS if set, else a local Ray that fedpriv starts and stops;
+    # "local": always a local Ray. fedpriv never stops a cluster it attached to.
+    ray_address: str = ""
     local_val_fraction: float = 0.1  # share of each hospital's records it keeps for private validation
 
 
@@ -257,6 +265,31 @@ def _positive(key: str, value: float, fix: str) -> None:
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         raise ConfigError(key, value, f"unknown name; known: {', '.join(options)}", f"set {key} to one of them")
+
+
+def check_client_gpus(value: float) -> None:
+    """federation.client_gpus: a number >= 0; above 1 a whole number (Ray's rule for GPU requests)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ConfigError("federation.client_gpus", value, "must be a number >= 0",
+                          "use 0 (CPU only), a fraction such as 0.25 (4 hospitals per GPU), or 1")
+    if value > 1 and value != int(value):
+        raise ConfigError("federation.client_gpus", value, "above 1 a GPU share must be a whole number (Ray's rule)",
+                          f"use {math.floor(value)} or {math.ceil(value)}, or a fraction up to 1")
+
+
+def check_ray_address(key: str, value: str) -> None:
+    """A Ray cluster address as fedpriv takes it (federation.ray_address or $RAY_ADDRESS): "", "local",
+    "auto" or HOST:PORT. Ray Client addresses (ray://) are refused: the simulation runs its driver here."""
+    text = str(value).strip()
+    if text in ("", RAY_LOCAL, RAY_AUTO):
+        return
+    if text.startswith("ray://"):
+        raise ConfigError(key, value, "a Ray Client address; fedpriv attaches as a driver on a cluster node",
+                          "run fedpriv on a node of the cluster and give its head's HOST:PORT, e.g. 10.0.0.5:6379")
+    host, colon, port = text.rpartition(":")
+    if not (colon and host and "/" not in text and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(key, value, "not a Ray cluster address",
+                          "give the head's HOST:PORT (e.g. 10.0.0.5:6379), auto, local, or leave it empty")
 
 
 def resolve_noise_multiplier(value: Any) -> float | None:
@@ -360,6 +393,8 @@ def validate_config(cfg: FedprivConfig) -> None:
                           "use e.g. strategy.max_update_norm_ratio=10")
     if cfg.federation.client_cpus < 1:
         raise ConfigError("federation.client_cpus", cfg.federation.client_cpus, "must be at least 1", "use 1")
+    check_client_gpus(cfg.federation.client_gpus)
+    check_ray_address("federation.ray_address", cfg.federation.ray_address)
     for key in ("train_failure_rate", "corrupt_update_rate"):
         if not 0.0 <= getattr(cfg.faults, key) < 1.0:
             raise ConfigError(f"faults.{key}", getattr(cfg.faults, key), "must be in [0, 1)",

@@ -115,6 +115,8 @@ class RunRecorder:
             # "run": a throw-away ledger, so every epsilon here was enforced within this run only.
             "ledger_scope": cfg.federation.ledger_scope,
             "ledger_folder": str(self.ledger_folder),
+            # The running Ray cluster the simulation attached to; None: a local Ray of its own (or a deployment).
+            "ray_address": cfg.federation.ray_address if cfg.federation.ray_address not in ("", "local") else None,
             "server_seconds": time.perf_counter() - self.started,
         }
         summary = self.summary(hospitals, stop_reason, excluded)

@@ -11,6 +11,13 @@ never runs, and the SuperLink, the ServerApp and Ray, each in a session of their
 started with the SuperLink in a session of its own, waits on both; when `fedpriv` dies first it
 stops the SuperLink's process tree the same way (:func:`fedpriv.process_tree.terminate_tree`).
 
+With a Ray cluster to attach to (`federation.ray_address`, else the standard RAY_ADDRESS), the
+simulation runs on that cluster instead of a local Ray: fedpriv first checks, within a bounded time,
+that the cluster answers and can host one hospital (:func:`probe_ray_cluster`), then hands the
+address to the SuperLink's simulation process as RAY_ADDRESS. The cluster's processes were started by
+`ray start`, not under the SuperLink, so stopping the SuperLink's tree cannot reach them: an attached
+cluster keeps running (only this run's Ray workers end, when Ray sees its driver go).
+
 SIGINT, SIGTERM and SIGHUP become :class:`Interrupted` (:func:`interrupt_on_signals`, used by
 `fedpriv` and `fedpriv-deploy`), so the same clean-up runs however the command was started or
 stopped. What `flwr run --stream` prints passes through :func:`flower_line`, which drops Flower's
@@ -30,13 +37,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import json
 import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
 from fedpriv import rundir
-from fedpriv.errors import FedprivError
+from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.process_tree import terminate_tree
 
 log = logging.getLogger("fedpriv")
@@ -127,7 +137,9 @@ def executable(name: str) -> str:
 class LocalSuperLink:
     """A SuperLink in simulation mode, owned by this process: started on enter, stopped on exit."""
 
-    def __init__(self, home: Path, *, startup_timeout: float = 60.0, temporary_home: bool = False) -> None:
+    def __init__(self, home: Path, *, startup_timeout: float = 60.0, temporary_home: bool = False,
+                 ray_address: str = "") -> None:
+        """`ray_address`: the Ray cluster its simulation attaches to ("": a local Ray of its own)."""
         self.home = home
         self.temporary_home = temporary_home  # the watchdog removes it too if this process dies
         self.startup_timeout = startup_timeout
@@ -140,6 +152,10 @@ class LocalSuperLink:
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+        # Flower's Ray backend calls ray.init() without an address: RAY_ADDRESS decides where it runs.
+        self.env.pop(RAY_ADDRESS_ENV, None)
+        if ray_address:
+            self.env[RAY_ADDRESS_ENV] = ray_address
 
     def __enter__(self) -> LocalSuperLink:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -245,23 +261,134 @@ def _watch(parent_fd: int, link_fd: int, link_pid: int, home: str = "") -> None:
         pass
 
 
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable: the cluster ray.init() attaches to
+
+
+def ray_cluster_address(setting: str, environ: Mapping[str, str] | None = None) -> str:
+    """The Ray cluster a run attaches to, "" for a local Ray: `setting` (federation.ray_address) if
+    set, else $RAY_ADDRESS; "local" means a local Ray whatever $RAY_ADDRESS says. Raises ConfigError
+    for an address that is not one."""
+    from fedpriv.config import RAY_LOCAL, check_ray_address  # deferred: the watchdog imports this module
+
+    environ = os.environ if environ is None else environ
+    setting = str(setting or "").strip()
+    if setting:
+        check_ray_address("federation.ray_address", setting)
+        return "" if setting == RAY_LOCAL else setting
+    inherited = environ.get(RAY_ADDRESS_ENV, "").strip()
+    check_ray_address(RAY_ADDRESS_ENV, inherited)
+    return "" if inherited == RAY_LOCAL else inherited
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """What a Ray cluster told :func:`probe_ray_cluster`: where its head is and what it holds."""
+
+    address: str  # as given (HOST:PORT or "auto")
+    gcs_address: str  # the head's HOST:PORT as Ray resolved it
+    session_dir: str  # the cluster's session folder on the head (its logs are under it)
+    nodes: int
+    cpus: float
+    gpus: float
+    hospital_slots: int  # hospitals that can train at once with the configured shares
+
+    def describe(self) -> str:
+        return (f"{self.nodes} node{'s' * (self.nodes != 1)}, {self.cpus:g} CPUs, {self.gpus:g} GPUs, "
+                f"{self.hospital_slots} hospital{'s' * (self.hospital_slots != 1)} at a time")
+
+
+_PROBE = """
+import json, sys
+import ray
+ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+cpus, gpus = float(sys.argv[2]), float(sys.argv[3])
+slots, nodes, totals = 0, 0, {"CPU": 0.0, "GPU": 0.0}
+for node in ray.nodes():  # as Flower sizes its actor pool: per node
+    resources = node.get("Resources") or {}
+    if not node.get("Alive") or not resources:
+        continue
+    nodes += 1
+    for key in totals:
+        totals[key] += resources.get(key, 0.0)
+    fit = int(resources.get("CPU", 0.0) // cpus)
+    if gpus > 0:
+        fit = min(fit, int(resources.get("GPU", 0.0) // gpus))
+    slots += fit
+context = ray.get_runtime_context()
+print(json.dumps({"gcs_address": context.gcs_address, "nodes": nodes, "cpus": totals["CPU"], "gpus": totals["GPU"],
+                  "slots": slots, "session_dir": ray._private.worker.global_worker.node.get_session_dir_path()}))
+ray.shutdown()
+"""
+
+
+def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
+                      env: Mapping[str, str] | None = None, timeout: float = 60.0) -> RayCluster:
+    """Connect to the Ray cluster at `address` as the simulation will (same environment), in a child
+    process bounded by `timeout` s, and check that it can host at least one hospital.
+
+    Ray itself retries an unreachable address for many minutes; this turns that into one error.
+    """
+    command = [sys.executable, "-c", _PROBE, address, str(client_cpus), str(client_gpus)]
+    env = os.environ if env is None else env
+    process = subprocess.Popen(command, env={**env, RAY_ADDRESS_ENV: address}, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SimulationError(f"the Ray cluster at {address} did not answer within {timeout:.0f}s (federation."
+                              f"ray_address or ${RAY_ADDRESS_ENV}); check that `ray start --head` runs there and "
+                              "that this machine can reach it, or unset both for a local Ray") from None
+    finally:
+        if process.poll() is None:
+            terminate_tree(process.pid, grace=2)
+            process.wait(timeout=5)
+    lines = out.strip().splitlines()
+    if process.returncode != 0 or not lines:
+        reason = next((line for line in reversed(err.strip().splitlines()) if line.strip()), "no output")
+        raise SimulationError(f"could not attach to the Ray cluster at {address} (federation.ray_address or "
+                              f"${RAY_ADDRESS_ENV}): {reason[:300]}")
+    found = json.loads(lines[-1])
+    cluster = RayCluster(address=address, gcs_address=found["gcs_address"], session_dir=found["session_dir"],
+                         nodes=found["nodes"], cpus=found["cpus"], gpus=found["gpus"], hospital_slots=found["slots"])
+    if cluster.hospital_slots < 1:
+        key, value = ("federation.client_gpus", client_gpus) if client_gpus > 0 and cluster.gpus < client_gpus \
+            else ("federation.client_cpus", client_cpus)
+        raise ConfigError(key, value, f"no node of the Ray cluster at {address} has that much to give one hospital "
+                          f"({cluster.describe()})", "lower the per-hospital share, or add a node that has it")
+    return cluster
+
+
 def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, client_cpus: int,
-                   startup_timeout: float = 60.0) -> None:
-    """Run one federated simulation of `config_json`; outputs land in `run_dir`."""
+                   client_gpus: float = 0.0, ray_address: str = "", startup_timeout: float = 60.0,
+                   attach_timeout: float = 60.0) -> RayCluster | None:
+    """Run one federated simulation of `config_json`; outputs land in `run_dir`.
+
+    `ray_address` (see :func:`ray_cluster_address`): a running Ray cluster to run it on, "" for a
+    local Ray that is started and stopped with the SuperLink. Returns the attached cluster, if any.
+    """
     # Imported here: the watchdog imports this module and should start in milliseconds.
     from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, write_app  # deferred: torch; the watchdog imports us
 
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    cluster = None
+    if ray_address:
+        cluster = probe_ray_cluster(ray_address, client_cpus=client_cpus, client_gpus=client_gpus,
+                                    timeout=attach_timeout)
+        log.info("Attached to the Ray cluster at %s (head %s; %s); fedpriv will not stop it",
+                 ray_address, cluster.gcs_address, cluster.describe())
     home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
     try:
         write_app(home / "app")
         run_config = home / "run-config.toml"
         run_config.write_text(tomli_w.dumps({CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)}))
-        with LocalSuperLink(home, startup_timeout=startup_timeout, temporary_home=True) as link:
+        with LocalSuperLink(home, startup_timeout=startup_timeout, temporary_home=True,
+                            ray_address=ray_address) as link:
+            federation = (f"num-supernodes={num_hospitals} client-resources-num-cpus={client_cpus} "
+                          f"client-resources-num-gpus={client_gpus:g}")
             command = [executable("flwr"), "run", str(home / "app"), CONNECTION, "--run-config", str(run_config),
-                       "--federation-config", f"num-supernodes={num_hospitals} client-resources-num-cpus={client_cpus}",
-                       "--stream"]
+                       "--federation-config", federation, "--stream"]
             try:
                 returncode = stream_flower(command, env=link.env, cwd=home)
             finally:
@@ -272,6 +399,7 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
                                       f"see {log_copy}")
     finally:
         shutil.rmtree(home, ignore_errors=True)
+    return cluster
 
 
 def stream_flower(command: list[str], *, env: dict[str, str], cwd: Path) -> int:

@@ -99,6 +99,11 @@ def test_typos_and_wrong_types_fail_at_composition(override):
     (["train.lr_final=1.5"], "train.lr_final", "(0, 1]"),
     (["dataset.class_prior=[0.5,0.6]"], "dataset.class_prior", "summing to 1"),
     (["dataset.class_prior=[0,1]"], "dataset.class_prior", "above 0"),
+    (["federation.client_gpus=-0.5"], "federation.client_gpus", ">= 0"),
+    (["federation.client_gpus=1.5"], "federation.client_gpus", "whole number"),
+    (["federation.ray_address=headnode"], "federation.ray_address", "HOST:PORT"),
+    (["federation.ray_address='ray://10.0.0.5:10001'"], "federation.ray_address", "Ray Client"),
+    (["federation.ray_address='10.0.0.5:0'"], "federation.ray_address", "HOST:PORT"),
 ])
 def test_bad_config_values_are_rejected_before_data_is_read(overrides, key, hint, monkeypatch):
     # No data directory at all: the config check must fire before any loader runs.
@@ -188,3 +193,18 @@ def test_cli_prints_the_composed_config(tmp_path):
     assert "epsilon: 1.0" in result.stdout and "name: pneumoniamnist" in result.stdout
 
 
+
+
+def test_the_ray_cluster_comes_from_the_setting_else_ray_address_and_local_overrides_both():
+    from fedpriv.simulation import ray_cluster_address
+
+    assert ray_cluster_address("", {}) == ""  # a local Ray of its own, as before
+    assert ray_cluster_address("", {"RAY_ADDRESS": "10.0.0.5:6379"}) == "10.0.0.5:6379"
+    assert ray_cluster_address("10.0.0.7:6379", {"RAY_ADDRESS": "10.0.0.5:6379"}) == "10.0.0.7:6379"
+    assert ray_cluster_address("local", {"RAY_ADDRESS": "10.0.0.5:6379"}) == ""
+    assert ray_cluster_address("auto", {}) == "auto"
+    with pytest.raises(ConfigError) as error:
+        ray_cluster_address("", {"RAY_ADDRESS": "headnode"})
+    assert error.value.key == "RAY_ADDRESS" and "Fix:" in str(error.value)
+    for good in ("federation.client_gpus=0.25", "federation.client_gpus=2", "federation.ray_address='10.0.0.5:6379'"):
+        prepare_experiment(composed(*TINY, good))  # accepted

@@ -25,6 +25,7 @@ import shlex
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -42,7 +43,7 @@ from fedpriv.config import FedprivConfig, register_configs, to_config
 from fedpriv.errors import ConfigError, FedprivError, NothingTrained
 from fedpriv.experiment import absolute_paths, prepare_experiment
 from fedpriv.outputs import resume_checkpoint, untrained_reason
-from fedpriv.simulation import Interrupted, interrupt_on_signals, run_simulation
+from fedpriv.simulation import Interrupted, interrupt_on_signals, ray_cluster_address, run_simulation
 
 __all__ = ["CONFIG_NAME", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NOTHING_TRAINED", "SweepFolder",
            "absolute_paths", "config_dir", "hydra_error_line", "main", "resumed_config", "run"]
@@ -61,6 +62,10 @@ def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
     Raises NothingTrained when the run ended without any hospital training in any round.
     """
     config = absolute_paths(to_config(cfg), run_dir)
+    # The Ray cluster to attach to (federation.ray_address, else $RAY_ADDRESS), recorded in config.yaml.
+    cluster = ray_cluster_address(config.federation.ray_address)
+    if cluster:
+        config = replace(config, federation=replace(config.federation, ray_address=cluster))
     experiment = prepare_experiment(config)  # every check runs here, before any budget is spent
     if config.resume:
         resume_checkpoint(config)  # an incompatible run directory fails now, not inside Flower
@@ -69,7 +74,8 @@ def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
              experiment.partition_table())
     experiment.save_partition(run_dir)
     run_simulation(config_to_json(config), run_dir, num_hospitals=config.federation.num_hospitals,
-                   client_cpus=config.federation.client_cpus)
+                   client_cpus=config.federation.client_cpus, client_gpus=config.federation.client_gpus,
+                   ray_address=cluster)
     # The ServerApp has printed the summary already (through Flower's log stream): once is enough.
     log.info("Run finished; outputs in %s (summary in %s)", run_dir, run_dir / rundir.SUMMARY)
     result = rundir.read_result(run_dir) or {}
