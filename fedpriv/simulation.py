@@ -302,7 +302,7 @@ import json, sys
 import ray
 ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 cpus, gpus = float(sys.argv[2]), float(sys.argv[3])
-slots, nodes, totals = 0, 0, {"CPU": 0.0, "GPU": 0.0}
+slots, cpu_slots, nodes, totals = 0, 0, 0, {"CPU": 0.0, "GPU": 0.0}
 for node in ray.nodes():  # as Flower sizes its actor pool: per node
     resources = node.get("Resources") or {}
     if not node.get("Alive") or not resources:
@@ -311,12 +311,16 @@ for node in ray.nodes():  # as Flower sizes its actor pool: per node
     for key in totals:
         totals[key] += resources.get(key, 0.0)
     fit = int(resources.get("CPU", 0.0) // cpus)
+    cpu_slots += fit
     if gpus > 0:
         fit = min(fit, int(resources.get("GPU", 0.0) // gpus))
     slots += fit
-context = ray.get_runtime_context()
-print(json.dumps({"gcs_address": context.gcs_address, "nodes": nodes, "cpus": totals["CPU"], "gpus": totals["GPU"],
-                  "slots": slots, "session_dir": ray._private.worker.global_worker.node.get_session_dir_path()}))
+try:  # Ray's private API: only informative, so its absence costs nothing
+    session_dir = ray._private.worker.global_worker.node.get_session_dir_path()
+except Exception:
+    session_dir = ""
+print(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "nodes": nodes, "cpus": totals["CPU"],
+                  "gpus": totals["GPU"], "slots": slots, "cpu_slots": cpu_slots, "session_dir": session_dir}))
 ray.shutdown()
 """
 
@@ -352,11 +356,27 @@ def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
     cluster = RayCluster(address=address, gcs_address=found["gcs_address"], session_dir=found["session_dir"],
                          nodes=found["nodes"], cpus=found["cpus"], gpus=found["gpus"], hospital_slots=found["slots"])
     if cluster.hospital_slots < 1:
-        key, value = ("federation.client_gpus", client_gpus) if client_gpus > 0 and cluster.gpus < client_gpus \
+        # The GPU share is what no node can give when the CPU share alone would fit somewhere.
+        key, value = ("federation.client_gpus", client_gpus) if found["cpu_slots"] > 0 \
             else ("federation.client_cpus", client_cpus)
         raise ConfigError(key, value, f"no node of the Ray cluster at {address} has that much to give one hospital "
                           f"({cluster.describe()})", "lower the per-hospital share, or add a node that has it")
     return cluster
+
+
+def check_local_gpu_share(client_gpus: float) -> None:
+    """A GPU share for the hospitals of a local Ray needs a CUDA GPU here; without one, Flower's Ray
+    backend would only fail inside the run ("ActorPool is empty"). Raises ConfigError."""
+    if client_gpus <= 0:
+        return
+    import torch  # deferred: the watchdog imports this module and should start in milliseconds
+
+    found = torch.cuda.device_count()
+    if found < client_gpus:  # not even one hospital would fit
+        raise ConfigError("federation.client_gpus", client_gpus,
+                          f"this machine has {found} CUDA GPU{'s' * (found != 1)} for the local Ray",
+                          "use federation.client_gpus=0 here, or attach to a Ray cluster with GPUs "
+                          "(federation.ray_address)")
 
 
 def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, client_cpus: int,
@@ -378,6 +398,8 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
                                     timeout=attach_timeout)
         log.info("Attached to the Ray cluster at %s (head %s; %s); fedpriv will not stop it",
                  ray_address, cluster.gcs_address, cluster.describe())
+    else:
+        check_local_gpu_share(client_gpus)
     home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
     try:
         write_app(home / "app")

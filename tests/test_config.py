@@ -208,3 +208,16 @@ def test_the_ray_cluster_comes_from_the_setting_else_ray_address_and_local_overr
     assert error.value.key == "RAY_ADDRESS" and "Fix:" in str(error.value)
     for good in ("federation.client_gpus=0.25", "federation.client_gpus=2", "federation.ray_address='10.0.0.5:6379'"):
         prepare_experiment(composed(*TINY, good))  # accepted
+
+
+def test_a_gpu_share_without_a_gpu_for_the_local_ray_is_one_config_error():
+    import torch
+
+    from fedpriv.simulation import check_local_gpu_share
+
+    check_local_gpu_share(0)  # the default needs nothing
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ConfigError) as error:
+        check_local_gpu_share(0.25)
+    assert error.value.key == "federation.client_gpus" and "0 CUDA GPUs" in str(error.value)

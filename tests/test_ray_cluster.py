@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import pytest
 
 from fedpriv import rundir
 from fedpriv.errors import ConfigError
-from fedpriv.process_tree import processes_mentioning
+from fedpriv.process_tree import alive, descendants, processes_mentioning, terminate_tree
 from fedpriv.simulation import SimulationError, executable, probe_ray_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.processes]
@@ -114,6 +115,12 @@ def ray_cluster() -> Iterator[Cluster]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _actor_logs(cluster: Cluster) -> set[Path]:
+    """The cluster's worker logs of Flower's ClientApp actors (Ray writes the actor's class into them)."""
+    return {log for log in cluster.logs().glob("worker-*.out")
+            if ":actor_name:ClientAppActor" in log.read_text(errors="replace")}
+
+
 def _running(processes: list[psutil.Process]) -> list[int]:
     return [p.pid for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
@@ -130,13 +137,42 @@ def test_a_federation_runs_on_a_running_ray_cluster_and_leaves_it_running(ray_cl
     assert rundir.read_result(run_dir)["ray_address"] == ray_cluster.address
     assert f"ray_address: {ray_cluster.address}" in (run_dir / rundir.CONFIG).read_text()
     # The cluster ran the hospitals: its own session logs hold the run's ClientApp actors.
-    actors = [log for log in ray_cluster.logs().glob("worker-*") if ":actor_name:ClientAppActor" in
-              log.read_text(errors="replace")]
-    assert actors, sorted(p.name for p in ray_cluster.logs().iterdir())
+    assert _actor_logs(ray_cluster), sorted(p.name for p in ray_cluster.logs().iterdir())
     # ... and it is still running, every process of it, and answering.
     assert _running(ray_cluster.processes) == cluster_pids
     probed = probe_ray_cluster(ray_cluster.address, client_cpus=1, client_gpus=0, env=env, timeout=120)
     assert probed.session_dir.startswith(str(ray_cluster.temp_dir)) and probed.cpus == 2
+
+
+def test_stopping_an_attached_run_stops_what_fedpriv_started_and_nothing_of_the_cluster(ray_cluster, tmp_path):
+    cluster_pids = _running(ray_cluster.processes)
+    actors_before = _actor_logs(ray_cluster)
+    env = {**os.environ, **LOOPBACK, "RAY_ADDRESS": ray_cluster.address}
+    log_path = tmp_path / "fedpriv.log"
+    seen: set[int] = set()
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "fedpriv.cli.main", *TINY, "strategy.num_rounds=50",
+                                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        # Until the run's hospitals exist on the cluster: then Ctrl-C, while Ray runs them.
+        while process.poll() is None and not _actor_logs(ray_cluster) - actors_before and time.monotonic() < deadline:
+            seen |= set(descendants(process.pid))
+            time.sleep(0.5)
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        seen |= set(descendants(process.pid))
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=180)
+    finally:
+        if process.poll() is None:
+            terminate_tree(process.pid, grace=5)
+            process.wait(timeout=10)
+    output = log_path.read_text()
+    assert code == 130, output[-3000:]  # EXIT_INTERRUPTED
+    assert seen and not [pid for pid in seen if alive(pid)], output[-3000:]  # what fedpriv started is stopped
+    assert _running(ray_cluster.processes) == cluster_pids  # ... and every process of the cluster still runs
+    probe_ray_cluster(ray_cluster.address, client_cpus=1, client_gpus=0, env=env, timeout=120)  # and answers
 
 
 def test_a_gpu_share_the_cluster_cannot_give_is_one_config_error(ray_cluster):
