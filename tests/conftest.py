@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 import time
@@ -64,6 +65,26 @@ def _session_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(KEY_DIR_ENV, str(folder))
         yield folder
+
+
+# ------------------------------------------------------------------ logging as each test found it
+
+@pytest.fixture(autouse=True)
+def _logging_as_before() -> Iterator[None]:
+    """Put every logger's handlers, level and switches back after each test.
+
+    A test that calls `fedpriv` in this process lets Hydra configure logging: its handlers then write
+    to that test's capture streams, which pytest closes afterwards, and every later log line became a
+    "--- Logging error ---" traceback in another test's stderr.
+    """
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    saved = [(logger, logger.handlers[:], logger.level, logger.disabled, logger.propagate) for logger in loggers]
+    yield
+    for logger, handlers, level, disabled, propagate in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.disabled, logger.propagate = disabled, propagate
 
 
 # ------------------------------------------------------------------ nothing a test starts outlives it
