@@ -26,6 +26,7 @@ and Ray's lines that mislead a fedpriv user (the run directory's superlink.log k
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -37,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import json
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
