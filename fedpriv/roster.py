@@ -169,11 +169,17 @@ class Roster:
 
     def describe(self) -> str:
         return ", ".join(f"{h.name} ({'LOCKED' if h.locked else 'open'}, epsilon "
-                         f"{format_epsilon(h.epsilon, h.budget_epsilon)}/{h.budget_epsilon:g})" for h in self.hospitals)
+                         f"{format_epsilon(h.epsilon, h.budget_epsilon)}/{h.budget_epsilon:g}{_per(h)})"
+                         for h in self.hospitals)
 
     def spent(self) -> str:
-        return ", ".join(f"{h.name} {format_epsilon(h.epsilon, h.budget_epsilon)}/{h.budget_epsilon:g}"
+        return ", ".join(f"{h.name} {format_epsilon(h.epsilon, h.budget_epsilon)}/{h.budget_epsilon:g}{_per(h)}"
                          f"{' LOCKED' if h.locked else ''}" for h in self.hospitals)
+
+
+def _per(hospital: HospitalState) -> str:
+    """" per image" or " per patient", as the hospital reported its unit; "" before it replied."""
+    return f" per {hospital.unit}" if hospital.unit else ""
 
 
 def hospital_names(claimed: dict[int, str], registered: dict[int, str]) -> dict[int, str]:

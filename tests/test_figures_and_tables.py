@@ -142,6 +142,16 @@ def test_the_round_log_never_rounds_an_epsilon_onto_the_budget():
     assert "epsilon 2.9996/3" in roster.describe() and "epsilon 7.996/8" in roster.describe()
 
 
+def test_the_round_log_says_each_hospitals_privacy_unit_as_it_reported_it():
+    roster = Roster()
+    roster.admit([HospitalState(node_id=1, name="hospital-1", epsilon=1.0, delta=1e-5, budget_epsilon=3.0,
+                                unit="patient"),
+                  HospitalState(node_id=2, name="hospital-2", epsilon=2.0, delta=1e-5, budget_epsilon=3.0,
+                                unit="image", locked=True)])
+    assert roster.spent() == "hospital-1 1/3 per patient, hospital-2 2/3 per image LOCKED"
+    assert "epsilon 1/3 per patient" in roster.describe() and "epsilon 2/3 per image" in roster.describe()
+
+
 # ------------------------------------------------------------------ the run report's figures, read as rendered
 
 
