@@ -46,6 +46,7 @@ from fedpriv.deployment.node import deployed_site, hospital_settings, parse_node
 from fedpriv.deployment.processes import DeploymentError, node_config_string, supernode_command
 from fedpriv.deployment.proxy import ProxySettings, check_proxy_config, nginx_config, write_proxy_config
 from fedpriv.deployment.rehearsal import write_share
+from fedpriv.devices import resolve_device
 from fedpriv.errors import ConfigError, DataError
 from fedpriv.models import build_model
 from fedpriv.privacy.ledger import read_ledger
@@ -390,8 +391,11 @@ def _assert_only_scalars_leave(reply: Message, allowed: set[str]) -> None:
     assert set(reply.content.keys()) <= allowed
     assert {type(value) for value in dict(reply.content["metrics"]).values()} <= {int, float}
     assert {type(value) for value in dict(reply.content["status"]).values()} <= {str}
-    # The accountant's name is the hospital's own setting, not a function of its records.
-    assert set(dict(reply.content["status"])) <= {"hospital", "status", "message", "chain-head", "accountant"}
+    # The accountant's name is the hospital's own setting and the device its hardware: neither is a
+    # function of its records.
+    status = dict(reply.content["status"])
+    assert set(status) <= {"hospital", "status", "message", "chain-head", "accountant", "device"}
+    assert status.get("device", "") in {"", resolve_device("auto")}  # the node's own device, if it trained
 
 
 def test_a_train_reply_carries_weights_scalar_metrics_and_status_only(node_config, run_cfg, task_identity):
