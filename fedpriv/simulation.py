@@ -381,18 +381,17 @@ def check_local_gpu_share(client_gpus: float) -> None:
 
 def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, client_cpus: int,
                    client_gpus: float = 0.0, ray_address: str = "", startup_timeout: float = 60.0,
-                   attach_timeout: float = 60.0) -> RayCluster | None:
+                   attach_timeout: float = 60.0) -> None:
     """Run one federated simulation of `config_json`; outputs land in `run_dir`.
 
     `ray_address` (see :func:`ray_cluster_address`): a running Ray cluster to run it on, "" for a
-    local Ray that is started and stopped with the SuperLink. Returns the attached cluster, if any.
+    local Ray that is started and stopped with the SuperLink.
     """
     # Imported here: the watchdog imports this module and should start in milliseconds.
     from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, write_app  # deferred: torch; the watchdog imports us
 
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cluster = None
     if ray_address:
         cluster = probe_ray_cluster(ray_address, client_cpus=client_cpus, client_gpus=client_gpus,
                                     timeout=attach_timeout)
@@ -421,7 +420,6 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
                                       f"see {log_copy}")
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    return cluster
 
 
 def stream_flower(command: list[str], *, env: dict[str, str], cwd: Path) -> int:
