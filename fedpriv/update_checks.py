@@ -1,23 +1,34 @@
 """Checks on a hospital's training reply before it may touch the global model.
 
 A buggy or hostile hospital must not corrupt the federation: weights with NaN/Inf, the wrong keys,
-shapes or dtypes, an absurd update norm, a bad `num-examples`, or privacy figures that contradict
-what the hospital reported before are all rejected, with the reason, and the round goes on without
-them. Pure functions over state dicts and metric mappings, so they are tested without Flower.
+shapes or dtypes, an absurd update norm, a bad `num-examples`, privacy figures that contradict
+what the hospital reported before, or text the server cannot log or write as it is (a string over
+:data:`MAX_REPLY_TEXT` characters, or one with a line break or another control character) are all
+rejected, with the reason, and the round goes on without them. Pure functions over state dicts and
+metric mappings, so they are tested without Flower.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import unicodedata
 from collections.abc import Mapping
 
 import torch
 
-from fedpriv.protocol import Metric, Status, figures_known
+from fedpriv.protocol import Field, Metric, Status, figures_known
 
 # Reported epsilons are recomputed by an accountant with a small numeric error; allow for it.
 _EPSILON_TOLERANCE = 1e-6
+
+# The longest string a reply may carry (a key or a value: the hospital's name, status, message, device,
+# accountant, chain head): what the server logs and writes into summary.md and result.json stays
+# bounded. An honest hospital's longest message (a ConfigError, told to the server) is ~350 characters.
+MAX_REPLY_TEXT = 500
+# Line breaks, ANSI escapes and other control or format characters would let a hospital forge lines in
+# the server's log (log injection) or hide text in the summary.
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def weights_problem(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> str | None:
@@ -83,15 +94,54 @@ def metrics_problem(metrics: Mapping[str, object], *, declared_examples: int, la
     return None
 
 
+def text_problem(text: str) -> str | None:
+    """Why `text` from a hospital cannot be logged or written as it is (too long, a control
+    character), or None. The text itself is never quoted: the problem is logged too."""
+    if len(text) > MAX_REPLY_TEXT:
+        return f"is {len(text)} characters long, over the limit of {MAX_REPLY_TEXT}"
+    bad = next((char for char in text if unicodedata.category(char) in _CONTROL_CATEGORIES), None)
+    if bad is not None:
+        return f"contains the control character U+{ord(bad):04X} (a line break or other control character)"
+    return None
+
+
+def _key_shown(key: object) -> str:
+    """A hospital's key as a problem may quote it: ASCII, without control characters, short."""
+    return ascii(str(key)[:40])
+
+
+def reply_text_problem(fields: Mapping[str, object] | None, metrics: Mapping[str, object] | None = None) -> str | None:
+    """Why the text of a reply cannot be logged or written as it is (see :func:`text_problem`), or None:
+    every key and string value of its status record (`fields`: hospital, status, message, device,
+    accountant, chain head, and whatever else it holds) and every key of its `metrics`."""
+    for record, what in ((fields or {}, "status field"), (metrics or {}, "metric")):
+        for key, value in record.items():
+            problem = text_problem(str(key))
+            if problem:
+                return f"a {what} name {_key_shown(key)}... {problem}" if len(str(key)) > 40 \
+                    else f"the {what} name {_key_shown(key)} {problem}"
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                problem = text_problem(item) if isinstance(item, str) else None
+                if problem:
+                    return f"{what} {_key_shown(key)} {problem}"
+    return None
+
+
 def reply_figures_problem(metrics: Mapping[str, object] | None, status: str | None, *, declared_examples: int,
-                          last_epsilon: float, last_budget: float, last_delta: float) -> str | None:
-    """Why a reply's metrics cannot be believed (see metrics_problem), or None.
+                          last_epsilon: float, last_budget: float, last_delta: float,
+                          fields: Mapping[str, object] | None = None) -> str | None:
+    """Why a reply's metrics cannot be believed (see metrics_problem), or its text cannot be logged (see
+    :func:`reply_text_problem`: its `status`, the rest of its status record `fields` when given, the
+    names of its metrics), or None.
 
     A refusal from a hospital that could not read its own ledger carries no figures (epsilon NaN):
     there is nothing to check or to use, and that is no problem.
     """
     if metrics is None or status is None:
         return "reply lacks its metrics or status"
+    problem = reply_text_problem({**(fields or {}), Field.STATUS: status}, metrics)
+    if problem:
+        return problem
     if status != Status.TRAINED and not figures_known(metrics):
         return None
     return metrics_problem(metrics, declared_examples=declared_examples, last_epsilon=last_epsilon,

@@ -10,8 +10,11 @@ from flwr.app import ArrayRecord, MetricRecord
 from test_federation import federate
 
 from fedpriv.update_checks import (
+    MAX_REPLY_TEXT,
     metrics_problem,
     norm_outliers,
+    reply_figures_problem,
+    reply_text_problem,
     update_norm,
     weights_problem,
 )
@@ -60,6 +63,54 @@ def test_norm_outliers_need_company_and_use_the_median():
     assert update_norm(REFERENCE, {**REFERENCE, "w": torch.full((3, 2), 2.0)}) == pytest.approx(math.sqrt(24))
 
 
+GOOD_FIELDS = {"hospital": "hospital-1", "status": "trained", "message": "trained with DP-SGD",
+               "chain-head": "ab" * 32, "accountant": "prv", "device": "cuda:0"}
+
+
+def _figures_problem(fields, metrics=GOOD_METRICS):
+    return reply_figures_problem(metrics, str(fields.get("status", "trained")), declared_examples=50,
+                                 last_epsilon=0.8, last_budget=3.0, last_delta=1e-5, fields=fields)
+
+
+def test_a_normal_reply_passes_the_text_checks():
+    assert _figures_problem(GOOD_FIELDS) is None
+    # Long but honest text (a refusal's reason), up to the limit, with non-ASCII letters and symbols.
+    message = ("request refused, nothing charged: epsilon 2.99 of 3 \u2264 \u221e, H\u00f4pital " * 20)[:MAX_REPLY_TEXT]
+    assert _figures_problem({**GOOD_FIELDS, "status": "refused", "message": message}) is None
+
+
+def test_a_huge_string_in_a_reply_is_refused_and_named():
+    problem = _figures_problem({**GOOD_FIELDS, "device": "x" * 10_000})
+    assert problem == f"status field 'device' is 10000 characters long, over the limit of {MAX_REPLY_TEXT}"
+    assert "x" * 50 not in problem
+    problem = _figures_problem({**GOOD_FIELDS, "message": "m" * (MAX_REPLY_TEXT + 1)})
+    assert "'message'" in problem and f"{MAX_REPLY_TEXT + 1} characters" in problem
+    # The status string the server always reads, and a metric's name, are bounded too.
+    assert "'status'" in reply_figures_problem(GOOD_METRICS, "t" * 10_000, declared_examples=50, last_epsilon=0.8,
+                                               last_budget=3.0, last_delta=1e-5)
+    assert "metric name" in _figures_problem(GOOD_FIELDS, {**GOOD_METRICS, "k" * 10_000: 1.0})
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("message", "trained with DP-SGD\nround 9: every hospital within budget"),
+    ("message", "ok\r"),
+    ("accountant", "prv\x1b[2J"),
+    ("device", "cpu\u2028forged line"),
+    ("device", "cpu\u202e"),  # a right-to-left override would hide what follows
+])
+def test_a_line_break_or_control_character_in_a_reply_is_refused(key, value):
+    problem = _figures_problem({**GOOD_FIELDS, key: value})
+    assert problem.startswith(f"status field '{key}' contains the control character U+")
+    assert "\n" not in problem and "\r" not in problem and "\x1b" not in problem
+
+
+def test_a_hostile_key_is_refused_without_being_repeated():
+    problem = reply_text_problem({"device\nforged": "cpu"})
+    assert problem.startswith("the status field name 'device\\nforged' contains") and "\n" not in problem
+    problem = reply_text_problem({"k" * 10_000: "cpu"})
+    assert "10000 characters" in problem and len(problem) < 200
+
+
 def _poison_weights(value):
     def tamper(reply):
         state = reply.content["arrays"].to_torch_state_dict()
@@ -77,10 +128,18 @@ def _inflate_examples(reply):
     return reply
 
 
+def _forge_log_line(reply):
+    metrics = dict(reply.content["metrics"])
+    metrics["epsilon\nround 1: every hospital trained"] = 0.0
+    reply.content["metrics"] = MetricRecord(metrics)
+    return reply
+
+
 @pytest.mark.parametrize(("tamper", "reason"), [
     (_poison_weights(math.nan), "NaN or Inf"),
     (_poison_weights(1e6), "median"),
     (_inflate_examples, "declared"),
+    (_forge_log_line, "control character U+000A"),
 ])
 def test_a_hostile_hospital_is_rejected_and_named_and_the_round_goes_on(tmp_path, tamper, reason):
     strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1",
