@@ -13,8 +13,9 @@ stops the SuperLink's process tree the same way (:func:`fedpriv.process_tree.ter
 
 With a Ray cluster to attach to (`federation.ray_address`, else the standard RAY_ADDRESS), the
 simulation runs on that cluster instead of a local Ray: fedpriv first checks, within a bounded time,
-that the cluster answers and can host one hospital (:func:`probe_ray_cluster`), then hands the
-address to the SuperLink's simulation process as RAY_ADDRESS. The cluster's processes were started by
+that the cluster answers and can host one hospital and, with more than one node, that every node sees
+the hospitals' ledger folder and key folder (:func:`probe_ray_cluster`), then hands the address to the
+SuperLink's simulation process as RAY_ADDRESS. The cluster's processes were started by
 `ray start`, not under the SuperLink, so stopping the SuperLink's tree cannot reach them: an attached
 cluster keeps running (only this run's Ray workers end, when Ray sees its driver go).
 
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -40,7 +42,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tomli_w
@@ -291,23 +293,31 @@ class RayCluster:
     cpus: float
     gpus: float
     hospital_slots: int  # hospitals that can train at once with the configured shares
+    shared: tuple[str, ...] = ()  # the folders every node was seen to share (none checked: one node)
 
     def describe(self) -> str:
         return (f"{self.nodes} node{'s' * (self.nodes != 1)}, {self.cpus:g} CPUs, {self.gpus:g} GPUs, "
                 f"{self.hospital_slots} hospital{'s' * (self.hospital_slots != 1)} at a time")
 
 
+# The shared-folder check: each node reads, at the same absolute path, a file of random content the
+# probe has just written; the hospitals' ledger key folder is resolved on each node as a hospital
+# there resolves it (its own FEDPRIV_KEY_DIR, else its user's config folder) unless a path is given.
+_SHARED_CHECK_PREFIX = ".fedpriv-shared-check-"
+
 _PROBE = """
-import json, sys
+import json, sys, time
 import ray
 ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 cpus, gpus = float(sys.argv[2]), float(sys.argv[3])
-slots, cpu_slots, nodes, totals = 0, 0, 0, {"CPU": 0.0, "GPU": 0.0}
+check = json.loads(sys.argv[4]) if sys.argv[4] else None
+slots, cpu_slots, nodes, totals, alive = 0, 0, 0, {"CPU": 0.0, "GPU": 0.0}, []
 for node in ray.nodes():  # as Flower sizes its actor pool: per node
     resources = node.get("Resources") or {}
     if not node.get("Alive") or not resources:
         continue
     nodes += 1
+    alive.append((node["NodeID"], node.get("NodeManagerAddress", "")))
     for key in totals:
         totals[key] += resources.get(key, 0.0)
     fit = int(resources.get("CPU", 0.0) // cpus)
@@ -315,25 +325,175 @@ for node in ray.nodes():  # as Flower sizes its actor pool: per node
     if gpus > 0:
         fit = min(fit, int(resources.get("GPU", 0.0) // gpus))
     slots += fit
+seen = []
+if check and nodes > 1:  # a hospital trains on any node: each must see the same ledger folder
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def look(check):
+        import os
+
+        def read(path):
+            try:
+                with open(path) as file:
+                    return file.read(100)
+            except OSError:
+                return None
+
+        key = check["key"]
+        if not key:  # as a hospital on this node resolves it (fedpriv.privacy.chain.default_key_dir)
+            folder = os.environ.get(check["key_env"], "").strip()
+            if folder:
+                folder = os.path.expanduser(folder)
+            else:
+                import platformdirs
+                folder = os.path.join(platformdirs.user_config_dir("fedpriv"), "ledger-keys")
+            key = os.path.join(folder, check["name"])
+        return {"ledger": read(check["ledger"]), "key": read(key), "key_path": key}
+
+    refs = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(check):
+            (node_id, ip) for node_id, ip in alive}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=max(1.0, check["deadline"] - time.time()))
+    for ref, (node_id, ip) in refs.items():
+        entry = {"id": node_id, "ip": ip}
+        if ref in ready:
+            try:
+                entry.update(ray.get(ref))
+            except Exception as error:
+                entry["error"] = type(error).__name__ + ": " + str(error).strip().splitlines()[-1][:200]
+        else:
+            entry["error"] = "it did not run the check in time"
+        seen.append(entry)
 try:  # Ray's private API: only informative, so its absence costs nothing
     session_dir = ray._private.worker.global_worker.node.get_session_dir_path()
 except Exception:
     session_dir = ""
 print(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "nodes": nodes, "cpus": totals["CPU"],
-                  "gpus": totals["GPU"], "slots": slots, "cpu_slots": cpu_slots, "session_dir": session_dir}))
+                  "gpus": totals["GPU"], "slots": slots, "cpu_slots": cpu_slots, "session_dir": session_dir,
+                  "seen": seen}))
 ray.shutdown()
 """
 
 
+def _default_key_dir(env: Mapping[str, str]) -> Path:
+    """The ledger key folder as :func:`fedpriv.privacy.chain.default_key_dir` resolves it in `env`."""
+    from fedpriv.privacy.chain import KEY_DIR_ENV  # deferred: the watchdog imports this module
+
+    configured = env.get(KEY_DIR_ENV, "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("fedpriv")) / "ledger-keys"
+
+
+def _nodes(entries: list[dict]) -> str:
+    return ", ".join(f"{entry['ip'] or '?'} (node id {entry['id'][:16]})" for entry in entries)
+
+
 def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
-                      env: Mapping[str, str] | None = None, timeout: float = 60.0) -> RayCluster:
+                      env: Mapping[str, str] | None = None, timeout: float = 60.0,
+                      ledger_dir: Path | None = None, ledger_setting: str = "federation.ledger_dir",
+                      key_dir: Path | None = None) -> RayCluster:
     """Connect to the Ray cluster at `address` as the simulation will (same environment), in a child
     process bounded by `timeout` s, and check that it can host at least one hospital.
 
     Ray itself retries an unreachable address for many minutes; this turns that into one error.
+
+    With `ledger_dir` (the hospitals' ledger folder, named by the setting `ledger_setting`) and a
+    cluster of more than one node, it also checks that every node sees that folder and the ledger key
+    folder: Flower's Ray backend runs a hospital on whichever node has room, so a node with a folder
+    of its own would keep a second ledger and under-count that hospital's epsilon. A file of random
+    content is written into each folder here, one small task pinned to each node reads it back at the
+    same path, and the file is removed again. `key_dir`: the key folder at the same path on every
+    node; None: each node's own FEDPRIV_KEY_DIR (else its user's config folder), as its hospitals
+    resolve it. A node that sees something else is a ConfigError naming the setting and the node(s).
     """
-    command = [sys.executable, "-c", _PROBE, address, str(client_cpus), str(client_gpus)]
     env = os.environ if env is None else env
+    check, token, written, key_folder = "", "", [], None
+    try:
+        if ledger_dir is not None:
+            token = secrets.token_hex(16)
+            name = f"{_SHARED_CHECK_PREFIX}{token}"
+            key_folder = key_dir if key_dir is not None else _default_key_dir(env)
+            key_setting = _key_setting(ledger_dir, key_dir, ledger_setting)
+            for folder, setting, mode in ((ledger_dir, ledger_setting, 0o777), (key_folder, key_setting, 0o700)):
+                try:
+                    folder.mkdir(parents=True, exist_ok=True, mode=mode)
+                    (folder / name).write_text(token)
+                    written.append(folder / name)
+                except OSError as exc:
+                    raise ConfigError(setting, str(folder), f"fedpriv cannot write a file there to check that every "
+                                      f"node of the Ray cluster sees it ({exc.strerror or exc})",
+                                      "make that folder writable") from None
+            from fedpriv.privacy.chain import KEY_DIR_ENV  # deferred: the watchdog imports this module
+
+            check = json.dumps({"ledger": str(ledger_dir / name), "key": str(key_dir / name) if key_dir else "",
+                                "name": name, "key_env": KEY_DIR_ENV,
+                                "deadline": time.time() + timeout - min(10.0, timeout / 4)})
+        found = _run_probe(address, [str(client_cpus), str(client_gpus), check], env, timeout)
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+    cluster = RayCluster(address=address, gcs_address=found["gcs_address"], session_dir=found["session_dir"],
+                         nodes=found["nodes"], cpus=found["cpus"], gpus=found["gpus"], hospital_slots=found["slots"])
+    if cluster.hospital_slots < 1:
+        # The GPU share is what no node can give when the CPU share alone would fit somewhere.
+        key, value = ("federation.client_gpus", client_gpus) if found["cpu_slots"] > 0 \
+            else ("federation.client_cpus", client_cpus)
+        raise ConfigError(key, value, f"no node of the Ray cluster at {address} has that much to give one hospital "
+                          f"({cluster.describe()})", "lower the per-hospital share, or add a node that has it")
+    seen = found.get("seen") or []
+    if seen:
+        _check_shared(address, seen, token, ledger_dir, ledger_setting, key_dir, key_folder)
+        cluster = replace(cluster, shared=(str(ledger_dir), str(key_folder)))
+    return cluster
+
+
+def _key_setting(ledger_dir: Path, key_dir: Path | None, ledger_setting: str) -> str:
+    """What names the key folder: the ledger's setting for one inside the ledger folder, else FEDPRIV_KEY_DIR."""
+    from fedpriv.privacy.chain import KEY_DIR_ENV  # deferred: the watchdog imports this module
+
+    return ledger_setting if key_dir is not None and key_dir.is_relative_to(ledger_dir) else KEY_DIR_ENV
+
+
+def _check_shared(address: str, seen: list[dict], token: str, ledger_dir: Path, ledger_setting: str,
+                  key_dir: Path | None, key_folder: Path) -> None:
+    """Raise unless every node in `seen` (what the probe's tasks read) saw the files of `token`."""
+    failed = [entry for entry in seen if "error" in entry]
+    if failed:
+        raise SimulationError(f"could not check that every node of the Ray cluster at {address} sees the ledger "
+                              f"folder {ledger_dir}: on node {_nodes(failed[:3])} {failed[0]['error']}; nothing "
+                              "was trained and no budget spent")
+    why = ("a hospital trains on whichever node Ray gives it, so a node with a folder of its own would keep "
+           "a ledger of its own and under-count that hospital's epsilon")
+    blind = [entry for entry in seen if entry.get("ledger") != token]
+    if blind:
+        fix = ("put the ledger folder on storage that every node of the cluster mounts at this same path "
+               f"(e.g. NFS) and point {ledger_setting} at it")
+        if ledger_setting == "federation.ledger_run_dir":
+            fix = ("put the run directory (hydra.run.dir) on storage that every node of the cluster mounts at this "
+                   "same path, or use federation.ledger_scope=persistent with a federation.ledger_dir on such storage")
+        raise ConfigError(ledger_setting, str(ledger_dir), f"{len(blind)} of the {len(seen)} nodes of the Ray "
+                          f"cluster at {address} do not see this folder (a file fedpriv wrote there is not there "
+                          f"for them): {_nodes(blind)}; {why}. Refused before any budget was spent", fix)
+    blind = [entry for entry in seen if entry.get("key") != token]
+    if blind:
+        setting = _key_setting(ledger_dir, key_dir, ledger_setting)
+        where = "; ".join(f"{_nodes([entry])} looks in {Path(entry.get('key_path', '')).parent}" for entry in blind)
+        fix = ("put the key folder on storage that every node of the cluster mounts at this same path, and set "
+               f"{setting} to it in the environment of this command and of each node's `ray start`")
+        if setting == ledger_setting:  # a throw-away ledger's keys, in its own folder
+            fix = "put the run directory (hydra.run.dir) on storage that every node mounts at this same path"
+        raise ConfigError(setting, str(key_folder), f"{len(blind)} of the {len(seen)} nodes of the Ray cluster at "
+                          f"{address} do not see this ledger key folder (a file fedpriv wrote there is not there "
+                          f"for them): {where}; {why} (each with a key of its own). Refused before any budget "
+                          "was spent", fix)
+
+
+def _run_probe(address: str, arguments: list[str], env: Mapping[str, str], timeout: float) -> dict:
+    """Run the probe script in a child process bounded by `timeout` s; what it printed, as a dict."""
+    command = [sys.executable, "-c", _PROBE, address, *arguments]
     process = subprocess.Popen(command, env={**env, RAY_ADDRESS_ENV: address}, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
                                start_new_session=True)
@@ -352,16 +512,20 @@ def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
         reason = next((line for line in reversed(err.strip().splitlines()) if line.strip()), "no output")
         raise SimulationError(f"could not attach to the Ray cluster at {address} (federation.ray_address or "
                               f"${RAY_ADDRESS_ENV}): {reason[:300]}")
-    found = json.loads(lines[-1])
-    cluster = RayCluster(address=address, gcs_address=found["gcs_address"], session_dir=found["session_dir"],
-                         nodes=found["nodes"], cpus=found["cpus"], gpus=found["gpus"], hospital_slots=found["slots"])
-    if cluster.hospital_slots < 1:
-        # The GPU share is what no node can give when the CPU share alone would fit somewhere.
-        key, value = ("federation.client_gpus", client_gpus) if found["cpu_slots"] > 0 \
-            else ("federation.client_cpus", client_cpus)
-        raise ConfigError(key, value, f"no node of the Ray cluster at {address} has that much to give one hospital "
-                          f"({cluster.describe()})", "lower the per-hospital share, or add a node that has it")
-    return cluster
+    return json.loads(lines[-1])
+
+
+def _ledger_folders(config_json: str, run_dir: Path) -> tuple[Path, str, Path | None]:
+    """The simulated hospitals' ledger folder, the setting that names it, and their key folder (None: each
+    node's FEDPRIV_KEY_DIR, else its user's config folder), as :mod:`fedpriv.site` resolves them."""
+    from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config  # deferred: torch
+    from fedpriv.site import simulation_ledger_key, simulation_ledger_path
+
+    cfg = config_from_run_config({CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)})
+    ledger = simulation_ledger_path(cfg, run_dir)
+    key = simulation_ledger_key(cfg, ledger)
+    setting = "federation.ledger_run_dir" if cfg.federation.ledger_scope == "run" else "federation.ledger_dir"
+    return ledger.parent.absolute(), setting, key.parent.absolute() if key is not None else None
 
 
 def check_local_gpu_share(client_gpus: float) -> None:
@@ -393,10 +557,15 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if ray_address:
+        # Before anything trains: every node of the cluster must see the hospitals' ledger folder and key folder.
+        ledger_dir, ledger_setting, key_dir = _ledger_folders(config_json, run_dir)
         cluster = probe_ray_cluster(ray_address, client_cpus=client_cpus, client_gpus=client_gpus,
-                                    timeout=attach_timeout)
+                                    timeout=attach_timeout, ledger_dir=ledger_dir, ledger_setting=ledger_setting,
+                                    key_dir=key_dir)
         log.info("Attached to the Ray cluster at %s (head %s; %s); fedpriv will not stop it",
                  ray_address, cluster.gcs_address, cluster.describe())
+        if cluster.shared:
+            log.info("Every node of the Ray cluster sees the ledger folder %s and the key folder %s", *cluster.shared)
     else:
         check_local_gpu_share(client_gpus)
     home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
