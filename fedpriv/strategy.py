@@ -37,7 +37,8 @@ from fedpriv.aggregation import sequential_weight, server_step, weighted_average
 from fedpriv.config import SEQUENTIAL_STEPS
 from fedpriv.protocol import Content, Field, Metric, Status, figures_known
 from fedpriv.roster import HospitalState, Roster, RoundRecord, hospital_names
-from fedpriv.update_checks import norm_outliers, reply_figures_problem, reply_weights_problem, update_norm
+from fedpriv.update_checks import (norm_outliers, reply_figures_problem, reply_text_problem, reply_weights_problem,
+                                   update_norm)
 
 log = logging.getLogger("fedpriv")
 
@@ -117,6 +118,14 @@ class BudgetAwareStrategy(Strategy):
             node = _answered_node(reply, queries)
             if reply.has_error():
                 log.warning("node %s did not answer the hospital query: %s", node, reply.error.reason)
+                continue
+            # Its name and message reach the logs and the run directory: bounded, one line each.
+            fields, metrics = reply.content.get(Content.STATUS), reply.content.get(Content.METRICS)
+            problem = ("reply lacks its status or metrics" if fields is None or metrics is None
+                       else reply_text_problem(dict(fields), dict(metrics)))
+            if problem:
+                log.warning("node %s: its answer to the hospital query is unusable (%s); it takes no part", node,
+                            problem)
                 continue
             answers.append((node, reply))
         names = hospital_names({node: str(reply.content[Content.STATUS][Field.HOSPITAL]) for node, reply in answers},
@@ -329,6 +338,7 @@ class BudgetAwareStrategy(Strategy):
             problem = reply_figures_problem(
                 None if metrics is None else dict(metrics), status, declared_examples=hospital.num_examples,
                 last_epsilon=hospital.epsilon, last_budget=hospital.budget_epsilon, last_delta=hospital.delta,
+                fields=None if fields is None else dict(fields),
             ) or hospital.chain_problem(metrics, fields)
             if problem:  # its privacy figures cannot be believed either: what it spent is unknown
                 self.roster.reject(record, hospital, Status.REJECTED, problem, figures_lost=True)

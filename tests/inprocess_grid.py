@@ -31,6 +31,7 @@ class InProcessGrid:
         self.fail: set[tuple[int, int]] = set()  # (node id, server round) pairs that raise in train
         self.silent: set[tuple[int, int]] = set()  # (node id, server round) pairs that never reply
         self.tamper: dict[tuple[int, int], Callable[[Message], Message]] = {}  # rewrite a train reply
+        self.tamper_query: dict[int, Callable[[Message], Message]] = {}  # rewrite a node's answer to the query
         self.registered: dict[int, str] = {}  # node id -> name its key was registered under (deployment)
         self._ids = itertools.count(1)
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0
@@ -61,6 +62,8 @@ class InProcessGrid:
                     reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
                 if (node, server_round) in self.tamper and message.metadata.message_type == "train":
                     reply = self.tamper[(node, server_round)](reply)
+                if node in self.tamper_query and message.metadata.message_type == "query":
+                    reply = self.tamper_query[node](reply)
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         self.replies.extend(replies)

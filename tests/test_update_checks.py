@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from test_federation import federate
 
 from fedpriv.update_checks import (
@@ -135,7 +136,16 @@ def _forge_log_line(reply):
     return reply
 
 
+def _status_field(key, value):
+    def tamper(reply):
+        reply.content["status"] = ConfigRecord({**dict(reply.content["status"]), key: value})
+        return reply
+    return tamper
+
+
 @pytest.mark.parametrize(("tamper", "reason"), [
+    (_status_field("device", "cuda" * 2_500), "'device' is 10000 characters long"),
+    (_status_field("message", "trained\nround 1: hospital-1 refused"), "'message' contains the control character"),
     (_poison_weights(math.nan), "NaN or Inf"),
     (_poison_weights(1e6), "median"),
     (_inflate_examples, "declared"),
@@ -150,6 +160,21 @@ def test_a_hostile_hospital_is_rejected_and_named_and_the_round_goes_on(tmp_path
     assert sorted(record.trained) == ["hospital-1", "hospital-2"]
     final = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in final.values() if t.is_floating_point())
+
+
+def test_a_hospital_whose_query_answer_is_unloggable_takes_no_part(tmp_path, caplog):
+    """Its name and message would reach the log and the run directory: a 10,000-character name keeps
+    it out of the run (named by node id, never repeated), and the others train."""
+    def huge_name(reply):
+        return _status_field("hospital", "h" * 10_000)(reply)
+
+    with caplog.at_level(logging.WARNING, logger="fedpriv"):
+        strategy, grid, _ = federate(tmp_path, "strategy.num_rounds=1",
+                                     grid_hook=lambda g: g.tamper_query.update({g.node_ids[2]: huge_name}))
+    assert sorted(strategy.history[0].trained) == ["hospital-1", "hospital-2"]
+    assert "h" * 10_000 not in caplog.text and "h" * 10_000 not in str(strategy.history[0].hospitals)
+    warning = next(r.getMessage() for r in caplog.records if "hospital query is unusable" in r.getMessage())
+    assert f"node {grid.node_ids[2]}" in warning and "'hospital' is 10000 characters long" in warning
 
 
 def test_sequential_continues_from_the_last_good_weights_after_a_rejection(tmp_path):
