@@ -155,9 +155,9 @@ class LocalSuperLink:
         self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
         # Flower's Ray backend calls ray.init() without an address: RAY_ADDRESS decides where it runs.
-        self.env.pop(RAY_ADDRESS_ENV, None)
-        if ray_address:
-            self.env[RAY_ADDRESS_ENV] = ray_address
+        # Unset, Ray would join the last cluster `ray start` began on this machine (its address file
+        # under /tmp/ray), unchecked: "local" makes it start a Ray of its own.
+        self.env[RAY_ADDRESS_ENV] = ray_address or "local"
 
     def __enter__(self) -> LocalSuperLink:
         self.home.mkdir(parents=True, exist_ok=True)

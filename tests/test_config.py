@@ -210,6 +210,24 @@ def test_the_ray_cluster_comes_from_the_setting_else_ray_address_and_local_overr
         prepare_experiment(composed(*TINY, good))  # accepted
 
 
+def test_a_local_ray_never_joins_a_cluster_that_ray_start_left_on_this_machine(tmp_path, monkeypatch):
+    """Ray's ray.init() without an address joins the cluster named in TEMP_DIR/ray_current_cluster
+    (written by `ray start`): a run meant to use a Ray of its own would land on it, with none of the
+    attach checks. The SuperLink's environment makes Flower's ray.init() start its own."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    from fedpriv.simulation import LocalSuperLink
+
+    (tmp_path / "ray_current_cluster").write_text("10.0.0.9:6399")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert canonicalize_bootstrap_address(None, str(tmp_path)) == "10.0.0.9:6399"  # what Ray does unprompted
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # and $RAY_ADDRESS is not what a local run asked for
+    local = LocalSuperLink(tmp_path / "home", ray_address="").env["RAY_ADDRESS"]
+    monkeypatch.setenv("RAY_ADDRESS", local)
+    assert canonicalize_bootstrap_address(None, str(tmp_path)) is None  # None: start a Ray of its own
+    assert LocalSuperLink(tmp_path / "home", ray_address="10.0.0.7:6379").env["RAY_ADDRESS"] == "10.0.0.7:6379"
+
+
 def test_a_gpu_share_without_a_gpu_for_the_local_ray_is_one_config_error():
     import torch
 
