@@ -519,7 +519,7 @@ def _ledger_folders(config_json: str, run_dir: Path) -> tuple[Path, str, Path | 
     """The simulated hospitals' ledger folder, the setting that names it, and their key folder (None: each
     node's FEDPRIV_KEY_DIR, else its user's config folder), as :mod:`fedpriv.site` resolves them."""
     from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config  # deferred: torch
-    from fedpriv.site import simulation_ledger_key, simulation_ledger_path
+    from fedpriv.site import simulation_ledger_key, simulation_ledger_path  # deferred: torch; the watchdog imports us
 
     cfg = config_from_run_config({CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)})
     ledger = simulation_ledger_path(cfg, run_dir)

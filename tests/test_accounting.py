@@ -202,6 +202,7 @@ def test_the_spectrum_cache_stays_within_its_bound_and_keeps_spectra_longest():
     assert cache.get(("power", 9)) is not None and cache.get(("power", 6)) is None
 
 
+@pytest.mark.slow
 def test_the_prv_cache_size_is_set_by_environment_and_a_bad_value_says_how_to_fix_it():
     import os
     import subprocess

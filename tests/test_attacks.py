@@ -64,6 +64,7 @@ def xrays():
 # --- gradient inversion -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_inversion_recovers_plain_image_far_better_than_dp(xrays):
     torch.manual_seed(0)
     model = InversionNet(image_size=16, width=32)
@@ -241,6 +242,7 @@ def test_fedpriv_audit_end_to_end(tmp_path):
     assert "## In plain words" in (tmp_path / "audit.md").read_text()
 
 
+@pytest.mark.slow
 def test_fedpriv_audit_rejects_bad_input_in_one_line(tmp_path):
     done = _audit(tmp_path, "dataset=synthetic", "audit.target_records=100000")
     assert done.returncode == 2

@@ -40,6 +40,7 @@ def _trained(grid) -> list:
     return [r for _, r in grid.train_exchanges() if r is not None and r.content["metrics"]["trained"] == 1]
 
 
+@pytest.mark.slow
 def test_two_nodes_with_one_hospital_name_do_not_stop_the_run(tmp_path, monkeypatch, caplog):
     """Simulation (no registered names): nodes calling themselves alike are kept apart by node id."""
     _rename_sites(monkeypatch, lambda i, s: dataclasses.replace(s, name="St-Marys"))
@@ -52,6 +53,7 @@ def test_two_nodes_with_one_hospital_name_do_not_stop_the_run(tmp_path, monkeypa
     assert set(rounds[-1]["hospitals"]) == set(names) and _trained(grid)
 
 
+@pytest.mark.slow
 def test_a_hospital_is_reported_under_its_registered_name_whatever_it_calls_itself(tmp_path, monkeypatch, caplog):
     """Deployment: the SuperLink binds each registered name to the node its key authenticates.
 
@@ -86,6 +88,7 @@ def test_duplicate_hospital_names_in_the_config_are_refused_before_data_is_read(
     assert error.value.key == "federation.hospitals.name"
 
 
+@pytest.mark.slow
 def test_two_hospitals_holding_the_same_records_share_those_records_budget(tmp_path, monkeypatch):
     # The budget belongs to the records, not to a hospital's name: hospital-2 is handed hospital-1's
     # records, so whatever one of them spends the other finds spent.
@@ -120,6 +123,7 @@ def test_a_ledger_dir_that_cannot_be_created_is_refused_before_data_is_read(tmp_
     assert error.value.key == "federation.ledger_dir"
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_read_only_ledger_dir_in_one_line_and_starts_nothing(tmp_path):
     read_only = tmp_path / "read-only"
     read_only.mkdir()
@@ -138,6 +142,7 @@ def test_cli_refuses_a_read_only_ledger_dir_in_one_line_and_starts_nothing(tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()  # no federation was started
 
 
+@pytest.mark.slow
 def test_resuming_from_a_run_with_another_model_is_refused_and_names_the_setting(tmp_path):
     _, _, first = federate(tmp_path, run="first")
     with pytest.raises(ConfigError, match="model.width was 4, now 8") as error:
@@ -146,6 +151,7 @@ def test_resuming_from_a_run_with_another_model_is_refused_and_names_the_setting
     assert not (tmp_path / "second").exists()  # refused before the run wrote anything
 
 
+@pytest.mark.slow
 def test_resuming_from_a_run_with_another_data_split_is_refused(tmp_path):
     _, _, first = federate(tmp_path, run="first")
     with pytest.raises(ConfigError, match="seed was 0, now 1.*|federation.num_hospitals was 3, now 4"):
@@ -154,6 +160,7 @@ def test_resuming_from_a_run_with_another_data_split_is_refused(tmp_path):
         federate(tmp_path, "federation.num_hospitals=4", f"resume={first}", run="third")
 
 
+@pytest.mark.slow
 def test_resuming_from_a_truncated_checkpoint_is_refused(tmp_path):
     _, _, first = federate(tmp_path, run="first")
     last = sorted((first / "checkpoints").glob("round-*.pt"))[-1]

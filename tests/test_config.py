@@ -173,6 +173,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path):
     result = run_cli("privacy.epsilon=-1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
@@ -181,12 +182,14 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path):
     assert len(errors) == 1 and "privacy.epsilon=-1.0" in errors[0] and "Fix:" in errors[0]
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_data_file_with_where_it_looked(tmp_path):
     result = run_cli(f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(tmp_path / "no-data-here" / "pneumoniamnist.npz") in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_prints_the_composed_config(tmp_path):
     result = run_cli("--cfg", "job", "privacy.epsilon=1", cwd=tmp_path)
     assert result.returncode == 0

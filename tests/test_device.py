@@ -232,6 +232,7 @@ def test_a_deployed_hospital_chooses_its_device_in_its_node_config(tmp_path, mon
         hospital_settings(cuda)
 
 
+@pytest.mark.slow
 def test_fedpriv_deploy_node_refuses_cuda_without_it_before_it_starts_anything(tmp_path):
     """`fedpriv-deploy node --device cuda` where no GPU is visible: one line, exit 2, before any credential is read."""
     import os

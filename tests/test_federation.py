@@ -66,6 +66,7 @@ def _assert_same(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server_lr", [1.0, 2.0])
 def test_parallel_round_aggregates_the_weighted_mean(tmp_path, server_lr):
     strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1", "federation=quantity",
@@ -87,6 +88,7 @@ def test_parallel_round_aggregates_the_weighted_mean(tmp_path, server_lr):
     _assert_same(_state(exchanges[0][0]), _state(exchanges[1][0]))
 
 
+@pytest.mark.slow
 def test_sequential_round_passes_the_model_from_hospital_to_hospital(tmp_path):
     strategy, grid, run_dir = federate(tmp_path, "strategy=sequential", "strategy.num_rounds=2",
                                        "strategy.sequential_step=full", "model.width=4", "train.batch_size=16")
@@ -119,6 +121,7 @@ def test_sequential_share_step_moves_less_towards_a_small_hospital(tmp_path):
     assert not torch.equal(final["head.weight"], _state(reply)["head.weight"])
 
 
+@pytest.mark.slow
 def test_a_simulated_hospital_is_set_up_once_per_run_not_per_message(tmp_path, monkeypatch):
     parsed = []
     real = site_module.config_from_run_config
@@ -134,6 +137,7 @@ def test_a_simulated_hospital_is_set_up_once_per_run_not_per_message(tmp_path, m
     assert len(parsed) == 6
 
 
+@pytest.mark.slow
 def test_privacy_figures_are_per_hospital_and_max_never_averaged(tmp_path):
     strategy, grid, run_dir = federate(tmp_path, "privacy.accountant=prv", "federation.hospitals=[{name: a, epsilon: 1.0}, "
                                        "{name: b, epsilon: 2.0}, {name: c, epsilon: 4.0}]")
@@ -148,6 +152,7 @@ def test_privacy_figures_are_per_hospital_and_max_never_averaged(tmp_path):
     assert "| a |" in summary and "completed all 2 rounds" in summary
 
 
+@pytest.mark.slow
 def test_a_budget_spent_in_round_one_locks_the_hospital_and_ends_the_run(tmp_path):
     # A fixed sigma whose first round (4 steps) reaches epsilon 1.55 and whose second would reach 2.09.
     strategy, grid, run_dir = federate(tmp_path, "privacy.noise_multiplier=2.0", "privacy.epsilon=2.0",
@@ -164,6 +169,7 @@ def test_a_budget_spent_in_round_one_locks_the_hospital_and_ends_the_run(tmp_pat
     assert "no hospital can train" in (run_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_ledgers_is_refused(tmp_path):
     ledgers = tmp_path / "shared-ledgers"
     first, _, _ = federate(tmp_path, run="first", ledger_dir=ledgers)
@@ -187,6 +193,7 @@ def test_a_hospital_that_fails_does_not_stop_the_run(tmp_path):
     assert sorted(second.trained) == ["hospital-1", "hospital-2", "hospital-3"]
 
 
+@pytest.mark.slow
 def test_sequential_skips_a_silent_hospital_and_continues_from_the_last_good_weights(tmp_path):
     def silence_first_hospital(grid):
         grid.silent.add((grid.node_ids[0], 1))
@@ -208,6 +215,7 @@ def test_non_private_runs_report_epsilon_infinity(tmp_path):
     assert "NONE: not private, epsilon = infinity" in (run_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_outputs_hold_metrics_checkpoints_and_a_resumable_state(tmp_path):
     # A fixed sigma leaves budget for a third round: the resumed run spends the same ledger.
     room = ("privacy.noise_multiplier=3.0", "privacy.epsilon=10")
@@ -222,6 +230,7 @@ def test_outputs_hold_metrics_checkpoints_and_a_resumable_state(tmp_path):
     _assert_same(_state(grid.train_exchanges()[0][0]), checkpoint["state_dict"])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_ends_with_the_same_model_as_an_uninterrupted_one(tmp_path):
     # Same seeds, same run id; separate ledgers so that both runs may spend their budgets. The DP
     # noise is seeded (privacy.noise_seed, an experiment-only setting) so that the runs can match.
@@ -255,6 +264,7 @@ def test_parallel_skips_a_silent_hospital_and_aggregates_the_others(tmp_path):
         torch.testing.assert_close(final[key], expected[key])
 
 
+@pytest.mark.slow
 def test_a_hospital_silent_in_the_last_round_is_reported_as_a_lower_bound(tmp_path):
     def silence_third_hospital(grid):
         grid.silent.add((grid.node_ids[2], 2))
@@ -268,6 +278,7 @@ def test_a_hospital_silent_in_the_last_round_is_reported_as_a_lower_bound(tmp_pa
     assert summary.count("no report since round 2") == 1 and "| hospital-3 | " in summary
 
 
+@pytest.mark.slow
 def test_unseeded_hospitals_draw_independent_noise_and_a_seeded_run_says_it_is_not_private(tmp_path):
     # The same hospital, with the same data, seed and run id in two runs, trains with other noise.
     _, grid_a, run_a = federate(tmp_path, "strategy.num_rounds=1", run="a", ledger_dir=tmp_path / "la")

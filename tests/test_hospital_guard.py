@@ -19,6 +19,7 @@ def _chain(run_dir, index):
         return ledger.status(hospital_records(run_dir, index))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,value", [
     ("max_grad_norm", 0.0), ("max_physical_batch_size", 0), ("batch_size", 0), ("local_epochs", 400),
     ("noise_multiplier", 0.01), ("lr", float("nan")), ("momentum", 1.5),
@@ -44,6 +45,7 @@ def test_a_crafted_training_request_is_refused_and_charges_nothing(tmp_path, fie
         assert not ledger.status().locked
 
 
+@pytest.mark.slow
 def test_a_ledger_rolled_back_behind_the_servers_back_is_reported_and_excluded(tmp_path):
     def roll_back(grid):
         node = grid.node_ids[1]
@@ -63,6 +65,7 @@ def test_a_ledger_rolled_back_behind_the_servers_back_is_reported_and_excluded(t
     assert "ledger went backwards" in (run_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_report_says_what_the_hospitals_did_not_what_the_run_config_asked(tmp_path, monkeypatch):
     # The run config asks for RDP and seeded noise; these hospitals' own settings say PRV and fresh
     # entropy (as a deployed hospital's node config would).
@@ -98,6 +101,7 @@ def test_a_status_record_cannot_smuggle_more_than_its_fields(tmp_path):
         assert not any("loss" in key for key in dict(reply.content["metrics"]))
 
 
+@pytest.mark.slow
 def test_simulated_hospitals_enforce_and_report_their_own_limits(tmp_path):
     # Each hospital's own entry in the hospital list sets its limits; the server's fixed sigma 2 and
     # four rounds ask for more than hospital a's per-run cap and less noise than hospital c accepts.

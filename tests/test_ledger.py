@@ -70,6 +70,7 @@ def snapshot(ledger: PrivacyLedger, ids) -> tuple:
 # --------------------------------------------------------------------- 1. per-record accounting
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_mixed_histories_match_dp_accounting_record_by_record(ledger_path, accountant):
     first, added, late = record_ids("a", 60), record_ids("b", 40), record_ids("c", 20)
@@ -102,6 +103,7 @@ round_plans = st.tuples(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(budget=st.floats(min_value=0.5, max_value=4.0), plans=st.lists(round_plans, min_size=1, max_size=7))
 def test_random_histories_never_exceed_the_budget_and_match_dp_accounting(budget, plans):
@@ -540,6 +542,7 @@ def test_a_long_request_the_budget_cannot_afford_is_refused_and_the_budget_stays
     assert compliant.status == TRAINED and compliant.epsilon <= 1.2
 
 
+@pytest.mark.slow
 def test_a_hospital_locks_once_every_record_is_spent_and_new_records_still_train(tmp_path, hospital_records):
     settings = hospital(tmp_path, budget=3.0, min_noise_multiplier=0.3)
     for server_round in (1, 2):  # "auto" sigma spends the whole budget over the two planned rounds

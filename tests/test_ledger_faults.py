@@ -105,6 +105,7 @@ def _one_confirmed_charge(path: Path) -> None:
         assert [(e.run_id, e.status) for e in ledger.events()] == [("run-ok", "confirmed")]
 
 
+@pytest.mark.slow
 def test_a_full_disk_refuses_the_round_and_keeps_the_ledger_intact(tmp_path):
     path = _ledger_with_one_round(tmp_path)
     before = path.read_bytes()
@@ -116,6 +117,7 @@ def test_a_full_disk_refuses_the_round_and_keeps_the_ledger_intact(tmp_path):
     _one_confirmed_charge(path)
 
 
+@pytest.mark.slow
 def test_a_read_only_ledger_refuses_the_round(tmp_path):
     path = _ledger_with_one_round(tmp_path)
     os.chmod(path, 0o444)
@@ -131,6 +133,7 @@ def test_a_read_only_ledger_refuses_the_round(tmp_path):
     _one_confirmed_charge(path)
 
 
+@pytest.mark.slow
 def test_a_new_ledger_in_a_read_only_folder_is_refused_and_nothing_is_created(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -144,6 +147,7 @@ def test_a_new_ledger_in_a_read_only_folder_is_refused_and_nothing_is_created(tm
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_hospital_with_a_full_disk_is_skipped_and_trains_again_once_space_is_back(tmp_path, monkeypatch):
     real_append, charges, failed = ledger_module.PrivacyLedger._append, [], []
 
@@ -187,6 +191,7 @@ def test_the_charge_is_durable_before_training(ledger_path):
             (made.entry_id, "charge", 30)]
 
 
+@pytest.mark.slow
 def test_a_node_killed_after_the_charge_keeps_the_full_charge(ledger_path):
     ids = record_ids("r", 100)
     open_ledger(ledger_path, budget=3.0).close()
@@ -242,6 +247,7 @@ def _one_fits_two_do_not() -> None:
     assert epsilon([PrivacyEvent(2.0, 0.1, 40)], DELTA) <= 1.6 < epsilon([PrivacyEvent(2.0, 0.1, 80)], DELTA)
 
 
+@pytest.mark.slow
 def test_two_processes_cannot_both_spend_the_last_of_a_budget(tmp_path, ledger_path):
     _one_fits_two_do_not()
     ids = record_ids("r", 100)
@@ -316,6 +322,7 @@ with PrivacyLedger.open(path, budget_epsilon=2.0, delta=1e-5) as ledger:
 """
 
 
+@pytest.mark.slow
 def test_processes_creating_the_same_new_ledger_at_once_all_get_it(tmp_path):
     # Nodes (or simulated hospitals sharing a ledger) that start together all find no ledger and no
     # key. Exactly one ledger with one opening entry must result, and every one of them must use it:

@@ -1,7 +1,8 @@
-"""Load with injected faults: 30 hospitals x 20 rounds, ~10% of hospital rounds crashing, ~5% poisoned.
+"""Load with injected faults: 12 hospitals x 10 rounds, ~10% of hospital rounds crashing, ~10% poisoned.
 
 In process (the real strategy and ClientApp; no SuperLink) so that it fits in the test suite;
-bench/reliability.py runs the same load through Flower's simulation engine. Each injected crash
+bench/reliability.py runs the larger load of RELIABILITY.md (30 x 20) through Flower's simulation
+engine. Each injected crash
 happens right after the hospital's ledger charge, the worst moment: budget spent, nothing returned;
 each poisoned update (NaN weights from a hospital that did train) must be rejected before aggregation.
 """
@@ -17,8 +18,10 @@ from test_federation import federate, hospital_records, ledger_of
 from fedpriv.faults import fault_drawn
 from fedpriv.privacy.ledger import read_ledger
 
-HOSPITALS, ROUNDS, RATE, CORRUPT, BUDGET = 30, 20, 0.1, 0.05, 10.0
-LOAD = [f"federation.num_hospitals={HOSPITALS}", "dataset.num_samples=1500", f"strategy.num_rounds={ROUNDS}",
+pytestmark = pytest.mark.slow  # a federation of 12 hospitals x 10 rounds, in process
+
+HOSPITALS, ROUNDS, RATE, CORRUPT, BUDGET = 12, 10, 0.1, 0.1, 10.0
+LOAD = [f"federation.num_hospitals={HOSPITALS}", "dataset.num_samples=600", f"strategy.num_rounds={ROUNDS}",
         f"faults.train_failure_rate={RATE}", f"faults.corrupt_update_rate={CORRUPT}", "train.batch_size=8", "privacy.noise_multiplier=1.5",
         f"privacy.epsilon={BUDGET}"]
 

@@ -31,6 +31,7 @@ def real_experiment():
     return prepare_experiment(FedprivConfig())  # the defaults: 3 hospitals, Dirichlet(0.5)
 
 
+@pytest.mark.slow
 def test_one_hospital_trains_privately_at_epsilon_3(real_experiment):
     hospital = real_experiment.hospitals[0]
     data = real_experiment.hospital_data(0)

@@ -69,6 +69,7 @@ def test_content_ids_are_deterministic_hex_and_unique() -> None:
     assert content_record_ids(records.images, records.labels).tolist() == ids.tolist()
 
 
+@pytest.mark.slow
 def test_content_ids_and_the_fingerprint_are_the_same_in_a_fresh_process() -> None:
     code = (
         "import torch; from fedpriv.data import LabeledImages, dataset_fingerprint;"

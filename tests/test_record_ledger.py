@@ -40,6 +40,7 @@ def trained_ids(run_dir, hospitals: int) -> set[str]:
     return {str(i) for index in range(hospitals) for i in hospital_records(run_dir, index)}
 
 
+@pytest.mark.slow
 def test_a_second_default_run_finds_every_budget_spent_and_says_where_it_is_kept(tmp_path, ledger_env_dir,
                                                                                   monkeypatch, capsys):
     first, _, first_dir = federate(tmp_path, run="first", default_ledger=True)
@@ -78,6 +79,7 @@ def test_a_second_default_run_finds_every_budget_spent_and_says_where_it_is_kept
     assert rundir.read_result(tmp_path / "third")["test"] == {}
 
 
+@pytest.mark.slow
 def test_more_hospitals_on_the_same_ledger_store_never_charge_a_spent_record_again(tmp_path):
     _, _, two = federate(tmp_path, "federation.num_hospitals=2", run="two")
     spent = trained_ids(two, 2)
@@ -92,6 +94,7 @@ def test_more_hospitals_on_the_same_ledger_store_never_charge_a_spent_record_aga
     assert all(h.epsilon <= BUDGET for h in three.hospitals)
 
 
+@pytest.mark.slow
 def test_a_changed_validation_split_trains_only_records_that_were_not_spent(tmp_path):
     _, _, first = federate(tmp_path, "federation.local_val_fraction=0.1", run="first")
     spent = trained_ids(first, 3)
@@ -105,6 +108,7 @@ def test_a_changed_validation_split_trains_only_records_that_were_not_spent(tmp_
     assert all(e.set_size < 200 for e in second_sets)
 
 
+@pytest.mark.slow
 def test_a_non_private_run_after_a_private_one_trains_nothing_on_spent_records(tmp_path):
     _, _, private = federate(tmp_path, run="private")
     with read_ledger(ledger_of(private)) as ledger:
@@ -117,6 +121,7 @@ def test_a_non_private_run_after_a_private_one_trains_nothing_on_spent_records(t
         check_records(ledger, all_training_records(), BUDGET)
 
 
+@pytest.mark.slow
 def test_a_non_private_run_is_recorded_as_infinity_for_every_record_it_touched(tmp_path):
     plain, _, run_dir = federate(tmp_path, "privacy=none", "strategy.num_rounds=1", run="plain")
     assert all(math.isinf(h.epsilon) for h in plain.hospitals)
@@ -140,6 +145,7 @@ def _deployed_round(node_config: dict, run_id: str, rounds: int = 2) -> list:
     return outcomes, data
 
 
+@pytest.mark.slow
 def test_a_deployed_hospital_that_adds_scans_trains_the_new_ones_and_keeps_the_old_ones_spent(tmp_path):
     folder, ledger_dir = tmp_path / "data", tmp_path / "ledger"
     ledger_dir.mkdir()

@@ -209,19 +209,25 @@ def test_a_config_from_before_ledger_scope_keeps_its_ledgers_where_they_were(tmp
 @pytest.mark.slow
 def test_an_interrupted_smoke_run_resumes_its_last_round_on_its_own_ledgers(tmp_path, ledger_env_dir):
     from fedpriv.simulation import executable
+    from test_cli_run import clean_log
 
     first, second = tmp_path / "a", tmp_path / "b"
 
-    def fedpriv(*args: str) -> None:
+    def fedpriv(*args: str) -> str:
         completed = subprocess.run([executable("fedpriv"), *args], cwd=tmp_path, env=dict(os.environ),
                                    capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+        return completed.stdout + completed.stderr
 
     # A fixed sigma under a large budget leaves budget for round 2 after the interruption (with
     # noise_multiplier=auto the two planned rounds spend the whole budget, and round 2 was charged
     # before the interruption, so the resumed run would rightly find every hospital locked).
-    fedpriv("experiment=smoke", "strategy.num_rounds=2", "privacy.noise_multiplier=1.0", "privacy.epsilon=100",
-            f"hydra.run.dir={first}")
+    output = fedpriv("experiment=smoke", "strategy.num_rounds=2", "privacy.noise_multiplier=1.0",
+                     "privacy.epsilon=100", f"hydra.run.dir={first}")
+    # A run to its end prints its summary once, where its outputs are, and nothing of Flower's or
+    # Ray's that misleads or only clutters.
+    assert output.count("# fedpriv run summary") == 1 and f"outputs in {first}" in output, output[-3000:]
+    clean_log(output)
     table = (first / "partition.md").read_text()  # the CLI saves the partition beside the run's outputs
     assert "SYNTHETIC" in table and all(f"hospital-{i}" in table for i in (1, 2, 3))
     assert [row["hospital"] for row in json.loads((first / "partition.json").read_text())] == [

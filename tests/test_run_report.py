@@ -76,6 +76,7 @@ def private_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_the_report_shows_the_runs_key_figures(private_run):
     result = json.loads((private_run / "result.json").read_text())
     page = Page(private_run / "report.html")

@@ -180,6 +180,7 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, size, records, sample_rate, physical, steps", [
     ("cnn", 28, 48, 0.5, 8, 3),  # Poisson batches of ~24 split into physical batches of 8
     ("resnet18", 16, 12, 1.0, 5, 1),  # GroupNorm, residual blocks; 12 records as 5 + 4 + 3 (kept small: CPU)

@@ -143,6 +143,7 @@ def _status_field(key, value):
     return tamper
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("tamper", "reason"), [
     (_status_field("device", "cuda" * 2_500), "'device' is 10000 characters long"),
     (_status_field("message", "trained\nround 1: hospital-1 refused"), "'message' contains the control character"),
@@ -177,6 +178,7 @@ def test_a_hospital_whose_query_answer_is_unloggable_takes_no_part(tmp_path, cap
     assert f"node {grid.node_ids[2]}" in warning and "'hospital' is 10000 characters long" in warning
 
 
+@pytest.mark.slow
 def test_sequential_continues_from_the_last_good_weights_after_a_rejection(tmp_path):
     strategy, grid, _ = federate(tmp_path, "strategy=sequential", "strategy.num_rounds=1",
                                  grid_hook=lambda g: g.tamper.update({(g.node_ids[1], 1): _poison_weights(math.inf)}))
