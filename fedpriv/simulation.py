@@ -19,6 +19,14 @@ SuperLink's simulation process as RAY_ADDRESS. The cluster's processes were star
 `ray start`, not under the SuperLink, so stopping the SuperLink's tree cannot reach them: an attached
 cluster keeps running (only this run's Ray workers end, when Ray sees its driver go).
 
+The jobs of a Hydra multirun (`fedpriv -m ...`) share one SuperLink and, by default, one local Ray
+(:class:`SharedRuntime`; FEDPRIV_SHARED_RUNTIME=superlink+ray, superlink or off): the first job starts
+them, later jobs submit their runs to them, and fedpriv stops them when the sweep ends, when a job
+fails or is interrupted, and at interpreter exit. The Ray is a one-node cluster of fedpriv's own
+(`ray start --head --block` on loopback, :class:`LocalRayHead`) that the SuperLink's simulations
+attach to; it has a watchdog of its own, like the SuperLink's. A job that attaches to a Ray cluster
+the user gave runs on that cluster, through a SuperLink pointed at it.
+
 SIGINT, SIGTERM and SIGHUP become :class:`Interrupted` (:func:`interrupt_on_signals`, used by
 `fedpriv` and `fedpriv-deploy`), so the same clean-up runs however the command was started or
 stopped. What `flwr run --stream` prints passes through :func:`flower_line`, which drops Flower's
@@ -27,6 +35,7 @@ and Ray's lines that mislead a fedpriv user (the run directory's superlink.log k
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -96,6 +105,9 @@ _MISLEADING = (
     "default simulated SuperNodes changed from",  # fedpriv sets the count: federation.num_hospitals
     "To change federation size, use the following command",  # ... so Flower's way to change it is wrong here
     "flwr federation simulation-config",
+    # A sweep's own Ray head runs without Ray's dashboard: its GCS and raylet say they cannot export metrics.
+    "Failed to establish connection to the event+metrics exporter agent",
+    "Failed to establish connection to the metrics exporter agent",
 )
 _DEBUG_LINE = re.compile(r"^(\S+ \S+:DEBUG:|DEBUG\s*:)")  # Flower's debug lines, in both of its formats
 _EMPTY_INFO = re.compile(r"^(\S+ \S+:INFO:|INFO\s*:)\s*$")  # Flower's blank INFO lines
@@ -140,8 +152,9 @@ class LocalSuperLink:
     """A SuperLink in simulation mode, owned by this process: started on enter, stopped on exit."""
 
     def __init__(self, home: Path, *, startup_timeout: float = 60.0, temporary_home: bool = False,
-                 ray_address: str = "") -> None:
-        """`ray_address`: the Ray cluster its simulation attaches to ("": a local Ray of its own)."""
+                 ray_address: str = "", extra_env: Mapping[str, str] | None = None) -> None:
+        """`ray_address`: the Ray cluster its simulation attaches to ("": a local Ray of its own);
+        `extra_env`: more environment for it and what it starts."""
         self.home = home
         self.temporary_home = temporary_home  # the watchdog removes it too if this process dies
         self.startup_timeout = startup_timeout
@@ -158,6 +171,8 @@ class LocalSuperLink:
         # Unset, Ray would join the last cluster `ray start` began on this machine (its address file
         # under /tmp/ray), unchecked: "local" makes it start a Ray of its own.
         self.env[RAY_ADDRESS_ENV] = ray_address or "local"
+        self.env.update(extra_env or {})
+        self.ray_address = ray_address
 
     def __enter__(self) -> LocalSuperLink:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -195,6 +210,9 @@ class LocalSuperLink:
         raise SimulationError(f"flower-superlink did not become ready within {self.startup_timeout:.0f}s; "
                               f"see {self.log_path}")
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -220,34 +238,36 @@ class LocalSuperLink:
         self.stop()
 
 
-def _start_watchdog(link: subprocess.Popen, home: Path | None) -> subprocess.Popen | None:
+def _start_watchdog(link: subprocess.Popen, home: Path | None,
+                    what: str = "flower-superlink") -> subprocess.Popen | None:
     """Start the watchdog that stops `link`'s tree should this process die first (module docstring).
 
-    It gets pidfds of this process and of the SuperLink, so a reused PID cannot fool it, and runs in
-    a session of its own, so that what kills this process's group or session spares it. Without
-    pidfds (not Linux) there is no watchdog.
+    It gets pidfds of this process and of the SuperLink (or of the sweep's Ray head, `what` names which),
+    so a reused PID cannot fool it, and runs in a session of its own, so that what kills this process's
+    group or session spares it. Without pidfds (not Linux) there is no watchdog.
     """
     if not hasattr(os, "pidfd_open"):
         return None
     fds: list[int] = []
     try:
         fds = [os.pidfd_open(os.getpid()), os.pidfd_open(link.pid)]
-        code = "import sys; from fedpriv.simulation import _watch; _watch(*map(int, sys.argv[1:4]), sys.argv[4])"
-        return subprocess.Popen([sys.executable, "-c", code, *map(str, fds), str(link.pid), str(home or "")],
+        code = ("import sys; from fedpriv.simulation import _watch; "
+                "_watch(*map(int, sys.argv[1:4]), sys.argv[4], sys.argv[5])")
+        return subprocess.Popen([sys.executable, "-c", code, *map(str, fds), str(link.pid), str(home or ""), what],
                                 pass_fds=fds,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as error:
-        log.warning("no watchdog for flower-superlink (pid %d): %s; if fedpriv is killed, stop it by hand",
-                    link.pid, error)
+        log.warning("no watchdog for %s (pid %d): %s; if fedpriv is killed, stop it by hand",
+                    what, link.pid, error)
         return None
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _watch(parent_fd: int, link_fd: int, link_pid: int, home: str = "") -> None:
-    """The watchdog: wait until the SuperLink or its starter ends; if the starter went first, stop the
-    SuperLink and every process it spawned, then remove its temporary `home` (if one is given)."""
+def _watch(parent_fd: int, link_fd: int, link_pid: int, home: str = "", what: str = "flower-superlink") -> None:
+    """The watchdog: wait until the SuperLink (or Ray head: `what`) or its starter ends; if the starter
+    went first, stop it and every process it spawned, then remove its temporary `home` (if one is given)."""
     readable, _, _ = select.select([parent_fd, link_fd], [], [])
     if link_fd in readable:  # the SuperLink ended first: stopped as usual, nothing left to do
         return
@@ -257,8 +277,9 @@ def _watch(parent_fd: int, link_fd: int, link_pid: int, home: str = "") -> None:
     if home:
         shutil.rmtree(home, ignore_errors=True)
     try:
-        print(f"fedpriv: the process that started flower-superlink (pid {link_pid}) died; stopped the "
-              "SuperLink and every process it started", file=sys.stderr, flush=True)
+        print(f"fedpriv: the process that started {what} (pid {link_pid}) died; stopped "
+              f"{'the SuperLink' if what == 'flower-superlink' else what} and every process it started",
+              file=sys.stderr, flush=True)
     except OSError:
         pass
 
@@ -543,13 +564,206 @@ def check_local_gpu_share(client_gpus: float) -> None:
                           "(federation.ray_address)")
 
 
+# Sweeps: one SuperLink (and one local Ray) for every job of a Hydra multirun (FEDPRIV_SHARED_RUNTIME).
+SHARED_RUNTIME_ENV = "FEDPRIV_SHARED_RUNTIME"
+SHARE_ALL, SHARE_SUPERLINK, SHARE_NONE = "superlink+ray", "superlink", "off"
+SHARE_MODES = (SHARE_ALL, SHARE_SUPERLINK, SHARE_NONE)
+_LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a Ray of fedpriv's own binds 127.0.0.1 only
+_RAY_HEAD_PORTS = ("dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                   "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+                   "node-manager-port", "object-manager-port")
+_RAY_HEAD_READY = "This command will now block forever"  # what `ray start --block` prints once the node runs
+
+
+def share_mode(environ: Mapping[str, str] | None = None) -> str:
+    """What the jobs of a multirun share: $FEDPRIV_SHARED_RUNTIME, by default "superlink+ray"."""
+    value = (os.environ if environ is None else environ).get(SHARED_RUNTIME_ENV, "").strip().lower() or SHARE_ALL
+    if value not in SHARE_MODES:
+        raise ConfigError(SHARED_RUNTIME_ENV, value, "is not a way to share a sweep's runtime",
+                          f"set it to one of: {', '.join(SHARE_MODES)} (or leave it unset)")
+    return value
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on loopback (all held open together while they are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class LocalRayHead:
+    """A one-node Ray cluster of fedpriv's own on loopback (`ray start --head --block`), for a sweep.
+
+    `ray start --block` stays in the foreground as the parent of the node's processes (GCS, raylet,
+    and the workers the raylet starts), in a session of its own: stopping its process tree stops the
+    whole cluster, by PID. It has its own short temporary folder (Ray's socket paths must fit) and free
+    ports, so it never meets another cluster on the machine; a watchdog stops it and removes that
+    folder should fedpriv die without its clean-up (SIGKILL).
+    """
+
+    def __init__(self, env: Mapping[str, str], *, startup_timeout: float = 120.0) -> None:
+        self.env = {**env, **_LOOPBACK_RAY}
+        self.env.pop(RAY_ADDRESS_ENV, None)
+        self.startup_timeout = startup_timeout
+        self.temp_dir = Path(tempfile.mkdtemp(dir="/tmp", prefix="fpray"))
+        self.log_path = self.temp_dir / "ray-start.log"
+        self.process: subprocess.Popen | None = None
+        self.watchdog: subprocess.Popen | None = None
+        port, *others = _free_ports(1 + len(_RAY_HEAD_PORTS))
+        self.address = f"127.0.0.1:{port}"
+        self.command = [executable("ray"), "start", "--head", "--block", f"--port={port}", "--include-dashboard=false",
+                        "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}",
+                        f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats",
+                        *(f"--{flag}={value}" for flag, value in zip(_RAY_HEAD_PORTS, others, strict=True))]
+
+    def start(self) -> LocalRayHead:
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.temp_dir)
+        try:
+            self.watchdog = _start_watchdog(self.process, self.temp_dir, what="the Ray head")
+            deadline = time.monotonic() + self.startup_timeout
+            while _RAY_HEAD_READY not in self.log_path.read_text(errors="replace"):
+                if self.process.poll() is not None:
+                    raise SimulationError(f"`ray start --head` exited with code {self.process.returncode}:\n"
+                                          + "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:]))
+                if time.monotonic() > deadline:
+                    raise SimulationError(f"the local Ray head did not start within {self.startup_timeout:.0f}s:\n"
+                                          + "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:]))
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Started a local Ray head for this sweep at %s (pid %d, folder %s)", self.address, self.process.pid,
+                 self.temp_dir)
+        return self
+
+    def stop(self) -> None:
+        """Stop every process of the cluster (SIGTERM, then SIGKILL) and remove its temporary folder."""
+        if self.process is not None:
+            terminate_tree(self.process.pid, grace=10)
+            self.process.wait(timeout=5)
+            self.process = None
+        if self.watchdog is not None:
+            try:
+                self.watchdog.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                terminate_tree(self.watchdog.pid, grace=1)
+                self.watchdog.wait(timeout=5)
+            self.watchdog = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class SharedRuntime:
+    """One SuperLink in simulation mode (and, mode "superlink+ray", one local Ray head) that the jobs of a
+    Hydra multirun submit their runs to, one after the other, instead of each starting its own.
+
+    Started on the first job's first use, reused by later jobs, stopped by :meth:`stop` (idempotent):
+    fedpriv calls it when the multirun ends, when a job fails or is interrupted, and at interpreter exit.
+    A job that attaches to a Ray cluster (federation.ray_address, $RAY_ADDRESS) gets a SuperLink pointed
+    at that cluster: the SuperLink is restarted whenever a job's cluster differs from the previous job's,
+    so no run lands on another cluster than its config asks for. A cluster the user gave is never stopped.
+    """
+
+    def __init__(self, mode: str = SHARE_ALL) -> None:
+        self.mode = mode
+        self.home: Path | None = None
+        self.link: LocalSuperLink | None = None
+        self.head: LocalRayHead | None = None
+        self.runs = 0
+
+    def superlink(self, ray_address: str, *, startup_timeout: float = 60.0) -> LocalSuperLink:
+        """The SuperLink for a run on `ray_address` ("": a local Ray), started if there is none for it."""
+        if self.link is not None and (self.link_key != ray_address or not self.link.running()):
+            why = "asks for another Ray cluster" if self.link_key != ray_address else "found it stopped"
+            log.info("This job %s: restarting the sweep's SuperLink", why)
+            self.link.stop()
+            self.link = None
+        if self.link is not None:
+            log.info("Reusing the sweep's SuperLink (pid %d, port %d)", self.link.process.pid, self.link.port)
+            return self.link
+        if self.home is None:
+            self.home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-sweep-"))
+            from fedpriv.app_config import write_app  # deferred: torch; the watchdog imports this module
+
+            write_app(self.home / "app")
+        address, extra = ray_address, {}
+        if not ray_address and self.mode == SHARE_ALL:
+            if self.head is None or self.head.process is None or self.head.process.poll() is not None:
+                if self.head is not None:
+                    self.head.stop()
+                env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                       "FLWR_HOME": str(self.home), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+                self.head = LocalRayHead(env)
+                self.head.start()
+            address, extra = self.head.address, _LOOPBACK_RAY
+        link = LocalSuperLink(self.home, startup_timeout=startup_timeout, temporary_home=True, ray_address=address,
+                              extra_env=extra)
+        link.__enter__()
+        self.link, self.link_key = link, ray_address
+        log.info("Started the sweep's SuperLink (pid %d, port %d)%s; later jobs reuse it", link.process.pid,
+                 link.port, f" on the local Ray head at {address}" if self.head is not None and not ray_address else "")
+        return link
+
+    def stop(self) -> None:
+        """Stop the SuperLink and the Ray head this runtime started (each by its process tree) and remove
+        the temporary folders; a Ray cluster the user gave is left running. Safe to call again."""
+        try:
+            if self.link is not None:
+                self.link.stop()
+                self.link = None
+        finally:
+            try:
+                if self.head is not None:
+                    self.head.stop()
+                    self.head = None
+            finally:
+                if self.home is not None:
+                    shutil.rmtree(self.home, ignore_errors=True)
+                    self.home = None
+
+
+_shared: SharedRuntime | None = None
+
+
+def shared_runtime() -> SharedRuntime | None:
+    """The runtime the jobs of this process's multirun share (created on first call, started on first use),
+    or None when $FEDPRIV_SHARED_RUNTIME is "off"; :func:`stop_shared_runtime` stops it."""
+    global _shared
+    mode = share_mode()
+    if mode == SHARE_NONE:
+        return None
+    if _shared is None:
+        _shared = SharedRuntime(mode)
+        atexit.register(stop_shared_runtime)
+    return _shared
+
+
+def stop_shared_runtime() -> bool:
+    """Stop the sweep's shared runtime, if one was started (idempotent); whether one was running."""
+    global _shared
+    runtime, _shared = _shared, None
+    if runtime is None:
+        return False
+    started = runtime.link is not None or runtime.head is not None
+    runtime.stop()
+    return started
+
+
 def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, client_cpus: int,
                    client_gpus: float = 0.0, ray_address: str = "", startup_timeout: float = 60.0,
-                   attach_timeout: float = 60.0) -> None:
+                   attach_timeout: float = 60.0, runtime: SharedRuntime | None = None) -> None:
     """Run one federated simulation of `config_json`; outputs land in `run_dir`.
 
     `ray_address` (see :func:`ray_cluster_address`): a running Ray cluster to run it on, "" for a
-    local Ray that is started and stopped with the SuperLink.
+    local Ray that is started and stopped with the SuperLink. `runtime`: a sweep's shared runtime to
+    submit the run to (its SuperLink, and its local Ray head for `ray_address` ""), left running
+    afterwards; None: a SuperLink of this run's own, stopped when the run ends.
     """
     # Imported here: the watchdog imports this module and should start in milliseconds.
     from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, write_app  # deferred: torch; the watchdog imports us
@@ -568,27 +782,59 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
             log.info("Every node of the Ray cluster sees the ledger folder %s and the key folder %s", *cluster.shared)
     else:
         check_local_gpu_share(client_gpus)
+    federation = (f"num-supernodes={num_hospitals} client-resources-num-cpus={client_cpus} "
+                  f"client-resources-num-gpus={client_gpus:g}")
+    run_config = {CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)}
+    if runtime is not None:
+        link = runtime.superlink(ray_address, startup_timeout=startup_timeout)
+        runtime.runs += 1
+        config_path = link.home / f"run-config-{runtime.runs}.toml"
+        config_path.write_text(tomli_w.dumps(run_config))
+        try:
+            _submit(link, link.home / "app", config_path, federation, run_dir, shared=True)
+        finally:
+            config_path.unlink(missing_ok=True)
+        return
     home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
     try:
         write_app(home / "app")
-        run_config = home / "run-config.toml"
-        run_config.write_text(tomli_w.dumps({CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)}))
+        config_path = home / "run-config.toml"
+        config_path.write_text(tomli_w.dumps(run_config))
         with LocalSuperLink(home, startup_timeout=startup_timeout, temporary_home=True,
                             ray_address=ray_address) as link:
-            federation = (f"num-supernodes={num_hospitals} client-resources-num-cpus={client_cpus} "
-                          f"client-resources-num-gpus={client_gpus:g}")
-            command = [executable("flwr"), "run", str(home / "app"), CONNECTION, "--run-config", str(run_config),
-                       "--federation-config", federation, "--stream"]
-            try:
-                returncode = stream_flower(command, env=link.env, cwd=home)
-            finally:
-                log_copy = run_dir / rundir.SUPERLINK_LOG
-                shutil.copy(link.log_path, log_copy)
-            if returncode != 0 or not rundir.finished(run_dir):
-                raise SimulationError(f"the federated run did not finish (flwr run exited {returncode}); "
-                                      f"see {log_copy}")
+            _submit(link, home / "app", config_path, federation, run_dir, shared=False)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+SHARED_LOG_NOTE = "fedpriv: this run used a SuperLink shared by the jobs of its sweep"
+
+
+def _submit(link: LocalSuperLink, app: Path, config_path: Path, federation: str, run_dir: Path, *,
+            shared: bool) -> None:
+    """Submit one run to `link` with `flwr run --stream`; copy its SuperLink log into the run directory.
+
+    With a `shared` SuperLink, only the part of its log written while this run was submitted and ran
+    is copied, under a first line that names the SuperLink (pid, port) and says so.
+    """
+    command = [executable("flwr"), "run", str(app), CONNECTION, "--run-config", str(config_path),
+               "--federation-config", federation, "--stream"]
+    offset = link.log_path.stat().st_size if shared and link.log_path.exists() else 0
+    try:
+        returncode = stream_flower(command, env=link.env, cwd=link.home)
+    finally:
+        log_copy = run_dir / rundir.SUPERLINK_LOG
+        if shared:
+            with open(link.log_path, "rb") as source, open(log_copy, "wb") as target:
+                target.write((f"{SHARED_LOG_NOTE} (pid {link.process.pid if link.process else '?'}, port {link.port}); "
+                              "below is the part of its log written during this run\n").encode())
+                source.seek(offset)
+                shutil.copyfileobj(source, target)
+        else:
+            shutil.copy(link.log_path, log_copy)
+    if returncode != 0 or not rundir.finished(run_dir):
+        raise SimulationError(f"the federated run did not finish (flwr run exited {returncode}); "
+                              f"see {log_copy}")
 
 
 def stream_flower(command: list[str], *, env: dict[str, str], cwd: Path) -> int:

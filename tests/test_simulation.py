@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedpriv.process_tree import descendants
+from fedpriv.simulation import SHARED_LOG_NOTE
 
 pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
@@ -67,9 +68,17 @@ def test_a_sweep_of_two_jobs_writes_its_table_and_leaves_no_process(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 8 |")]
     assert len(rows) == 2 and all("parallel" in row for row in rows)
     assert (sweep_dir / "privacy_utility.png").stat().st_size > 1000
+    notes = set()
     for job in ("0", "1"):
         assert (sweep_dir / job / "summary.md").is_file()
         assert len(list((sweep_dir / job / "ledgers").glob("*.db"))) == 1  # its throw-away ledger
+        # Its part of the SuperLink's log, under a note naming the one SuperLink (pid, port) of the sweep.
+        first, *rest = (sweep_dir / job / "superlink.log").read_text().splitlines()
+        assert first.startswith(SHARED_LOG_NOTE) and any("Created run" in line for line in rest), first
+        notes.add(first)
+    assert len(notes) == 1, notes  # one SuperLink for both jobs
+    assert output.count("Started the sweep's SuperLink") == 1 and "Reusing the sweep's SuperLink" in output
+    assert output.count("Started a local Ray head") == 1
     assert len(seen) >= 3  # a SuperLink, its SuperExec/ServerApp and Ray processes were started
     left = [pid for pid in seen if _alive(pid)]
     assert not left, _describe(left)

@@ -43,7 +43,8 @@ from fedpriv.config import FedprivConfig, register_configs, to_config
 from fedpriv.errors import ConfigError, FedprivError, NothingTrained
 from fedpriv.experiment import absolute_paths, prepare_experiment
 from fedpriv.outputs import resume_checkpoint, untrained_reason
-from fedpriv.simulation import Interrupted, interrupt_on_signals, ray_cluster_address, run_simulation
+from fedpriv.simulation import (Interrupted, SharedRuntime, interrupt_on_signals, ray_cluster_address, run_simulation,
+                                shared_runtime, stop_shared_runtime)
 
 __all__ = ["CONFIG_NAME", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NOTHING_TRAINED", "SweepFolder",
            "absolute_paths", "config_dir", "hydra_error_line", "main", "resumed_config", "run"]
@@ -56,8 +57,18 @@ EXIT_INTERRUPTED = 130
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"  # Hydra's switch: raise composition errors instead of printing them
 
 
+def _sweep_runtime() -> SharedRuntime | None:
+    """In a job of a Hydra multirun, the SuperLink (and Ray) its jobs share; else None (a run of its own)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return shared_runtime()
+    return None
+
+
 def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
     """Validate, prepare the data, then run the federated simulation; outputs go to `run_dir`.
+
+    In a job of a sweep (`fedpriv -m`) it runs on the SuperLink and Ray the sweep's jobs share, which
+    stay running for the next job (:func:`fedpriv.simulation.shared_runtime`).
 
     Raises NothingTrained when the run ended without any hospital training in any round.
     """
@@ -75,7 +86,7 @@ def run(cfg: DictConfig | FedprivConfig, run_dir: Path) -> None:
     experiment.save_partition(run_dir)
     run_simulation(config_to_json(config), run_dir, num_hospitals=config.federation.num_hospitals,
                    client_cpus=config.federation.client_cpus, client_gpus=config.federation.client_gpus,
-                   ray_address=cluster)
+                   ray_address=cluster, runtime=_sweep_runtime())
     # The ServerApp has printed the summary already (through Flower's log stream): once is enough.
     log.info("Run finished; outputs in %s (summary in %s)", run_dir, run_dir / rundir.SUMMARY)
     result = rundir.read_result(run_dir) or {}
@@ -208,6 +219,10 @@ class SweepFolder(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
         SweepFolder.folder = Path(str(config.hydra.sweep.dir)).resolve()
 
+    def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
+        # The jobs' shared SuperLink and Ray stop here; on a failing job or a stop signal main() stops them.
+        stop_shared_runtime()
+
 
 def _remove_stub_sweep() -> None:
     """Remove the sweep folder of a `fedpriv -m` stopped by bad input before any job ran.
@@ -276,7 +291,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"fedpriv: error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt as error:
-        # The simulation's context managers have already stopped every process they started.
+        # The simulation's context managers have already stopped every process they started; a sweep's
+        # shared SuperLink and Ray stop here, before fedpriv says that everything was stopped.
+        stop_shared_runtime()
         _interrupted(error, run_dir, config)
         raise SystemExit(EXIT_INTERRUPTED) from None
 
@@ -303,9 +320,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise
     except KeyboardInterrupt as error:  # before the run directory existed (Hydra was still composing)
         how = f" by {error.signal_name}" if isinstance(error, Interrupted) else ""
-        print(f"fedpriv: interrupted{how} before the run started; nothing was started", file=sys.stderr)
+        if stop_shared_runtime():  # between two jobs of a sweep (or in its report)
+            print(f"fedpriv: interrupted{how} between the jobs of the sweep; every process fedpriv started has "
+                  "been stopped", file=sys.stderr)
+        else:
+            print(f"fedpriv: interrupted{how} before the run started; nothing was started", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     finally:
+        stop_shared_runtime()  # a sweep's SuperLink and Ray, whichever way it ended (also done at exit)
         if not user_wants_traceback:
             os.environ.pop(FULL_ERROR_ENV, None)
 
