@@ -313,3 +313,28 @@ def test_the_readme_error_examples_print_what_the_readme_shows(run_cli, monkeypa
     for command, printed in examples:
         code, err = run_cli(*shlex.split(command)[1:])
         assert (code, err.strip()) == (cli.EXIT_BAD_INPUT, printed), command
+
+
+def _collected(command: str) -> int:
+    """How many tests the README's pytest `command` selects, as printed but with --collect-only."""
+    words = shlex.split(command)
+    assert words[:3] == [".venv/bin/python", "-m", "pytest"], command
+    done = subprocess.run([sys.executable, "-m", "pytest", *words[3:], "--collect-only", "-p", "no:cacheprovider"],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    found = re.search(r"^(\d+)(?:/\d+)? tests? collected", done.stdout, flags=re.M)
+    assert found, done.stdout[-2000:]
+    return int(found.group(1))
+
+
+@pytest.mark.slow  # collects the suite twice in fresh processes
+def test_the_readme_test_commands_select_the_tests_it_says():
+    """The full command (the one CI runs) selects every test, the quick one what the README counts."""
+    full = next(line for line in _readme_block_lines("pytest -q") if "pytest" in line)
+    quick = next(line for line in _readme_block_lines("not slow and not processes") if "pytest" in line)
+    assert full == ".venv/bin/python -m pytest -q" and "-m" not in shlex.split(full)[3:]
+    text = " ".join(README.read_text().split())
+    total = int(re.search(r"It runs all (\d+) tests", text).group(1))
+    subset, of = map(int, re.search(r"(\d+) of (\d+) tests, in [\d.]+ minutes", text).groups())
+    assert (_collected(full), _collected(quick)) == (total, subset) and of == total
+    assert 0 < subset < total
