@@ -133,12 +133,6 @@ def flower_line(line: str) -> str | None:
     return _RAY_DEDUP_NOTICE.sub("", line)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def executable(name: str) -> str:
     """A console script of this environment (next to the running Python), else from PATH."""
     local = Path(sys.executable).parent / name
@@ -160,8 +154,7 @@ class LocalSuperLink:
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.watchdog: subprocess.Popen | None = None
-        self.port = _free_port()
-        self.control_port = _free_port()
+        self.port, self.control_port = free_ports(2)
         self.log_path = home / "superlink.log"
         # The SuperLink starts `flower-superexec` and friends by name: put this environment first.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -226,16 +219,22 @@ class LocalSuperLink:
         terminate_tree(self.process.pid, grace=grace)
         self.process.wait(timeout=5)
         self.process = None
-        if self.watchdog is not None:  # it ends by itself once the SuperLink has exited
-            try:
-                self.watchdog.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                terminate_tree(self.watchdog.pid, grace=1)
-                self.watchdog.wait(timeout=5)
-            self.watchdog = None
+        self.watchdog = _end_watchdog(self.watchdog)
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _end_watchdog(watchdog: subprocess.Popen | None) -> None:
+    """Wait for a watchdog whose charge has just been stopped (it then ends by itself); stop it if it
+    does not. Returns None, for the caller's attribute."""
+    if watchdog is not None:
+        try:
+            watchdog.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            terminate_tree(watchdog.pid, grace=1)
+            watchdog.wait(timeout=5)
+    return None
 
 
 def _start_watchdog(link: subprocess.Popen, home: Path | None,
@@ -584,7 +583,7 @@ def share_mode(environ: Mapping[str, str] | None = None) -> str:
     return value
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """`count` distinct free ports on loopback (all held open together while they are picked)."""
     sockets = [socket.socket() for _ in range(count)]
     try:
@@ -614,7 +613,7 @@ class LocalRayHead:
         self.log_path = self.temp_dir / "ray-start.log"
         self.process: subprocess.Popen | None = None
         self.watchdog: subprocess.Popen | None = None
-        port, *others = _free_ports(1 + len(_RAY_HEAD_PORTS))
+        port, *others = free_ports(1 + len(_RAY_HEAD_PORTS))
         self.address = f"127.0.0.1:{port}"
         self.command = [executable("ray"), "start", "--head", "--block", f"--port={port}", "--include-dashboard=false",
                         "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}",
@@ -649,13 +648,7 @@ class LocalRayHead:
             terminate_tree(self.process.pid, grace=10)
             self.process.wait(timeout=5)
             self.process = None
-        if self.watchdog is not None:
-            try:
-                self.watchdog.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                terminate_tree(self.watchdog.pid, grace=1)
-                self.watchdog.wait(timeout=5)
-            self.watchdog = None
+        self.watchdog = _end_watchdog(self.watchdog)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

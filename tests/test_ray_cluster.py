@@ -16,7 +16,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import pytest
 from fedpriv import rundir
 from fedpriv.errors import ConfigError
 from fedpriv.process_tree import alive, descendants, processes_mentioning, terminate_tree
-from fedpriv.simulation import SimulationError, executable, probe_ray_cluster
+from fedpriv.simulation import SimulationError, executable, free_ports, probe_ray_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
@@ -49,17 +48,6 @@ class Cluster:
 
     def logs(self) -> Path:
         return self.temp_dir / "session_latest" / "logs"
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _descendants() -> dict[int, psutil.Process]:
@@ -96,7 +84,7 @@ def _start_head(cluster: Cluster, cpus: int = 2, host: str = "127.0.0.1", env: d
     """`ray start --head` at `host` for `cluster` (its temp_dir set; its address is set here), with `env`
     added to this environment: what it left running joins the cluster's processes."""
     before = set(_descendants())
-    port, *others = _free_ports(1 + len(_HEAD_PORT_FLAGS))
+    port, *others = free_ports(1 + len(_HEAD_PORT_FLAGS))
     cluster.address = f"{host}:{port}"
     command = [executable("ray"), "start", "--head", f"--port={port}", "--include-dashboard=false",
                *_node_flags(host, cluster.temp_dir, _HEAD_PORT_FLAGS, others, cpus)]
@@ -206,7 +194,7 @@ def test_a_gpu_share_the_cluster_cannot_give_is_one_config_error(ray_cluster):
 
 
 def test_an_unreachable_cluster_is_one_error_within_the_time_limit():
-    port, = _free_ports(1)  # nothing listens there: Ray alone retries for many minutes
+    port, = free_ports(1)  # nothing listens there: Ray alone retries for many minutes
     address = f"127.0.0.1:{port}"
     with pytest.raises(SimulationError) as error:
         probe_ray_cluster(address, client_cpus=1, client_gpus=0, env={**os.environ, **LOOPBACK}, timeout=15)
@@ -252,7 +240,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     try:
         _start_head(nodes.cluster, cpus=1, host=TWO_NODES_HOST, env=MULTI_NODE)
         start = shlex.join([executable("ray"), "start", f"--address={nodes.cluster.address}", "--block",
-                            *_node_flags(TWO_NODES_HOST, second_dir, _PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), 1)])
+                            *_node_flags(TWO_NODES_HOST, second_dir, _PORT_FLAGS, free_ports(len(_PORT_FLAGS)), 1)])
         mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(folder))}"
                              for folder in (nodes.blind, nodes.blind_keys))
         second_env = {**os.environ, **MULTI_NODE}
