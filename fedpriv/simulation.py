@@ -361,14 +361,10 @@ if check and nodes > 1:  # a hospital trains on any node: each must see the same
                 return None
 
         key = check["key"]
-        if not key:  # as a hospital on this node resolves it (fedpriv.privacy.chain.default_key_dir)
-            folder = os.environ.get(check["key_env"], "").strip()
-            if folder:
-                folder = os.path.expanduser(folder)
-            else:
-                import platformdirs
-                folder = os.path.join(platformdirs.user_config_dir("fedpriv"), "ledger-keys")
-            key = os.path.join(folder, check["name"])
+        if not key:  # as a hospital on this node resolves it: by fedpriv's own rule, in the node's environment
+            from fedpriv.privacy.chain import default_key_dir
+
+            key = os.path.join(default_key_dir(), check["name"])
         return {"ledger": read(check["ledger"]), "key": read(key), "key_path": key}
 
     refs = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(check):
@@ -393,18 +389,6 @@ print(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, "nodes":
                   "seen": seen}))
 ray.shutdown()
 """
-
-
-def _default_key_dir(env: Mapping[str, str]) -> Path:
-    """The ledger key folder as :func:`fedpriv.privacy.chain.default_key_dir` resolves it in `env`."""
-    from fedpriv.privacy.chain import KEY_DIR_ENV  # deferred: the watchdog imports this module
-
-    configured = env.get(KEY_DIR_ENV, "").strip()
-    if configured:
-        return Path(configured).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir("fedpriv")) / "ledger-keys"
 
 
 def _nodes(entries: list[dict]) -> str:
@@ -435,7 +419,9 @@ def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
         if ledger_dir is not None:
             token = secrets.token_hex(16)
             name = f"{_SHARED_CHECK_PREFIX}{token}"
-            key_folder = key_dir if key_dir is not None else _default_key_dir(env)
+            from fedpriv.privacy.chain import default_key_dir  # deferred: the watchdog imports this module
+
+            key_folder = key_dir if key_dir is not None else default_key_dir(env)
             key_setting = _key_setting(ledger_dir, key_dir, ledger_setting)
             for folder, setting, mode in ((ledger_dir, ledger_setting, 0o777), (key_folder, key_setting, 0o700)):
                 try:
@@ -446,10 +432,8 @@ def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
                     raise ConfigError(setting, str(folder), f"fedpriv cannot write a file there to check that every "
                                       f"node of the Ray cluster sees it ({exc.strerror or exc})",
                                       "make that folder writable") from None
-            from fedpriv.privacy.chain import KEY_DIR_ENV  # deferred: the watchdog imports this module
-
             check = json.dumps({"ledger": str(ledger_dir / name), "key": str(key_dir / name) if key_dir else "",
-                                "name": name, "key_env": KEY_DIR_ENV,
+                                "name": name,
                                 "deadline": time.time() + timeout - min(10.0, timeout / 4)})
         found = _run_probe(address, [str(client_cpus), str(client_gpus), check], env, timeout)
     finally:

@@ -17,6 +17,7 @@ from fedpriv.config import validate_config
 from fedpriv.errors import ConfigError
 from fedpriv.experiment import LEDGER_DIR_ENV, check_ledger_dir, ledger_folder, prepare_experiment
 from fedpriv.outputs import RunRecorder
+from fedpriv.privacy.chain import KEY_DIR_ENV, default_key_dir
 from fedpriv.report.run_report import write_run_report
 from fedpriv.report.sweep import write_sweep_report
 from fedpriv.roster import HospitalState
@@ -53,6 +54,20 @@ def test_on_linux_the_default_follows_xdg_data_home(tmp_path, monkeypatch):
     assert ledger_folder(compose_config(TINY), None) == tmp_path / "xdg" / "fedpriv" / "ledgers"
     monkeypatch.delenv("XDG_DATA_HOME")
     assert ledger_folder(compose_config(TINY), None) == tmp_path / "home" / ".local" / "share" / "fedpriv" / "ledgers"
+
+
+def test_the_key_folder_is_resolved_in_the_environment_it_is_given(tmp_path, monkeypatch):
+    """The Ray cluster check resolves the key folder in the SuperLink's environment, by the same rule
+    a hospital uses in its own: FEDPRIV_KEY_DIR (with ~), else the user's configuration folder."""
+    import platformdirs
+
+    monkeypatch.setenv(KEY_DIR_ENV, str(tmp_path / "this-process"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_key_dir() == tmp_path / "this-process"
+    assert default_key_dir({KEY_DIR_ENV: " ~/keys "}) == tmp_path / "home" / "keys"
+    monkeypatch.setattr(platformdirs, "user_config_dir", lambda app, *a, **k: str(tmp_path / "config" / app))
+    assert default_key_dir({}) == tmp_path / "config" / "fedpriv" / "ledger-keys"  # not this process's variable
+    assert default_key_dir({KEY_DIR_ENV: "  "}) == tmp_path / "config" / "fedpriv" / "ledger-keys"
 
 
 def test_an_explicit_ledger_dir_beats_the_environment_variable(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ KEY_BYTES = 32
 _GENESIS = b"fedpriv-ledger/v2\n"
 
 
-def default_key_dir() -> Path:
-    configured = os.environ.get(KEY_DIR_ENV, "").strip()
+def default_key_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The folder of the ledger keys as a process with environment `environ` (default: this one's)
+    resolves it: ``$FEDPRIV_KEY_DIR``, else the user's configuration folder."""
+    configured = (os.environ if environ is None else environ).get(KEY_DIR_ENV, "").strip()
     if configured:
         return Path(configured).expanduser()
     import platformdirs
