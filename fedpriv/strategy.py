@@ -37,8 +37,8 @@ from fedpriv.aggregation import sequential_weight, server_step, weighted_average
 from fedpriv.config import SEQUENTIAL_STEPS
 from fedpriv.protocol import Content, Field, Metric, Status, figures_known
 from fedpriv.roster import HospitalState, Roster, RoundRecord, hospital_names
-from fedpriv.update_checks import (norm_outliers, reply_figures_problem, reply_text_problem, reply_weights_problem,
-                                   update_norm)
+from fedpriv.update_checks import (evaluation_reply_problem, norm_outliers, reply_figures_problem, reply_text_problem,
+                                   reply_weights_problem, update_norm)
 
 log = logging.getLogger("fedpriv")
 
@@ -252,10 +252,21 @@ class BudgetAwareStrategy(Strategy):
     def _evaluate_on_hospitals(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                                record: RoundRecord, result: Result) -> None:
         messages = list(self.configure_evaluate(server_round, arrays, config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        record.client_evaluation = {self.roster.by_node(_answered_node(r, messages)).name:
-                                    dict(r.content[Content.METRICS]) for r in replies if not r.has_error()}
-        aggregated = self.aggregate_evaluate(server_round, replies)
+        accepted = []
+        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+            hospital = self.roster.by_node(_answered_node(reply, messages))
+            if hospital is None or reply.has_error():
+                continue
+            metrics, fields = reply.content.get(Content.METRICS), reply.content.get(Content.STATUS)
+            problem = evaluation_reply_problem(None if metrics is None else dict(metrics),
+                                               None if fields is None else dict(fields))
+            if problem:  # validation figures only: left out of the record and the mean, the run goes on
+                log.warning("round %d: hospital %s's evaluation reply is left out: %s", record.round,
+                            hospital.name, problem)
+                continue
+            record.client_evaluation[hospital.name] = dict(metrics)
+            accepted.append(reply)
+        aggregated = self.aggregate_evaluate(server_round, accepted)
         if aggregated is not None:
             result.evaluate_metrics_clientapp[server_round] = aggregated
 

@@ -26,6 +26,7 @@ _EPSILON_TOLERANCE = 1e-6
 # accountant, chain head): what the server logs and writes into summary.md and result.json stays
 # bounded. An honest hospital's longest message (a ConfigError, told to the server) is ~350 characters.
 MAX_REPLY_TEXT = 500
+MAX_REPLY_KEYS = 64  # metrics or status fields in one reply: fedpriv's own replies hold about 20
 # Line breaks, ANSI escapes and other control or format characters would let a hospital forge lines in
 # the server's log (log injection) or hide text in the summary.
 _CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
@@ -113,7 +114,11 @@ def _key_shown(key: object) -> str:
 def reply_text_problem(fields: Mapping[str, object] | None, metrics: Mapping[str, object] | None = None) -> str | None:
     """Why the text of a reply cannot be logged or written as it is (see :func:`text_problem`), or None:
     every key and string value of its status record (`fields`: hospital, status, message, device,
-    accountant, chain head, and whatever else it holds) and every key of its `metrics`."""
+    accountant, chain head, and whatever else it holds) and every key of its `metrics`; and at most
+    :data:`MAX_REPLY_KEYS` of each (every one is written to the run directory)."""
+    for record, what in ((fields or {}, "status fields"), (metrics or {}, "metrics")):
+        if len(record) > MAX_REPLY_KEYS:
+            return f"the reply holds {len(record)} {what}, over the limit of {MAX_REPLY_KEYS}"
     for record, what in ((fields or {}, "status field"), (metrics or {}, "metric")):
         for key, value in record.items():
             problem = text_problem(str(key))
@@ -146,6 +151,25 @@ def reply_figures_problem(metrics: Mapping[str, object] | None, status: str | No
         return None
     return metrics_problem(metrics, declared_examples=declared_examples, last_epsilon=last_epsilon,
                            last_budget=last_budget, last_delta=last_delta)
+
+
+def evaluation_reply_problem(metrics: Mapping[str, object] | None, fields: Mapping[str, object] | None) -> str | None:
+    """Why a hospital's evaluation reply cannot be recorded or averaged, or None: it lacks its
+    metrics or status, has more keys or text than the log and run directory can take
+    (:func:`reply_text_problem`), or a metric that is not one finite number
+    (a NaN or an infinity would poison the weighted mean of every hospital's figures), or a negative
+    example count."""
+    if metrics is None or fields is None:
+        return "reply lacks its metrics or status"
+    problem = reply_text_problem(fields, metrics)
+    if problem:
+        return problem
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metric {_key_shown(key)} is not a finite number"
+    if float(metrics.get(Metric.NUM_EXAMPLES, 0)) < 0:
+        return f"metric '{Metric.NUM_EXAMPLES}' is negative"
+    return None
 
 
 def reply_weights_problem(status: str, reference: Mapping[str, torch.Tensor],

@@ -32,6 +32,7 @@ class InProcessGrid:
         self.silent: set[tuple[int, int]] = set()  # (node id, server round) pairs that never reply
         self.tamper: dict[tuple[int, int], Callable[[Message], Message]] = {}  # rewrite a train reply
         self.tamper_query: dict[int, Callable[[Message], Message]] = {}  # rewrite a node's answer to the query
+        self.tamper_evaluate: dict[int, Callable[[Message], Message]] = {}  # rewrite a node's evaluation replies
         self.registered: dict[int, str] = {}  # node id -> name its key was registered under (deployment)
         self._ids = itertools.count(1)
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0
@@ -64,6 +65,8 @@ class InProcessGrid:
                     reply = self.tamper[(node, server_round)](reply)
                 if node in self.tamper_query and message.metadata.message_type == "query":
                     reply = self.tamper_query[node](reply)
+                if node in self.tamper_evaluate and message.metadata.message_type == "evaluate":
+                    reply = self.tamper_evaluate[node](reply)
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         self.replies.extend(replies)

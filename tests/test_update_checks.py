@@ -11,7 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from test_federation import federate
 
 from fedpriv.update_checks import (
+    MAX_REPLY_KEYS,
     MAX_REPLY_TEXT,
+    evaluation_reply_problem,
     metrics_problem,
     norm_outliers,
     reply_figures_problem,
@@ -176,6 +178,72 @@ def test_a_hospital_whose_query_answer_is_unloggable_takes_no_part(tmp_path, cap
     assert "h" * 10_000 not in caplog.text and "h" * 10_000 not in str(strategy.history[0].hospitals)
     warning = next(r.getMessage() for r in caplog.records if "hospital query is unusable" in r.getMessage())
     assert f"node {grid.node_ids[2]}" in warning and "'hospital' is 10000 characters long" in warning
+
+
+GOOD_EVALUATION = ({"num-examples": 40, "accuracy": 0.8, "auc": 0.9, "dp-covered": 0.0},
+                   {"hospital": "hospital-1", "status": "evaluated", "message": "not covered by DP"})
+
+
+@pytest.mark.parametrize(("metrics", "fields", "reason"), [
+    (None, GOOD_EVALUATION[1], "lacks its metrics"),
+    (GOOD_EVALUATION[0], None, "lacks its metrics"),
+    ({**GOOD_EVALUATION[0], "accuracy": math.nan}, GOOD_EVALUATION[1], "'accuracy' is not a finite number"),
+    ({**GOOD_EVALUATION[0], "auc": math.inf}, GOOD_EVALUATION[1], "'auc' is not a finite number"),
+    ({**GOOD_EVALUATION[0], "auc": [0.1, 0.2]}, GOOD_EVALUATION[1], "'auc' is not a finite number"),
+    ({**GOOD_EVALUATION[0], "num-examples": -5}, GOOD_EVALUATION[1], "'num-examples' is negative"),
+    ({**GOOD_EVALUATION[0], "auc\nround 1: forged": 0.5}, GOOD_EVALUATION[1], "control character U+000A"),
+    ({**GOOD_EVALUATION[0], "k" * 10_000: 0.5}, GOOD_EVALUATION[1], "10000 characters"),
+    (GOOD_EVALUATION[0], {**GOOD_EVALUATION[1], "message": "x\x1b[2J"}, "control character U+001B"),
+    ({**GOOD_EVALUATION[0], **{f"m{i}": 0.0 for i in range(MAX_REPLY_KEYS)}}, GOOD_EVALUATION[1],
+     f"metrics, over the limit of {MAX_REPLY_KEYS}"),
+])
+def test_an_evaluation_reply_that_cannot_be_recorded_is_named(metrics, fields, reason):
+    problem = evaluation_reply_problem(metrics, fields)
+    assert problem is not None and reason in problem and "\n" not in problem and len(problem) < 200
+
+
+def test_fedprivs_own_evaluation_reply_passes():
+    assert evaluation_reply_problem(*GOOD_EVALUATION) is None
+
+
+def test_a_training_reply_with_too_many_metrics_is_refused():
+    problem = reply_text_problem({"status": "trained"}, {**GOOD_METRICS, **{f"m{i}": 0.0 for i in range(100)}})
+    assert problem == f"the reply holds 104 metrics, over the limit of {MAX_REPLY_KEYS}"
+    assert reply_text_problem({"status": "trained"}, GOOD_METRICS) is None
+
+
+def _poison_evaluation(reply):
+    metrics = dict(reply.content["metrics"])
+    metrics.update({"accuracy": math.nan, "num-examples": 1e9, "auc\nround 1: every hospital trained": 1.0})
+    reply.content["metrics"] = MetricRecord(metrics)
+    return reply
+
+
+def test_a_hostile_evaluation_reply_is_left_out_of_the_record_and_the_mean(tmp_path, caplog, monkeypatch):
+    """Validation figures are not privacy figures, but they reach the log, metrics.json and the mean of
+    every hospital's figures: a NaN with a huge weight, or a forged log line, is left out and named."""
+    from fedpriv.strategy import BudgetAwareStrategy
+
+    means = []
+    aggregate = BudgetAwareStrategy.aggregate_evaluate
+    monkeypatch.setattr(BudgetAwareStrategy, "aggregate_evaluate",
+                        lambda self, server_round, replies: means.append(aggregate(self, server_round, replies))
+                        or means[-1])
+    with caplog.at_level(logging.WARNING, logger="fedpriv"):
+        strategy, _, run_dir = federate(tmp_path, "strategy.num_rounds=1", "strategy.client_evaluate=true",
+                                        grid_hook=lambda g: g.tamper_evaluate.update({g.node_ids[2]: _poison_evaluation}))
+    record = strategy.history[0]
+    assert sorted(record.client_evaluation) == ["hospital-1", "hospital-2"]
+    assert sorted(record.trained) == ["hospital-1", "hospital-2", "hospital-3"]  # its training still counts
+    rows = list(record.client_evaluation.values())
+    total = sum(row["num-examples"] for row in rows)
+    [mean] = means  # the weighted mean of the two good hospitals alone, finite
+    assert mean["num-examples"] == total < 1e9
+    assert mean["accuracy"] == pytest.approx(sum(row["accuracy"] * row["num-examples"] for row in rows) / total)
+    warning = next(r.getMessage() for r in caplog.records if "evaluation reply is left out" in r.getMessage())
+    assert "hospital-3" in warning and "control character U+000A" in warning
+    lines = caplog.text.splitlines() + (run_dir / "metrics.json").read_text().splitlines()
+    assert not any(line.lstrip().startswith("round 1: every hospital trained") for line in lines)
 
 
 @pytest.mark.slow
