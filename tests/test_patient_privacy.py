@@ -25,7 +25,7 @@ from fedpriv.data.imagefolder import load_image_folder
 from fedpriv.data.partition import partition_indices
 from fedpriv.data.splits import hold_out
 from fedpriv.data.synthetic import make_synthetic
-from fedpriv.errors import DataError, LedgerError, PrivacyError
+from fedpriv.errors import ConfigError, DataError, LedgerError, PrivacyError
 from fedpriv.experiment import split_local_validation
 from fedpriv.hospital import (
     REFUSED,
@@ -242,6 +242,20 @@ def test_the_partition_gives_each_patient_to_one_hospital(scheme):
     assert all(len(p) for p in parts)
 
 
+@pytest.mark.parametrize(("scheme", "shares", "alpha", "expected"), [
+    ("iid", None, 0.5, "the training split has 4 patients, too few for 5 hospitals"),
+    ("iid", [1.0, 1.0, 8.0], 0.5, "would receive 0 of 4 patients"),
+    ("dirichlet", None, 0.001, "received 0 patients (needs at least 1)"),
+])
+def test_a_partition_of_patients_that_cannot_work_speaks_of_patients(scheme, shares, alpha, expected):
+    """Twenty images of four patients: the sizes that matter (and the errors) count patients, not images."""
+    patients = np.repeat(["p1", "p2", "p3", "p4"], 5)
+    hospitals = 5 if shares is None and scheme == "iid" else 3
+    with pytest.raises(ConfigError) as error:
+        partition_indices(np.arange(20) % 2, hospitals, scheme, alpha=alpha, shares=shares, groups=patients)
+    assert expected in str(error.value) and "records" not in str(error.value)
+
+
 def test_validation_splits_hold_out_whole_patients():
     rng = np.random.default_rng(1)
     patients = np.repeat(np.arange(50), rng.integers(1, 8, 50)).astype(str)
@@ -354,7 +368,6 @@ def test_a_patient_level_federation_charges_patients_and_says_so_everywhere(tmp_
 
 def test_a_deployed_hospital_chooses_its_unit_in_its_node_config(tmp_path):
     from fedpriv.deployment.node import hospital_settings, parse_node_config
-    from fedpriv.errors import ConfigError
 
     (tmp_path / "ledger").mkdir()
     (tmp_path / "pneumoniamnist.npz").write_bytes(b"")

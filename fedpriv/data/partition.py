@@ -57,22 +57,29 @@ def partition_indices(
     labels = np.asarray(labels).reshape(-1)
     if groups is not None:
         first, inverse = group_members(groups)
-        parts = partition_indices(labels[first], num_hospitals, scheme, alpha=alpha, seed=seed, shares=shares,
-                                  min_size=min_size)
+        parts = _partition(labels[first], num_hospitals, scheme, alpha, seed, shares, min_size, unit="patients")
         return [np.flatnonzero(np.isin(inverse, part)).astype(np.int64) for part in parts]
-    _check_plan(len(labels), num_hospitals, scheme, alpha, shares, min_size)
+    return _partition(labels, num_hospitals, scheme, alpha, seed, shares, min_size, unit="records")
+
+
+def _partition(labels: np.ndarray, num_hospitals: int, scheme: str, alpha: float, seed: int,
+               shares: Sequence[float] | None, min_size: int, unit: str) -> list[np.ndarray]:
+    """Partition the units `labels` describes (records, or patients by their first image); `unit` names
+    them in errors, so that a user who partitions patients is told about patients."""
+    _check_plan(len(labels), num_hospitals, scheme, alpha, shares, min_size, unit)
     rng = np.random.default_rng(seed)
     if scheme == "dirichlet":
         if shares is not None:
             logger.warning("federation: hospital shares are ignored by the dirichlet partition")
-        parts = _dirichlet(labels, num_hospitals, alpha, rng, min_size)
+        parts = _dirichlet(labels, num_hospitals, alpha, rng, min_size, unit)
     else:
-        parts = _by_size(len(labels), num_hospitals, scheme, alpha, rng, shares, min_size)
+        parts = _by_size(len(labels), num_hospitals, scheme, alpha, rng, shares, min_size, unit)
     return [np.sort(part).astype(np.int64) for part in parts]
 
 
 def _check_plan(
-    records: int, num_hospitals: int, scheme: str, alpha: float, shares: Sequence[float] | None, min_size: int
+    records: int, num_hospitals: int, scheme: str, alpha: float, shares: Sequence[float] | None, min_size: int,
+    unit: str,
 ) -> None:
     if scheme not in SCHEMES:
         raise ConfigError("federation.partition", scheme, f"unknown scheme; known: {', '.join(SCHEMES)}",
@@ -82,7 +89,7 @@ def _check_plan(
                           "set federation.num_hospitals=3 (or more)")
     if num_hospitals * min_size > records:
         raise ConfigError("federation.num_hospitals", num_hospitals,
-                          f"the training split has {records} records, too few for {num_hospitals} "
+                          f"the training split has {records} {unit}, too few for {num_hospitals} "
                           f"hospitals with at least {min_size} each", "use fewer hospitals or a larger dataset")
     if scheme != "iid" and not (math.isfinite(alpha) and alpha > 0):
         raise ConfigError("federation.alpha", alpha, "must be a positive number",
@@ -112,7 +119,7 @@ def _split(indices: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
 
 def _by_size(
     records: int, num_hospitals: int, scheme: str, alpha: float, rng: np.random.Generator,
-    shares: Sequence[float] | None, min_size: int,
+    shares: Sequence[float] | None, min_size: int, unit: str,
 ) -> list[np.ndarray]:
     """"iid" and "quantity": pick hospital sizes, then deal a random permutation of the records."""
     if shares is not None or scheme == "iid":
@@ -121,15 +128,15 @@ def _by_size(
         if sizes.min() < min_size:  # fixed shares: redrawing cannot help
             small = int(sizes.argmin())
             raise ConfigError("federation.hospitals.share", list(weights),
-                              f"hospital {small} would receive {sizes[small]} of {records} records "
+                              f"hospital {small} would receive {sizes[small]} of {records} {unit} "
                               f"(needs at least {min_size})", "raise that hospital's share")
     else:
-        sizes = _draw(lambda: _sizes(_dirichlet_draw(rng, alpha, num_hospitals), records), min_size, alpha)
+        sizes = _draw(lambda: _sizes(_dirichlet_draw(rng, alpha, num_hospitals), records), min_size, alpha, unit)
     return _split(rng.permutation(records), sizes)
 
 
 def _dirichlet(
-    labels: np.ndarray, num_hospitals: int, alpha: float, rng: np.random.Generator, min_size: int
+    labels: np.ndarray, num_hospitals: int, alpha: float, rng: np.random.Generator, min_size: int, unit: str
 ) -> list[np.ndarray]:
     """Label skew: each class's records are divided by their own Dirichlet(alpha) proportions."""
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
@@ -144,7 +151,7 @@ def _dirichlet(
     def hospital_sizes(per_class: list[list[np.ndarray]]) -> np.ndarray:
         return np.array([sum(len(chunks[h]) for chunks in per_class) for h in range(num_hospitals)])
 
-    per_class = _draw(attempt, min_size, alpha, size_of=hospital_sizes)
+    per_class = _draw(attempt, min_size, alpha, unit, size_of=hospital_sizes)
     return [np.concatenate([chunks[h] for chunks in per_class]) for h in range(num_hospitals)]
 
 
@@ -158,7 +165,8 @@ def _dirichlet_draw(rng: np.random.Generator, alpha: float, count: int) -> np.nd
 
 
 def _draw(
-    attempt: Callable[[], T], min_size: int, alpha: float, size_of: Callable[[T], np.ndarray] | None = None
+    attempt: Callable[[], T], min_size: int, alpha: float, unit: str,
+    size_of: Callable[[T], np.ndarray] | None = None,
 ) -> T:
     """Call ``attempt`` until every hospital has ``min_size`` records, at most MAX_DRAWS times.
 
@@ -173,7 +181,7 @@ def _draw(
             return result
     small = int(sizes.argmin())
     raise ConfigError("federation.alpha", alpha,
-                      f"hospital {small} received {sizes[small]} records (needs at least {min_size}) "
+                      f"hospital {small} received {sizes[small]} {unit} (needs at least {min_size}) "
                       f"in each of {MAX_DRAWS} random draws",
                       "raise federation.alpha or use fewer hospitals (or federation.partition=iid)")
 
