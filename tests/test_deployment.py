@@ -355,6 +355,40 @@ def test_deployed_site_reads_an_npz_file_and_an_image_folder(node_config, share,
     assert error.value.key == "val-fraction"
 
 
+def test_a_deployed_image_folder_protects_the_patients_its_attributes_csv_names(node_config, share, run_cfg,
+                                                                                 task_identity, tmp_path):
+    folder, rng, rows = tmp_path / "images", np.random.default_rng(1), ["path,patient_id"]
+    for label in ("normal", "opacity"):
+        (folder / label).mkdir(parents=True)
+        for i in range(24):  # 24 patients of 2 images each
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(folder / label / f"{i}.png")
+            rows.append(f"{label}/{i}.png,{label}-{i // 2}")
+    (folder / "attributes.csv").write_text("\n".join(rows) + "\n")
+    config = {**node_config, "data": str(folder), "attributes-csv": "attributes.csv", "privacy-unit": "patient",
+              "val-fraction": 0.25, "min-records": 2}
+    context = _context(config, _run_config(run_cfg))
+    site = deployed_site(context)
+    trained, held = set(site.train.patient_ids.tolist()), set(site.validation.patient_ids.tolist())
+    assert held and not trained & held and len(trained | held) == 24  # whole patients held out
+    assert len(site.train) == 2 * len(trained)
+    reply = _deliver(_train_message(run_cfg), context)
+    assert reply.content["status"]["status"] == "trained", dict(reply.content["status"])
+    assert dict(reply.content["metrics"])["num-examples"] == len(trained)  # records are patients
+    with read_ledger(config["ledger"]) as ledger:  # each trained patient was charged once, the held-out never
+        assert all(len(ledger.record_history(patient)[0]) == 1 for patient in trained)
+        assert all(not ledger.record_history(patient)[0] for patient in held)
+
+    # Patient-level DP without patient ids is refused when the node loads its data, before any round.
+    unnamed = {**config, "attributes-csv": "", "ledger": str(tmp_path / "ledger" / "other.db")}
+    with pytest.raises(ConfigError, match="carries no patient ids") as error:
+        deployed_site(_context(unnamed, _run_config(run_cfg)))
+    assert error.value.key == "privacy-unit"
+    for bad in ({"attributes-csv": "missing.csv"}, {"data": str(share / "pneumoniamnist.npz")}):
+        with pytest.raises(ConfigError) as error:
+            parse_node_config({**config, "val-fraction": "", **bad})
+        assert error.value.key == "attributes-csv"
+
+
 def test_a_hospital_npz_needs_train_only_and_the_coordinator_test_only(node_config, share, run_cfg, tmp_path):
     data = make_synthetic(num_samples=120, size=28, seed=4, val_fraction=0.2, test_fraction=0.2)
     only_train = write_share(tmp_path / "hospital", "pneumoniamnist", 28, data.train, None)

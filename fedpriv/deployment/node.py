@@ -30,8 +30,13 @@ key                    meaning
                        order) held out as the validation split; default 0: every image trains
 ``allow-non-private``  accept non-private rounds (epsilon = inf); default ``false``
 ``privacy-unit``       ``image`` (default) or ``patient``: patient-level DP (all of a patient's
-                       images as one record); needs patient ids (an npz's ``train_patient_ids``).
+                       images as one record); needs patient ids (an npz's ``train_patient_ids``,
+                       an image folder's ``attributes-csv``), else the node refuses to start.
                        Fixed by the ledger: it refuses the other unit
+``attributes-csv``     image folders only: a CSV with a ``path`` column (relative to the folder)
+                       and a ``patient_id`` column naming each image's patient (other columns are
+                       subgroup attributes); a relative name is looked up in the folder. With it,
+                       ``val-fraction`` holds out whole patients
 ``max-images-per-patient``  privacy-unit=patient: most images of a patient per step (default: all)
 ``threads``            torch CPU threads for training (default: torch's choice)
 ``device``             where it trains: ``auto`` (default: CUDA where this machine has it, else
@@ -85,7 +90,7 @@ DEFAULT_DATASET = "pneumoniamnist"
 KNOWN_KEYS = ("name", "data", "dataset", "budget-epsilon", "delta", "ledger", "ledger-key", "accountant",
               "allow-non-private", "threads", "min-records", "max-local-epochs", "min-noise-multiplier",
               "max-epsilon-per-round", "max-epsilon-per-run", "share-validation-metrics", "val-fraction",
-              "privacy-unit", "max-images-per-patient", "device")
+              "privacy-unit", "max-images-per-patient", "device", "attributes-csv")
 REQUIRED_KEYS = ("name", "data", "budget-epsilon", "delta", "ledger")
 
 
@@ -113,6 +118,7 @@ class NodeSettings:
     privacy_unit: str = "image"
     max_images_per_patient: int | None = None
     device: str = "auto"  # as written (checked for its form); resolved where the site is built
+    attributes_csv: Path | None = None  # image folders: patient ids (and attributes) per image
 
 
 @dataclass(frozen=True)
@@ -237,7 +243,24 @@ def parse_node_config(config: Mapping[str, Any]) -> NodeSettings:
                         val_fraction=_val_fraction(config, data), privacy_unit=_privacy_unit(config),
                         max_images_per_patient=(None if config.get("max-images-per-patient") in (None, "")
                                                 else _limit(config, "max-images-per-patient", 1, 1)),
-                        device=check_device(config.get("device") or "auto", fix=_fix("device", '"auto"')))
+                        device=check_device(config.get("device") or "auto", fix=_fix("device", '"auto"')),
+                        attributes_csv=_attributes_csv(config, data))
+
+
+def _attributes_csv(config: Mapping[str, Any], data: Path) -> Path | None:
+    """The image folder's attributes CSV (absolute), checked to exist; None when not given."""
+    if config.get("attributes-csv") in (None, ""):
+        return None
+    given = Path(_text(config, "attributes-csv", '"attributes.csv"')).expanduser()
+    if data.is_file():
+        raise ConfigError("attributes-csv", str(given), "applies to image folders only; an npz carries its patient "
+                          "ids in a train_patient_ids array", "drop attributes-csv, or store the ids in the npz")
+    # A relative name is the folder's own file first (a CSV shipped with the images), else from here.
+    for candidate in ((data / given, given) if not given.is_absolute() else (given,)):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError("attributes-csv", str(given), f"no such file (looked in {data} and the working folder)",
+                      "point attributes-csv at the CSV with the images' path and patient_id columns")
 
 
 def _privacy_unit(config: Mapping[str, Any]) -> str:
@@ -315,23 +338,40 @@ def load_hospital_data(settings: NodeSettings, image_size: int) -> HospitalData:
         train, validation = dataset.train, dataset.val
         where = f"its val arrays ({len(validation)} images)" if len(validation) else "none: the npz has no val arrays"
     else:
-        dataset, train, validation = _image_folder(data, image_size, settings.val_fraction)
-        where = (f"{settings.val_fraction:g} of the folder's images, held out ({len(validation)} images)"
+        dataset, train, validation = _image_folder(data, image_size, settings.val_fraction, settings.attributes_csv)
+        held = "whole patients" if train.patient_ids is not None else "images"
+        where = (f"{settings.val_fraction:g} of the folder's images, held out as {held} ({len(validation)} images)"
                  if len(validation) else "none: every image trains (set val-fraction to hold some out)")
+    if settings.privacy_unit == "patient" and train.patient_ids is None:
+        # Caught here, at start-up: a hospital that cannot say whose images it holds cannot protect patients.
+        raise ConfigError("privacy-unit", "patient", f"the hospital's data {dataset.source} carries no patient ids",
+                          "image folder: give attributes-csv a CSV with path and patient_id columns; npz: add a "
+                          "train_patient_ids array; or set privacy-unit=\"image\"")
     log.info("hospital %s: training on %d images from %s; validation split: %s", settings.name, len(train),
              dataset.source, where)
     return HospitalData(train, validation, dataset.in_channels,
                         dataset.num_classes, dataset.image_size, dataset.source)
 
 
-def _image_folder(data: Path, image_size: int, val_fraction: float):
-    """(dataset, train, validation) of an image folder: all images, less a stratified validation hold-out."""
+def _image_folder(data: Path, image_size: int, val_fraction: float, attributes_csv: Path | None = None):
+    """(dataset, train, validation) of an image folder: all images, less a validation hold-out (stratified
+    by class; whole patients, at random, when the images carry patient ids)."""
     from fedpriv.data.imagefolder import load_image_records  # deferred: loads torch (see the imports)
 
-    dataset = load_image_records(str(data), image_size)
+    dataset = load_image_records(str(data), image_size,
+                                 attributes_csv=None if attributes_csv is None else str(attributes_csv))
     everything = dataset.train
     if not val_fraction:
         return dataset, everything, everything.subset([])
+    if everything.patient_ids is not None:  # a patient's images never sit on both sides
+        from fedpriv.data.splits import hold_out  # deferred: loads torch (see the imports)
+
+        train, validation = hold_out(np.arange(len(everything)), val_fraction, np.random.default_rng(0),
+                                     everything.patient_ids)
+        if not len(validation):
+            raise ConfigError("val-fraction", val_fraction, f"holds out no whole patient of {data} (each patient "
+                              "has more images than that share)", "raise val-fraction, or set val-fraction=0")
+        return dataset, everything.subset(train), everything.subset(validation)
     from sklearn.model_selection import train_test_split
 
     labels = everything.labels.numpy()
