@@ -538,6 +538,23 @@ def test_cli_credentials_and_node_print_command(tmp_path, share):
     assert missing.returncode == 2 and "nope.key" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_the_node_command_passes_the_patient_settings_to_the_node_config(tmp_path, share):
+    from fedpriv.cli.deploy import _parser, node_config_from_args
+
+    (tmp_path / "ledgers").mkdir()
+    (tmp_path / "images" / "normal").mkdir(parents=True)
+    (tmp_path / "images" / "attributes.csv").write_text("path,patient_id\n")
+    base = ["node", "--name", "A", "--budget-epsilon", "3", "--delta", "1e-5", "--ledger", str(tmp_path / "ledgers" / "A.db"),
+            "--superlink", "h:1", "--root-certificates", "ca", "--auth-key", "k", "--tls-certificate", "c", "--tls-key", "t"]
+    args = _parser().parse_args([*base, "--data", str(tmp_path / "images"), "--privacy-unit", "patient",
+                                 "--max-images-per-patient", "4", "--attributes-csv", str(tmp_path / "images" / "attributes.csv")])
+    settings = parse_node_config(node_config_from_args(args))
+    assert (settings.privacy_unit, settings.max_images_per_patient) == ("patient", 4)
+    assert settings.attributes_csv == tmp_path / "images" / "attributes.csv"
+    plain = parse_node_config(node_config_from_args(_parser().parse_args([*base, "--data", str(share)])))
+    assert (plain.privacy_unit, plain.max_images_per_patient, plain.attributes_csv) == ("image", None, None)
+
+
 def test_cli_superlink_and_proxy_print_their_commands(tmp_path):
     creds = tmp_path / "creds" / "coordinator"
     assert _cli("credentials", "--hospitals", "A", "--out", str(tmp_path / "creds")).returncode == 0

@@ -148,6 +148,9 @@ def node_config_from_args(args: argparse.Namespace) -> dict[str, object]:
             "ledger": str(Path(args.ledger).expanduser().resolve()), "accountant": args.accountant,
             "allow-non-private": args.allow_non_private, "threads": args.threads, "device": args.device,
             **({"val-fraction": args.val_fraction} if args.val_fraction else {}),
+            **({"privacy-unit": args.privacy_unit} if args.privacy_unit != "image" else {}),
+            **({"max-images-per-patient": args.max_images_per_patient} if args.max_images_per_patient else {}),
+            **({"attributes-csv": str(Path(args.attributes_csv).expanduser().resolve())} if args.attributes_csv else {}),
             **({"ledger-key": str(Path(args.ledger_key).expanduser().resolve())} if args.ledger_key else {})}
 
 
@@ -361,6 +364,11 @@ def _parser() -> argparse.ArgumentParser:
                                                         "has it, else the CPU), cpu, cuda or cuda:N")
     node.add_argument("--val-fraction", type=float, help="image folders: share of images held out for validation "
                                                          "(default 0: every image trains)")
+    node.add_argument("--privacy-unit", default="image", choices=("image", "patient"),
+                      help="what epsilon protects: each image (default) or each patient (needs patient ids)")
+    node.add_argument("--max-images-per-patient", type=int, help="privacy-unit patient: most images of a "
+                                                                 "patient per step (default: all)")
+    node.add_argument("--attributes-csv", help="image folders: CSV with path and patient_id columns (patient ids)")
     node.add_argument("--superlink", required=True, help="the coordinator's public HOST:PORT (its proxy)")
     node.add_argument("--root-certificates", required=True, help="the federation's CA certificate (ca.crt)")
     node.add_argument("--auth-key", required=True, help="the hospital's private key (NAME.key)")
