@@ -108,6 +108,8 @@ _MISLEADING = (
     # A sweep's own Ray head runs without Ray's dashboard: its GCS and raylet say they cannot export metrics.
     "Failed to establish connection to the event+metrics exporter agent",
     "Failed to establish connection to the metrics exporter agent",
+    # Flower's normal shutdown of its Ray actors at the end of every run, printed as a WARNING twice each.
+    "Manually terminating ClientAppActor",
 )
 _DEBUG_LINE = re.compile(r"^(\S+ \S+:DEBUG:|DEBUG\s*:)")  # Flower's debug lines, in both of its formats
 _EMPTY_INFO = re.compile(r"^(\S+ \S+:INFO:|INFO\s*:)\s*$")  # Flower's blank INFO lines
@@ -119,8 +121,9 @@ def flower_line(line: str) -> str | None:
     """`line` of `flwr run --stream` output as fedpriv shows it, or None to leave it out.
 
     Left out: Flower's note that its default federation size changed and how to change it (fedpriv
-    sets the size from federation.num_hospitals, so that advice would mislead), its DEBUG lines and
-    blank INFO lines. Ray's notice that it deduplicates repeated log lines is cut from the line it
+    sets the size from federation.num_hospitals, so that advice would mislead), its warning that it
+    terminates its Ray actors (which it does at the end of every run), its DEBUG lines and blank INFO
+    lines. Ray's notice that it deduplicates repeated log lines is cut from the line it
     ends. Flower's "Connection to the SuperLink is unavailable ... check your network" is explained:
     the SuperLink is fedpriv's own, on this machine, so the network is not the cause.
     """

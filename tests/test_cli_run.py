@@ -128,7 +128,9 @@ def test_flowers_misleading_lines_are_left_out_and_the_rest_is_kept():
                "\x1b[92mINFO \x1b[0m:      To change federation size, use the following command:\n",
                "\x1b[92mINFO \x1b[0m:      \tflwr federation simulation-config @none/default <superlink> --num-supernodes <N>\n",
                "12/07/2026 05:31:28:DEBUG:Constructed ActorPool with: 2 actors\n",
-               "\x1b[92mINFO \x1b[0m:      \n", "12/07/2026 05:32:22:INFO:\n"]
+               "\x1b[92mINFO \x1b[0m:      \n", "12/07/2026 05:32:22:INFO:\n",
+               "\x1b[36m(ClientAppActor pid=12318)\x1b[0m \x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor\n",
+               "\x1b[36m(ClientAppActor pid=12318)\x1b[0m 12/07/2026 19:03:13:WARNING:Manually terminating ClientAppActor\n"]
     assert [flower_line(line) for line in dropped] == [None] * len(dropped)
     kept = ["INFO fedpriv: round 1/1: 2/2 hospitals trained\n",
             "\x1b[92mINFO \x1b[0m:      Federation `@none/default` (3 simulated SuperNodes)\n"]
