@@ -34,7 +34,7 @@ from fedpriv.data import LabeledImages
 from fedpriv.display import format_epsilon
 from fedpriv.errors import BudgetExhausted, ConfigError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon, noise_multiplier_for
-from fedpriv.privacy.ledger import UNITS, BudgetStatus, PrivacyLedger, largest_fitting
+from fedpriv.privacy.ledger import UNITS, BudgetStatus, LedgerEvent, PrivacyLedger, largest_fitting
 from fedpriv.privacy.plan import PrivacyPlan, steps_per_epoch
 from fedpriv.protocol import Status, outcome_metrics
 from fedpriv.training import train_local
@@ -316,14 +316,14 @@ def _train_round(model: nn.Module, records: LabeledImages, settings: HospitalSet
         needed = max(settings.min_records, request.batch_size)
         try:
             # One epoch is over the records still open, not over every record the hospital holds.
-            prior, open_records = ledger.calibration_history(ids, budget=settings.budget_epsilon)
+            prior, open_records, events = ledger.round_start(ids, budget=settings.budget_epsilon)
             if open_records < needed:
                 raise BudgetExhausted(f"privacy budget exhausted: {open_records} of {len(ids)} records are still "
                                       f"open and a round needs at least {needed}")
             steps = request.local_epochs * steps_per_epoch(request.batch_size / open_records)
-            sigma = (_noise_multiplier(ledger, settings, request, prior, open_records, steps)
+            sigma = (_noise_multiplier(ledger, settings, request, prior, open_records, steps, events)
                      if request.private else None)
-            caps = hospital_caps(ledger, settings, request)
+            caps = hospital_caps(ledger, settings, request, events)
             if sigma is not None and request.spend_remaining:
                 steps = min(steps, ledger.max_affordable_steps(ids, noise_multiplier=sigma,
                                                                batch_size=request.batch_size,
@@ -366,12 +366,11 @@ def _train_round(model: nn.Module, records: LabeledImages, settings: HospitalSet
                              max_images_per_group=settings.max_images_per_patient)
         train_seconds = time.perf_counter() - training_started
         started = time.perf_counter()
-        ledger.confirm(charge, steps_done=result.steps)
+        status = ledger.confirm(charge, steps_done=result.steps, status_of=ids, budget=settings.budget_epsilon)
         message = ("trained with DP-SGD" if sigma is not None
                    else "trained WITHOUT differential privacy: these records' epsilon is now infinity")
         outcome = RoundOutcome(settings.name, TRAINED, message, result.state_dict, charge.num_records,
-                               result.steps, math.nan if sigma is None else sigma).with_status(
-                                   ledger.status(ids, budget=settings.budget_epsilon))
+                               result.steps, math.nan if sigma is None else sigma).with_status(status)
         outcome.ledger_seconds = ledger_seconds + time.perf_counter() - started
         outcome.train_seconds = train_seconds
         outcome.noise_seeded = sigma is not None and settings.noise_seed is not None
@@ -395,7 +394,8 @@ def private_round_seed(settings: HospitalSettings, request: RoundRequest) -> int
 
 
 def _noise_multiplier(ledger: PrivacyLedger, settings: HospitalSettings, request: RoundRequest,
-                      prior: list[PrivacyEvent], open_records: int, steps: int) -> float:
+                      prior: list[PrivacyEvent], open_records: int, steps: int,
+                      events: list[LedgerEvent] | None = None) -> float:
     """The fixed sigma, or for "auto" the sigma fixed at this hospital's first round of the run.
 
     "auto" calibrates on `prior`, the history of the most-spent record still open, so that every
@@ -403,7 +403,7 @@ def _noise_multiplier(ledger: PrivacyLedger, settings: HospitalSettings, request
     """
     if request.noise_multiplier is not None:
         return float(request.noise_multiplier)
-    for event in ledger.events():
+    for event in ledger.events() if events is None else events:
         if event.run_id == request.run_id and event.hospital == settings.name and event.private:
             return event.noise_multiplier
     budget = min(ledger.budget_epsilon, settings.budget_epsilon)
@@ -429,17 +429,18 @@ def _noise_multiplier(ledger: PrivacyLedger, settings: HospitalSettings, request
         raise BudgetExhausted(f"privacy budget exhausted for this request: {error}") from error
 
 
-def hospital_caps(ledger: PrivacyLedger, settings: HospitalSettings,
-                  request: RoundRequest) -> Callable[[PrivacyEvent], str | None] | None:
+def hospital_caps(ledger: PrivacyLedger, settings: HospitalSettings, request: RoundRequest,
+                  events: list[LedgerEvent] | None = None) -> Callable[[PrivacyEvent], str | None] | None:
     """The check of a round's final event against the hospital's per-round and per-run caps.
 
     Returns the reason a round breaks a cap (nothing is then charged), or None. The run's earlier
-    events at this hospital are read once, before the charge.
+    events at this hospital are read once, before the charge (`events`: as just read from the
+    ledger; None: read them now).
     """
     per_round, per_run = settings.max_epsilon_per_round, settings.max_epsilon_per_run
     if per_round is None and per_run is None:
         return None
-    this_run = [e.event() for e in ledger.events()
+    this_run = [e.event() for e in (ledger.events() if events is None else events)
                 if e.run_id == request.run_id and e.hospital == settings.name and e.steps > 0]
 
     def check(event: PrivacyEvent) -> str | None:

@@ -60,7 +60,14 @@ from fedpriv.display import format_epsilon
 from fedpriv.errors import BudgetExhausted, LedgerError, PrivacyError
 from fedpriv.privacy.accounting import PrivacyEvent, check_accountant, epsilon
 from fedpriv.privacy.chain import ChainKey, Witness, key_path_for
-from fedpriv.privacy.records import RecordSet, all_distinct, record_keys, signatures, sorted_contains
+from fedpriv.privacy.records import (
+    MembershipIndex,
+    RecordSet,
+    all_distinct,
+    record_keys,
+    signatures,
+    sorted_contains,
+)
 from fedpriv.privacy.store import (
     BUSY_TIMEOUT_S,
     SCHEMA_VERSION,
@@ -100,6 +107,9 @@ _REPLAYS_SIZE = 16
 # charge writes the new ones instead of re-inserting every offered record.
 _LISTED_KEYS: dict[tuple[str, str], np.ndarray] = {}
 _REPLAYS_LOCK = threading.Lock()
+# Per process: which record sets (by digest, whatever ledger they are in) hold which record keys.
+_INDEX = MembershipIndex()
+_INDEX_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -278,10 +288,8 @@ class PrivacyLedger:
             key = ChainKey.load(key_file)
         ledger = cls(LedgerStore.open(path), key, read_only=False)
         try:
-            ledger._adopt(float(budget_epsilon), float(delta), accountant, unit)
-            report = ledger.verify()  # a node never starts on a ledger whose record sets were altered
-            if not report.ok:
-                raise LedgerError(report.problems[0], reason="its privacy ledger failed its integrity check")
+            # A node never starts on a ledger whose record sets were altered (checked before anything is written).
+            ledger._adopt(float(budget_epsilon), float(delta), accountant, unit, check_sets=True)
         except BaseException:
             ledger.close()
             raise
@@ -299,9 +307,12 @@ class PrivacyLedger:
     def __repr__(self) -> str:
         return f"PrivacyLedger({str(self.path)!r}, budget_epsilon={self.budget_epsilon}, delta={self.delta})"
 
-    def _adopt(self, budget_epsilon: float, delta: float, accountant: str, unit: str = "image") -> None:
+    def _adopt(self, budget_epsilon: float, delta: float, accountant: str, unit: str = "image",
+               check_sets: bool = False) -> None:
         with self._store.transaction() as conn:
             history = self._history(conn)
+            if check_sets:
+                self._check_sets(conn, history)
             length = history.length
             if history.length == 0:
                 body = {"budget_epsilon": budget_epsilon, "delta": delta, "accountant": accountant, "unit": unit}
@@ -377,16 +388,27 @@ class PrivacyLedger:
         "auto" sigma is calibrated on it, so that every record still open fits the planned rounds
         (records with less history keep the difference for later).
         """
+        prior, open_records, _ = self.round_start(record_ids, budget=budget)
+        return prior, open_records
+
+    def round_start(self, record_ids: Sequence[str] | np.ndarray, *,
+                    budget: float | None = None) -> tuple[list[PrivacyEvent], int, list[LedgerEvent]]:
+        """`calibration_history` and `events`, read together in one transaction (one replay).
+
+        What a hospital reads before it charges a round. Advice only, like both of them: the charge
+        reads the ledger again under its write lock and re-checks every record.
+        """
         with self._store.transaction("DEFERRED") as conn:
             history = self._history(conn)
             keys = record_keys(record_ids)
             patterns, inverse, pattern_events = self._patterns(conn, history, keys)
             budgets = self._budgets(conn, history, keys, (patterns, inverse, pattern_events), budget=budget)
+        events = list(history.events.values())
         open_records = ~budgets.exhausted
         if not open_records.any():
-            return [], 0
+            return [], 0, events
         worst = int(np.argmax(np.where(open_records, budgets.epsilon, -np.inf)))
-        return pattern_events[inverse[worst]], int(open_records.sum())
+        return pattern_events[inverse[worst]], int(open_records.sum()), events
 
     def max_affordable_steps(
         self, record_ids: Sequence[str] | np.ndarray, *, noise_multiplier: float, batch_size: int,
@@ -528,25 +550,38 @@ class PrivacyLedger:
                 f"nothing was charged. The open records could still spend up to {format_epsilon(status.remaining)} "
                 "in a smaller round")
 
-    def confirm(self, charge: Charge | int, *, steps_done: int) -> None:
-        """Record that the charged round trained ``steps_done`` steps (at most the charged steps)."""
+    def confirm(self, charge: Charge | int, *, steps_done: int,
+                status_of: Sequence[str] | np.ndarray | None = None,
+                budget: float | None = None) -> BudgetStatus | None:
+        """Record that the charged round trained ``steps_done`` steps (at most the charged steps).
+
+        With ``status_of``: also where those records stand once confirmed (``status(status_of,
+        budget=budget)``), read in the same transaction; otherwise None.
+        """
         self._check_writable()
         entry_id = charge.entry_id if isinstance(charge, Charge) else _non_negative_int("entry", charge, LedgerError)
         steps_done = _non_negative_int("steps_done", steps_done, LedgerError)
+        written = False
         with self._store.transaction() as conn:
             history = self._history(conn)
             event = history.events.get(entry_id)
             if event is None:
                 raise LedgerError(f"ledger {self.path} has no charge {entry_id}")
             if event.confirmed:
-                if event.steps == steps_done:
-                    return
-                raise LedgerError(f"charge {entry_id} is already confirmed with {event.steps} steps")
-            if steps_done > event.charged_steps:
+                if event.steps != steps_done:
+                    raise LedgerError(f"charge {entry_id} is already confirmed with {event.steps} steps")
+            elif steps_done > event.charged_steps:
                 raise LedgerError(f"charge {entry_id} charged {event.charged_steps} steps; cannot confirm "
                                   f"{steps_done} (charge more steps before training them)")
-            history = self._append(conn, history, CONFIRM, {"charge": entry_id, "steps": steps_done})
-        self._after_write(history)
+            else:
+                history = self._append(conn, history, CONFIRM, {"charge": entry_id, "steps": steps_done})
+                written = True
+            status = None
+            if status_of is not None:
+                status = self._budgets(conn, history, record_keys(status_of), budget=budget).status()
+        if written:
+            self._after_write(history)
+        return status
 
     def lock(self, record_ids: Sequence[str] | np.ndarray, reason: str) -> None:
         """Exhaust these records for good (the hospital's own decision); they never train again."""
@@ -569,11 +604,26 @@ class PrivacyLedger:
                 history = self._history(conn)
                 for digest in {e.record_set for e in history.events.values()} | {d for d, _, _ in history.locks}:
                     self._store.load_set(conn, digest, cached=False)
-                entries = len(self._store.entries(conn))
         except LedgerError as exc:
             problems.append(str(exc))
             return VerifyReport(False, problems, 0, 0)
-        return VerifyReport(True, [], entries, len(history.events))
+        # The replay read every entry and checked that their ids run 1..n: n entries.
+        return VerifyReport(True, [], history.length, len(history.events))
+
+    def _check_sets(self, conn, history: _History) -> None:
+        """On opening (the replay has checked the keyed chain, the witness and every entry): the record
+        sets this process has not read yet (a set it read was checked against its digest then, and its
+        copy is the one it uses).
+
+        A node starting afresh therefore checks every set, as `verify` does; a long-running one (a Ray
+        worker that plays many simulated hospitals, each round) checks the new ones, so that opening
+        a ledger shared by many hospitals does not re-read every hospital's sets every time.
+        """
+        try:
+            self._store.check_sets(conn, [*{e.record_set for e in history.events.values()},
+                                          *{d for d, _, _ in history.locks}])
+        except LedgerError as exc:
+            raise LedgerError(str(exc), reason="its privacy ledger failed its integrity check") from None
 
     # ----------------------------------------------------------------- replay
 
@@ -697,9 +747,14 @@ class PrivacyLedger:
     # ----------------------------------------------------------------- per-record accounting
 
     def _patterns(self, conn, history: _History, keys: np.ndarray):
-        """Group ``keys`` by history: (patterns, inverse, the events of each pattern)."""
+        """Group ``keys`` by history: (patterns, inverse, the events of each pattern).
+
+        Only the record sets that hold one of ``keys`` shape their history; the others are found by
+        the process's membership index (:class:`~fedpriv.privacy.records.MembershipIndex`), so that
+        a call's cost does not grow with the sets of other hospitals sharing the ledger.
+        """
         events = [e for e in history.events.values() if e.steps > 0]
-        digests = sorted({e.record_set for e in events})
+        digests = self._sets_holding(conn, sorted({e.record_set for e in events}), keys)
         sets = tuple(self._store.load_set(conn, digest) for digest in digests)  # read and checked once a process
         grouping = _remembered_grouping(keys, sets)
         if grouping is None:
@@ -708,12 +763,36 @@ class PrivacyLedger:
             grouping = signatures(membership)
             _remember_grouping(keys, sets, grouping)
         patterns, inverse = grouping
-        by_set: dict[str, list[PrivacyEvent]] = {}
+        by_set: dict[str, list[PrivacyEvent]] = {digest: [] for digest in digests}
         for event in events:
-            by_set.setdefault(event.record_set, []).append(event.event())
+            if event.record_set in by_set:
+                by_set[event.record_set].append(event.event())
         pattern_events = [[e for digest, member in zip(digests, row, strict=True) if member for e in by_set[digest]]
                           for row in patterns]
         return patterns, inverse, pattern_events
+
+    def _sets_holding(self, conn, digests: list[str], keys: np.ndarray) -> list[str]:
+        """Those of ``digests`` (sorted) whose record set holds at least one of ``keys``, in order.
+
+        A set the index has not seen is read and checked first (`LedgerStore.load_set`). If the sets
+        are too many for the index, every one of ``digests`` is returned (each is then tested).
+        """
+        with _INDEX_LOCK:
+            unseen = [digest for digest in digests if digest not in _INDEX]
+        for attempt in (unseen, digests):
+            if not attempt:
+                break
+            sets = [self._store.load_set(conn, digest) for digest in attempt]
+            with _INDEX_LOCK:
+                if not _INDEX.add(sets):
+                    return digests
+                if all(digest in _INDEX for digest in digests):
+                    break
+        with _INDEX_LOCK:
+            if not all(digest in _INDEX for digest in digests):
+                return digests
+            held = _INDEX.holding(keys)
+        return [digest for digest in digests if digest in held]
 
     def _budgets(self, conn, history: _History, keys: np.ndarray, grouping=None,
                  budget: float | None = None) -> RecordBudgets:

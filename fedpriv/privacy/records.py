@@ -131,3 +131,74 @@ def all_distinct(keys: np.ndarray) -> bool:
 
 
 _DISTINCT: list[tuple[np.ndarray, bool]] = []
+
+
+class MembershipIndex:
+    """Which of the record sets it was given hold a key: every (key, set) pair, sorted by key.
+
+    A ledger shared by many hospitals (fedpriv's simulated hospitals share one per data source)
+    holds thousands of small sets, and a hospital's records are in a few of them. Testing each set
+    for each hospital costs a binary search per set per call; with this index a call costs a binary
+    search per record, however many sets there are. Sets are immutable and named by their digest,
+    so what the index says of a digest stays true; the ledger still reads and checks (or takes from
+    the store's cache) every set it then uses.
+
+    At most ``limit`` pairs: `add` refuses (returns False) sets that would not fit even alone.
+    """
+
+    def __init__(self, limit: int = 4_000_000) -> None:
+        self.limit = limit
+        self.clear()
+
+    def clear(self) -> None:
+        self._keys = np.zeros(0, dtype=KEY_DTYPE)
+        self._owners = np.zeros(0, dtype=np.int64)
+        self._digests: list[str] = []
+        self._position: dict[str, int] = {}
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._position
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, sets: Sequence[RecordSet]) -> bool:
+        """Index those of `sets` not indexed yet; over the limit, start again with just them.
+
+        Returns False (nothing added) if they alone exceed the limit. After a fresh start, sets
+        indexed before are no longer in (``digest in index`` says so).
+        """
+        distinct = list({s.digest: s for s in sets}.values())
+        new = [s for s in distinct if s.digest not in self._position]
+        if sum(len(s) for s in distinct) > self.limit:
+            return False
+        if len(self._keys) + sum(len(s) for s in new) > self.limit:
+            self.clear()
+            new = distinct
+        if not new:
+            return True
+        first = len(self._digests)
+        for offset, records in enumerate(new):
+            self._position[records.digest] = first + offset
+            self._digests.append(records.digest)
+        keys = np.concatenate([s.keys for s in new])
+        owners = np.repeat(np.arange(first, first + len(new), dtype=np.int64), [len(s) for s in new])
+        order = np.argsort(keys, kind="stable")
+        keys, owners = keys[order], owners[order]
+        at = np.searchsorted(self._keys, keys, side="right")
+        self._keys = np.insert(self._keys, at, keys)
+        self._owners = np.insert(self._owners, at, owners)
+        return True
+
+    def holding(self, keys: np.ndarray) -> set[str]:
+        """The digests of the indexed sets that hold at least one of `keys`."""
+        if not len(self._keys) or not len(keys):
+            return set()
+        low = np.searchsorted(self._keys, keys, side="left")
+        high = np.searchsorted(self._keys, keys, side="right")
+        counts = high - low
+        if not counts.any():
+            return set()
+        starts = np.repeat(low, counts)
+        steps = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        return {self._digests[i] for i in np.unique(self._owners[starts + steps]).tolist()}

@@ -19,7 +19,7 @@ import sqlite3
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,10 +66,39 @@ _TABLES = {
     "records": {"key", "record_id", "first_entry"},
 }
 
+class _SetCache(OrderedDict):
+    """Record sets by digest, least recently used first, with the bytes of their keys counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def __setitem__(self, digest: str, records: RecordSet) -> None:
+        if digest in self:
+            self.nbytes -= super().__getitem__(digest).keys.nbytes
+        super().__setitem__(digest, records)
+        self.nbytes += records.keys.nbytes
+
+    def __delitem__(self, digest: str) -> None:
+        self.nbytes -= super().__getitem__(digest).keys.nbytes
+        super().__delitem__(digest)
+
+    def popitem(self, last: bool = True) -> tuple[str, RecordSet]:
+        digest, records = super().popitem(last)
+        self.nbytes -= records.keys.nbytes
+        return digest, records
+
+    def clear(self) -> None:
+        super().clear()
+        self.nbytes = 0
+
+
 # Sets are content-addressed and immutable, so a process may keep the ones it read (a hospital
-# reads the same few sets every round). Bounded: a set of 100,000 records is 800 kB.
-_SET_CACHE: OrderedDict[str, RecordSet] = OrderedDict()
-_SET_CACHE_SIZE = 64
+# reads the same few sets every round). Bounded by the bytes of their keys, not by their number:
+# a ledger shared by 1,000 simulated hospitals holds thousands of small sets, which every round
+# reads (a set of 100,000 records is 800 kB; 64 MiB hold 8 million records' keys).
+_SET_CACHE: _SetCache = _SetCache()
+_SET_CACHE_BYTES = 64 * 2**20
 _SET_CACHE_LOCK = threading.Lock()
 
 
@@ -157,9 +186,21 @@ class LedgerStore:
                               "does not match)", reason="its privacy ledger was altered")
         with _SET_CACHE_LOCK:
             _SET_CACHE[digest] = records
-            while len(_SET_CACHE) > _SET_CACHE_SIZE:
+            while _SET_CACHE.nbytes > _SET_CACHE_BYTES and len(_SET_CACHE) > 1:
                 _SET_CACHE.popitem(last=False)
         return records
+
+    def check_sets(self, conn: sqlite3.Connection, digests: Iterable[str]) -> None:
+        """Read and check, from the file, each of these record sets that this process has not read yet.
+
+        A set this process already read was checked against its digest then, and a digest names one
+        content: the copy it keeps is the true set whatever the file holds now. LedgerError for a
+        missing or altered set. (`PrivacyLedger.verify` re-reads every set instead.)
+        """
+        with _SET_CACHE_LOCK:
+            unread = [digest for digest in digests if digest not in _SET_CACHE]
+        for digest in unread:
+            self.load_set(conn, digest)
 
     @staticmethod
     def save_set(conn: sqlite3.Connection, records: RecordSet) -> None:
