@@ -738,6 +738,7 @@ class PrivacyLedger:
         """Move the witness forward once the entries are committed (a crash before it is harmless)."""
         assert self._key is not None
         self.budget_epsilon, self.delta, self.accountant = history.budget_epsilon, history.delta, history.accountant
+        self.unit = history.unit  # a ledger just created knows its unit from its opening entry
         try:
             self._key.write_witness(Witness(history.length, history.head))
         except OSError as exc:
