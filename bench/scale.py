@@ -16,6 +16,9 @@ training; 31-32 training records a hospital at 1,000 hospitals, a sample rate of
 
     FEDPRIV_DATA_DIR=../shared/data nice -n 10 .venv/bin/python bench/scale.py \
         [--sizes 3 30 100 1000] [--rounds 3] [--dataset synthetic] [--num-samples 50000]
+
+`--profile` runs a size in one process under cProfile; `--ledger-only --sizes 300 --rounds 2` times a
+round's ledger work alone (alternate it with `PYTHONPATH=<the tree before a change>` for a before/after).
 """
 
 from __future__ import annotations
@@ -143,6 +146,56 @@ def profile(hospitals: int, rounds: int, dataset: str, num_samples: int, top: in
     print(out.read_text()[:6000])
 
 
+def ledger_round_cost(hospitals: int, rounds: int, timed: int = 50) -> dict:
+    """The ledger work of a round alone (the calls fedpriv.hospital makes), `hospitals` sharing one ledger.
+
+    `rounds` rounds of every hospital fill the ledger (32 records each, RDP); then `timed` hospitals'
+    next round is timed. Runs on whatever fedpriv comes first on sys.path, so that
+    `PYTHONPATH=<an older tree>` measures the code before a change, alternating with this one.
+    """
+    import numpy as np
+
+    import fedpriv.privacy.ledger as ledger_module
+    from fedpriv.hospital import HospitalSettings, open_ledger
+
+    folder = Path(tempfile.mkdtemp(prefix="fedpriv-scale-ledger-"))
+    ids = [np.array([f"r{h}-{i}" for i in range(32)]) for h in range(hospitals)]
+
+    def settings(h: int) -> HospitalSettings:
+        return HospitalSettings(name=f"h{h}", budget_epsilon=30.0, delta=1e-5, ledger_path=folder / "l.db",
+                                accountant="rdp", ledger_key=folder / "keys" / "l.key", ledger_budget_epsilon=30.0)
+
+    new = hasattr(ledger_module.PrivacyLedger, "round_start")
+
+    def message(h: int, server_round: int) -> None:
+        with open_ledger(settings(h)) as ledger:
+            if new:
+                ledger.round_start(ids[h], budget=30.0)
+            else:
+                ledger.calibration_history(ids[h], budget=30.0)
+                ledger.events()
+            charge = ledger.charge(ids[h], noise_multiplier=3.0, batch_size=16, steps=2, run_id="x",
+                                   round=server_round, hospital=f"h{h}")
+            if new:
+                ledger.confirm(charge, steps_done=2, status_of=ids[h], budget=30.0)
+            else:
+                ledger.confirm(charge, steps_done=2)
+                ledger.status(ids[h], budget=30.0)
+
+    fill = []
+    for server_round in range(1, rounds + 1):
+        started = time.perf_counter()
+        for h in range(hospitals):
+            message(h, server_round)
+        fill.append(time.perf_counter() - started)
+    timed = min(timed, hospitals)
+    started = time.perf_counter()
+    for h in range(timed):
+        message(h, rounds + 1)
+    return {"code": ledger_module.__file__, "index": new, "hospitals": hospitals, "rounds_before": rounds,
+            "fill_round_seconds": fill, "ms_per_hospital_next_round": (time.perf_counter() - started) / timed * 1000}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[3, 30, 100, 1000])
@@ -153,10 +206,16 @@ def main() -> None:
     parser.add_argument("--output", default="scale.json", help="file name under bench/results/")
     parser.add_argument("--profile", action="store_true",
                         help="run each size in this process under cProfile instead (bench/results/scale-profile-N.txt)")
+    parser.add_argument("--ledger-only", action="store_true",
+                        help="time a round's ledger work alone at each size (--rounds rounds first), no Flower")
     parser.add_argument("--quick", action="store_true", help="3 and 10 hospitals, 1 round, 2,000 images (smoke)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.rounds, args.num_samples = [3, 10], 1, 2_000
+    if args.ledger_only:
+        for size in args.sizes:
+            print(json.dumps(ledger_round_cost(size, args.rounds)), flush=True)
+        return
     if args.profile:
         for size in args.sizes:
             profile(size, args.rounds, args.dataset, args.num_samples)
