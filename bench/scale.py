@@ -202,7 +202,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "pneumoniamnist"])
     parser.add_argument("--num-samples", type=int, default=50_000, help="synthetic images in all (train 70%%)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds a run may take before it is stopped")
+    parser.add_argument("--timeout", type=float, default=5400,
+                        help="seconds a run may take before it is stopped (1,000 hospitals took over 30 minutes)")
     parser.add_argument("--output", default="scale.json", help="file name under bench/results/")
     parser.add_argument("--profile", action="store_true",
                         help="run each size in this process under cProfile instead (bench/results/scale-profile-N.txt)")
