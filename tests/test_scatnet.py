@@ -127,3 +127,64 @@ def test_the_report_rebuilds_the_model_from_its_weights():
     info = model_info(cfg, model.state_dict(), ["a", "b"])
     assert (info.in_channels, info.orientations) == (3, 4)
     info.build().load_state_dict(model.state_dict())  # same architecture
+
+
+def _scatnet_search():
+    """bench/scatnet_search.py, loaded from its file (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "scatnet_search.py"
+    spec = importlib.util.spec_from_file_location("scatnet_search", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("clip", [0.05, 100.0])  # every record clipped; none clipped
+def test_the_recipe_searchs_fast_dp_sgd_takes_the_same_steps_as_train_local(clip):
+    # The search (bench/scatnet_search.py) trains ScatNet's head with per-sample gradients written out by
+    # hand; without noise and with every record in every batch it must take exactly train_local's steps.
+    search = _scatnet_search()
+    torch.manual_seed(0)
+    model = build_model("scatnet", in_channels=1, num_classes=2, image_size=28, width=8)
+    with torch.no_grad():  # GroupNorm's affine weights away from (1, 0), as after some training
+        model.head[0].weight.uniform_(0.5, 1.5)
+        model.head[0].bias.uniform_(-0.5, 0.5)
+    data = records(count=30)
+    coefficients = model.precompute(data.images)
+    unfolded = search.unfold_normalised(coefficients, model.head[0].num_groups)
+    shift = [3 * np.log(0.26), 3 * np.log(0.74)]
+    plan = PrivacyPlan(steps=3, sample_rate=1.0, noise_multiplier=0.0, max_grad_norm=clip)
+    kept = torch.arange(4, 30)  # a hospital's records among the prepared ones
+    expected = train_local(model, LabeledImages(coefficients[kept], data.labels[kept]).as_dataset(), plan, lr=0.5,
+                           logit_shift=shift, seed=1).state_dict
+    fast = search.fast_train_local(model, (unfolded, data.labels, kept), plan, lr=0.5, logit_shift=shift, seed=1)
+    assert fast.keys() == expected.keys()
+    for key, value in expected.items():
+        assert not torch.allclose(value, model.state_dict()[key])  # every tensor moved
+        assert torch.allclose(fast[key], value, atol=1e-5, rtol=1e-4), key
+    # With noise, the noise is there: sigma * clip per coordinate of the summed gradient.
+    noisy = PrivacyPlan(steps=1, sample_rate=1.0, noise_multiplier=5.0, max_grad_norm=clip)
+    moved = search.fast_train_local(model, (unfolded, data.labels, kept), noisy, lr=1.0, seed=2)
+    step = (moved["head.1.weight"] - model.state_dict()["head.1.weight"]) * len(kept)
+    assert 0.8 * 5.0 * clip < step.std() < 1.2 * 5.0 * clip + clip
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+@pytest.mark.parametrize(("experiment", "epsilon", "rounds"), [("scatnet", 3.0, 20), ("scatnet_eps1", 1.0, 10)])
+def test_the_scatnet_experiments_give_their_tuned_recipe_and_leave_the_rest_to_the_user(mode, experiment, epsilon,
+                                                                                        rounds):
+    cfg = compose_config([f"experiment={experiment}", f"strategy={mode}"])
+    assert cfg.model.name == "scatnet" and cfg.strategy.mode == mode and cfg.privacy.epsilon == epsilon
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.lr_final, cfg.train.local_epochs) == (256, 0.5, 0.3, 1)
+    assert cfg.strategy.num_rounds == rounds and cfg.privacy.max_grad_norm == 1.0 and cfg.privacy.enabled
+    # Each mode keeps its own server step; without the experiment the CNN's recipe is untouched.
+    assert (cfg.strategy.server_lr, cfg.strategy.sequential_step) == ((1.5, "share") if mode == "parallel"
+                                                                      else (1.0, "share"))
+    default = compose_config([f"strategy={mode}"])
+    assert (default.model.name, default.train.lr, default.train.batch_size, default.strategy.num_rounds) == (
+        "cnn", 1.0, 128, 40)
+    # A setting given on the command line still wins over the experiment's.
+    chosen = compose_config([f"experiment={experiment}", "train.lr=0.3", "privacy.epsilon=8"])
+    assert (chosen.train.lr, chosen.privacy.epsilon) == (0.3, 8.0)
