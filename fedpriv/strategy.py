@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from flwr.app import (
@@ -113,9 +113,9 @@ class BudgetAwareStrategy(Strategy):
             log.warning("only %d of %d hospitals connected within %.0fs; continuing with them",
                         len(node_ids), self.expected_hospitals, self.discovery_timeout)
         queries = [_query(node) for node in node_ids]
-        answers = []
+        asked, answers = _destinations(queries), []
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
-            node = _answered_node(reply, queries)
+            node = _answered_node(reply, asked)
             if reply.has_error():
                 log.warning("node %s did not answer the hospital query: %s", node, reply.error.reason)
                 continue
@@ -252,9 +252,9 @@ class BudgetAwareStrategy(Strategy):
     def _evaluate_on_hospitals(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                                record: RoundRecord, result: Result) -> None:
         messages = list(self.configure_evaluate(server_round, arrays, config, grid))
-        accepted = []
+        asked, accepted = _destinations(messages), []
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
-            hospital = self.roster.by_node(_answered_node(reply, messages))
+            hospital = self.roster.by_node(_answered_node(reply, asked))
             if hospital is None or reply.has_error():
                 continue
             metrics, fields = reply.content.get(Content.METRICS), reply.content.get(Content.STATUS)
@@ -281,13 +281,25 @@ class BudgetAwareStrategy(Strategy):
             return
         queries = [_query(h.node_id) for h in crashed]
         timeout = min(self.timeout, QUERY_TIMEOUT_S) if self.timeout else QUERY_TIMEOUT_S
+        asked = _destinations(queries)
         for reply in grid.send_and_receive(queries, timeout=timeout):
-            if reply.has_error() or not figures_known(reply.content[Content.METRICS]):
+            hospital = self.roster.by_node(_answered_node(reply, asked))
+            if hospital is None or reply.has_error():
                 continue
-            hospital = self.roster.by_node(_answered_node(reply, queries))
-            metrics, fields = reply.content[Content.METRICS], reply.content[Content.STATUS]
-            if float(metrics[Metric.EPSILON]) >= hospital.epsilon:  # figures never go backwards
-                hospital.update(metrics, str(fields[Field.STATUS]), fields)
+            metrics, fields = reply.content.get(Content.METRICS), reply.content.get(Content.STATUS)
+            status = None if fields is None else str(fields.get(Field.STATUS, ""))
+            # Checked as a training reply's figures are: text, counts, and no epsilon, budget or delta that
+            # contradicts what the hospital reported before. A figure that cannot be believed changes nothing.
+            problem = reply_figures_problem(
+                None if metrics is None else dict(metrics), status, declared_examples=hospital.num_examples,
+                last_epsilon=hospital.epsilon, last_budget=hospital.budget_epsilon, last_delta=hospital.delta,
+                fields=None if fields is None else dict(fields))
+            if problem:
+                log.warning("round %d: hospital %s's ledger figures after its crash are left out: %s", record.round,
+                            hospital.name, problem)
+                continue
+            if figures_known(metrics) and float(metrics[Metric.EPSILON]) >= hospital.epsilon:  # never backwards
+                hospital.update(metrics, status, fields)
 
     def _parallel_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
         messages = list(self.configure_train(server_round, arrays, config, grid))
@@ -333,9 +345,9 @@ class BudgetAwareStrategy(Strategy):
     def _note_replies(self, record: RoundRecord, messages: list[Message], replies: list[Message],
                       reference: dict[str, torch.Tensor]) -> list[Message]:
         """Record every reply (or its absence) and return the trained replies that pass the checks."""
-        answered, candidates = set(), {}
+        answered, candidates, asked = set(), {}, _destinations(messages)
         for reply in replies:
-            node = _answered_node(reply, messages)
+            node = _answered_node(reply, asked)
             hospital = self.roster.by_node(node)
             if hospital is None:  # not a reply to anything this round asked: never let it stop the run
                 log.warning("round %d: ignoring a reply from unknown node %s", record.round, node)
@@ -406,11 +418,17 @@ def _query(node_id: int) -> Message:
                    message_type=MessageType.QUERY)
 
 
-def _answered_node(reply: Message, messages: list[Message]) -> int:
-    """The node a reply answers for: the destination of the message it replies to.
+def _destinations(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of the messages sent; built once per exchange (not per reply,
+    which would cost the square of the hospitals)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+
+
+def _answered_node(reply: Message, asked: Mapping[str, int]) -> int:
+    """The node a reply answers for: the destination of the message it replies to (`asked`, from
+    :func:`_destinations`).
 
     Not the reply's source: errors the SuperLink writes itself (NODE_UNAVAILABLE for a SuperNode
     that stopped sending heartbeats, e.g. a crashed hospital) come from node 0, the SuperLink.
     """
-    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from test_federation import federate
 
 from fedpriv.update_checks import (
@@ -244,6 +244,61 @@ def test_a_hostile_evaluation_reply_is_left_out_of_the_record_and_the_mean(tmp_p
     assert "hospital-3" in warning and "control character U+000A" in warning
     lines = caplog.text.splitlines() + (run_dir / "metrics.json").read_text().splitlines()
     assert not any(line.lstrip().startswith("round 1: every hospital trained") for line in lines)
+
+
+def _raise_budget(reply):
+    metrics = dict(reply.content["metrics"])
+    metrics.update({"budget-epsilon": 1e9, "epsilon": 0.5})
+    reply.content["metrics"] = MetricRecord(metrics)
+    return reply
+
+
+def _drop_metrics(reply):
+    reply.content = RecordDict({"status": reply.content["status"]})
+    return reply
+
+
+@pytest.mark.parametrize(("lie", "reason"), [(_raise_budget, "budget went up from 3 to 1e+09"),
+                                             (_drop_metrics, "lacks its metrics or status")])
+def test_a_crashed_hospitals_unbelievable_ledger_figures_change_nothing(tmp_path, caplog, lie, reason):
+    """After a hospital's training reply is an error, the server asks for its ledger figures (it may
+    have charged before it crashed). That answer is checked as a training reply's figures are."""
+    answers = []
+
+    def second_answer_lies(reply):  # the opening query is answered honestly, the one after the crash not
+        answers.append(reply)
+        return reply if len(answers) == 1 else lie(reply)
+
+    def hook(grid):
+        grid.fail.add((grid.node_ids[2], 1))
+        grid.tamper_query[grid.node_ids[2]] = second_answer_lies
+
+    with caplog.at_level(logging.WARNING, logger="fedpriv"):
+        strategy, _, run_dir = federate(tmp_path, "strategy.num_rounds=1", grid_hook=hook)
+    assert len(answers) == 2  # the server did ask again after the crash
+    hospital = next(h for h in strategy.hospitals if h.name == "hospital-3")
+    assert hospital.budget_epsilon == 3.0 and hospital.epsilon == 0.0
+    warning = next(r.getMessage() for r in caplog.records if "figures after its crash are left out" in r.getMessage())
+    assert "hospital-3" in warning and reason in warning
+    assert "1e+09" not in (run_dir / "summary.md").read_text()
+
+
+def test_a_reply_is_matched_to_the_node_it_was_asked_of_not_its_sender():
+    from fedpriv.strategy import _answered_node, _destinations
+
+    class Meta:
+        def __init__(self, message_id="", dst=0, reply_to="", src=0):
+            self.message_id, self.dst_node_id = message_id, dst
+            self.reply_to_message_id, self.src_node_id = reply_to, src
+
+    class Msg:
+        def __init__(self, **kw):
+            self.metadata = Meta(**kw)
+
+    asked = _destinations([Msg(message_id="a", dst=11), Msg(message_id="b", dst=12)])
+    assert asked == {"a": 11, "b": 12}
+    assert _answered_node(Msg(reply_to="b", src=0), asked) == 12  # the SuperLink's own error reply (node 0)
+    assert _answered_node(Msg(reply_to="zzz", src=99), asked) == 99  # not a reply to anything asked
 
 
 @pytest.mark.slow
