@@ -378,11 +378,16 @@ def test_a_deployed_image_folder_protects_the_patients_its_attributes_csv_names(
         assert all(len(ledger.record_history(patient)[0]) == 1 for patient in trained)
         assert all(not ledger.record_history(patient)[0] for patient in held)
 
-    # Patient-level DP without patient ids is refused when the node loads its data, before any round.
+    # Patient-level DP without patient ids is refused when the node loads its data, before any round:
+    # its answer to the run's opening query is a refusal naming the fix, and nothing is charged.
     unnamed = {**config, "attributes-csv": "", "ledger": str(tmp_path / "ledger" / "other.db")}
     with pytest.raises(ConfigError, match="carries no patient ids") as error:
         deployed_site(_context(unnamed, _run_config(run_cfg)))
     assert error.value.key == "privacy-unit"
+    query = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=5, message_type=MessageType.QUERY)
+    answer = dict(_deliver(query, _context(unnamed, _run_config(run_cfg))).content["status"])
+    assert answer["status"] == "refused" and "privacy-unit" in answer["message"], answer
+    assert not (tmp_path / "ledger" / "other.db").exists()
     for bad in ({"attributes-csv": "missing.csv"}, {"data": str(share / "pneumoniamnist.npz")}):
         with pytest.raises(ConfigError) as error:
             parse_node_config({**config, "val-fraction": "", **bad})

@@ -31,7 +31,7 @@ key                    meaning
 ``allow-non-private``  accept non-private rounds (epsilon = inf); default ``false``
 ``privacy-unit``       ``image`` (default) or ``patient``: patient-level DP (all of a patient's
                        images as one record); needs patient ids (an npz's ``train_patient_ids``,
-                       an image folder's ``attributes-csv``), else the node refuses to start.
+                       an image folder's ``attributes-csv``), else the hospital refuses to take part.
                        Fixed by the ledger: it refuses the other unit
 ``attributes-csv``     image folders only: a CSV with a ``path`` column (relative to the folder)
                        and a ``patient_id`` column naming each image's patient (other columns are
