@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from fedpriv.attacks.settings import AuditConfig
+from fedpriv.data.medmnist import medmnist_2d_flags
 from fedpriv.devices import resolve_device
 from fedpriv.errors import ConfigError
 from fedpriv.models import ACTIVATIONS
@@ -227,12 +228,6 @@ def to_config(cfg: DictConfig | FedprivConfig) -> FedprivConfig:
         return cfg
     typed = OmegaConf.merge(OmegaConf.structured(FedprivConfig), cfg)
     return OmegaConf.to_object(typed)  # type: ignore[return-value]
-
-
-def medmnist_2d_flags() -> tuple[str, ...]:
-    from medmnist import INFO
-
-    return tuple(flag for flag in INFO if not flag.endswith("3d"))
 
 
 def _check_class_prior(prior: Optional[list[float]]) -> None:

@@ -395,7 +395,7 @@ def private_round_seed(settings: HospitalSettings, request: RoundRequest) -> int
 
 def _noise_multiplier(ledger: PrivacyLedger, settings: HospitalSettings, request: RoundRequest,
                       prior: list[PrivacyEvent], open_records: int, steps: int,
-                      events: list[LedgerEvent] | None = None) -> float:
+                      events: list[LedgerEvent]) -> float:
     """The fixed sigma, or for "auto" the sigma fixed at this hospital's first round of the run.
 
     "auto" calibrates on `prior`, the history of the most-spent record still open, so that every
@@ -403,7 +403,7 @@ def _noise_multiplier(ledger: PrivacyLedger, settings: HospitalSettings, request
     """
     if request.noise_multiplier is not None:
         return float(request.noise_multiplier)
-    for event in ledger.events() if events is None else events:
+    for event in events:  # the ledger's events, read once before the charge
         if event.run_id == request.run_id and event.hospital == settings.name and event.private:
             return event.noise_multiplier
     budget = min(ledger.budget_epsilon, settings.budget_epsilon)
@@ -430,17 +430,17 @@ def _noise_multiplier(ledger: PrivacyLedger, settings: HospitalSettings, request
 
 
 def hospital_caps(ledger: PrivacyLedger, settings: HospitalSettings, request: RoundRequest,
-                  events: list[LedgerEvent] | None = None) -> Callable[[PrivacyEvent], str | None] | None:
+                  events: list[LedgerEvent]) -> Callable[[PrivacyEvent], str | None] | None:
     """The check of a round's final event against the hospital's per-round and per-run caps.
 
     Returns the reason a round breaks a cap (nothing is then charged), or None. The run's earlier
     events at this hospital are read once, before the charge (`events`: as just read from the
-    ledger; None: read them now).
+    ledger).
     """
     per_round, per_run = settings.max_epsilon_per_round, settings.max_epsilon_per_run
     if per_round is None and per_run is None:
         return None
-    this_run = [e.event() for e in (ledger.events() if events is None else events)
+    this_run = [e.event() for e in events
                 if e.run_id == request.run_id and e.hospital == settings.name and e.steps > 0]
 
     def check(event: PrivacyEvent) -> str | None:

@@ -39,3 +39,14 @@ def test_private_training_and_resnet_still_load_them_on_demand():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert 0 < float(out[0]) < 10
     assert out[1:] == ["opacus", "torchvision"]
+
+
+def test_checking_a_config_reads_medmnists_table_without_importing_the_medmnist_package():
+    # `import medmnist` runs its __init__ (scikit-learn, torchvision, PIL): the CLI, the ServerApp and
+    # every hospital check the dataset name against the table, and only a download needs the package.
+    probe = ("import sys; from fedpriv.app_config import compose_config; from fedpriv.config import validate_config; "
+             "from fedpriv.data.medmnist import medmnist_info; validate_config(compose_config([])); "
+             "table = medmnist_info(); loaded = [m for m in ('medmnist', 'sklearn') if m in sys.modules]; "
+             "import medmnist; print(table == medmnist.INFO, 'pneumoniamnist' in table, *loaded)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"]  # the same table as the package's, and neither package imported for it

@@ -19,8 +19,11 @@ patient ids: MedMNIST does not release which images belong to one patient.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import pickle
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -89,11 +92,34 @@ def load_medmnist(
     return dataset
 
 
-def _flag_info(flag: str, size: int) -> dict[str, Any]:
-    from medmnist import (
-        INFO,  # deferred: importing medmnist pulls in sklearn and torchvision
-    )
+@functools.cache
+def medmnist_info() -> dict[str, dict[str, Any]]:
+    """medmnist's table of datasets (``INFO``: task, labels, channels per flag), read from its info module alone.
 
+    ``import medmnist`` runs the package's ``__init__``, which loads scikit-learn, torchvision and
+    PIL: about 2 s of start-up in every process that only needs the table (the CLI, the ServerApp,
+    each hospital). ``medmnist/info.py`` imports nothing of medmnist's, so it is loaded by itself;
+    the package is imported only to download a file.
+    """
+    if "medmnist" in sys.modules:  # already paid for: use the package's own table
+        return sys.modules["medmnist"].INFO
+    package = importlib.util.find_spec("medmnist")  # finds the package without running its __init__
+    if package is None or not package.submodule_search_locations:
+        raise DataError("the medmnist package is not installed; reinstall fedpriv (pip install -e .)")
+    path = Path(next(iter(package.submodule_search_locations))) / "info.py"
+    spec = importlib.util.spec_from_file_location("fedpriv._medmnist_info", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.INFO
+
+
+def medmnist_2d_flags() -> tuple[str, ...]:
+    """The MedMNIST 2D dataset flags (the 3D ones are left out)."""
+    return tuple(flag for flag in medmnist_info() if not flag.endswith("3d"))
+
+
+def _flag_info(flag: str, size: int) -> dict[str, Any]:
+    INFO = medmnist_info()  # noqa: N806 - medmnist's own name for the table
     if flag not in INFO or flag.endswith("3d"):
         known = ", ".join(f for f in INFO if not f.endswith("3d"))
         raise DataError(f"unknown MedMNIST 2D dataset {flag!r}; known: {known}")

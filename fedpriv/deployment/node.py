@@ -183,7 +183,7 @@ def _threads(config: Mapping[str, Any]) -> int | None:
 
 
 def _dataset_flag(config: Mapping[str, Any]) -> str:
-    from fedpriv.config import medmnist_2d_flags  # deferred: loads torch (see the imports)
+    from fedpriv.data.medmnist import medmnist_2d_flags  # deferred: loads torch (see the imports)
 
     flag = config.get("dataset", DEFAULT_DATASET)
     if not isinstance(flag, str) or flag not in medmnist_2d_flags() or flag == "chestmnist":
@@ -403,9 +403,9 @@ def expected_shape(dataset_name: str) -> tuple[int, int] | None:
         return 1, 2
     if dataset_name == "imagefolder":
         return None
-    from medmnist import INFO
+    from fedpriv.data.medmnist import medmnist_info  # deferred: loads torch (see the imports)
 
-    info = INFO.get(dataset_name)
+    info = medmnist_info().get(dataset_name)
     return (int(info["n_channels"]), len(info["label"])) if info else None
 
 
@@ -474,9 +474,8 @@ def load_protected_records(
     only the size the old ledger saw can match). Raises LedgerError, nothing written, when no
     candidate's fingerprint is the old ledger's; DataError/ConfigError for unusable data.
     """
-    from fedpriv.config import medmnist_2d_flags  # deferred: loads torch (see the imports)
     from fedpriv.data import dataset_fingerprint  # deferred: loads torch (see the imports)
-    from fedpriv.data.medmnist import SIZES, npz_filename  # deferred: loads torch (see the imports)
+    from fedpriv.data.medmnist import SIZES, medmnist_2d_flags, npz_filename  # deferred: loads torch (see the imports)
 
     if dataset not in medmnist_2d_flags() or dataset == "chestmnist":
         raise DataError(f"--dataset {dataset!r} must be a single-label MedMNIST 2D flag (it names the npz layout): "

@@ -22,6 +22,7 @@ from fedpriv import data as datasets
 from fedpriv import rundir
 from fedpriv.config import FedprivConfig
 from fedpriv.data import MedicalImageDataset
+from fedpriv.data.medmnist import medmnist_info
 from fedpriv.data.synthetic import CLASS_NAMES
 from fedpriv.errors import RunFilesError
 from fedpriv.models import build_model
@@ -138,9 +139,7 @@ def _class_names(cfg: FedprivConfig, num_classes: int) -> list[str]:
     elif cfg.dataset.name == "imagefolder" and cfg.dataset.path and Path(cfg.dataset.path).is_dir():
         names = sorted(d.name for d in Path(cfg.dataset.path).iterdir() if d.is_dir() and not d.name.startswith("."))
     elif cfg.dataset.name != "imagefolder":
-        from medmnist import INFO
-
-        labels = INFO.get(cfg.dataset.name, {}).get("label", {})
+        labels = medmnist_info().get(cfg.dataset.name, {}).get("label", {})
         names = [labels[k] for k in sorted(labels, key=int)]
     return names if len(names) == num_classes else [f"class {i}" for i in range(num_classes)]
 
