@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 from flwr.app import (
@@ -52,6 +53,18 @@ FULL_STEP = SEQUENTIAL_STEPS[0]
 
 
 RoundCallback = Callable[[RoundRecord, ArrayRecord, list[HospitalState]], None]
+
+
+class Trained(NamedTuple):
+    """A trained reply that passed the checks, with its weights decoded once (a round decodes each
+    reply's weights once, not once per check: the cost that grows with the number of hospitals)."""
+
+    reply: Message
+    state: dict[str, torch.Tensor]
+
+    @property
+    def num_examples(self) -> float:
+        return float(self.reply.content[Content.METRICS][Metric.NUM_EXAMPLES])
 
 
 class BudgetAwareStrategy(Strategy):
@@ -161,13 +174,9 @@ class BudgetAwareStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted mean (by num-examples) of the replies of hospitals that trained."""
-        trained = [r for r in replies if not r.has_error() and Content.ARRAYS in r.content
-                   and r.content[Content.METRICS][Metric.TRAINED] == 1]
-        if not trained:
-            return None, None
-        weights = [float(r.content[Content.METRICS][Metric.NUM_EXAMPLES]) for r in trained]
-        states = [r.content[Content.ARRAYS].to_torch_state_dict() for r in trained]
-        return ArrayRecord(weighted_average(states, weights)), MetricRecord(self.roster.privacy_metrics())
+        trained = [Trained(r, r.content[Content.ARRAYS].to_torch_state_dict()) for r in replies if _trained(r)]
+        average = _average(trained)
+        return (None, None) if average is None else (ArrayRecord(average), MetricRecord(self.roster.privacy_metrics()))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -305,14 +314,11 @@ class BudgetAwareStrategy(Strategy):
         messages = list(self.configure_train(server_round, arrays, config, grid))
         record.order = [self.roster.by_node(m.metadata.dst_node_id).name for m in messages]
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        accepted = self._note_replies(record, messages, replies, arrays.to_torch_state_dict())
-        new_arrays, _ = self.aggregate_train(server_round, accepted)
-        if new_arrays is None:
+        reference = arrays.to_torch_state_dict()
+        average = _average(self._note_replies(record, messages, replies, reference))
+        if average is None:
             return arrays
-        if self.server_lr != 1.0:
-            new_arrays = ArrayRecord(server_step(arrays.to_torch_state_dict(), new_arrays.to_torch_state_dict(),
-                                                 self.server_lr))
-        return new_arrays
+        return ArrayRecord(average if self.server_lr == 1.0 else server_step(reference, average, self.server_lr))
 
     def _sequential_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
         order = self.training_order(server_round)
@@ -320,12 +326,12 @@ class BudgetAwareStrategy(Strategy):
             record.order.append(hospital.name)
             message = self._train_message(hospital, server_round, arrays, config)
             replies = list(grid.send_and_receive([message], timeout=self.timeout))
-            accepted = self._note_replies(record, [message], replies, arrays.to_torch_state_dict())
+            reference = arrays.to_torch_state_dict()
+            accepted = self._note_replies(record, [message], replies, reference)
             if accepted:  # the next hospital starts from these weights
-                returned = accepted[0].content[Content.ARRAYS]
-                weight = self.sequential_weight(hospital, order)
-                arrays = returned if weight == 1.0 else ArrayRecord(server_step(
-                    arrays.to_torch_state_dict(), returned.to_torch_state_dict(), weight))
+                returned, weight = accepted[0], self.sequential_weight(hospital, order)
+                arrays = (returned.reply.content[Content.ARRAYS] if weight == 1.0 else
+                          ArrayRecord(server_step(reference, returned.state, weight)))
         return arrays
 
     def sequential_weight(self, hospital: HospitalState, order: list[HospitalState]) -> float:
@@ -343,7 +349,7 @@ class BudgetAwareStrategy(Strategy):
         return Message(content, dst_node_id=hospital.node_id, message_type=MessageType.TRAIN, ttl=self.timeout)
 
     def _note_replies(self, record: RoundRecord, messages: list[Message], replies: list[Message],
-                      reference: dict[str, torch.Tensor]) -> list[Message]:
+                      reference: dict[str, torch.Tensor]) -> list[Trained]:
         """Record every reply (or its absence) and return the trained replies that pass the checks."""
         answered, candidates, asked = set(), {}, _destinations(messages)
         for reply in replies:
@@ -369,14 +375,19 @@ class BudgetAwareStrategy(Strategy):
             if figures_known(metrics):
                 # Believable figures count even when the weights are then rejected: the budget was spent.
                 hospital.update(metrics, status, fields)
-            arrays = reply.content.get(Content.ARRAYS)
-            problem = reply_weights_problem(status, reference, None if arrays is None else arrays.to_torch_state_dict())
+            arrays = reply.content.get(Content.ARRAYS) if status == Status.TRAINED else None
+            state = None if arrays is None else arrays.to_torch_state_dict()
+            problem = reply_weights_problem(status, reference, state)
             if problem:
                 self.roster.reject(record, hospital, Status.REJECTED, problem)
                 continue
+            if status == Status.TRAINED and not _trained(reply):  # it says it trained, its metrics say not
+                self.roster.reject(record, hospital, Status.REJECTED,
+                                   f"status '{Status.TRAINED}' but metric '{Metric.TRAINED}' is not 1")
+                continue
             self.roster.note(record, hospital, fields, metrics)
             if status == Status.TRAINED:
-                candidates[hospital.name] = reply
+                candidates[hospital.name] = Trained(reply, state)
             else:
                 log.warning("round %d: hospital %s did not train (%s): %s", record.round, hospital.name,
                             status, fields[Field.MESSAGE])
@@ -386,20 +397,33 @@ class BudgetAwareStrategy(Strategy):
                                    f"no reply within {self.timeout}s; skipped")
         return self._drop_norm_outliers(record, candidates, reference)
 
-    def _drop_norm_outliers(self, record: RoundRecord, candidates: dict[str, Message],
-                            reference: dict[str, torch.Tensor]) -> list[Message]:
-        norms = {name: update_norm(reference, reply.content[Content.ARRAYS].to_torch_state_dict())
-                 for name, reply in candidates.items()}
+    def _drop_norm_outliers(self, record: RoundRecord, candidates: dict[str, Trained],
+                            reference: dict[str, torch.Tensor]) -> list[Trained]:
+        norms = {name: update_norm(reference, trained.state) for name, trained in candidates.items()}
         outliers = norm_outliers(norms, self.accepted_norms, self.max_update_norm_ratio)
         for name, reason in outliers.items():
             self.roster.reject(record, self.roster.by_name(name), Status.REJECTED, reason)
         self.accepted_norms += [norm for name, norm in norms.items() if name not in outliers]
-        return [reply for name, reply in candidates.items() if name not in outliers]
+        return [trained for name, trained in candidates.items() if name not in outliers]
 
     def _log_round(self, record: RoundRecord, num_rounds: int) -> None:
         auc = record.server_metrics.get("auc", math.nan)
         log.info("round %d/%d: %d/%d hospitals trained, test AUC %.3f, epsilon %s (%.1fs)", record.round,
                  num_rounds, len(record.trained), len(record.order), auc, self.roster.spent(), record.seconds)
+
+
+def _trained(reply: Message) -> bool:
+    """A reply that carries weights from training (its metrics say so)."""
+    if reply.has_error() or Content.ARRAYS not in reply.content or Content.METRICS not in reply.content:
+        return False
+    return reply.content[Content.METRICS].get(Metric.TRAINED) == 1
+
+
+def _average(trained: list[Trained]) -> dict[str, torch.Tensor] | None:
+    """FedAvg of the trained replies' decoded weights, weighted by their record counts; None for none."""
+    if not trained:
+        return None
+    return weighted_average([t.state for t in trained], [t.num_examples for t in trained])
 
 
 def registered_names(grid: Grid) -> dict[int, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 
@@ -145,9 +146,21 @@ def _status_field(key, value):
     return tamper
 
 
+def _trained_metric(value):
+    """Status 'trained', weights attached, but the 'trained' metric says otherwise (None: it is left out)."""
+    def tamper(reply):
+        metrics = dict(reply.content["metrics"])
+        metrics.pop("trained") if value is None else metrics.update({"trained": value})
+        reply.content["metrics"] = MetricRecord(metrics)
+        return reply
+    return tamper
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("tamper", "reason"), [
     (_status_field("device", "cuda" * 2_500), "'device' is 10000 characters long"),
+    (_trained_metric(0), "metric 'trained' is not 1"),
+    (_trained_metric(None), "metric 'trained' is not 1"),  # once a KeyError that stopped the server
     (_status_field("message", "trained\nround 1: hospital-1 refused"), "'message' contains the control character"),
     (_poison_weights(math.nan), "NaN or Inf"),
     (_poison_weights(1e6), "median"),
@@ -309,3 +322,22 @@ def test_sequential_continues_from_the_last_good_weights_after_a_rejection(tmp_p
     first, third = first_reply.content["arrays"].to_torch_state_dict(), third_message.content["arrays"].to_torch_state_dict()
     assert all(torch.equal(first[k], third[k]) for k in first)
     assert strategy.history[0].hospitals["hospital-2"]["status"] == "rejected"
+
+
+@pytest.mark.slow
+def test_a_parallel_round_decodes_each_replys_weights_once(tmp_path, monkeypatch):
+    """The checks, the outlier test and the average share one decoding of a reply's weights: per
+    reply the server's cost, the one that grows with the number of hospitals."""
+    decoded = collections.Counter()
+    decode = ArrayRecord.to_torch_state_dict
+
+    def counted(self, *args, **kwargs):
+        decoded[id(self)] += 1
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrayRecord, "to_torch_state_dict", counted)
+    strategy, grid, _ = federate(tmp_path, "strategy.num_rounds=2", "strategy.server_lr=1.5")
+    replies = [reply for _, reply in grid.train_exchanges()]
+    assert len(replies) == 6 and all(r is not None and not r.has_error() for r in replies)
+    assert [decoded[id(r.content["arrays"])] for r in replies] == [1] * 6
+    assert all(sorted(record.trained) == ["hospital-1", "hospital-2", "hospital-3"] for record in strategy.history)
