@@ -255,7 +255,7 @@ def test_the_per_hospital_bars_name_every_hospital_readably(hospitals):
     _assert_inside(figure, boxes)
 
 
-@pytest.mark.parametrize("hospitals", [1, 3, pytest.param(20, marks=pytest.mark.slow)])  # 20 panels: seconds
+@pytest.mark.parametrize("hospitals", [1, 3, pytest.param(figures.MAX_RECORD_PANELS, marks=pytest.mark.slow)])
 def test_the_per_record_panels_show_each_budget_below_the_top(hospitals):
     rng = np.random.default_rng(0)
     spreads = [(f"hospital-{h}", np.append(rng.uniform(0, 2.0, 30), 2.0), 2.0) for h in range(1, hospitals + 1)]
@@ -268,6 +268,61 @@ def test_the_per_record_panels_show_each_budget_below_the_top(hospitals):
     titles = [axis.title.get_window_extent(renderer) for axis in shown]
     _assert_inside(figure, titles)
     assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
+
+
+@pytest.mark.parametrize("hospitals", [figures.MAX_RECORD_PANELS + 1, pytest.param(1000, marks=pytest.mark.slow)])
+def test_many_hospitals_share_one_panel_of_their_records_budget_shares(hospitals):
+    """A panel per hospital would grow the figure past what a PNG can hold (about 700 hospitals)."""
+    rng = np.random.default_rng(1)
+    spreads = [(f"hospital-{h}", np.append(rng.uniform(0, 2.0, 30), 2.0), 2.0) for h in range(1, hospitals)]
+    spreads.append(("last", np.array([1.0, np.inf]), 4.0))  # a record used non-privately, a budget of 4
+    figure = figures.record_epsilon_figure(spreads)
+    [axis] = [a for a in figure.axes if a.get_visible()]
+    assert f"{hospitals} hospitals, {31 * (hospitals - 1) + 2} records" in axis.get_title()
+    drawn = [line for line in axis.get_lines() if line.get_color() == "tab:blue" and len(line.get_xdata())]
+    assert len(drawn) == hospitals
+    shares = sorted(max(line.get_ydata()) for line in drawn)
+    assert shares[0] == pytest.approx(0.25) and shares[-1] == pytest.approx(1.0)  # 1.0 of 4; 2.0 of 2
+    assert axis.get_ylim()[1] > 1.05  # the budget line (share 1) is never on the edge
+    assert "1 records: epsilon = infinity" in " ".join(text.get_text() for text in axis.texts)
+    width, height = _png_size(figures.record_epsilon(spreads))
+    assert width * height < 1500 * 1000, (width, height)  # the same size whatever the number of hospitals
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+@pytest.mark.parametrize("hospitals", [figures.MAX_HOSPITALS_DRAWN + 1, 1000])
+def test_with_many_hospitals_the_privacy_figure_shows_their_spread_and_how_many_locked(hospitals):
+    rounds = [{"round": r, "privacy": [{"hospital": f"hospital-{h}", "epsilon": r * (1 + h % 3) / 3, "budget_epsilon": 3.0,
+                                        "locked": r == 3 and h % 2 == 0} for h in range(hospitals)]} for r in (1, 2, 3)]
+    figure = figures.privacy_spend_figure(rounds)
+    left, right = figure.axes
+    lines = {line.get_label(): list(line.get_ydata()) for line in left.get_lines()}
+    assert lines["largest epsilon of a hospital"] == pytest.approx([1, 2, 3])
+    assert lines["median epsilon of a hospital"] == pytest.approx([2 / 3, 4 / 3, 2])
+    assert lines["smallest epsilon of a hospital"] == pytest.approx([1 / 3, 2 / 3, 1])
+    assert "budget 3" in lines and left.get_ylim()[1] > 3.0 * 1.05  # the budget is not on the plot's edge
+    assert list(right.get_lines()[0].get_ydata()) == [0, 0, math.ceil(hospitals / 2)]  # locked after round 3
+    assert f"by {hospitals} hospitals" in left.get_title()
+    width, height = _png_size(figures.privacy_spend(rounds))
+    assert width < 1500 and height < 700  # one size, whatever the number of hospitals
+
+
+@pytest.mark.parametrize("hospitals", [figures.MAX_HOSPITALS_DRAWN + 1, 1000])
+def test_with_many_hospitals_the_validation_figure_shows_each_metrics_spread(hospitals):
+    rows = [{"hospital": f"hospital-{h}", "num-examples": 30, "auc": h / hospitals, "accuracy": 0.5,
+             "sensitivity": math.nan if h % 4 == 0 else 0.7, "specificity": 0.6} for h in range(hospitals)]
+    fairness = HospitalFairness(round=3, rows=rows, gaps=[])
+    [axis] = figures.hospital_bars_figure(fairness).axes
+    labels = [label.get_text() for label in axis.get_xticklabels()]
+    assert labels == ["auc", "accuracy", f"sensitivity\n(n/a: {math.ceil(hospitals / 4)})", "specificity"]
+    medians = [line.get_ydata()[0] for line in axis.get_lines() if line.get_color() in ("C1", "#ff7f0e")]
+    assert medians == pytest.approx([np.median([h / hospitals for h in range(hospitals)]), 0.5, 0.7, 0.6])
+    assert f"at {hospitals} hospitals" in axis.get_title() and "not DP-covered" in axis.get_title()
+    width, height = _png_size(figures.hospital_bars(fairness))
+    assert width < 1500 and height < 700
 
 
 def test_every_figure_of_a_synthetic_run_says_synthetic():

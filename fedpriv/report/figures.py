@@ -2,9 +2,10 @@
 
 They use matplotlib's object API (``Figure``, no pyplot), so drawing them inside the ServerApp
 neither changes the process's matplotlib backend nor leaks open figures. Every plot stays readable
-from 1 to hundreds of rounds and from 1 to tens of hospitals: round axes get a few integer ticks
+from 1 to hundreds of rounds and from 1 to thousands of hospitals: round axes get a few integer ticks
 (matplotlib picks as many as fit) and never run below the first round; legends with many
-hospitals get more columns; a budget line is never drawn on the plot's edge. With ``synthetic``,
+hospitals get more columns, and beyond MAX_HOSPITALS_DRAWN hospitals a figure shows their spread
+(largest, median, smallest) in a figure of fixed size; a budget line is never drawn on the plot's edge. With ``synthetic``,
 each figure says SYNTHETIC in its title, since a PNG file is often seen away from its report.
 """
 
@@ -27,6 +28,8 @@ DPI = 110
 MARKERS = "os^vDP*"  # hospitals with equal budgets overlap; their markers still differ
 SYNTHETIC = "SYNTHETIC data (generated images, not patients)"
 LEGEND_ROWS = 12  # a legend with more entries than this gets another column
+MAX_RECORD_PANELS = 12  # more hospitals than this share one per-record panel (as shares of their budgets)
+MAX_HOSPITALS_DRAWN = 30  # beyond this, a figure shows the spread over hospitals instead of one mark each
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -106,12 +109,15 @@ def privacy_spend_figure(rounds: list[dict[str, Any]], *, synthetic: bool = Fals
 
     None when no hospital has a finite epsilon (a non-private run: epsilon = infinity). The y axis
     runs from 0 to above the highest budget and epsilon, so a budget line (and a locked hospital's
-    last point, on it) is never drawn on the plot's edge.
+    last point, on it) is never drawn on the plot's edge. Beyond MAX_HOSPITALS_DRAWN hospitals: the
+    largest, median and smallest epsilon over them, and how many are locked.
     """
     names = list(dict.fromkeys(p["hospital"] for r in rounds for p in r["privacy"]))
     series = {name: [(r["round"], p) for r in rounds for p in r["privacy"] if p["hospital"] == name] for name in names}
     if not any(math.isfinite(_value(p["epsilon"])) for points in series.values() for _, p in points):
         return None
+    if len(names) > MAX_HOSPITALS_DRAWN:
+        return _privacy_spread_figure(rounds, len(names), synthetic)
     entries = len(names) + sum(any(p["locked"] for _, p in points) for points in series.values())
     columns = math.ceil(entries / LEGEND_ROWS)
     figure = new_figure(9 + 1.6 * (columns - 1), max(3.8, 0.2 * min(entries, LEGEND_ROWS) + 1.5))
@@ -139,6 +145,43 @@ def privacy_spend_figure(rounds: list[dict[str, Any]], *, synthetic: bool = Fals
     return _finish(figure, synthetic)
 
 
+def _privacy_spread_figure(rounds: list[dict[str, Any]], hospitals: int, synthetic: bool) -> Figure:
+    """Many hospitals: the largest, median and smallest cumulative epsilon over the hospitals after
+    every round, their budgets (dashed; the lowest and highest when they differ) and, on the right
+    axis, how many hospitals are locked."""
+    figure = new_figure(9.5, 4.2)
+    axis = figure.subplots()
+    xs, spread, locked, budgets = [], {"largest": [], "median": [], "smallest": []}, [], set()
+    for record in rounds:
+        spent = [v for v in (_value(p["epsilon"]) for p in record["privacy"]) if math.isfinite(v)]
+        budgets |= {v for v in (_value(p["budget_epsilon"]) for p in record["privacy"]) if math.isfinite(v)}
+        xs.append(record["round"])
+        locked.append(sum(bool(p["locked"]) for p in record["privacy"]))
+        for key, value in zip(spread, (max, np.median, min), strict=True):
+            spread[key].append(float(value(spent)) if spent else math.nan)
+    for (key, values), style in zip(spread.items(), ("-", "--", ":"), strict=True):
+        axis.plot(xs, values, style, color="tab:blue", marker="o" if len(xs) <= 30 else None, markersize=4,
+                  label=f"{key} epsilon of a hospital")
+    shown = sorted(budgets) if len(budgets) <= 2 else [min(budgets), max(budgets)]
+    for budget in shown:
+        axis.axhline(budget, color="tab:red", linestyle="--", linewidth=1, label=f"budget {budget:g}")
+    top = max([*shown, *(v for v in spread["largest"] if math.isfinite(v))] or [1.0])
+    axis.set(xlabel="round", ylabel="cumulative epsilon", ylim=(0, top * 1.1),
+             title=f"Epsilon spent by {hospitals} hospitals: the largest, median and smallest after each round")
+    axis.title.set_fontsize(10)
+    _round_axis(axis, xs)
+    axis.grid(alpha=0.3)
+    right = axis.twinx()
+    right.plot(xs, locked, color="grey", alpha=0.7, marker="s" if len(xs) <= 30 else None, markersize=4,
+               label="hospitals locked (right axis)")
+    right.set(ylabel="hospitals locked", ylim=(0, hospitals * 1.05))
+    handles = axis.get_legend_handles_labels()
+    extra = right.get_legend_handles_labels()
+    axis.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper left",
+                bbox_to_anchor=(1.1, 1.0), borderaxespad=0)
+    return _finish(figure, synthetic)
+
+
 def privacy_spend(rounds: list[dict[str, Any]], *, synthetic: bool = False) -> bytes | None:
     """:func:`privacy_spend_figure` as PNG bytes (None when there is nothing finite to plot)."""
     figure = privacy_spend_figure(rounds, synthetic=synthetic)
@@ -147,7 +190,8 @@ def privacy_spend(rounds: list[dict[str, Any]], *, synthetic: bool = False) -> b
 
 def record_epsilon_figure(hospitals: list[tuple[str, np.ndarray, float]], *,
                          synthetic: bool = False) -> Figure | None:
-    """One panel per hospital: its records' epsilon, sorted, against its budget (dashed).
+    """One panel per hospital: its records' epsilon, sorted, against its budget (dashed). Beyond
+    MAX_RECORD_PANELS hospitals, one panel of every hospital's records as shares of its own budget.
 
     ``hospitals`` holds (name, per-record epsilon, budget). Records at infinity (non-private use)
     cannot be drawn on the axis; each panel says how many there are. None when no record of any
@@ -155,6 +199,8 @@ def record_epsilon_figure(hospitals: list[tuple[str, np.ndarray, float]], *,
     """
     if not any(np.isfinite(epsilon).any() for _, epsilon, _ in hospitals):
         return None
+    if len(hospitals) > MAX_RECORD_PANELS:
+        return _record_budget_shares_figure(hospitals, synthetic)
     columns = min(len(hospitals), 3)
     rows = math.ceil(len(hospitals) / columns)
     figure = new_figure(3.4 * columns + 0.6, 2.9 * rows)
@@ -179,6 +225,43 @@ def record_epsilon_figure(hospitals: list[tuple[str, np.ndarray, float]], *,
         axis.legend(fontsize=7, loc="lower right")
     for axis in axes[len(hospitals):]:
         axis.set_visible(False)
+    return _finish(figure, synthetic)
+
+
+def _record_budget_shares_figure(hospitals: list[tuple[str, np.ndarray, float]], synthetic: bool) -> Figure:
+    """Every hospital's records in one panel: each record's epsilon as a share of its hospital's own
+    budget, sorted, against the share 1 (dashed). A panel per hospital would grow the figure without
+    bound (past what a PNG can hold at about 700 hospitals); the shares put every budget on one line."""
+    figure = new_figure(8.0, 4.4)
+    axis = figure.subplots()
+    top, infinite, unbudgeted, records = 1.0, 0, [], 0
+    for name, epsilon, budget in hospitals:
+        records += len(epsilon)
+        finite = np.sort(epsilon[np.isfinite(epsilon)])
+        infinite += len(epsilon) - len(finite)
+        if not (math.isfinite(budget) and budget > 0):
+            unbudgeted.append(name)
+            continue
+        if len(finite):
+            share = finite / budget
+            axis.plot(np.arange(1, len(share) + 1) / len(share), share, color="tab:blue", linewidth=0.8,
+                      alpha=0.35, drawstyle="steps-post")
+            top = max(top, float(share[-1]))
+    axis.axhline(1.0, color="tab:red", linestyle="--", linewidth=1.2, label="the hospital's budget")
+    axis.plot([], [], color="tab:blue", label="one hospital's records")
+    axis.set(xlim=(0, 1), ylim=(0, top * 1.15), xlabel="share of the hospital's records, sorted by epsilon",
+             ylabel="epsilon / budget",
+             title=f"{len(hospitals)} hospitals, {records} records: each record's epsilon as a share of its "
+                   "hospital's budget")
+    axis.title.set_fontsize(10)
+    notes = [f"{infinite} records: epsilon = infinity (not private)"] if infinite else []
+    if unbudgeted:
+        notes.append(f"not drawn, no finite budget: {', '.join(unbudgeted[:3])}{' ...' if len(unbudgeted) > 3 else ''}")
+    if notes:  # off the axis: say it in the panel rather than clip them to its top
+        axis.text(0.5, 0.5, "\n".join(notes), ha="center", va="center", transform=axis.transAxes, fontsize=9,
+                  color="tab:red", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "tab:red"})
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
     return _finish(figure, synthetic)
 
 
@@ -231,9 +314,11 @@ def hospital_bars_figure(fairness: HospitalFairness, *, synthetic: bool = False)
     """Grouped bars: each hospital's AUC, accuracy, sensitivity and specificity (private validation).
 
     The figure widens with the number of hospitals, and beyond six their names are set sideways so
-    that they do not run into each other.
+    that they do not run into each other; beyond MAX_HOSPITALS_DRAWN, each metric's spread over them.
     """
     count = len(fairness.rows)
+    if count > MAX_HOSPITALS_DRAWN:
+        return _hospital_spread_figure(fairness, synthetic)
     figure = new_figure(max(9.0, 2.0 + 0.45 * count), 3.6 if count <= 6 else 4.4)
     axis = figure.subplots()
     width = 0.8 / len(HOSPITAL_METRICS)
@@ -254,6 +339,23 @@ def hospital_bars_figure(fairness: HospitalFairness, *, synthetic: bool = False)
     axis.title.set_fontsize(10)
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _finish(figure, synthetic)
+
+
+def _hospital_spread_figure(fairness: HospitalFairness, synthetic: bool) -> Figure:
+    """Many hospitals: each metric's spread over the hospitals (a box: quartiles and median; whiskers:
+    the rest but outliers, drawn as points), with how many hospitals it is undefined for."""
+    figure = new_figure(9.0, 4.0)
+    axis = figure.subplots()
+    values = [[row[m] for row in fairness.rows if not math.isnan(row[m])] for m in HOSPITAL_METRICS]
+    undefined = [len(fairness.rows) - len(v) for v in values]
+    axis.boxplot([v or [math.nan] for v in values], tick_labels=[
+        f"{m}\n(n/a: {n})" if n else m for m, n in zip(HOSPITAL_METRICS, undefined, strict=True)])
+    axis.set(ylim=(0, 1.05), ylabel="score",
+             title=f"Final model at {len(fairness.rows)} hospitals, the spread over them (each on its own private "
+                   "validation split; not DP-covered)")
+    axis.title.set_fontsize(10)
+    axis.grid(alpha=0.3, axis="y")
     return _finish(figure, synthetic)
 
 

@@ -513,8 +513,11 @@ def _ledger_blocks(found: LedgerSpreads, synthetic: bool) -> list[Block]:
     plot = figures.record_epsilon([(s.hospital, s.epsilon, s.budget) for s in spreads if s.epsilon is not None],
                                   synthetic=synthetic)
     if plot:
-        blocks.append(Figure("record_epsilon", plot, "Each hospital's records sorted by epsilon (solid) against "
-                             "its budget (dashed)."))
+        caption = ("Each hospital's records sorted by epsilon (solid) against its budget (dashed)."
+                   if len(spreads) <= figures.MAX_RECORD_PANELS else
+                   "Every hospital's records, each line one hospital's sorted by epsilon, as shares of that "
+                   "hospital's own budget (dashed: 1, the budget).")
+        blocks.append(Figure("record_epsilon", plot, caption))
     else:  # nothing finite to draw: every record is at infinity
         blocks.append(Paragraph("No plot: every record of every hospital has epsilon = infinity (not private: it "
                                 "was used without differential privacy).", strong=True))
