@@ -92,22 +92,3 @@ def test_ctrl_c_stops_every_process_fedpriv_started(tmp_path):
     time.sleep(0.5)
     left = [pid for pid in seen if _alive(pid)]
     assert not left, _describe(left) + output[-2000:]
-
-
-def test_flwr_run_on_the_project_directory_composes_conf_with_run_config_overrides(tmp_path):
-    from fedpriv.simulation import CONNECTION, LocalSuperLink, executable
-
-    project = Path(__file__).resolve().parents[1]
-    run_dir = tmp_path / "run"
-    overrides = " ".join([*TINY, "strategy=sequential"])
-    with LocalSuperLink(tmp_path / "flwr-home") as link:
-        completed = subprocess.run(
-            [executable("flwr"), "run", str(project), CONNECTION, "--run-config",
-             f'overrides="{overrides}" run-dir="{run_dir}"',
-             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1", "--stream"],
-            env=link.env, capture_output=True, text=True, timeout=600)
-        seen = set(descendants(link.process.pid))
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
-    summary = (run_dir / "summary.md").read_text()
-    assert "mode: sequential" in summary and "SYNTHETIC" in summary
-    assert not [pid for pid in seen if _alive(pid)]
