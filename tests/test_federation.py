@@ -123,18 +123,19 @@ def test_sequential_share_step_moves_less_towards_a_small_hospital(tmp_path):
 
 @pytest.mark.slow
 def test_a_simulated_hospital_is_set_up_once_per_run_not_per_message(tmp_path, monkeypatch):
-    parsed = []
-    real = site_module.config_from_run_config
-    monkeypatch.setattr(site_module, "config_from_run_config", lambda run_config: parsed.append(1) or real(run_config))
+    parsed, built = [], []
+    parse, build = site_module.config_from_run_config, site_module._new_simulated_site
+    monkeypatch.setattr(site_module, "config_from_run_config", lambda run_config: parsed.append(1) or parse(run_config))
+    monkeypatch.setattr(site_module, "_new_simulated_site", lambda *args: built.append(args[-1]) or build(*args))
     strategy, grid, _ = federate(tmp_path, "strategy.num_rounds=2", "strategy.client_evaluate=true")
     assert len(grid.sent) >= 3 * 4  # a query, two trainings and two evaluations per hospital
-    assert len(parsed) == 3  # one set-up per hospital
+    assert sorted(built) == [0, 1, 2] and len(parsed) == 1  # one set-up per hospital, the run's config parsed once
     # The budget state is not cached with it: each round's reply carries the ledger's new figure.
     epsilons = [[record.hospitals[name]["epsilon"] for record in strategy.history]
                 for name in ("hospital-1", "hospital-2", "hospital-3")]
     assert all(first < second for first, second in epsilons)
     federate(tmp_path, "strategy.num_rounds=1", run="another-run")  # another run: set up afresh
-    assert len(parsed) == 6
+    assert sorted(built) == [0, 0, 1, 1, 2, 2] and len(parsed) == 2
 
 
 @pytest.mark.slow
