@@ -306,6 +306,7 @@ def test_with_many_hospitals_the_privacy_figure_shows_their_spread_and_how_many_
     assert "budget 3" in lines and left.get_ylim()[1] > 3.0 * 1.05  # the budget is not on the plot's edge
     assert list(right.get_lines()[0].get_ydata()) == [0, 0, math.ceil(hospitals / 2)]  # locked after round 3
     assert f"by {hospitals} hospitals" in left.get_title()
+    assert (figures.MAX_HOSPITALS_DRAWN, figures.MAX_RECORD_PANELS) == (30, 12)  # as the README says
     width, height = _png_size(figures.privacy_spend(rounds))
     assert width < 1500 and height < 700  # one size, whatever the number of hospitals
 
