@@ -36,6 +36,7 @@ and Ray's lines that mislead a fedpriv user (the run directory's superlink.log k
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
@@ -368,7 +369,10 @@ if check and nodes > 1:  # a hospital trains on any node: each must see the same
             from fedpriv.privacy.chain import default_key_dir
 
             key = os.path.join(default_key_dir(), check["name"])
-        return {"ledger": read(check["ledger"]), "key": read(key), "key_path": key}
+        from fedpriv.simulation import data_fingerprint
+
+        return {"ledger": read(check["ledger"]), "key": read(key), "key_path": key,
+                "data": [data_fingerprint(path) for _, path, _ in check["data"]]}
 
     refs = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(check):
             (node_id, ip) for node_id, ip in alive}
@@ -401,7 +405,7 @@ def _nodes(entries: list[dict]) -> str:
 def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
                       env: Mapping[str, str] | None = None, timeout: float = 60.0,
                       ledger_dir: Path | None = None, ledger_setting: str = "federation.ledger_dir",
-                      key_dir: Path | None = None) -> RayCluster:
+                      key_dir: Path | None = None, data: list[tuple[str, Path]] = ()) -> RayCluster:
     """Connect to the Ray cluster at `address` as the simulation will (same environment), in a child
     process bounded by `timeout` s, and check that it can host at least one hospital.
 
@@ -414,10 +418,13 @@ def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
     content is written into each folder here, one small task pinned to each node reads it back at the
     same path, and the file is removed again. `key_dir`: the key folder at the same path on every
     node; None: each node's own FEDPRIV_KEY_DIR (else its user's config folder), as its hospitals
-    resolve it. A node that sees something else is a ConfigError naming the setting and the node(s).
+    resolve it. `data`: (setting, path) of what the hospitals load (a MedMNIST file, an image folder,
+    an attributes CSV): each node must see it at the same path as it is here (:func:`data_fingerprint`).
+    A node that sees something else is a ConfigError naming the setting and the node(s).
     """
     env = os.environ if env is None else env
     check, token, written, key_folder = "", "", [], None
+    expected = [(setting, path, data_fingerprint(path)) for setting, path in data]  # as this machine sees it
     try:
         if ledger_dir is not None:
             token = secrets.token_hex(16)
@@ -436,7 +443,7 @@ def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
                                       f"node of the Ray cluster sees it ({exc.strerror or exc})",
                                       "make that folder writable") from None
             check = json.dumps({"ledger": str(ledger_dir / name), "key": str(key_dir / name) if key_dir else "",
-                                "name": name,
+                                "name": name, "data": [(setting, str(path), seen) for setting, path, seen in expected],
                                 "deadline": time.time() + timeout - min(10.0, timeout / 4)})
         found = _run_probe(address, [str(client_cpus), str(client_gpus), check], env, timeout)
     finally:
@@ -453,6 +460,7 @@ def probe_ray_cluster(address: str, *, client_cpus: int, client_gpus: float,
     seen = found.get("seen") or []
     if seen:
         _check_shared(address, seen, token, ledger_dir, ledger_setting, key_dir, key_folder)
+        _check_data(address, seen, expected)
         cluster = replace(cluster, shared=(str(ledger_dir), str(key_folder)))
     return cluster
 
@@ -498,6 +506,38 @@ def _check_shared(address: str, seen: list[dict], token: str, ledger_dir: Path, 
                           "was spent", fix)
 
 
+def data_fingerprint(path: str | Path) -> str | None:
+    """What a node sees of data at `path`: a file's SHA-256, an image folder's listing (each file's
+    relative path and size; not the pixels, for speed), None when nothing is there."""
+    path, digest = Path(path), hashlib.sha256()
+    try:
+        if path.is_file():
+            with open(path, "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(chunk)
+            return f"file {digest.hexdigest()}"
+        if path.is_dir():
+            for item in sorted(p for p in path.rglob("*") if p.is_file()):
+                digest.update(f"{item.relative_to(path)}\0{item.stat().st_size}\n".encode())
+            return f"folder {digest.hexdigest()}"
+    except OSError:
+        pass
+    return None
+
+
+def _check_data(address: str, seen: list[dict], expected: list[tuple[str, Path, str | None]]) -> None:
+    """Raise unless every node in `seen` saw each (setting, path, fingerprint) of `expected` as this machine does."""
+    for index, (setting, path, here) in enumerate(expected):
+        blind = [entry for entry in seen if (entry.get("data") or [None] * len(expected))[index] != here]
+        if blind:
+            raise ConfigError(setting, str(path), f"{len(blind)} of the {len(seen)} nodes of the Ray cluster at "
+                              f"{address} do not see this data as it is here (it is missing there, or holds other "
+                              f"content): {_nodes(blind)}; a hospital Ray places on such a node could not load its "
+                              "records, or would train on others. Refused before any budget was spent",
+                              "put the same data at this same path on every node of the cluster (or on storage "
+                              "every node mounts)")
+
+
 def _run_probe(address: str, arguments: list[str], env: Mapping[str, str], timeout: float) -> dict:
     """Run the probe script in a child process bounded by `timeout` s; what it printed, as a dict."""
     command = [sys.executable, "-c", _PROBE, address, *arguments]
@@ -522,17 +562,26 @@ def _run_probe(address: str, arguments: list[str], env: Mapping[str, str], timeo
     return json.loads(lines[-1])
 
 
-def _ledger_folders(config_json: str, run_dir: Path) -> tuple[Path, str, Path | None]:
-    """The simulated hospitals' ledger folder, the setting that names it, and their key folder (None: each
-    node's FEDPRIV_KEY_DIR, else its user's config folder), as :mod:`fedpriv.site` resolves them."""
+def _shared_paths(config_json: str, run_dir: Path) -> tuple[Path, str, Path | None, list[tuple[str, Path]]]:
+    """The simulated hospitals' ledger folder, the setting that names it, their key folder (None: each
+    node's FEDPRIV_KEY_DIR, else its user's config folder), as :mod:`fedpriv.site` resolves them, and
+    (setting, path) of the data files they load (none for synthetic data, which each generates)."""
     from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config  # deferred: torch
+    from fedpriv.data.medmnist import npz_filename  # deferred: torch; the watchdog imports us
     from fedpriv.site import simulation_ledger_key, simulation_ledger_path  # deferred: torch; the watchdog imports us
 
     cfg = config_from_run_config({CONFIG_KEY: config_json, RUN_DIR_KEY: str(run_dir)})
     ledger = simulation_ledger_path(cfg, run_dir)
     key = simulation_ledger_key(cfg, ledger)
     setting = "federation.ledger_run_dir" if cfg.federation.ledger_scope == "run" else "federation.ledger_dir"
-    return ledger.parent.absolute(), setting, key.parent.absolute() if key is not None else None
+    data, dataset = [], cfg.dataset
+    if dataset.name == "imagefolder":
+        data.append(("dataset.path", Path(dataset.path)))
+    elif dataset.name != "synthetic":
+        data.append(("dataset.root", Path(dataset.root) / npz_filename(dataset.name, dataset.size)))
+    if dataset.attributes_csv:
+        data.append(("dataset.attributes_csv", Path(dataset.attributes_csv)))
+    return ledger.parent.absolute(), setting, key.parent.absolute() if key is not None else None, data
 
 
 def check_local_gpu_share(client_gpus: float) -> None:
@@ -752,10 +801,10 @@ def run_simulation(config_json: str, run_dir: Path, *, num_hospitals: int, clien
     run_dir.mkdir(parents=True, exist_ok=True)
     if ray_address:
         # Before anything trains: every node of the cluster must see the hospitals' ledger folder and key folder.
-        ledger_dir, ledger_setting, key_dir = _ledger_folders(config_json, run_dir)
+        ledger_dir, ledger_setting, key_dir, data = _shared_paths(config_json, run_dir)
         cluster = probe_ray_cluster(ray_address, client_cpus=client_cpus, client_gpus=client_gpus,
                                     timeout=attach_timeout, ledger_dir=ledger_dir, ledger_setting=ledger_setting,
-                                    key_dir=key_dir)
+                                    key_dir=key_dir, data=data)
         log.info("Attached to the Ray cluster at %s (head %s; %s); fedpriv will not stop it",
                  ray_address, cluster.gcs_address, cluster.describe())
         if cluster.shared:
