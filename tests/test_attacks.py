@@ -210,6 +210,26 @@ def test_audit_settings_are_checked():
         check_audit_config(AuditConfig(epsilons=[1.0, -2.0]))
     with pytest.raises(ConfigError, match="audit.inversion_model"):
         check_audit_config(AuditConfig(inversion_model="resnet"))
+    with pytest.raises(ConfigError, match="audit.non_private_lr"):
+        check_audit_config(AuditConfig(non_private_lr=0.0))
+
+
+def test_the_non_private_reference_trains_at_its_own_rate_and_the_dp_levels_at_train_lr(monkeypatch):
+    """train.lr (1.0) suits DP-SGD's clipped steps; plain SGD at that rate diverged in the audit (a
+    model predicting one class: test accuracy 0.375 on PneumoniaMNIST), which made the non-private
+    reference, what an attacker gets without DP, meaningless."""
+    from fedpriv.app_config import compose_config
+    from fedpriv.attacks import audit as audit_module
+    from fedpriv.data import load_dataset
+
+    config = compose_config(["dataset=synthetic", "dataset.num_samples=120", "model.width=4", "train.lr=1.0"])
+    dataset = load_dataset(config.dataset, config.seed)
+    used = []
+    monkeypatch.setattr(audit_module, "train_local", lambda model, data, plan, *, lr, **kwargs: used.append(
+        (plan.private, lr)) or SimpleNamespace(state_dict=model.state_dict()))
+    for plan in (PrivacyPlan.non_private(steps=2, sample_rate=0.1), PrivacyPlan(2, 0.1, 1.0, 1.0)):
+        audit_module._train(config, dataset, dataset.train, plan, seed=0)
+    assert used == [(False, config.audit.non_private_lr), (True, 1.0)] and config.audit.non_private_lr == 0.1
 
 
 # --- fedpriv-audit --------------------------------------------------------------------------------

@@ -397,7 +397,8 @@ def _attack_level(config: FedprivConfig, dataset: MedicalImageDataset, split: _S
 def _train(config: FedprivConfig, dataset: MedicalImageDataset, records: LabeledImages, plan: PrivacyPlan,
            seed: int):
     model = _seeded_model(config, dataset, seed, for_inversion=False)
-    result = train_local(model, records.as_dataset(), plan, lr=config.train.lr, momentum=config.train.momentum,
+    lr = config.train.lr if plan.private else config.audit.non_private_lr
+    result = train_local(model, records.as_dataset(), plan, lr=lr, momentum=config.train.momentum,
                          logit_shift=logit_shift(config, dataset.num_classes), seed=seed, device=config.device)
     model.load_state_dict(result.state_dict)
     return model, result

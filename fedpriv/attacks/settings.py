@@ -25,6 +25,10 @@ class AuditConfig:
     epochs: int = 80  # passes over the members (one hospital's whole participation)
     shadow_models: int = 6  # per privacy level, trained on records outside the pool (offline LiRA)
     canary_fraction: float = 0.1  # records given a wrong label: outliers DP must protect too
+    # The non-private reference trains with plain SGD at this rate: train.lr (1.0) suits DP-SGD's
+    # clipped, averaged steps, and unclipped steps that large diverge (a model that predicts one
+    # class leaks nothing, and the comparison with DP would mean nothing).
+    non_private_lr: float = 0.1
     check_fprs: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 0.5])
     confidence: float = 0.95  # of the ceiling check, for all its comparisons together
     # Gradient inversion: one local step on a small batch, seen by an honest-but-curious server.
@@ -48,6 +52,9 @@ def check_audit_config(audit: AuditConfig) -> None:
     _at_least("audit.shadow_models", audit.shadow_models, 1, "use e.g. audit.shadow_models=6")
     _require("audit.canary_fraction", audit.canary_fraction, 0 <= audit.canary_fraction < 1,
              "must be in [0, 1)", "use e.g. audit.canary_fraction=0.1 (0: no mislabelled canaries)")
+    _require("audit.non_private_lr", audit.non_private_lr,
+             math.isfinite(audit.non_private_lr) and audit.non_private_lr > 0,
+             "must be a positive number", "use e.g. audit.non_private_lr=0.1")
     _require("audit.check_fprs", audit.check_fprs, bool(audit.check_fprs) and all(0 < f < 1 for f in audit.check_fprs),
              "needs false-positive rates strictly between 0 and 1", "use e.g. audit.check_fprs=[0.001,0.01,0.1]")
     _require("audit.confidence", audit.confidence, 0 < audit.confidence < 1,
