@@ -26,8 +26,9 @@ class AuditConfig:
     shadow_models: int = 6  # per privacy level, trained on records outside the pool (offline LiRA)
     canary_fraction: float = 0.1  # records given a wrong label: outliers DP must protect too
     # The non-private reference trains with plain SGD at this rate: train.lr (1.0) suits DP-SGD's
-    # clipped, averaged steps, and unclipped steps that large diverge (a model that predicts one
-    # class leaks nothing, and the comparison with DP would mean nothing).
+    # clipped, averaged steps; plain SGD at 1.0 gave a far worse model (PneumoniaMNIST, 250 records,
+    # 80 epochs: test accuracy 0.415 / AUC 0.865 against 0.771 / 0.932 at 0.1), a poor reference for
+    # what an attacker gets without DP.
     non_private_lr: float = 0.1
     check_fprs: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 0.5])
     confidence: float = 0.95  # of the ceiling check, for all its comparisons together
