@@ -147,6 +147,8 @@ def reply_figures_problem(metrics: Mapping[str, object] | None, status: str | No
     problem = reply_text_problem({**(fields or {}), Field.STATUS: status}, metrics)
     if problem:
         return problem
+    if status == Status.TRAINED and metrics.get(Metric.TRAINED) != 1:  # it says it trained, its metrics say not
+        return f"status '{Status.TRAINED}' but metric '{Metric.TRAINED}' is not 1"
     if status != Status.TRAINED and not figures_known(metrics):
         return None
     return metrics_problem(metrics, declared_examples=declared_examples, last_epsilon=last_epsilon,

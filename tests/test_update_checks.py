@@ -25,6 +25,7 @@ from fedpriv.update_checks import (
 
 REFERENCE = {"w": torch.zeros(3, 2), "b": torch.zeros(2), "steps": torch.tensor(0)}
 GOOD_METRICS = {"num-examples": 50, "epsilon": 1.0, "budget-epsilon": 3.0, "delta": 1e-5}
+TRAINED_METRICS = {**GOOD_METRICS, "trained": 1}  # a trained reply's metrics say so
 
 
 @pytest.mark.parametrize(("update", "reason"), [
@@ -71,13 +72,19 @@ GOOD_FIELDS = {"hospital": "hospital-1", "status": "trained", "message": "traine
                "chain-head": "ab" * 32, "accountant": "prv", "device": "cuda:0"}
 
 
-def _figures_problem(fields, metrics=GOOD_METRICS):
+def _figures_problem(fields, metrics=TRAINED_METRICS):
     return reply_figures_problem(metrics, str(fields.get("status", "trained")), declared_examples=50,
                                  last_epsilon=0.8, last_budget=3.0, last_delta=1e-5, fields=fields)
 
 
 def test_a_normal_reply_passes_the_text_checks():
     assert _figures_problem(GOOD_FIELDS) is None
+
+
+@pytest.mark.parametrize("trained", [0, None])
+def test_a_reply_that_says_it_trained_but_whose_metrics_say_not_is_named(trained):
+    metrics = GOOD_METRICS | ({} if trained is None else {"trained": trained})
+    assert _figures_problem(GOOD_FIELDS, metrics) == "status 'trained' but metric 'trained' is not 1"
     # Long but honest text (a refusal's reason), up to the limit, with non-ASCII letters and symbols.
     message = ("request refused, nothing charged: epsilon 2.99 of 3 \u2264 \u221e, H\u00f4pital " * 20)[:MAX_REPLY_TEXT]
     assert _figures_problem({**GOOD_FIELDS, "status": "refused", "message": message}) is None
