@@ -7,6 +7,7 @@ stop whatever they started by PID.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from omegaconf import OmegaConf
 
+from fedpriv import rundir
 from fedpriv.app_config import compose_config, expand_home
 from fedpriv.cli import main as cli
 from fedpriv.experiment import absolute_paths
@@ -182,15 +185,16 @@ def _stop(pids) -> None:
             pass
 
 
-def _in_background(args: list[str], folder: Path, *, stop_with: signal.Signals | None, after: str,
+def _in_background(args: list[str], folder: Path, *, stop_with: signal.Signals | None = None, after: str = "",
                    timeout: float = 400) -> tuple[int, str, set[int]]:
     """Start `fedpriv ARGS &` from a non-interactive bash script (so SIGINT starts ignored), as a user's
-    script would; once `after` appears in its output, send `stop_with` to fedpriv (by PID).
+    script would; once `after` appears in its output, send `stop_with` (if any) to fedpriv (by PID).
 
     Returns fedpriv's exit code, its output and every process it started. Whatever is left of them at
     the end (also on a failed assertion or a timeout) is stopped by PID.
     """
     log = folder / f"fedpriv-{time.monotonic_ns()}.log"
+    log.touch()  # the shell's redirect creates it only after `echo $!` has returned: never read a missing file
     script = f"{shlex.join([str(FEDPRIV), *args])} > {shlex.quote(str(log))} 2>&1 &\necho $!\nwait $!\necho \"exit $?\"\n"
     shell = subprocess.Popen(["bash", "-c", script], cwd=folder, stdout=subprocess.PIPE, text=True,
                              stdin=subprocess.DEVNULL)
@@ -223,27 +227,66 @@ def clean_log(output: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_run_started_from_a_script_stops_on_sigint_and_sigterm_says_how_to_resume_and_prints_a_clean_log(
-        tmp_path):
-    run_dir = tmp_path / "run"
+def test_a_run_stopped_by_sigint_or_sigterm_says_how_to_resume_and_the_resume_finishes_on_its_ledgers(
+        tmp_path, ledger_env_dir):
+    """One run's life: stopped, resumed and stopped again, resumed to its end (three real `fedpriv` processes).
+
+    A fixed sigma under a large budget leaves budget for the rounds after the interruption (with
+    noise_multiplier=auto the planned rounds spend the whole budget, so a resumed run would rightly
+    find every hospital locked).
+    """
+    rounds = 6  # round 1 is seen ~1.5 s before the signal lands: 5 more (>= 0.5 s each) keep the run going
+    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     # SIGINT, to a background job of a script (which starts with SIGINT ignored), after round 1.
-    code, output, seen = _in_background([*TINY, "strategy.num_rounds=40", f"hydra.run.dir={run_dir}"], tmp_path,
-                                        stop_with=signal.SIGINT, after="round 1/40")
+    code, output, seen = _in_background(["experiment=smoke", f"strategy.num_rounds={rounds}",
+                                         "privacy.noise_multiplier=1.0", "privacy.epsilon=100",
+                                         f"hydra.run.dir={first}"], tmp_path,
+                                        stop_with=signal.SIGINT, after=f"round 1/{rounds}")
     assert code == cli.EXIT_INTERRUPTED, output[-3000:]
-    resume = re.search(r"continue from its last checkpoint \(round-\d+\.pt\) with: (fedpriv resume=\S+)", output)
-    assert "interrupted by SIGINT" in output and f"run directory: {run_dir}" in output and resume, output[-3000:]
-    assert resume.group(1) == f"fedpriv resume={run_dir}"
+    resume = re.search(r"continue from its last checkpoint \(round-(\d+)\.pt\) with: (fedpriv resume=\S+)", output)
+    assert "interrupted by SIGINT" in output and f"run directory: {first}" in output and resume, output[-3000:]
+    assert resume.group(2) == f"fedpriv resume={first}"
     assert len(seen) > 3 and not [pid for pid in seen if _alive(pid)]  # the SuperLink, SuperExec, Ray: all gone
     clean_log(output)
+    checkpointed = int(resume.group(1))
+    assert 1 <= checkpointed < rounds and rundir.checkpoint(first, checkpointed).is_file()
+    assert not rundir.checkpoint(first, checkpointed + 1).exists()  # the round in flight left none
+    table = (first / "partition.md").read_text()  # the CLI saves the partition beside the run's outputs
+    assert "SYNTHETIC" in table and all(f"hospital-{i}" in table for i in (1, 2, 3))
+    assert [row["hospital"] for row in json.loads((first / "partition.json").read_text())] == [
+        "hospital-1", "hospital-2", "hospital-3"]
+    ledgers = sorted(path.name for path in (first / "ledgers").glob("*.db"))
+    assert ledgers  # smoke keeps throw-away ledgers in its run directory
+
     # The printed command continues the run; SIGTERM stops it without Flower's "check your network".
-    second = tmp_path / "second"
-    code, output, seen = _in_background([*shlex.split(resume.group(1))[1:], f"hydra.run.dir={second}"], tmp_path,
+    code, output, seen = _in_background([*shlex.split(resume.group(2))[1:], f"hydra.run.dir={second}"], tmp_path,
                                         stop_with=signal.SIGTERM, after="Starting Flower Simulation")
     assert code == cli.EXIT_INTERRUPTED, output[-3000:]
-    assert "interrupted by SIGTERM" in output and f"fedpriv resume={run_dir}" in output, output[-3000:]
+    assert "interrupted by SIGTERM" in output and f"fedpriv resume={first}" in output, output[-3000:]
     assert "SuperLink is unavailable" not in output and not [pid for pid in seen if _alive(pid)]
     clean_log(output)
-    # A run to its end prints its summary once: tests/test_resume.py checks it on its completed run.
+
+    # Resumed again, to its end: the rounds after the last checkpoint, on the first run's ledgers.
+    code, output, seen = _in_background([f"resume={first}", f"hydra.run.dir={third}"], tmp_path)
+    assert code == 0, output[-3000:]
+    # A run to its end prints its summary once, where its outputs are, and nothing of Flower's or
+    # Ray's that misleads or only clutters.
+    assert output.count("# fedpriv run summary") == 1 and f"outputs in {third}" in output, output[-3000:]
+    clean_log(output)
+    metrics = json.loads((third / "metrics.json").read_text())
+    assert [row["round"] for row in metrics["rounds"]] == list(range(checkpointed + 1, rounds + 1))
+    result = json.loads((third / "result.json").read_text())
+    assert (result["rounds_planned"], result["rounds_run"]) == (rounds, rounds - checkpointed)  # not conf/'s 40
+    assert result["ledger_scope"] == "run" and result["ledger_folder"] == str(first / "ledgers")
+    summary = (third / "summary.md").read_text()
+    assert f"rounds run: {rounds - checkpointed} of {rounds}" in summary and "enforced within this run only" in summary
+    # The resumed runs' hospitals charged the first run's ledgers, and kept none of their own.
+    assert sorted(path.name for path in (first / "ledgers").glob("*.db")) == ledgers
+    for resumed in (second, third):
+        assert not (resumed / "ledgers").exists() and not list(resumed.rglob("*.db*"))
+    assert not (ledger_env_dir.exists() and any(ledger_env_dir.iterdir()))  # nor in the persistent folder
+    saved = OmegaConf.load(third / "config.yaml")
+    assert (saved.strategy.num_rounds, saved.federation.ledger_run_dir) == (rounds, str(first))
 
 
 def _listening(port: int) -> list[int]:
@@ -317,16 +360,30 @@ def test_the_readme_error_examples_print_what_the_readme_shows(run_cli, monkeypa
         assert (code, err.strip()) == (cli.EXIT_BAD_INPUT, printed), command
 
 
-def _collected(command: str) -> int:
-    """How many tests the README's pytest `command` selects, as printed but with --collect-only."""
-    words = shlex.split(command)
-    assert words[:3] == [".venv/bin/python", "-m", "pytest"], command
-    done = subprocess.run([sys.executable, "-m", "pytest", *words[3:], "--collect-only", "-p", "no:cacheprovider"],
-                          cwd=PROJECT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    found = re.search(r"^(\d+)(?:/\d+)? tests? collected", done.stdout, flags=re.M)
-    assert found, done.stdout[-2000:]
-    return int(found.group(1))
+def _collected(*commands: str) -> list[int]:
+    """How many tests each of the README's pytest `commands` selects, as printed but with --collect-only
+    (the collections run side by side: each is a fresh process that imports the whole suite)."""
+    started = []
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:3] == [".venv/bin/python", "-m", "pytest"], command
+        started.append(subprocess.Popen([sys.executable, "-m", "pytest", *words[3:], "--collect-only", "-p",
+                                         "no:cacheprovider"], cwd=PROJECT, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL))
+    counts = []
+    try:
+        for process in started:
+            stdout, stderr = process.communicate(timeout=300)
+            assert process.returncode == 0, stdout[-2000:] + stderr[-2000:]
+            found = re.search(r"^(\d+)(?:/\d+)? tests? collected", stdout, flags=re.M)
+            assert found, stdout[-2000:]
+            counts.append(int(found.group(1)))
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+    return counts
 
 
 @pytest.mark.slow  # collects the suite twice in fresh processes
@@ -338,5 +395,5 @@ def test_the_readme_test_commands_select_the_tests_it_says():
     text = " ".join(README.read_text().split())
     total = int(re.search(r"It runs all (\d+) tests", text).group(1))
     subset, of = map(int, re.search(r"(\d+) of (\d+) tests, in [\d.]+ minutes", text).groups())
-    assert (_collected(full), _collected(quick)) == (total, subset) and of == total
+    assert _collected(full, quick) == [total, subset] and of == total
     assert 0 < subset < total

@@ -9,8 +9,11 @@ test_deployment_federation.py.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -35,6 +38,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
 
 from fedpriv.app_config import CONFIG_KEY, compose_config, config_to_json
+from fedpriv.cli import deploy as deploy_cli
 from fedpriv.client_app import app as client_app
 from fedpriv.data import load_server_dataset
 from fedpriv.data.synthetic import make_synthetic
@@ -501,9 +505,21 @@ def test_a_non_private_request_is_refused_unless_the_hospital_allows_it(node_con
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "fedpriv.cli.deploy", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    """`fedpriv-deploy ARGS` through its entry point in this process, from the project folder: its exit
+    code and what it printed (a fresh interpreter per call would cost seconds each; the documented
+    commands run as real processes in test_deployment_federation.py). Signal handlers are restored."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = deploy_cli.main(list(args))
+            except SystemExit as done:  # argparse's usage errors
+                code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    return subprocess.CompletedProcess(["fedpriv-deploy", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_cli_credentials_and_node_print_command(tmp_path, share):

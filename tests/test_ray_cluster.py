@@ -197,7 +197,7 @@ def test_an_unreachable_cluster_is_one_error_within_the_time_limit():
     port, = free_ports(1)  # nothing listens there: Ray alone retries for many minutes
     address = f"127.0.0.1:{port}"
     with pytest.raises(SimulationError) as error:
-        probe_ray_cluster(address, client_cpus=1, client_gpus=0, env={**os.environ, **LOOPBACK}, timeout=15)
+        probe_ray_cluster(address, client_cpus=1, client_gpus=0, env={**os.environ, **LOOPBACK}, timeout=5)
     message = str(error.value)
     assert f"Ray cluster at {address}" in message and "\n" not in message
     assert not processes_mentioning(address)  # the probe was stopped, not left retrying

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -203,50 +201,5 @@ def test_a_config_from_before_ledger_scope_keeps_its_ledgers_where_they_were(tmp
     assert ledger_folder(resumed, tmp_path / "b") == expected
 
 
-# ------------------------------------------------------------------------------- end to end
-
-
-@pytest.mark.slow
-def test_an_interrupted_smoke_run_resumes_its_last_round_on_its_own_ledgers(tmp_path, ledger_env_dir):
-    from fedpriv.simulation import executable
-    from test_cli_run import clean_log
-
-    first, second = tmp_path / "a", tmp_path / "b"
-
-    def fedpriv(*args: str) -> str:
-        completed = subprocess.run([executable("fedpriv"), *args], cwd=tmp_path, env=dict(os.environ),
-                                   capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-        return completed.stdout + completed.stderr
-
-    # A fixed sigma under a large budget leaves budget for round 2 after the interruption (with
-    # noise_multiplier=auto the two planned rounds spend the whole budget, and round 2 was charged
-    # before the interruption, so the resumed run would rightly find every hospital locked).
-    output = fedpriv("experiment=smoke", "strategy.num_rounds=2", "privacy.noise_multiplier=1.0",
-                     "privacy.epsilon=100", f"hydra.run.dir={first}")
-    # A run to its end prints its summary once, where its outputs are, and nothing of Flower's or
-    # Ray's that misleads or only clutters.
-    assert output.count("# fedpriv run summary") == 1 and f"outputs in {first}" in output, output[-3000:]
-    clean_log(output)
-    table = (first / "partition.md").read_text()  # the CLI saves the partition beside the run's outputs
-    assert "SYNTHETIC" in table and all(f"hospital-{i}" in table for i in (1, 2, 3))
-    assert [row["hospital"] for row in json.loads((first / "partition.json").read_text())] == [
-        "hospital-1", "hospital-2", "hospital-3"]
-    ledgers = sorted(path.name for path in (first / "ledgers").glob("*.db"))
-    assert ledgers  # smoke keeps throw-away ledgers in its run directory
-    rundir.checkpoint(first, 2).unlink()  # as if the run had been stopped during round 2
-
-    fedpriv(f"resume={first}", f"hydra.run.dir={second}")
-    metrics = json.loads((second / "metrics.json").read_text())
-    assert [row["round"] for row in metrics["rounds"]] == [2]  # round 1 came from the checkpoint
-    result = json.loads((second / "result.json").read_text())
-    assert (result["rounds_planned"], result["rounds_run"]) == (2, 1)  # the old run's plan, not conf/'s 40
-    assert result["ledger_scope"] == "run" and result["ledger_folder"] == str(first / "ledgers")
-    summary = (second / "summary.md").read_text()
-    assert "rounds run: 1 of 2" in summary and "enforced within this run only" in summary
-    # The resumed run's hospitals charged the old run's ledgers, and kept none of their own.
-    assert sorted(path.name for path in (first / "ledgers").glob("*.db")) == ledgers
-    assert not (second / "ledgers").exists() and not list(second.rglob("*.db*"))
-    assert not (ledger_env_dir.exists() and any(ledger_env_dir.iterdir()))  # nor in the persistent folder
-    saved = OmegaConf.load(second / "config.yaml")
-    assert (saved.strategy.num_rounds, saved.federation.ledger_run_dir) == (2, str(first))
+# End to end (a real run interrupted by SIGINT, resumed, stopped by SIGTERM, resumed to its end on its
+# own ledgers): tests/test_cli_run.py, which starts the processes and stops them by PID.
