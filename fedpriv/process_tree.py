@@ -91,11 +91,16 @@ def processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-def terminate_tree(root: int, *, grace: float = 10.0) -> None:
+def terminate_tree(root: int, *, grace: float = 10.0, settle: float | None = None) -> None:
     """SIGTERM `root` and all its descendants by PID; SIGKILL whatever is left after `grace` s.
 
     While it waits it also takes in what the tree spawned while shutting down: new descendants, and
     orphans left in a process group or session that one of the tree leads.
+
+    `settle`: once `root` itself has ended, the rest of the tree gets at most this many seconds more
+    (within `grace`) before SIGKILL; None waits the whole `grace`. For trees whose stragglers have
+    nothing left to save (a SuperLink's Ray workers take ~4 s after their raylet has gone just to
+    notice it; the run's outputs are written atomically and every ledger survives a SIGKILL).
     """
     known = {root, *descendants(root)}
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
@@ -110,4 +115,6 @@ def terminate_tree(root: int, *, grace: float = 10.0) -> None:
             known |= {child for pid in known for child in descendants(pid)} | set(_led_by(known))
             if not any(alive(pid) for pid in known):
                 return
+            if sig == signal.SIGTERM and settle is not None and not alive(root):
+                deadline, settle = min(deadline, time.monotonic() + settle), None
             time.sleep(0.2)

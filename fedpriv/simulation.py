@@ -146,6 +146,13 @@ def executable(name: str) -> str:
     return found
 
 
+# After SIGTERM, a SuperLink (or a Ray head) ends within a second; the ServerApp's process finishes Ray's
+# shutdown in ~3 s, and Ray's workers linger ~4 s more only to notice that their raylet is gone. What is
+# left this long after the SuperLink itself ended is SIGKILLed: the run's files are written atomically and
+# every ledger survives a SIGKILL (tests/test_process_faults.py), so nothing is lost, and Ctrl-C returns sooner.
+STRAGGLERS_S = 3.0
+
+
 class LocalSuperLink:
     """A SuperLink in simulation mode, owned by this process: started on enter, stopped on exit."""
 
@@ -217,10 +224,11 @@ class LocalSuperLink:
             return ""
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop the SuperLink and every process it spawned (SIGTERM, then SIGKILL after `grace`)."""
+        """Stop the SuperLink and every process it spawned (SIGTERM, then SIGKILL after `grace`, or
+        :data:`STRAGGLERS_S` after the SuperLink itself has ended)."""
         if self.process is None:
             return
-        terminate_tree(self.process.pid, grace=grace)
+        terminate_tree(self.process.pid, grace=grace, settle=STRAGGLERS_S)
         self.process.wait(timeout=5)
         self.process = None
         self.watchdog = _end_watchdog(self.watchdog)
@@ -276,7 +284,7 @@ def _watch(parent_fd: int, link_fd: int, link_pid: int, home: str = "", what: st
         return
     # Stop first, speak after: the stderr inherited from the dead starter may be a closed pipe, and
     # a write to it (BrokenPipeError) must not stop the watchdog before it has done its job.
-    terminate_tree(link_pid)
+    terminate_tree(link_pid, settle=STRAGGLERS_S)
     if home:
         shutil.rmtree(home, ignore_errors=True)
     try:
@@ -681,7 +689,7 @@ class LocalRayHead:
     def stop(self) -> None:
         """Stop every process of the cluster (SIGTERM, then SIGKILL) and remove its temporary folder."""
         if self.process is not None:
-            terminate_tree(self.process.pid, grace=10)
+            terminate_tree(self.process.pid, grace=10, settle=STRAGGLERS_S)
             self.process.wait(timeout=5)
             self.process = None
         self.watchdog = _end_watchdog(self.watchdog)

@@ -235,7 +235,8 @@ def test_a_run_stopped_by_sigint_or_sigterm_says_how_to_resume_and_the_resume_fi
     noise_multiplier=auto the planned rounds spend the whole budget, so a resumed run would rightly
     find every hospital locked).
     """
-    rounds = 6  # round 1 is seen ~1.5 s before the signal lands: 5 more (>= 0.5 s each) keep the run going
+    # Round 1 is seen ~1.5 s before the signal lands, and a smoke round can take 0.4 s: the run must still be going.
+    rounds = 12
     first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     # SIGINT, to a background job of a script (which starts with SIGINT ignored), after round 1.
     code, output, seen = _in_background(["experiment=smoke", f"strategy.num_rounds={rounds}",

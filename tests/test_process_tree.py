@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -75,4 +76,32 @@ def test_an_orphan_left_in_the_roots_session_is_stopped_too():
     finally:
         for pid in group_members(root.pid):
             os.kill(pid, signal.SIGKILL)
+        root.wait(timeout=10)
+
+
+# A root that ends on SIGTERM and a child that ignores it (as Ray's workers take seconds to go).
+STUBBORN = ("import signal, subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print(\"ready\", flush=True); time.sleep(600)']); time.sleep(600)")
+
+
+def test_with_settle_the_rest_of_a_tree_is_killed_soon_after_its_root_ends_not_after_the_whole_grace():
+    root = subprocess.Popen([sys.executable, "-c", STUBBORN], start_new_session=True)
+    seen = [root.pid]
+    try:
+        _wait_for(lambda: len(descendants(root.pid)) == 1)
+        seen += descendants(root.pid)
+        time.sleep(1.0)  # the child has installed its SIG_IGN
+        # A grace of 10 minutes: without `settle` the child would outlive the 60 s this test waits.
+        stopper = threading.Thread(target=terminate_tree, args=(root.pid,), kwargs={"grace": 600, "settle": 0.5},
+                                   daemon=True)
+        stopper.start()
+        stopper.join(timeout=60)
+        assert not stopper.is_alive(), "terminate_tree waited for the whole grace"
+        root.wait(timeout=10)
+        assert [pid for pid in seen if alive(pid)] == []
+    finally:
+        for pid in seen:  # whatever happened, stop what this test started, by PID
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
         root.wait(timeout=10)
