@@ -16,7 +16,7 @@ from independent_accounting import check_records
 from inprocess_grid import InProcessGrid
 from test_federation import TINY, federate, hospital_records, ledger_of
 
-from fedpriv import rundir, simulation
+from fedpriv import rundir
 from fedpriv.app_config import CONFIG_KEY, RUN_DIR_KEY, compose_config, config_from_run_config
 from fedpriv.cli import main as cli
 from fedpriv.data.synthetic import make_synthetic
@@ -65,7 +65,7 @@ def test_a_second_default_run_finds_every_budget_spent_and_says_where_it_is_kept
         run_federation(InProcessGrid(num_hospitals, run_config), config_from_run_config(run_config), run_dir,
                        run_id="third")
 
-    monkeypatch.setattr(simulation, "run_simulation", federate_in_process)
+    monkeypatch.setattr(cli, "run_simulation", federate_in_process)  # the name the CLI calls
     # Hydra's own logging setup would keep pytest's captured stream after the test: left out.
     monkeypatch.setattr(sys, "argv", ["fedpriv", *TINY, f"hydra.run.dir={tmp_path / 'third'}",
                                       "hydra/job_logging=none", "hydra/hydra_logging=none"])
