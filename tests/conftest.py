@@ -140,3 +140,43 @@ def _no_process_outlives_its_module(_adopt_orphans) -> Iterator[None]:
             continue
     psutil.wait_procs(left, timeout=5)  # reaps those that are pytest's own children
     assert not described, "processes left running (now killed):\n" + "\n".join(described)
+
+
+# Only tests marked `processes` may start the real thing (Flower's SuperLink, SuperNodes and `flwr`,
+# Ray, nginx): the marker is what keeps the quick subset free of them. An audit hook (it cannot be
+# removed, so it is installed once) sees every subprocess.Popen of this process; a test that is not
+# marked and starts one of these fails, as a test that thought it ran a federation in process did.
+_REAL_PROCESSES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr", "flwr-simulation", "ray",
+                   "nginx")
+_spawned: list[str] | None = None  # the real processes the current unmarked test started
+
+
+def _note_spawn(event: str, args: tuple) -> None:
+    if event != "subprocess.Popen" or _spawned is None:
+        return
+    try:
+        executable, argv = args[0], args[1]
+        first = executable if executable is not None else (argv[0] if isinstance(argv, (list, tuple)) else argv)
+        name = Path(os.fsdecode(first)).name
+    except (IndexError, TypeError, ValueError):
+        return
+    if name in _REAL_PROCESSES:
+        _spawned.append(name)
+
+
+sys.addaudithook(_note_spawn)
+
+
+@pytest.fixture(autouse=True)
+def _only_marked_tests_start_real_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    global _spawned
+    if request.node.get_closest_marker("processes") is not None:
+        yield
+        return
+    _spawned = []
+    try:
+        yield
+        assert not _spawned, (f"{request.node.nodeid} started {', '.join(sorted(set(_spawned)))} but is not marked "
+                              "`processes`: mark it, or run its federation in process")
+    finally:
+        _spawned = None

@@ -125,6 +125,7 @@ def executed(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.processes  # its kernel runs `fedpriv` (SuperLink, Ray) and the other CLIs
 def test_small_mode_uses_synthetic_data_and_draws_every_plot(executed):
     notebook, _ = executed
     text = _text(notebook)
@@ -136,6 +137,7 @@ def test_small_mode_uses_synthetic_data_and_draws_every_plot(executed):
 
 
 @pytest.mark.slow
+@pytest.mark.processes  # its kernel runs `fedpriv` (SuperLink, Ray) and the other CLIs
 def test_one_hospital_trains_until_its_ledger_refuses(executed):
     notebook, out = executed
     text = _text(notebook)
@@ -152,6 +154,7 @@ def test_one_hospital_trains_until_its_ledger_refuses(executed):
 
 
 @pytest.mark.slow
+@pytest.mark.processes  # its kernel runs `fedpriv` (SuperLink, Ray) and the other CLIs
 def test_federations_run_in_both_modes_within_each_budget(executed):
     _, out = executed
     for mode in ("parallel", "sequential"):
@@ -166,6 +169,7 @@ def test_federations_run_in_both_modes_within_each_budget(executed):
 
 
 @pytest.mark.slow
+@pytest.mark.processes  # its kernel runs `fedpriv` (SuperLink, Ray) and the other CLIs
 def test_the_sweep_has_one_row_per_epsilon(executed):
     notebook, out = executed
     with open(out / "sweep" / "sweep.csv") as handle:
@@ -180,6 +184,7 @@ def test_the_sweep_has_one_row_per_epsilon(executed):
 
 
 @pytest.mark.slow
+@pytest.mark.processes  # its kernel runs `fedpriv` (SuperLink, Ray) and the other CLIs
 def test_the_audit_attacks_with_and_without_dp_and_stays_under_the_bound(executed):
     notebook, out = executed
     audit = json.loads((out / "audit" / "audit.json").read_text())
@@ -194,6 +199,7 @@ def test_the_audit_attacks_with_and_without_dp_and_stays_under_the_bound(execute
 
 
 @pytest.mark.slow
+@pytest.mark.processes  # its kernel runs `fedpriv` (SuperLink, Ray) and the other CLIs
 def test_predictions_come_with_a_calibrated_confidence(executed):
     notebook, out = executed
     with open(out / "predictions.csv") as handle:

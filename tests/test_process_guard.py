@@ -55,3 +55,34 @@ def test_a_module_leaving_processes_running_fails_and_they_are_stopped(pytester,
 
 def test_a_module_that_stops_what_it_started_passes(pytester):
     _run(pytester, TIDY).assert_outcomes(passed=1)
+
+
+SPAWNING = """
+import subprocess
+
+import pytest
+
+
+def _flwr(tmp_path):
+    fake = tmp_path / "flwr"  # the guard goes by the executable's name; this one only exits
+    fake.write_text("#!/bin/sh\\nexit 0\\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_an_unmarked_test_starting_flwr(tmp_path):
+    subprocess.run([_flwr(tmp_path)], check=True)
+
+
+@pytest.mark.processes
+def test_a_marked_test_starting_flwr(tmp_path):
+    subprocess.run([_flwr(tmp_path)], check=True)
+"""
+
+
+def test_only_tests_marked_processes_may_start_flower_ray_or_nginx(pytester):
+    result = _run(pytester, SPAWNING)
+    result.assert_outcomes(passed=2, errors=1)  # the unmarked one errs in its teardown; the marked one is fine
+    output = result.stdout.str()
+    assert "ERROR test_inner.py::test_an_unmarked_test_starting_flwr" in output
+    assert "test_an_unmarked_test_starting_flwr started flwr but is not marked `processes`" in output
