@@ -203,18 +203,26 @@ def test_the_spectrum_cache_stays_within_its_bound_and_keeps_spectra_longest():
 
 
 @pytest.mark.slow
-def test_the_prv_cache_size_is_set_by_environment_and_a_bad_value_says_how_to_fix_it():
+def test_the_prv_cache_size_is_set_by_environment_and_a_bad_value_says_how_to_fix_it(monkeypatch):
     import os
     import subprocess
     import sys
 
+    from fedpriv.privacy import prv
+
+    # The rule, in this process.
+    for value, expected in (("2", 2 * 2**20), ("0.5", 2**19), (None, 1024 * 2**20)):
+        if value is None:
+            monkeypatch.delenv("FEDPRIV_PRV_CACHE_MB", raising=False)
+        else:
+            monkeypatch.setenv("FEDPRIV_PRV_CACHE_MB", value)
+        assert prv._cache_limit() == expected
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("FEDPRIV_PRV_CACHE_MB", bad)
+        with pytest.raises(PrivacyError, match=f"FEDPRIV_PRV_CACHE_MB='{bad}' is not a size in MiB"):
+            prv._cache_limit()
+    # The module's cache is built by it at import: one fresh interpreter with a value that is not the default.
     code = "from fedpriv.privacy import prv; print(prv.CACHE.limit)"
-    for value, expected in (("2", str(2 * 2**20)), (None, str(1024 * 2**20))):
-        env = {k: v for k, v in os.environ.items() if k != "FEDPRIV_PRV_CACHE_MB"}
-        if value is not None:
-            env["FEDPRIV_PRV_CACHE_MB"] = value
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert out.stdout.strip() == expected, out.stderr
-    env = {**os.environ, "FEDPRIV_PRV_CACHE_MB": "lots"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "FEDPRIV_PRV_CACHE_MB='lots' is not a size in MiB" in out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FEDPRIV_PRV_CACHE_MB": "2"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == str(2 * 2**20), out.stderr
