@@ -127,6 +127,11 @@ def evaluation_fields(hospital: str, status: Status, message: str) -> dict[str, 
     return {Field.HOSPITAL: hospital, Field.STATUS: str(status), Field.MESSAGE: message}
 
 
+def says_trained(metrics: Any) -> bool:
+    """Whether a training reply's metrics say it trained (the one rule both sides read)."""
+    return metrics.get(Metric.TRAINED) == 1
+
+
 def figures_known(metrics: Any) -> bool:
     """False for a reply whose hospital could not read its own ledger (epsilon NaN: unknown)."""
     try:

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedpriv.aggregation import sequential_weight, server_step, weighted_average, weighted_metrics
 from fedpriv.config import SEQUENTIAL_STEPS
-from fedpriv.protocol import Content, Field, Metric, Status, figures_known
+from fedpriv.protocol import Content, Field, Metric, Status, figures_known, says_trained
 from fedpriv.roster import HospitalState, Roster, RoundRecord, hospital_names
 from fedpriv.update_checks import (evaluation_reply_problem, norm_outliers, reply_figures_problem, reply_text_problem,
                                    reply_weights_problem, update_norm)
@@ -412,7 +412,7 @@ def _trained(reply: Message) -> bool:
     """A reply that carries weights from training (its metrics say so)."""
     if reply.has_error() or Content.ARRAYS not in reply.content or Content.METRICS not in reply.content:
         return False
-    return reply.content[Content.METRICS].get(Metric.TRAINED) == 1
+    return says_trained(reply.content[Content.METRICS])
 
 
 def _average(trained: list[Trained]) -> dict[str, torch.Tensor] | None:

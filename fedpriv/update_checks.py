@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedpriv.protocol import Field, Metric, Status, figures_known
+from fedpriv.protocol import Field, Metric, Status, figures_known, says_trained
 
 # Reported epsilons are recomputed by an accountant with a small numeric error; allow for it.
 _EPSILON_TOLERANCE = 1e-6
@@ -147,7 +147,7 @@ def reply_figures_problem(metrics: Mapping[str, object] | None, status: str | No
     problem = reply_text_problem({**(fields or {}), Field.STATUS: status}, metrics)
     if problem:
         return problem
-    if status == Status.TRAINED and metrics.get(Metric.TRAINED) != 1:  # it says it trained, its metrics say not
+    if status == Status.TRAINED and not says_trained(metrics):  # it says it trained, its metrics say not
         return f"status '{Status.TRAINED}' but metric '{Metric.TRAINED}' is not 1"
     if status != Status.TRAINED and not figures_known(metrics):
         return None

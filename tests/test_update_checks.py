@@ -79,15 +79,15 @@ def _figures_problem(fields, metrics=TRAINED_METRICS):
 
 def test_a_normal_reply_passes_the_text_checks():
     assert _figures_problem(GOOD_FIELDS) is None
+    # Long but honest text (a refusal's reason), up to the limit, with non-ASCII letters and symbols.
+    message = ("request refused, nothing charged: epsilon 2.99 of 3 \u2264 \u221e, H\u00f4pital " * 20)[:MAX_REPLY_TEXT]
+    assert _figures_problem({**GOOD_FIELDS, "status": "refused", "message": message}) is None
 
 
 @pytest.mark.parametrize("trained", [0, None])
 def test_a_reply_that_says_it_trained_but_whose_metrics_say_not_is_named(trained):
     metrics = GOOD_METRICS | ({} if trained is None else {"trained": trained})
     assert _figures_problem(GOOD_FIELDS, metrics) == "status 'trained' but metric 'trained' is not 1"
-    # Long but honest text (a refusal's reason), up to the limit, with non-ASCII letters and symbols.
-    message = ("request refused, nothing charged: epsilon 2.99 of 3 \u2264 \u221e, H\u00f4pital " * 20)[:MAX_REPLY_TEXT]
-    assert _figures_problem({**GOOD_FIELDS, "status": "refused", "message": message}) is None
 
 
 def test_a_huge_string_in_a_reply_is_refused_and_named():
