@@ -58,13 +58,15 @@ def load() -> str:
     return Path("/proc/loadavg").read_text().split(" 1/")[0].rsplit(" ", 1)[0]
 
 
-def run_size(hospitals: int, rounds: int, dataset: str, num_samples: int, timeout: float) -> dict:
+def run_size(hospitals: int, rounds: int, dataset: str, num_samples: int, timeout: float,
+             variant: str = "") -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"fedpriv-scale-{hospitals}-"))
     data = ([f"dataset={dataset}", f"dataset.num_samples={num_samples}"] if dataset == "synthetic"
             else [f"dataset={dataset}"])
     command = [sys.executable, "-m", "fedpriv.cli.main", f"federation.num_hospitals={hospitals}", "federation=iid",
                *data, f"strategy.num_rounds={rounds}", "train.batch_size=16", "strategy.client_evaluate=false",
-               "privacy.accountant=rdp", "federation.ledger_scope=run", f"hydra.run.dir={run_dir}"]
+               "privacy.accountant=rdp", "federation.ledger_scope=run", f"hydra.run.dir={run_dir}",
+               *variant.split()]
     load_before = load()
     started, peak_rss, peak_pss = time.perf_counter(), 0.0, 0.0
     # Its own session, so that a run past `timeout` can be ended with everything it started (by its PID).
@@ -78,7 +80,7 @@ def run_size(hospitals: int, rounds: int, dataset: str, num_samples: int, timeou
             break
         time.sleep(0.5)
     wall = time.perf_counter() - started
-    row = {"hospitals": hospitals, "rounds": rounds, "dataset": dataset, "command": " ".join(command[1:]),
+    row = {"hospitals": hospitals, "variant": variant, "rounds": rounds, "dataset": dataset, "command": " ".join(command[1:]),
            "run_dir": str(run_dir), "exit_code": process.returncode, "wall_seconds": wall,
            "peak_rss_mb": peak_rss, "peak_pss_mb": peak_pss, "load_before": load_before, "load_after": load()}
     if process.returncode != 0:
@@ -210,6 +212,9 @@ def main() -> None:
     parser.add_argument("--ledger-only", action="store_true",
                         help="time a round's ledger work alone at each size (--rounds rounds first), no Flower")
     parser.add_argument("--quick", action="store_true", help="3 and 10 hospitals, 1 round, 2,000 images (smoke)")
+    parser.add_argument("--variants", nargs="+", default=[""],
+                        help="run every size once per variant, in turn: each a string of extra overrides, e.g. "
+                             "'strategy.max_in_flight=0' '' (before/after side by side)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.rounds, args.num_samples = [3, 10], 1, 2_000
@@ -223,17 +228,19 @@ def main() -> None:
         return
     rows = []
     for size in args.sizes:
-        rows.append(run_size(size, args.rounds, args.dataset, args.num_samples, args.timeout))
-        print(json.dumps(rows[-1]), flush=True)
-    base = next((r for r in rows if r["hospitals"] == min(args.sizes) and "training_records" in r), None)
+        for variant in args.variants:
+            rows.append(run_size(size, args.rounds, args.dataset, args.num_samples, args.timeout, variant))
+            print(json.dumps(rows[-1]), flush=True)
     for row in rows:
+        base = next((r for r in rows if r["hospitals"] == min(args.sizes) and r["variant"] == row["variant"]
+                     and "training_records" in r), None)
         if base is not None and "training_records" in row:
             row["per_record_ratio_to_smallest"] = (row["seconds_per_round_per_1000_records"]
                                                    / base["seconds_per_round_per_1000_records"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.output).write_text(json.dumps(rows, indent=2))
     for row in rows:
-        print(row["hospitals"], row.get("seconds_per_round"), round(row.get("per_record_ratio_to_smallest", 0), 2),
+        print(row["hospitals"], repr(row["variant"]), row.get("seconds_per_round"), round(row.get("per_record_ratio_to_smallest", 0), 2),
               round(row["peak_pss_mb"]), row.get("ledger_verified"), row.get("max_epsilon"), flush=True)
 
 

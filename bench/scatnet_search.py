@@ -290,14 +290,15 @@ def report() -> None:
         groups.setdefault((s["eps"], s["mode"]), []).append(line)
     for (eps, mode), items in sorted(groups.items()):
         print(f"\n## epsilon {eps:g}, {mode} (ranked by validation AUC)")
-        print("| lr | lr_final | clip | rounds x epochs | batch | server lr / step | seeds | val AUC | val acc. | test AUC | test acc. |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| lr | lr_final | clip | tau | width | rounds x epochs | batch | server lr / step | seeds | val AUC | val acc. "
+              "| test AUC | test acc. |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for it in sorted(items, key=lambda x: -x["summary"]["val_auc"][0]):
             s, m = it["settings"], it["summary"]
             step = s["server_lr"] if mode == "parallel" else s["sequential_step"]
             cells = [f"{m[k][0]:.4f} ± {m[k][1]:.4f}" if k == "val_auc" else f"{m[k][0]:.3f} ± {m[k][1]:.3f}"
                      for k in ("val_auc", "val_acc", "test_auc", "test_acc")]
-            print(f"| {s['lr']:g} | {s['lr_final']:g} | {s['clip']:g} | {s['rounds']} x {s['epochs']} | {s['batch']} | "
+            print(f"| {s['lr']:g} | {s['lr_final']:g} | {s['clip']:g} | {s['tau']:g} | {s['width']} | {s['rounds']} x {s['epochs']} | {s['batch']} | "
                   f"{step} | {' '.join(map(str, it['seeds']))} | {' | '.join(cells)} |")
 
 

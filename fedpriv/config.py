@@ -27,6 +27,9 @@ MODEL_NAMES = ("cnn", "resnet18", "scatnet")
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 STRATEGY_MODES = ("parallel", "sequential")
 SEQUENTIAL_STEPS = ("full", "share")  # see fedpriv.aggregation.sequential_weight
+# Requests waiting at the SuperLink at once (strategy.max_in_flight): enough to keep every simulated
+# worker, or 64 deployed hospitals, busy; bounded so that Flower's per-poll scan stays small.
+MAX_IN_FLIGHT = 64
 LEDGER_SCOPES = ("persistent", "run")  # see FederationConfig.ledger_scope
 PRIVACY_UNITS = ("image", "patient")  # see PrivacyConfig.unit
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -133,6 +136,9 @@ class StrategyConfig:
     # Sequential mode: "share" moves the model towards a small hospital's weights in proportion to its
     # share of the records (capped at a full step); "full" takes every hospital's weights as they are.
     sequential_step: str = "share"
+    # At most this many requests wait at the SuperLink at once (0: all of a round's at once). Flower's
+    # in-memory link state scans every waiting message on every node's poll; see fedpriv.message_window.
+    max_in_flight: int = MAX_IN_FLIGHT
 
 
 @dataclass
@@ -383,6 +389,10 @@ def validate_config(cfg: FedprivConfig) -> None:
     _positive("strategy.round_timeout", cfg.strategy.round_timeout, "use e.g. strategy.round_timeout=600")
     _positive("strategy.server_lr", cfg.strategy.server_lr, "use e.g. strategy.server_lr=1 (plain FedAvg)")
     _choice("strategy.sequential_step", cfg.strategy.sequential_step, SEQUENTIAL_STEPS)
+    in_flight = cfg.strategy.max_in_flight
+    if isinstance(in_flight, bool) or not (isinstance(in_flight, int) and in_flight >= 0):
+        raise ConfigError("strategy.max_in_flight", cfg.strategy.max_in_flight, "must be a whole number >= 0",
+                          f"use e.g. strategy.max_in_flight={MAX_IN_FLIGHT}, or 0 to send a round's requests at once")
     if not cfg.strategy.max_update_norm_ratio > 1:
         raise ConfigError("strategy.max_update_norm_ratio", cfg.strategy.max_update_norm_ratio, "must be above 1",
                           "use e.g. strategy.max_update_norm_ratio=10")

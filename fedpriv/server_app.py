@@ -97,7 +97,7 @@ def run_federation(grid: Grid, cfg: FedprivConfig, run_dir: Path, *, run_id: str
         mode=cfg.strategy.mode, expected_hospitals=cfg.federation.num_hospitals,
         shuffle_order=cfg.strategy.shuffle_order, seed=cfg.seed, client_evaluate=cfg.strategy.client_evaluate,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio, server_lr=cfg.strategy.server_lr,
-        sequential_step=cfg.strategy.sequential_step,
+        sequential_step=cfg.strategy.sequential_step, max_in_flight=cfg.strategy.max_in_flight,
         on_round_end=lambda record, arrays, hospitals: recorder.round_end(record, arrays.to_torch_state_dict(),
                                                                           hospitals),
     )

@@ -35,7 +35,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedpriv.aggregation import sequential_weight, server_step, weighted_average, weighted_metrics
-from fedpriv.config import SEQUENTIAL_STEPS
+from fedpriv.config import MAX_IN_FLIGHT, SEQUENTIAL_STEPS
+from fedpriv.message_window import send_and_receive
 from fedpriv.protocol import Content, Field, Metric, Status, figures_known, says_trained
 from fedpriv.roster import HospitalState, Roster, RoundRecord, hospital_names
 from fedpriv.update_checks import (evaluation_reply_problem, norm_outliers, reply_figures_problem, reply_text_problem,
@@ -82,6 +83,7 @@ class BudgetAwareStrategy(Strategy):
         max_update_norm_ratio: float = 10.0,
         server_lr: float = 1.0,
         sequential_step: str = FULL_STEP,
+        max_in_flight: int = MAX_IN_FLIGHT,
         on_round_end: RoundCallback | None = None,
     ) -> None:
         if mode not in (PARALLEL, SEQUENTIAL):
@@ -98,6 +100,7 @@ class BudgetAwareStrategy(Strategy):
         self.max_update_norm_ratio = max_update_norm_ratio
         self.server_lr = server_lr  # parallel: global += server_lr * (weighted mean - global)
         self.sequential_step = sequential_step  # sequential: see fedpriv.aggregation.sequential_weight
+        self.max_in_flight = max_in_flight  # messages waiting at the SuperLink at once (0: all): message_window
         self.accepted_norms: list[float] = []  # norms of accepted updates so far (outlier reference)
         self.roster = Roster()
         self.history: list[RoundRecord] = []
@@ -127,7 +130,7 @@ class BudgetAwareStrategy(Strategy):
                         len(node_ids), self.expected_hospitals, self.discovery_timeout)
         queries = [_query(node) for node in node_ids]
         asked, answers = _destinations(queries), []
-        for reply in grid.send_and_receive(queries, timeout=self.timeout):
+        for reply in self._exchange(grid, queries, self.timeout):
             node = _answered_node(reply, asked)
             if reply.has_error():
                 log.warning("node %s did not answer the hospital query: %s", node, reply.error.reason)
@@ -262,7 +265,7 @@ class BudgetAwareStrategy(Strategy):
                                record: RoundRecord, result: Result) -> None:
         messages = list(self.configure_evaluate(server_round, arrays, config, grid))
         asked, accepted = _destinations(messages), []
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in self._exchange(grid, messages, self.timeout):
             hospital = self.roster.by_node(_answered_node(reply, asked))
             if hospital is None or reply.has_error():
                 continue
@@ -291,7 +294,7 @@ class BudgetAwareStrategy(Strategy):
         queries = [_query(h.node_id) for h in crashed]
         timeout = min(self.timeout, QUERY_TIMEOUT_S) if self.timeout else QUERY_TIMEOUT_S
         asked = _destinations(queries)
-        for reply in grid.send_and_receive(queries, timeout=timeout):
+        for reply in self._exchange(grid, queries, timeout):
             hospital = self.roster.by_node(_answered_node(reply, asked))
             if hospital is None or reply.has_error():
                 continue
@@ -313,7 +316,7 @@ class BudgetAwareStrategy(Strategy):
     def _parallel_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
         messages = list(self.configure_train(server_round, arrays, config, grid))
         record.order = [self.roster.by_node(m.metadata.dst_node_id).name for m in messages]
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        replies = list(self._exchange(grid, messages, self.timeout))
         reference = arrays.to_torch_state_dict()
         average = _average(self._note_replies(record, messages, replies, reference))
         if average is None:
@@ -325,7 +328,7 @@ class BudgetAwareStrategy(Strategy):
         for hospital in order:
             record.order.append(hospital.name)
             message = self._train_message(hospital, server_round, arrays, config)
-            replies = list(grid.send_and_receive([message], timeout=self.timeout))
+            replies = list(self._exchange(grid, [message], self.timeout))
             reference = arrays.to_torch_state_dict()
             accepted = self._note_replies(record, [message], replies, reference)
             if accepted:  # the next hospital starts from these weights
@@ -339,6 +342,9 @@ class BudgetAwareStrategy(Strategy):
         :func:`fedpriv.aggregation.sequential_weight` of the round's record counts. Post-processing
         on the server: no privacy cost."""
         return sequential_weight(hospital.num_examples, [h.num_examples for h in order], self.sequential_step)
+
+    def _exchange(self, grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+        return send_and_receive(grid, messages, timeout=timeout, max_in_flight=self.max_in_flight)
 
     def _train_message(self, hospital: HospitalState, server_round: int, arrays: ArrayRecord,
                        config: ConfigRecord) -> Message:
@@ -389,8 +395,10 @@ class BudgetAwareStrategy(Strategy):
                             status, fields[Field.MESSAGE])
         for message in messages:
             if message.metadata.dst_node_id not in answered:
+                sent = message.metadata.message_id != ""  # unsent: the round ended before its turn (message_window)
                 self.roster.reject(record, self.roster.by_node(message.metadata.dst_node_id), Status.TIMEOUT,
-                                   f"no reply within {self.timeout}s; skipped")
+                                   f"no reply within {self.timeout}s; skipped" if sent else
+                                   f"not asked: the round's {self.timeout}s ran out before its turn; skipped")
         return self._drop_norm_outliers(record, candidates, reference)
 
     def _drop_norm_outliers(self, record: RoundRecord, candidates: dict[str, Trained],

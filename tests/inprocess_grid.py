@@ -34,6 +34,8 @@ class InProcessGrid:
         self.tamper_query: dict[int, Callable[[Message], Message]] = {}  # rewrite a node's answer to the query
         self.tamper_evaluate: dict[int, Callable[[Message], Message]] = {}  # rewrite a node's evaluation replies
         self.registered: dict[int, str] = {}  # node id -> name its key was registered under (deployment)
+        self.waiting: dict[str, Message | None] = {}  # message id -> its reply, until pulled (None: silent)
+        self.waiting_peak = 0  # the most requests that were waiting at once
         self._ids = itertools.count(1)
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0
 
@@ -45,32 +47,50 @@ class InProcessGrid:
         return [NodeInfo(node_id=node, name=self.registered[node]) if node in self.registered else
                 NodeInfo(node_id=node) for node in self.node_ids]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver each message now; its reply waits until pulled (a silent node's never comes)."""
+        ids = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            message_id = f"m{next(self._ids)}"
+            message.metadata.__dict__["_message_id"] = message_id
             self.sent.append(message)
-            node = message.metadata.dst_node_id
-            server_round = int(message.content["config"].get("server_round", 0)) if "config" in message.content else 0
-            if (node, server_round) in self.silent and message.metadata.message_type == "train":
-                continue
-            if (node, server_round) in self.fail and message.metadata.message_type == "train":
-                reply = Message(Error(code=1, reason=f"injected failure at node {node}"), reply_to=message)
-            else:
-                try:
-                    reply = client_app(message, self.contexts[node])
-                except Exception as exc:  # as Flower does: a crashing ClientApp becomes an error reply
-                    reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-                if (node, server_round) in self.tamper and message.metadata.message_type == "train":
-                    reply = self.tamper[(node, server_round)](reply)
-                if node in self.tamper_query and message.metadata.message_type == "query":
-                    reply = self.tamper_query[node](reply)
-                if node in self.tamper_evaluate and message.metadata.message_type == "evaluate":
-                    reply = self.tamper_evaluate[node](reply)
-            reply.metadata.__dict__["_src_node_id"] = node
-            replies.append(reply)
+            self.waiting[message_id] = self._reply(message)
+            self.waiting_peak = max(self.waiting_peak, len(self.waiting))
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = [self.waiting.pop(i) for i in list(message_ids) if self.waiting.get(i) is not None]
         self.replies.extend(replies)
         return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = self.push_messages(messages)
+        replies = self.pull_messages(ids)
+        for message_id in ids:  # a silent node's request: given up on, as Flower's grid does at the timeout
+            self.waiting.pop(message_id, None)
+        return replies
+
+    def _reply(self, message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        server_round = int(message.content["config"].get("server_round", 0)) if "config" in message.content else 0
+        if (node, server_round) in self.silent and message.metadata.message_type == "train":
+            return None
+        if (node, server_round) in self.fail and message.metadata.message_type == "train":
+            reply = Message(Error(code=1, reason=f"injected failure at node {node}"), reply_to=message)
+        else:
+            try:
+                reply = client_app(message, self.contexts[node])
+            except Exception as exc:  # as Flower does: a crashing ClientApp becomes an error reply
+                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            if (node, server_round) in self.tamper and message.metadata.message_type == "train":
+                reply = self.tamper[(node, server_round)](reply)
+            if node in self.tamper_query and message.metadata.message_type == "query":
+                reply = self.tamper_query[node](reply)
+            if node in self.tamper_evaluate and message.metadata.message_type == "evaluate":
+                reply = self.tamper_evaluate[node](reply)
+        reply.metadata.__dict__["_src_node_id"] = node
+        return reply
 
     def train_exchanges(self) -> list[tuple[Message, Message | None]]:
         """(train message, its reply or None) in sending order."""

@@ -96,6 +96,7 @@ def test_typos_and_wrong_types_fail_at_composition(override):
     (["train.lr_final=0"], "train.lr_final", "(0, 1]"),
     (["strategy.server_lr=0"], "strategy.server_lr", "positive"),
     (["strategy.sequential_step=half"], "strategy.sequential_step", "known: full, share"),
+    (["strategy.max_in_flight=-1"], "strategy.max_in_flight", "whole number >= 0"),
     (["train.lr_final=1.5"], "train.lr_final", "(0, 1]"),
     (["dataset.class_prior=[0.5,0.6]"], "dataset.class_prior", "summing to 1"),
     (["dataset.class_prior=[0,1]"], "dataset.class_prior", "above 0"),

@@ -265,6 +265,38 @@ def test_parallel_skips_a_silent_hospital_and_aggregates_the_others(tmp_path):
         torch.testing.assert_close(final[key], expected[key])
 
 
+def test_a_round_sent_a_few_requests_at_a_time_trains_everyone_from_the_same_model(tmp_path):
+    strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1", "strategy.server_lr=1",
+                                       "federation.num_hospitals=5", "strategy.max_in_flight=2")
+    assert grid.waiting_peak == 2  # never more than two requests waiting
+    exchanges = grid.train_exchanges()
+    assert len(exchanges) == 5 and all(reply is not None for _, reply in exchanges)
+    assert sorted(strategy.history[0].trained) == [f"hospital-{i}" for i in range(1, 6)]
+    for message, _ in exchanges[1:]:  # the later requests carry the same global model, not a newer one
+        _assert_same(_state(message), _state(exchanges[0][0]))
+    replies = [reply for _, reply in exchanges]
+    expected = weighted_average([_state(r) for r in replies], [r.content["metrics"]["num-examples"] for r in replies])
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key])
+
+
+def test_hospitals_whose_turn_never_came_within_the_round_timeout_were_not_asked_and_spent_nothing(tmp_path):
+    def silence_first_hospital(grid):
+        grid.silent.add((grid.node_ids[0], 1))
+
+    strategy, grid, run_dir = federate(tmp_path, "strategy.num_rounds=1", "strategy.max_in_flight=1",
+                                       "strategy.round_timeout=1", grid_hook=silence_first_hospital)
+    assert [m.metadata.dst_node_id for m, _ in grid.train_exchanges()] == [grid.node_ids[0]]  # only the first
+    rows = strategy.history[0].hospitals
+    assert rows["hospital-1"]["status"] == "timeout" and "no reply within" in rows["hospital-1"]["message"]
+    for name in ("hospital-2", "hospital-3"):
+        assert rows[name]["status"] == "timeout" and "not asked" in rows[name]["message"]
+    with read_ledger(ledger_of(run_dir)) as ledger:
+        for index in (1, 2):
+            assert ledger.status(hospital_records(run_dir, index)).epsilon_spent == 0.0
+
+
 @pytest.mark.slow
 def test_a_hospital_silent_in_the_last_round_is_reported_as_a_lower_bound(tmp_path):
     def silence_third_hospital(grid):

@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fedpriv"
 
 # Where fedpriv talks to Flower: the apps, the strategy, the simulation and the deployment.
-FLOWER_MODULES = {"client_app", "server_app", "strategy", "simulation", "deployment"}
+FLOWER_MODULES = {"client_app", "server_app", "strategy", "message_window", "simulation", "deployment"}
 # The core stages know nothing of Flower, the apps or the reports.
 CORE = {"config", "errors", "display", "devices", "data", "privacy", "training", "hospital", "protocol", "roster", "outputs", "faults",
         "experiment", "site", "models", "resnet", "scatnet", "report", "rundir", "aggregation", "update_checks"}
@@ -48,7 +48,8 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("hospital", ("hospital",)),
     ("configuration", ("config", "app_config", "rundir", "attacks.settings", "faults")),
     ("site", ("site", "experiment", "deployment.node")),
-    ("client app and strategy", ("client_app", "roster", "aggregation", "update_checks", "strategy")),
+    ("client app and strategy", ("client_app", "roster", "aggregation", "update_checks", "message_window",
+                                  "strategy")),
     ("run directory", ("outputs",)),
     ("reports", ("report", "attacks")),
     ("entry points", ("server_app", "simulation", "process_tree", "deployment", "cli")),
