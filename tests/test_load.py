@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow  # a federation of 12 hospitals x 10 rounds, in pr
 HOSPITALS, ROUNDS, RATE, CORRUPT, BUDGET = 12, 10, 0.1, 0.1, 10.0
 LOAD = [f"federation.num_hospitals={HOSPITALS}", "dataset.num_samples=600", f"strategy.num_rounds={ROUNDS}",
         f"faults.train_failure_rate={RATE}", f"faults.corrupt_update_rate={CORRUPT}", "train.batch_size=8", "privacy.noise_multiplier=1.5",
-        f"privacy.epsilon={BUDGET}"]
+        f"privacy.epsilon={BUDGET}",
+        "strategy.max_in_flight=5"]  # requests go out a few at a time while replies crash or are rejected
 
 
 def _open_descriptors() -> int:

@@ -6,6 +6,7 @@ every process `fedpriv` spawns (by PID) and assert that none outlives it.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -61,8 +62,10 @@ def run_watched(args: list[str], cwd: Path, *, interrupt_after: float | None = N
 
 def test_a_sweep_of_two_jobs_writes_its_table_and_leaves_no_process(tmp_path):
     sweep_dir = tmp_path / "sweep"
+    # One request waiting at a time: Flower's own link state and grid, driven by fedpriv.message_window.
     code, seen, output = run_watched(
-        ["-m", *TINY, "privacy.epsilon=1,8", "federation.ledger_scope=run", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+        ["-m", *TINY, "privacy.epsilon=1,8", "federation.ledger_scope=run", f"hydra.sweep.dir={sweep_dir}",
+         "strategy.max_in_flight=1"], tmp_path)
     assert code == 0, output[-3000:]
     table = (sweep_dir / "sweep.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 8 |")]
@@ -72,6 +75,8 @@ def test_a_sweep_of_two_jobs_writes_its_table_and_leaves_no_process(tmp_path):
     for job in ("0", "1"):
         assert (sweep_dir / job / "summary.md").is_file()
         assert len(list((sweep_dir / job / "ledgers").glob("*.db"))) == 1  # its throw-away ledger
+        (round_one,) = json.loads((sweep_dir / job / "metrics.json").read_text())["rounds"]
+        assert [row["status"] for row in round_one["hospitals"].values()] == ["trained", "trained"]
         # Its part of the SuperLink's log, under a note naming the one SuperLink (pid, port) of the sweep.
         first, *rest = (sweep_dir / job / "superlink.log").read_text().splitlines()
         assert first.startswith(SHARED_LOG_NOTE) and any("Created run" in line for line in rest), first
