@@ -128,10 +128,8 @@ class BudgetAwareStrategy(Strategy):
         if len(node_ids) < self.expected_hospitals:
             log.warning("only %d of %d hospitals connected within %.0fs; continuing with them",
                         len(node_ids), self.expected_hospitals, self.discovery_timeout)
-        queries = [_query(node) for node in node_ids]
-        asked, answers = _destinations(queries), []
-        for reply in self._exchange(grid, queries, self.timeout):
-            node = _answered_node(reply, asked)
+        queries, answers = [_query(node) for node in node_ids], []
+        for node, reply in self._exchange(grid, queries, self.timeout):
             if reply.has_error():
                 log.warning("node %s did not answer the hospital query: %s", node, reply.error.reason)
                 continue
@@ -263,10 +261,9 @@ class BudgetAwareStrategy(Strategy):
 
     def _evaluate_on_hospitals(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                                record: RoundRecord, result: Result) -> None:
-        messages = list(self.configure_evaluate(server_round, arrays, config, grid))
-        asked, accepted = _destinations(messages), []
-        for reply in self._exchange(grid, messages, self.timeout):
-            hospital = self.roster.by_node(_answered_node(reply, asked))
+        messages, accepted = list(self.configure_evaluate(server_round, arrays, config, grid)), []
+        for node, reply in self._exchange(grid, messages, self.timeout):
+            hospital = self.roster.by_node(node)
             if hospital is None or reply.has_error():
                 continue
             metrics, fields = reply.content.get(Content.METRICS), reply.content.get(Content.STATUS)
@@ -293,9 +290,8 @@ class BudgetAwareStrategy(Strategy):
             return
         queries = [_query(h.node_id) for h in crashed]
         timeout = min(self.timeout, QUERY_TIMEOUT_S) if self.timeout else QUERY_TIMEOUT_S
-        asked = _destinations(queries)
-        for reply in self._exchange(grid, queries, timeout):
-            hospital = self.roster.by_node(_answered_node(reply, asked))
+        for node, reply in self._exchange(grid, queries, timeout):
+            hospital = self.roster.by_node(node)
             if hospital is None or reply.has_error():
                 continue
             metrics, fields = reply.content.get(Content.METRICS), reply.content.get(Content.STATUS)
@@ -316,7 +312,7 @@ class BudgetAwareStrategy(Strategy):
     def _parallel_round(self, grid, server_round, arrays, config, record: RoundRecord) -> ArrayRecord:
         messages = list(self.configure_train(server_round, arrays, config, grid))
         record.order = [self.roster.by_node(m.metadata.dst_node_id).name for m in messages]
-        replies = list(self._exchange(grid, messages, self.timeout))
+        replies = self._exchange(grid, messages, self.timeout)
         reference = arrays.to_torch_state_dict()
         average = _average(self._note_replies(record, messages, replies, reference))
         if average is None:
@@ -328,7 +324,7 @@ class BudgetAwareStrategy(Strategy):
         for hospital in order:
             record.order.append(hospital.name)
             message = self._train_message(hospital, server_round, arrays, config)
-            replies = list(self._exchange(grid, [message], self.timeout))
+            replies = self._exchange(grid, [message], self.timeout)
             reference = arrays.to_torch_state_dict()
             accepted = self._note_replies(record, [message], replies, reference)
             if accepted:  # the next hospital starts from these weights
@@ -343,8 +339,11 @@ class BudgetAwareStrategy(Strategy):
         on the server: no privacy cost."""
         return sequential_weight(hospital.num_examples, [h.num_examples for h in order], self.sequential_step)
 
-    def _exchange(self, grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
-        return send_and_receive(grid, messages, timeout=timeout, max_in_flight=self.max_in_flight)
+    def _exchange(self, grid: Grid, messages: list[Message], timeout: float | None) -> list[tuple[int, Message]]:
+        """Send `messages` (at most max_in_flight waiting at once); each reply with the node it answers for."""
+        replies = send_and_receive(grid, messages, timeout=timeout, max_in_flight=self.max_in_flight)
+        asked = _destinations(messages)  # after sending: a message gets its id when it is pushed
+        return [(_answered_node(reply, asked), reply) for reply in replies]
 
     def _train_message(self, hospital: HospitalState, server_round: int, arrays: ArrayRecord,
                        config: ConfigRecord) -> Message:
@@ -354,12 +353,11 @@ class BudgetAwareStrategy(Strategy):
         # the server has given up on (it would spend budget on a round nobody waits for).
         return Message(content, dst_node_id=hospital.node_id, message_type=MessageType.TRAIN, ttl=self.timeout)
 
-    def _note_replies(self, record: RoundRecord, messages: list[Message], replies: list[Message],
+    def _note_replies(self, record: RoundRecord, messages: list[Message], replies: list[tuple[int, Message]],
                       reference: dict[str, torch.Tensor]) -> list[Trained]:
         """Record every reply (or its absence) and return the trained replies that pass the checks."""
-        answered, candidates, asked = set(), {}, _destinations(messages)
-        for reply in replies:
-            node = _answered_node(reply, asked)
+        answered, candidates = set(), {}
+        for node, reply in replies:
             hospital = self.roster.by_node(node)
             if hospital is None:  # not a reply to anything this round asked: never let it stop the run
                 log.warning("round %d: ignoring a reply from unknown node %s", record.round, node)

@@ -30,6 +30,8 @@ class InProcessGrid:
         self.replies: list[Message] = []
         self.fail: set[tuple[int, int]] = set()  # (node id, server round) pairs that raise in train
         self.silent: set[tuple[int, int]] = set()  # (node id, server round) pairs that never reply
+        # Nodes the SuperLink answers for with an error from node 0, as Flower does for an offline node.
+        self.unavailable: set[int] = set()
         self.tamper: dict[tuple[int, int], Callable[[Message], Message]] = {}  # rewrite a train reply
         self.tamper_query: dict[int, Callable[[Message], Message]] = {}  # rewrite a node's answer to the query
         self.tamper_evaluate: dict[int, Callable[[Message], Message]] = {}  # rewrite a node's evaluation replies
@@ -76,6 +78,10 @@ class InProcessGrid:
         server_round = int(message.content["config"].get("server_round", 0)) if "config" in message.content else 0
         if (node, server_round) in self.silent and message.metadata.message_type == "train":
             return None
+        if node in self.unavailable:
+            reply = Message(Error(code=3, reason=f"node {node} is offline"), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = 0
+            return reply
         if (node, server_round) in self.fail and message.metadata.message_type == "train":
             reply = Message(Error(code=1, reason=f"injected failure at node {node}"), reply_to=message)
         else:

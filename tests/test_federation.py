@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -295,6 +296,19 @@ def test_hospitals_whose_turn_never_came_within_the_round_timeout_were_not_asked
     with read_ledger(ledger_of(run_dir)) as ledger:
         for index in (1, 2):
             assert ledger.status(hospital_records(run_dir, index)).epsilon_spent == 0.0
+
+
+def test_the_superlinks_error_for_an_offline_node_is_told_of_that_node_not_of_node_zero(tmp_path, caplog):
+    def take_the_second_offline(grid):
+        grid.unavailable.add(grid.node_ids[1])
+
+    with caplog.at_level(logging.WARNING, logger="fedpriv"):
+        strategy, grid, _ = federate(tmp_path, "strategy.num_rounds=1", "strategy.max_in_flight=1",
+                                     grid_hook=take_the_second_offline)
+    offline = grid.node_ids[1]
+    assert [h.node_id for h in strategy.hospitals] == [grid.node_ids[0], grid.node_ids[2]]
+    warnings = [r.getMessage() for r in caplog.records if "did not answer the hospital query" in r.getMessage()]
+    assert warnings == [f"node {offline} did not answer the hospital query: node {offline} is offline"]
 
 
 @pytest.mark.slow
