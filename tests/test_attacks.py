@@ -231,6 +231,30 @@ def test_the_non_private_reference_trains_at_its_own_rate_and_the_dp_levels_at_t
     assert used == [(False, config.audit.non_private_lr), (True, 1.0)] and config.audit.non_private_lr == 0.1
 
 
+def test_a_scatnet_audit_model_scatters_its_records_once_and_trains_as_on_the_images(monkeypatch):
+    """The audit trains many models for many epochs: the fixed front end runs once per record set,
+    and the trained model is the one the same steps give on the images themselves."""
+    from fedpriv.app_config import compose_config
+    from fedpriv.attacks import audit as audit_module
+    from fedpriv.data import load_dataset
+    from fedpriv.scatnet import ScatNet
+
+    config = compose_config(["dataset=synthetic", "dataset.num_samples=120", "model=scatnet", "model.width=4",
+                             "device=cpu"])
+    dataset = load_dataset(config.dataset, config.seed)
+    records = dataset.train.subset(np.arange(24))
+    plan = PrivacyPlan(6, 0.25, 1.0, 1.0)  # 6 DP-SGD steps
+    scattered, features = [], ScatNet.features
+    monkeypatch.setattr(ScatNet, "features", lambda self, images: scattered.append(len(images)) or features(self, images))
+    model, _ = audit_module._train(config, dataset, records, plan, seed=3)
+    assert scattered == [24]  # once, before training; not once per step
+    reference = audit_module._seeded_model(config, dataset, 3, for_inversion=False)
+    on_images = train_local(reference, records.as_dataset(), plan, lr=config.train.lr, momentum=config.train.momentum,
+                            logit_shift=audit_module.logit_shift(config, dataset.num_classes), seed=3)
+    for key, value in on_images.state_dict.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
 # --- fedpriv-audit --------------------------------------------------------------------------------
 
 TINY = ["dataset=synthetic", "dataset.num_samples=300", "dataset.size=16", "model.width=4",

@@ -50,6 +50,7 @@ from fedpriv.data import LabeledImages, MedicalImageDataset, load_dataset
 from fedpriv.devices import resolve_device
 from fedpriv.errors import ConfigError
 from fedpriv.models import build_model
+from fedpriv.scatnet import precomputed
 from fedpriv.privacy.accounting import PrivacyEvent, epsilon
 from fedpriv.privacy.plan import PrivacyPlan, plan_local_training
 from fedpriv.training import evaluate, train_local
@@ -398,6 +399,9 @@ def _train(config: FedprivConfig, dataset: MedicalImageDataset, records: Labeled
            seed: int):
     model = _seeded_model(config, dataset, seed, for_inversion=False)
     lr = config.train.lr if plan.private else config.audit.non_private_lr
+    # A fixed front end (model=scatnet) makes its coefficients of the records once, as a hospital's site
+    # does, instead of in every one of the audit's many epochs; the trained model still takes images.
+    records = precomputed(model, records)
     result = train_local(model, records.as_dataset(), plan, lr=lr, momentum=config.train.momentum,
                          logit_shift=logit_shift(config, dataset.num_classes), seed=seed, device=config.device)
     model.load_state_dict(result.state_dict)
