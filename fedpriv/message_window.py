@@ -21,8 +21,10 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-# How often to ask for replies while messages are out, as Flower's own grids do.
-PULL_INTERVAL_S = 0.1
+# How often to ask for replies while messages are out: as often as the grid itself does (Flower's
+# in-memory grid, the simulation's, says so in `pull_interval`: 0.1 s); its SuperLink client grid
+# (a deployment) has no such setting and pulls every 3 s.
+DEPLOYED_PULL_INTERVAL_S = 3.0
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float | None,
@@ -33,16 +35,18 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float 
     if max_in_flight <= 0 or len(messages) <= max_in_flight:
         return list(grid.send_and_receive(messages, timeout=timeout))
     deadline = None if timeout is None else time.monotonic() + timeout
+    interval = float(getattr(grid, "pull_interval", DEPLOYED_PULL_INTERVAL_S))
     unsent, waiting, replies = deque(messages), set(), []
     while unsent or waiting:
         room = max_in_flight - len(waiting)
         if unsent and room > 0:
-            waiting.update(grid.push_messages([unsent.popleft() for _ in range(min(room, len(unsent)))]))
+            pushed = grid.push_messages([unsent.popleft() for _ in range(min(room, len(unsent)))])
+            waiting.update(message_id for message_id in pushed if message_id)  # None: the SuperLink refused it
         arrived = list(grid.pull_messages(set(waiting)))
         replies += arrived
         waiting.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
         if deadline is not None and time.monotonic() >= deadline:
             break
         if not arrived and (waiting or unsent):
-            time.sleep(PULL_INTERVAL_S)
+            time.sleep(interval)
     return replies

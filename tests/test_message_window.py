@@ -13,8 +13,10 @@ from fedpriv.message_window import send_and_receive
 class SlowGrid:
     """A grid whose nodes answer a request on the `delay`-th pull after it was pushed (never for `silent`)."""
 
-    def __init__(self, delay: int = 2, silent: frozenset[int] = frozenset()) -> None:
-        self.delay, self.silent = delay, silent
+    pull_interval = 0.01  # as Flower's in-memory grid declares its own
+
+    def __init__(self, delay: int = 2, silent: frozenset[int] = frozenset(), refused: frozenset[int] = frozenset()):
+        self.delay, self.silent, self.refused = delay, silent, refused
         self.pushed: list[Message] = []
         self.waiting: dict[str, list] = {}  # message id -> [pulls left, message]
         self.peak = 0
@@ -26,12 +28,17 @@ class SlowGrid:
         for message in messages:
             message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             self.pushed.append(message)
+            if message.metadata.dst_node_id in self.refused:  # as the SuperLink client grid reports a refused push
+                ids.append(None)
+                continue
             self.waiting[message.metadata.message_id] = [self.delay, message]
             ids.append(message.metadata.message_id)
         self.peak = max(self.peak, len(self.waiting))
         return ids
 
     def pull_messages(self, message_ids):
+        if any(not isinstance(message_id, str) for message_id in message_ids):
+            raise TypeError("message ids are strings")  # as the SuperLink's PullMessages request is typed
         replies = []
         for message_id in message_ids:
             entry = self.waiting.get(message_id)
@@ -78,3 +85,10 @@ def test_requests_whose_turn_has_not_come_by_the_deadline_are_never_sent():
     assert replies == []
     assert [m.metadata.dst_node_id for m in grid.pushed] == [100]
     assert [m.metadata.message_id for m in requests[1:]] == ["", "", ""]
+
+
+def test_a_request_the_superlink_refused_frees_its_place_and_the_others_are_answered():
+    grid, requests = SlowGrid(delay=2, refused=frozenset({101})), _requests(5)
+    replies = send_and_receive(grid, requests, timeout=60, max_in_flight=2)
+    assert sorted(r.metadata.src_node_id for r in replies) == [100, 102, 103, 104]
+    assert len(grid.pushed) == 5
