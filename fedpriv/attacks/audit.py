@@ -50,9 +50,9 @@ from fedpriv.data import LabeledImages, MedicalImageDataset, load_dataset
 from fedpriv.devices import resolve_device
 from fedpriv.errors import ConfigError
 from fedpriv.models import build_model
-from fedpriv.scatnet import precomputed
 from fedpriv.privacy.accounting import PrivacyEvent, epsilon
 from fedpriv.privacy.plan import PrivacyPlan, plan_local_training
+from fedpriv.scatnet import precomputed
 from fedpriv.training import evaluate, train_local
 
 log = logging.getLogger(__name__)
